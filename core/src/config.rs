@@ -1,0 +1,622 @@
+//! Configuration: the YAML file (the npm module's option names), command-line overrides, defaults,
+//! and validation that names the file, the key and its line.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+
+use crate::error::Error;
+
+type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The effective configuration of one cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// TCP port clients connect to (0 picks a free one).
+    pub port: u16,
+    /// Address to listen on; `::` (the default) is dual-stack, like Node.
+    pub host: String,
+    /// Number of workers, each with its own index.
+    pub concurrency: u32,
+    /// Log every worker start/exit and every routed connection.
+    pub debug: bool,
+    /// Text in front of every log line (the npm module's debug prefix).
+    pub prefix: String,
+    /// How long a graceful shutdown may take before the remaining workers are killed.
+    pub hard_shutdown_delay: Duration,
+    /// Extra worker environment; `{index}` in a value becomes the worker's index.
+    pub env: BTreeMap<String, String>,
+    /// Where workers come from.
+    pub workers: WorkerSource,
+    /// Connections that may wait for one worker that is not ready yet.
+    pub queue_limit: usize,
+    /// How long a connection may wait for its worker before it goes to the next ready one.
+    pub queue_max_wait: Duration,
+}
+
+/// How the master gets its workers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkerSource {
+    /// The master runs `command` (argv, no shell) once per index and revives it when it dies.
+    Spawn {
+        /// Program and arguments.
+        command: Vec<String>,
+        /// Working directory of the workers (the master's when absent).
+        cwd: Option<PathBuf>,
+    },
+    /// Workers in other containers or processes dial `socket` and claim an index.
+    Attach(AttachOptions),
+}
+
+/// Attach mode: the Unix socket workers dial and who may dial it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttachOptions {
+    /// Path of the Unix socket (on a volume shared with the workers).
+    pub socket: PathBuf,
+    /// File mode of the socket, such as `0o660`.
+    pub mode: u32,
+    /// Uids allowed to attach besides the master's own uid (checked with SO_PEERCRED).
+    pub allow_uids: Vec<u32>,
+}
+
+/// Defaults as in the npm module: port 8080, dual-stack, one worker per CPU, 60 s hard delay.
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            port: 8080,
+            host: "::".into(),
+            concurrency: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            debug: false,
+            prefix: "sticky-cluster:".into(),
+            hard_shutdown_delay: Duration::from_secs(60),
+            env: BTreeMap::new(),
+            workers: WorkerSource::Spawn {
+                command: Vec::new(),
+                cwd: None,
+            },
+            queue_limit: 1024,
+            queue_max_wait: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The YAML document exactly as a user writes it; every field optional, unknown keys refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct FileConfig {
+    port: Option<u16>,
+    host: Option<String>,
+    concurrency: Option<Concurrency>,
+    debug: Option<bool>,
+    prefix: Option<String>,
+    hard_shutdown_delay: Option<Millis>,
+    env: Option<BTreeMap<String, EnvValue>>,
+    worker: Option<WorkerSection>,
+    workers: Option<AttachSection>,
+    queue: Option<QueueSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WorkerSection {
+    command: Option<Argv>,
+    cwd: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct AttachSection {
+    socket: PathBuf,
+    mode: Option<FileMode>,
+    #[serde(default)]
+    allow_uids: Vec<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct QueueSection {
+    limit: Option<Concurrency>,
+    max_wait: Option<Millis>,
+}
+
+/// Reads a YAML scalar (string, number or boolean) as text and converts it with `convert`, inside the
+/// deserializer, so that a conversion error carries the key's path and line.
+fn scalar_with<'de, D, T>(
+    deserializer: D,
+    expecting: &'static str,
+    convert: fn(String) -> Result<T, String>,
+) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    struct Visitor<T> {
+        expecting: &'static str,
+        convert: fn(String) -> Result<T, String>,
+    }
+    impl<T> de::Visitor<'_> for Visitor<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str(self.expecting)
+        }
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<T, E> {
+            (self.convert)(text.to_string()).map_err(E::custom)
+        }
+        fn visit_u64<E: de::Error>(self, n: u64) -> Result<T, E> {
+            (self.convert)(n.to_string()).map_err(E::custom)
+        }
+        fn visit_i64<E: de::Error>(self, n: i64) -> Result<T, E> {
+            (self.convert)(n.to_string()).map_err(E::custom)
+        }
+        fn visit_f64<E: de::Error>(self, x: f64) -> Result<T, E> {
+            (self.convert)(x.to_string()).map_err(E::custom)
+        }
+        fn visit_bool<E: de::Error>(self, b: bool) -> Result<T, E> {
+            (self.convert)(b.to_string()).map_err(E::custom)
+        }
+    }
+    deserializer.deserialize_any(Visitor { expecting, convert })
+}
+
+/// A count that must be at least 1.
+#[derive(Debug, Clone, Copy)]
+struct Concurrency(u32);
+
+impl<'de> Deserialize<'de> for Concurrency {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        scalar_with(
+            deserializer,
+            "a whole number of at least 1",
+            |text| match text.parse::<u64>() {
+                Ok(0) => Err("must be at least 1, got 0".into()),
+                Ok(n) => u32::try_from(n)
+                    .map(Concurrency)
+                    .map_err(|_| format!("{n} is too large")),
+                Err(_) => Err(format!("{text:?} is not a whole number of at least 1")),
+            },
+        )
+    }
+}
+
+/// A duration: an integer of milliseconds or a text such as `60s`, `1500ms`, `2m`.
+#[derive(Debug, Clone, Copy)]
+struct Millis(Duration);
+
+impl<'de> Deserialize<'de> for Millis {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        scalar_with(
+            deserializer,
+            "milliseconds as an integer or a duration such as \"60s\"",
+            |text| {
+                if text.starts_with('-') {
+                    return Err(format!("must not be negative, got {text}"));
+                }
+                parse_duration(&text).map(Millis)
+            },
+        )
+    }
+}
+
+/// A worker command: a non-empty argv list whose program is not empty.
+#[derive(Debug, Clone)]
+struct Argv(Vec<String>);
+
+impl<'de> Deserialize<'de> for Argv {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> de::Visitor<'de> for Visitor {
+            type Value = Argv;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list: the program and its arguments")
+            }
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Argv, A::Error> {
+                let mut argv = Vec::new();
+                while let Some(arg) = seq.next_element::<String>()? {
+                    argv.push(arg);
+                }
+                match argv.first() {
+                    None => Err(de::Error::custom(
+                        "must not be empty: give the program and its arguments as a list",
+                    )),
+                    Some(program) if program.trim().is_empty() => {
+                        Err(de::Error::custom("the program name is empty"))
+                    }
+                    Some(_) => Ok(Argv(argv)),
+                }
+            }
+        }
+        deserializer.deserialize_seq(Visitor)
+    }
+}
+
+/// An environment value: YAML strings, numbers and booleans, as text.
+#[derive(Debug, Clone)]
+struct EnvValue(String);
+
+impl<'de> Deserialize<'de> for EnvValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        scalar_with(deserializer, "a string, number or boolean", |text| {
+            Ok(EnvValue(text))
+        })
+    }
+}
+
+/// A Unix file mode written as octal text (`"0660"`) or as an integer.
+#[derive(Debug, Clone, Copy)]
+struct FileMode(u32);
+
+impl<'de> Deserialize<'de> for FileMode {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        scalar_with(
+            deserializer,
+            "an octal file mode such as \"0660\"",
+            |text| match u32::from_str_radix(text.trim_start_matches("0o"), 8) {
+                Ok(mode) if mode <= 0o777 => Ok(FileMode(mode)),
+                _ => Err(format!(
+                    "{text:?} is not an octal file mode such as \"0660\""
+                )),
+            },
+        )
+    }
+}
+
+/// Parses `1500`, `1500ms`, `60s`, `2m`, `1h` (a bare number is milliseconds, as in the npm module).
+pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let bad =
+        || format!("{text:?} is not a duration (examples: 1500, \"1500ms\", \"60s\", \"2m\")");
+    let amount: u64 = digits.parse().map_err(|_| bad())?;
+    let millis = match unit.trim() {
+        "" | "ms" => amount,
+        "s" => amount.saturating_mul(1000),
+        "m" => amount.saturating_mul(60_000),
+        "h" => amount.saturating_mul(3_600_000),
+        _ => return Err(bad()),
+    };
+    Ok(Duration::from_millis(millis))
+}
+
+/// Command-line values that override the file (each `None` when not given).
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--port`.
+    pub port: Option<u16>,
+    /// `--host`.
+    pub host: Option<String>,
+    /// `--concurrency`.
+    pub concurrency: Option<u32>,
+    /// `--debug`.
+    pub debug: bool,
+    /// `--hard-shutdown-delay`.
+    pub hard_shutdown_delay: Option<Duration>,
+    /// The worker command after `--`.
+    pub command: Vec<String>,
+}
+
+impl Config {
+    /// Reads and validates a YAML file; errors name the file, the key and its line.
+    pub fn from_file(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigRead {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_yaml(&text, &path.display().to_string())
+    }
+
+    /// Parses YAML text; `origin` names it in errors (usually the file path).
+    pub fn from_yaml(text: &str, origin: &str) -> Result<Config> {
+        let file: FileConfig = if text.trim().is_empty() {
+            FileConfig::default()
+        } else {
+            serde_yaml::from_str(text)
+                .map_err(|error| Error::Config(yaml_error_line(origin, &error)))?
+        };
+        let defaults = Config::default();
+        let workers = match (file.workers, file.worker) {
+            (Some(_), Some(_)) => {
+                return Err(Error::Config(format!(
+                    "{origin}: `worker` (spawn mode) and `workers` (attach mode) exclude each other; keep one"
+                )))
+            }
+            (Some(attach), None) => WorkerSource::Attach(AttachOptions {
+                socket: attach.socket,
+                mode: attach.mode.map_or(0o600, |m| m.0),
+                allow_uids: attach.allow_uids,
+            }),
+            (None, worker) => {
+                let worker = worker.unwrap_or_default();
+                WorkerSource::Spawn { command: worker.command.map(|a| a.0).unwrap_or_default(), cwd: worker.cwd }
+            }
+        };
+        let queue = file.queue.unwrap_or_default();
+        Ok(Config {
+            port: file.port.unwrap_or(defaults.port),
+            host: file.host.unwrap_or(defaults.host),
+            concurrency: file.concurrency.map_or(defaults.concurrency, |c| c.0),
+            debug: file.debug.unwrap_or(defaults.debug),
+            prefix: file.prefix.unwrap_or(defaults.prefix),
+            hard_shutdown_delay: file
+                .hard_shutdown_delay
+                .map_or(defaults.hard_shutdown_delay, |m| m.0),
+            env: file
+                .env
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.0))
+                .collect(),
+            workers,
+            queue_limit: queue.limit.map_or(defaults.queue_limit, |l| l.0 as usize),
+            queue_max_wait: queue.max_wait.map_or(defaults.queue_max_wait, |m| m.0),
+        })
+    }
+
+    /// Applies command-line overrides, then checks what only the whole picture can tell
+    /// (a spawn-mode cluster needs a command). `origin` names the file in errors.
+    pub fn apply(mut self, overrides: Overrides, origin: &str) -> Result<Config> {
+        if let Some(port) = overrides.port {
+            self.port = port;
+        }
+        if let Some(host) = overrides.host {
+            self.host = host;
+        }
+        if let Some(concurrency) = overrides.concurrency {
+            if concurrency == 0 {
+                return Err(Error::Config(
+                    "--concurrency: must be at least 1, got 0".into(),
+                ));
+            }
+            self.concurrency = concurrency;
+        }
+        self.debug |= overrides.debug;
+        if let Some(delay) = overrides.hard_shutdown_delay {
+            self.hard_shutdown_delay = delay;
+        }
+        if !overrides.command.is_empty() {
+            match &mut self.workers {
+                WorkerSource::Spawn { command, .. } => *command = overrides.command,
+                WorkerSource::Attach(_) => {
+                    return Err(Error::Config(format!(
+                        "{origin}: a worker command after `--` needs spawn mode, but `workers` selects attach mode"
+                    )))
+                }
+            }
+        }
+        if let WorkerSource::Spawn { command, .. } = &self.workers {
+            if command.is_empty() {
+                return Err(Error::Config(format!(
+                    "{origin}: worker.command is required in spawn mode (or give the command after `--`)"
+                )));
+            }
+        }
+        Ok(self)
+    }
+
+    /// The socket addresses to try, in order: the configured host, then `0.0.0.0` when the default
+    /// dual-stack `::` is asked for on a machine without IPv6.
+    pub fn listen_addresses(&self) -> Result<Vec<SocketAddr>> {
+        let host = self.host.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            let mut addresses = vec![SocketAddr::new(ip, self.port)];
+            if ip == IpAddr::V6(Ipv6Addr::UNSPECIFIED) {
+                addresses.push(SocketAddr::new(IpAddr::from([0, 0, 0, 0]), self.port));
+            }
+            return Ok(addresses);
+        }
+        (host, self.port)
+            .to_socket_addrs()
+            .map(|found| found.collect())
+            .map_err(|e| Error::Config(format!("host: cannot resolve {host:?}: {e}")))
+    }
+
+    /// The configuration as YAML, as `--check` prints it.
+    pub fn to_yaml(&self) -> String {
+        let mut out = String::new();
+        let quote = |text: &str| format!("{text:?}");
+        out += &format!(
+            "port: {}\nhost: {}\nconcurrency: {}\ndebug: {}\n",
+            self.port,
+            quote(&self.host),
+            self.concurrency,
+            self.debug
+        );
+        out += &format!(
+            "prefix: {}\nhardShutdownDelay: {}\n",
+            quote(&self.prefix),
+            self.hard_shutdown_delay.as_millis()
+        );
+        if self.env.is_empty() {
+            out += "env: {}\n";
+        } else {
+            out += "env:\n";
+            for (key, value) in &self.env {
+                out += &format!("  {}: {}\n", quote(key), quote(value));
+            }
+        }
+        match &self.workers {
+            WorkerSource::Spawn { command, cwd } => {
+                let argv: Vec<String> = command.iter().map(|a| quote(a)).collect();
+                out += &format!("worker:\n  command: [{}]\n", argv.join(", "));
+                if let Some(cwd) = cwd {
+                    out += &format!("  cwd: {}\n", quote(&cwd.display().to_string()));
+                }
+            }
+            WorkerSource::Attach(attach) => {
+                out += &format!(
+                    "workers:\n  socket: {}\n  mode: \"{:04o}\"\n  allowUids: {:?}\n",
+                    quote(&attach.socket.display().to_string()),
+                    attach.mode,
+                    attach.allow_uids
+                );
+            }
+        }
+        out += &format!(
+            "queue:\n  limit: {}\n  maxWait: {}\n",
+            self.queue_limit,
+            self.queue_max_wait.as_millis()
+        );
+        out
+    }
+}
+
+/// `file:line: key: message`, from a YAML error whose text ends in ` at line L column C`.
+fn yaml_error_line(origin: &str, error: &serde_yaml::Error) -> String {
+    let text = error.to_string();
+    match error.location() {
+        Some(location) => {
+            let suffix = format!(" at line {} column {}", location.line(), location.column());
+            let message = text.strip_suffix(&suffix).unwrap_or(&text);
+            let message = message.replace("unknown field", "unknown key");
+            format!("{origin}:{}: {message}", location.line())
+        }
+        None => format!("{origin}: {text}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error_of(yaml: &str) -> String {
+        Config::from_yaml(yaml, "cluster.yaml")
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn a_full_file_sets_every_option() {
+        let config = Config::from_yaml(
+            "port: 9000\nhost: 127.0.0.1\nconcurrency: 3\ndebug: true\nprefix: 'app:'\nhardShutdownDelay: 5s\n\
+             env:\n  ROLE: 'web-{index}'\n  LIMIT: 5\nworker:\n  command: [./server, --fast]\n  cwd: /srv\n\
+             queue:\n  limit: 10\n  maxWait: 250\n",
+            "cluster.yaml",
+        )
+        .unwrap();
+        assert_eq!(config.port, 9000);
+        assert_eq!(config.host, "127.0.0.1");
+        assert_eq!(config.concurrency, 3);
+        assert!(config.debug);
+        assert_eq!(config.prefix, "app:");
+        assert_eq!(config.hard_shutdown_delay, Duration::from_secs(5));
+        assert_eq!(config.env["ROLE"], "web-{index}");
+        assert_eq!(config.env["LIMIT"], "5");
+        assert_eq!(
+            config.workers,
+            WorkerSource::Spawn {
+                command: vec!["./server".into(), "--fast".into()],
+                cwd: Some("/srv".into())
+            }
+        );
+        assert_eq!(config.queue_limit, 10);
+        assert_eq!(config.queue_max_wait, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn hard_shutdown_delay_takes_milliseconds_or_duration_text() {
+        for (text, ms) in [
+            ("1500", 1500),
+            ("'1500ms'", 1500),
+            ("60s", 60_000),
+            ("2m", 120_000),
+        ] {
+            let config = Config::from_yaml(&format!("hardShutdownDelay: {text}"), "f").unwrap();
+            assert_eq!(
+                config.hard_shutdown_delay,
+                Duration::from_millis(ms),
+                "{text}"
+            );
+        }
+        assert!(error_of("hardShutdownDelay: soon").contains("hardShutdownDelay"));
+        assert!(error_of("hardShutdownDelay: -5").contains("negative"));
+    }
+
+    #[test]
+    fn errors_name_the_file_the_line_and_the_key() {
+        let unknown = error_of("port: 80\nconcurency: 4\n");
+        assert!(unknown.starts_with("cluster.yaml:2: "), "{unknown}");
+        assert!(unknown.contains("unknown key `concurency`"), "{unknown}");
+
+        let zero = error_of("port: 80\n\nconcurrency: 0\n");
+        assert!(
+            zero.starts_with("cluster.yaml:3: concurrency: must be at least 1"),
+            "{zero}"
+        );
+
+        let port = error_of("port: 70000\n");
+        assert!(port.starts_with("cluster.yaml:1: port: "), "{port}");
+        assert!(port.contains("70000"), "{port}");
+
+        let wrong_type = error_of("debug: maybe\n");
+        assert!(
+            wrong_type.starts_with("cluster.yaml:1: debug: "),
+            "{wrong_type}"
+        );
+
+        let empty = error_of("worker:\n  command: []\n");
+        assert!(
+            empty.starts_with("cluster.yaml:2: worker.command: must not be empty"),
+            "{empty}"
+        );
+
+        assert!(!unknown.contains('\n') && !zero.contains('\n') && !empty.contains('\n'));
+    }
+
+    #[test]
+    fn spawn_mode_needs_a_command_from_the_file_or_the_command_line() {
+        let config = Config::from_yaml("port: 1\n", "c.yaml").unwrap();
+        let missing = config
+            .clone()
+            .apply(Overrides::default(), "c.yaml")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            missing,
+            "c.yaml: worker.command is required in spawn mode (or give the command after `--`)"
+        );
+        let overrides = Overrides {
+            command: vec!["./w".into()],
+            port: Some(2),
+            ..Default::default()
+        };
+        let config = config.apply(overrides, "c.yaml").unwrap();
+        assert_eq!(config.port, 2);
+    }
+
+    #[test]
+    fn attach_mode_reads_socket_mode_and_uids() {
+        let config = Config::from_yaml(
+            "workers:\n  socket: /run/sc/workers.sock\n  mode: \"0660\"\n  allowUids: [1000, 1001]\n",
+            "f",
+        )
+        .unwrap();
+        assert_eq!(
+            config.workers,
+            WorkerSource::Attach(AttachOptions {
+                socket: "/run/sc/workers.sock".into(),
+                mode: 0o660,
+                allow_uids: vec![1000, 1001]
+            })
+        );
+        assert!(error_of("workers:\n  socket: /x\n  mode: rw\n").contains("mode"));
+    }
+
+    #[test]
+    fn default_host_falls_back_to_ipv4_any() {
+        let config = Config {
+            port: 80,
+            ..Config::default()
+        };
+        let addresses = config.listen_addresses().unwrap();
+        assert_eq!(
+            addresses,
+            vec!["[::]:80".parse().unwrap(), "0.0.0.0:80".parse().unwrap()]
+        );
+    }
+}

@@ -1,0 +1,19 @@
+//! sticky-cluster: a sticky-session connection router. The master hashes each client address the way the
+//! npm `sticky-cluster` module does and hands the accepted socket itself to the worker with that index.
+//!
+//! - [`master::run`] runs a cluster (listen, route, supervise, shut down);
+//! - [`Worker`] is the worker side (`from_env`, `ready`, `accept`);
+//! - [`hash`] is the routing contract, [`protocol`] the channel between the two.
+
+pub mod config;
+pub mod error;
+pub mod hash;
+pub mod logging;
+pub mod master;
+pub mod protocol;
+pub mod supervisor;
+pub mod worker;
+
+pub use config::{Config, WorkerSource};
+pub use error::{Error, Result};
+pub use worker::{Connection, Worker};

@@ -1,0 +1,133 @@
+//! The `sticky-cluster` binary: configuration from YAML and flags, signals to shutdown requests,
+//! errors to one `error: ...` line and a documented exit status.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use sticky_cluster::config::{parse_duration, Config, Overrides};
+use sticky_cluster::master::{self, Stop};
+use sticky_cluster::Error;
+use tokio::signal::unix::{signal, SignalKind};
+
+/// Exit statuses: 0 clean shutdown, 1 runtime failure or hard shutdown, 2 bad configuration or usage.
+const EXIT_FAILURE: u8 = 1;
+const EXIT_CONFIG: u8 = 2;
+
+/// Sticky-session TCP router: every client address always reaches the same worker process.
+#[derive(Debug, Parser)]
+#[command(
+    name = "sticky-cluster",
+    version,
+    about,
+    after_help = "Exit status: 0 after a graceful shutdown, \
+1 on a runtime error or a hard shutdown, 2 for a bad configuration or command line."
+)]
+struct Cli {
+    /// YAML configuration file.
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// TCP port for clients (overrides the file; 0 picks a free one).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Address to listen on (default `::`, dual-stack).
+    #[arg(long)]
+    host: Option<String>,
+    /// Number of workers.
+    #[arg(long)]
+    concurrency: Option<u32>,
+    /// Log worker starts and exits and every routed connection.
+    #[arg(long)]
+    debug: bool,
+    /// Graceful shutdown limit: milliseconds or a duration such as `60s`.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    hard_shutdown_delay: Option<Duration>,
+    /// Validate the configuration, print the effective one, and exit.
+    #[arg(long)]
+    check: bool,
+    /// Worker command and its arguments (after `--`), run once per index.
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (config, origin) = match load(&cli) {
+        Ok(loaded) => loaded,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if cli.check {
+        print!("{}", config.to_yaml());
+        eprintln!("{origin}: configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    sticky_cluster::logging::init(&config.prefix, config.debug);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(serve(config)) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(EXIT_FAILURE),
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::from(if matches!(error, Error::Config(_)) {
+                EXIT_CONFIG
+            } else {
+                EXIT_FAILURE
+            })
+        }
+    }
+}
+
+fn load(cli: &Cli) -> sticky_cluster::Result<(Config, String)> {
+    let (config, origin) = match &cli.config {
+        Some(path) => (Config::from_file(path)?, path.display().to_string()),
+        None => (Config::default(), "command line".to_string()),
+    };
+    let overrides = Overrides {
+        port: cli.port,
+        host: cli.host.clone(),
+        concurrency: cli.concurrency,
+        debug: cli.debug,
+        hard_shutdown_delay: cli.hard_shutdown_delay,
+        command: cli.command.clone(),
+    };
+    Ok((config.apply(overrides, &origin)?, origin))
+}
+
+/// Binds, then runs the master with SIGTERM/SIGINT as shutdown requests: the first is graceful,
+/// a second one is hard. Returns whether the shutdown was graceful.
+async fn serve(config: Config) -> sticky_cluster::Result<bool> {
+    let listener = master::bind(&config)?;
+    let mut terminate =
+        signal(SignalKind::terminate()).map_err(|e| Error::io("install the SIGTERM handler", e))?;
+    let mut interrupt =
+        signal(SignalKind::interrupt()).map_err(|e| Error::io("install the SIGINT handler", e))?;
+    let (stop, stop_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut request = Stop::Graceful;
+        loop {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+            if stop.send(request).is_err() {
+                return;
+            }
+            request = Stop::Hard;
+        }
+    });
+    let outcome = master::run(config, listener, stop_rx).await?;
+    Ok(outcome.graceful)
+}

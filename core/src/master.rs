@@ -1,0 +1,789 @@
+//! The master: listen, accept, hash the client address, and hand each socket to its worker's channel;
+//! queue for workers that are not ready, revive dead ones under the same index, and shut down in order.
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, OwnedFd};
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::signal::Signal;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::time::{sleep_until, Instant as TokioInstant};
+use tracing::{debug, error, info, warn};
+
+use crate::config::{Config, WorkerSource};
+use crate::error::{Error, Result};
+use crate::hash::{node_address_text, route_index};
+use crate::protocol::{recv_message, send_message, Message};
+use crate::supervisor::{describe_exit, revival_delay, signal_worker, spawn_worker, CRASH_UPTIME};
+
+/// What the caller asks of a running master.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Close the listener, let workers finish, kill them after `hardShutdownDelay`.
+    Graceful,
+    /// Kill every worker now.
+    Hard,
+}
+
+/// How a master run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Every worker exited on its own within the delay (exit status 0 for the binary).
+    pub graceful: bool,
+    /// Counters over the whole run.
+    pub stats: Stats,
+}
+
+/// Counters of one master run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Connections handed to each worker index.
+    pub routed: Vec<u64>,
+    /// Connections that went to another worker because theirs was not ready in time.
+    pub redirected: u64,
+    /// Connections closed without being served (no ready worker in time, or shutdown).
+    pub closed: u64,
+    /// Worker processes started again after one died.
+    pub revivals: u64,
+}
+
+/// Binds the client listener: the configured host, falling back from `::` to `0.0.0.0` where the
+/// machine has no IPv6. Errors name the address and the reason.
+pub fn bind(config: &Config) -> Result<TcpListener> {
+    let addresses = config.listen_addresses()?;
+    let mut last_error = None;
+    for (attempt, address) in addresses.iter().enumerate() {
+        match bind_one(*address) {
+            Ok(listener) => {
+                if attempt > 0 {
+                    info!(
+                        "no IPv6 on this machine: listening on {address} instead of [{}]",
+                        config.host
+                    );
+                }
+                return Ok(listener);
+            }
+            Err(source) => {
+                let no_ipv6 = matches!(
+                    source.raw_os_error(),
+                    Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
+                );
+                last_error = Some(Error::Listen {
+                    address: *address,
+                    source,
+                });
+                if !(no_ipv6 && address.is_ipv6()) {
+                    break;
+                }
+            }
+        }
+    }
+    Err(last_error.expect("at least one address"))
+}
+
+fn bind_one(address: SocketAddr) -> io::Result<TcpListener> {
+    use nix::sys::socket::{
+        self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage,
+    };
+    let family = if address.is_ipv6() {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    };
+    let fd = socket::socket(
+        family,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    if address.is_ipv6() && address.ip().is_unspecified() {
+        // Dual-stack like Node, whatever net.ipv6.bindv6only says.
+        socket::setsockopt(&fd, sockopt::Ipv6V6Only, &false)?;
+    }
+    socket::bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrStorage::from(address),
+    )?;
+    socket::listen(&fd, Backlog::new(1024).unwrap_or(Backlog::MAXCONN))?;
+    Ok(TcpListener::from(fd))
+}
+
+/// A client connection on its way to a worker.
+#[derive(Debug)]
+struct Handoff {
+    stream: TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    arrived: Instant,
+}
+
+/// What a channel's sender task writes.
+enum Outgoing {
+    Connection(Handoff),
+    Shutdown { deadline_ms: u64 },
+}
+
+/// What the master's tasks report to its one event loop.
+enum Event {
+    Message {
+        index: u32,
+        generation: u64,
+        message: Message,
+    },
+    ChannelClosed {
+        index: u32,
+        generation: u64,
+        reason: Option<String>,
+    },
+    Exited {
+        index: u32,
+        generation: u64,
+        status: io::Result<ExitStatus>,
+    },
+    Undelivered {
+        index: u32,
+        handoff: Handoff,
+        errno: Errno,
+    },
+    Revive {
+        index: u32,
+        generation: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    /// Process started (or attach expected), not ready yet: connections queue.
+    Starting,
+    /// Takes connections.
+    Ready,
+    /// No live worker: waiting for revival (or for an attach).
+    Down,
+}
+
+/// One worker index: its current process and channel, and connections waiting for it.
+struct WorkerSlot {
+    index: u32,
+    generation: u64,
+    state: SlotState,
+    pid: u32,
+    process_alive: bool,
+    started: Instant,
+    crashes: u32,
+    outgoing: Option<UnboundedSender<Outgoing>>,
+    queue: VecDeque<Handoff>,
+}
+
+struct Master {
+    config: Config,
+    command: Vec<String>,
+    cwd: Option<std::path::PathBuf>,
+    slots: Vec<WorkerSlot>,
+    listener: Option<AsyncFd<TcpListener>>,
+    events: UnboundedSender<Event>,
+    stats: Stats,
+    accept_paused_until: Option<TokioInstant>,
+    accept_backoff: Duration,
+    shutdown_deadline: Option<TokioInstant>,
+    hard_killed: bool,
+}
+
+/// Runs a cluster on `listener` until `stop` asks it to end (first [`Stop::Graceful`], then
+/// [`Stop::Hard`] for a second signal), and reports how it ended.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    mut stop: UnboundedReceiver<Stop>,
+) -> Result<Outcome> {
+    raise_fd_limit();
+    let (command, cwd) = match &config.workers {
+        WorkerSource::Spawn { command, cwd } => (command.clone(), cwd.clone()),
+        WorkerSource::Attach(_) => {
+            return Err(Error::Config(
+                "attach mode is not available in this build".into(),
+            ));
+        }
+    };
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::io("set the listener non-blocking", e))?;
+    let address = listener
+        .local_addr()
+        .map_err(|e| Error::io("read the listener address", e))?;
+    // SAFETY: the AsyncFd owns the listener, so its fd stays open and unchanged while registered.
+    let listener = unsafe { AsyncFd::register(listener) }
+        .map_err(|e| Error::io("register the listener", e))?;
+    let (events, mut event_rx) = unbounded_channel();
+    let concurrency = config.concurrency;
+    let mut master = Master {
+        slots: (0..concurrency)
+            .map(|index| WorkerSlot {
+                index,
+                generation: 0,
+                state: SlotState::Down,
+                pid: 0,
+                process_alive: false,
+                started: Instant::now(),
+                crashes: 0,
+                outgoing: None,
+                queue: VecDeque::new(),
+            })
+            .collect(),
+        stats: Stats {
+            routed: vec![0; concurrency as usize],
+            ..Stats::default()
+        },
+        config,
+        command,
+        cwd,
+        listener: Some(listener),
+        events,
+        accept_paused_until: None,
+        accept_backoff: Duration::ZERO,
+        shutdown_deadline: None,
+        hard_killed: false,
+    };
+    info!("listening on {address} with {concurrency} workers");
+    for index in 0..concurrency {
+        if let Err(error) = master.start_worker(index) {
+            master.kill_all();
+            master.wait_for_exits(&mut event_rx).await;
+            return Err(error);
+        }
+    }
+
+    let mut stop_open = true;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let paused = master.accept_paused_until;
+        let deadline = master.shutdown_deadline;
+        tokio::select! {
+            batch = accept_batch(master.listener.as_ref()), if paused.is_none() && master.listener.is_some() => {
+                master.on_accepted(batch);
+            }
+            Some(event) = event_rx.recv() => master.on_event(event),
+            request = stop.recv(), if stop_open => match request {
+                Some(request) => master.on_stop(request),
+                None => stop_open = false,
+            },
+            _ = tick.tick() => master.expire_queues(),
+            _ = sleep_until(paused.unwrap_or_else(TokioInstant::now)), if paused.is_some() => {
+                master.accept_paused_until = None;
+            }
+            _ = sleep_until(deadline.unwrap_or_else(TokioInstant::now)), if deadline.is_some() && !master.hard_killed => {
+                warn!("hardShutdownDelay of {:?} passed: killing the remaining workers", master.config.hard_shutdown_delay);
+                master.kill_all();
+            }
+        }
+        if master.shutdown_deadline.is_some() && master.slots.iter().all(|slot| !slot.process_alive)
+        {
+            break;
+        }
+    }
+    let stats = master.stats.clone();
+    info!(
+        "stopped: routed {} connections {:?}, redirected {}, closed {}, revivals {}",
+        stats.routed.iter().sum::<u64>(),
+        stats.routed,
+        stats.redirected,
+        stats.closed,
+        stats.revivals
+    );
+    Ok(Outcome {
+        graceful: !master.hard_killed,
+        stats,
+    })
+}
+
+/// Accepts what is waiting (up to a batch), so one wake-up serves a burst without starving other events.
+async fn accept_batch(
+    listener: Option<&AsyncFd<TcpListener>>,
+) -> io::Result<Vec<(TcpStream, SocketAddr)>> {
+    let Some(listener) = listener else {
+        return std::future::pending().await;
+    };
+    loop {
+        let mut guard = listener.readable().await?;
+        let mut batch = Vec::new();
+        loop {
+            match guard.get_inner().accept() {
+                Ok(accepted) => {
+                    batch.push(accepted);
+                    if batch.len() == 64 {
+                        return Ok(batch);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    guard.clear_ready();
+                    if !batch.is_empty() {
+                        return Ok(batch);
+                    }
+                    break;
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
+                    ) => {}
+                // Report the error once what was accepted is routed; the next call meets it again.
+                Err(e) if batch.is_empty() => return Err(e),
+                Err(_) => return Ok(batch),
+            }
+        }
+    }
+}
+
+/// Lifts the soft open-file limit to the hard one: queued connections hold fds in the master.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
+impl Master {
+    fn start_worker(&mut self, index: u32) -> Result<()> {
+        let spawned = spawn_worker(&self.config, &self.command, self.cwd.as_deref(), index)?;
+        let slot = &mut self.slots[index as usize];
+        slot.generation += 1;
+        slot.state = SlotState::Starting;
+        slot.pid = spawned.pid;
+        slot.process_alive = true;
+        slot.started = Instant::now();
+        let generation = slot.generation;
+        debug!(
+            "worker {index} started (pid {}, generation {generation})",
+            spawned.pid
+        );
+        let (outgoing, outgoing_rx) = unbounded_channel();
+        slot.outgoing = Some(outgoing);
+        // SAFETY: the AsyncFd owns the channel fd, so it stays open and unchanged while registered.
+        let channel = unsafe { AsyncFd::register(spawned.channel) }
+            .map_err(|e| Error::io(format!("register worker {index}'s channel"), e))?;
+        let channel = Arc::new(channel);
+        tokio::spawn(read_channel(
+            channel.clone(),
+            self.events.clone(),
+            index,
+            generation,
+        ));
+        tokio::spawn(write_channel(
+            channel,
+            outgoing_rx,
+            self.events.clone(),
+            index,
+        ));
+        let events = self.events.clone();
+        let mut child = spawned.child;
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let _ = events.send(Event::Exited {
+                index,
+                generation,
+                status,
+            });
+        });
+        Ok(())
+    }
+
+    fn on_accepted(&mut self, batch: io::Result<Vec<(TcpStream, SocketAddr)>>) {
+        match batch {
+            Ok(batch) => {
+                self.accept_backoff = Duration::ZERO;
+                for (stream, peer) in batch {
+                    let local = stream.local_addr().unwrap_or(peer);
+                    let index = route_index(peer.ip(), self.config.concurrency);
+                    debug!(
+                        "connection {} -> worker {index}",
+                        node_address_text(peer.ip())
+                    );
+                    self.deliver(
+                        index,
+                        Handoff {
+                            stream,
+                            peer,
+                            local,
+                            arrived: Instant::now(),
+                        },
+                    );
+                }
+            }
+            Err(error) => {
+                // EMFILE/ENFILE/ENOBUFS/ENOMEM: wait for fds or memory to free up instead of spinning.
+                self.accept_backoff = (self.accept_backoff * 2)
+                    .clamp(Duration::from_millis(10), Duration::from_secs(1));
+                warn!(
+                    "accept failed: {error}; retrying in {:?}",
+                    self.accept_backoff
+                );
+                self.accept_paused_until = Some(TokioInstant::now() + self.accept_backoff);
+            }
+        }
+    }
+
+    /// Sends to the worker's channel when it is ready, else queues (bounded), else redirects.
+    fn deliver(&mut self, index: u32, handoff: Handoff) {
+        let limit = self.config.queue_limit;
+        let slot = &mut self.slots[index as usize];
+        if slot.state == SlotState::Ready && slot.queue.is_empty() {
+            self.send_to(index, handoff);
+        } else if slot.queue.len() < limit && self.shutdown_deadline.is_none() {
+            slot.queue.push_back(handoff);
+        } else {
+            self.redirect(index, handoff, "its queue is full");
+        }
+    }
+
+    fn send_to(&mut self, index: u32, handoff: Handoff) {
+        let slot = &mut self.slots[index as usize];
+        self.stats.routed[index as usize] += 1;
+        let outgoing = slot.outgoing.as_ref().expect("a ready slot has a channel");
+        if let Err(failed) = outgoing.send(Outgoing::Connection(handoff)) {
+            if let Outgoing::Connection(handoff) = failed.0 {
+                self.stats.routed[index as usize] -= 1;
+                slot.state = SlotState::Down;
+                slot.queue.push_front(handoff);
+            }
+        }
+    }
+
+    /// Gives a connection whose own worker cannot take it to the next ready worker, or closes it.
+    fn redirect(&mut self, from: u32, handoff: Handoff, why: &str) {
+        let concurrency = self.config.concurrency;
+        let next_ready = (1..concurrency)
+            .map(|step| (from + step) % concurrency)
+            .find(|&index| self.slots[index as usize].state == SlotState::Ready);
+        match next_ready {
+            Some(index) if self.shutdown_deadline.is_none() => {
+                self.stats.redirected += 1;
+                debug!(
+                    "connection {} for worker {from} goes to worker {index}: {why}",
+                    handoff.peer.ip()
+                );
+                self.send_to(index, handoff);
+            }
+            _ => {
+                self.stats.closed += 1;
+                warn!("closing connection from {} for worker {from}: {why} and no other worker is ready", handoff.peer.ip());
+            }
+        }
+    }
+
+    fn expire_queues(&mut self) {
+        let max_wait = self.config.queue_max_wait;
+        for index in 0..self.config.concurrency {
+            while let Some(front) = self.slots[index as usize].queue.front() {
+                if front.arrived.elapsed() < max_wait {
+                    break;
+                }
+                let handoff = self.slots[index as usize]
+                    .queue
+                    .pop_front()
+                    .expect("front exists");
+                self.redirect(index, handoff, "it was not ready within queue.maxWait");
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Message {
+                index,
+                generation,
+                message,
+            } => self.on_message(index, generation, message),
+            Event::ChannelClosed {
+                index,
+                generation,
+                reason,
+            } => {
+                let slot = &mut self.slots[index as usize];
+                if slot.generation != generation {
+                    return;
+                }
+                if let Some(reason) = reason {
+                    error!(
+                        "worker {index} (pid {}) broke the channel protocol: {reason}; stopping it",
+                        slot.pid
+                    );
+                    signal_worker(slot.pid, Signal::SIGKILL);
+                }
+                slot.outgoing = None;
+                if slot.state != SlotState::Down {
+                    slot.state = SlotState::Down;
+                }
+            }
+            Event::Exited {
+                index,
+                generation,
+                status,
+            } => self.on_exit(index, generation, status),
+            Event::Undelivered {
+                index,
+                handoff,
+                errno,
+            } => {
+                debug!("worker {index}'s channel refused a connection ({errno}); it waits for the next worker");
+                self.stats.routed[index as usize] -= 1;
+                let slot = &mut self.slots[index as usize];
+                slot.state = SlotState::Down;
+                slot.outgoing = None;
+                if self.shutdown_deadline.is_some() {
+                    self.stats.closed += 1;
+                } else {
+                    slot.queue.push_back(handoff);
+                }
+            }
+            Event::Revive { index, generation } => {
+                let slot = &self.slots[index as usize];
+                if slot.generation == generation
+                    && !slot.process_alive
+                    && self.shutdown_deadline.is_none()
+                {
+                    self.stats.revivals += 1;
+                    if let Err(error) = self.start_worker(index) {
+                        error!("{error}");
+                        self.schedule_revival(index);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_message(&mut self, index: u32, generation: u64, message: Message) {
+        let slot = &mut self.slots[index as usize];
+        if slot.generation != generation {
+            return;
+        }
+        match message {
+            Message::Hello {
+                index: claimed,
+                pid,
+            } => {
+                if claimed != index {
+                    warn!("worker {index} (pid {}) says it is worker {claimed}; keeping index {index}", slot.pid);
+                }
+                debug!("worker {index} said hello (pid {pid})");
+            }
+            Message::Ready => {
+                if slot.state == SlotState::Starting {
+                    debug!(
+                        "worker {index} (pid {}) is ready; {} queued connections follow",
+                        slot.pid,
+                        slot.queue.len()
+                    );
+                    slot.state = SlotState::Ready;
+                    let queued: Vec<Handoff> = slot.queue.drain(..).collect();
+                    for handoff in queued {
+                        self.send_to(index, handoff);
+                    }
+                }
+            }
+            other => warn!("worker {index} sent a master-only message {other:?}; ignored"),
+        }
+    }
+
+    fn on_exit(&mut self, index: u32, generation: u64, status: io::Result<ExitStatus>) {
+        let shutting_down = self.shutdown_deadline.is_some();
+        let slot = &mut self.slots[index as usize];
+        if slot.generation != generation {
+            return;
+        }
+        slot.process_alive = false;
+        slot.state = SlotState::Down;
+        slot.outgoing = None;
+        let how = match &status {
+            Ok(status) => describe_exit(status),
+            Err(error) => format!("unknown status ({error})"),
+        };
+        if shutting_down {
+            debug!("worker {index} (pid {}) exited: {how}", slot.pid);
+            self.stats.closed += slot.queue.len() as u64;
+            slot.queue.clear();
+            return;
+        }
+        let lived = slot.started.elapsed();
+        slot.crashes = if lived < CRASH_UPTIME {
+            slot.crashes + 1
+        } else {
+            0
+        };
+        let delay = revival_delay(slot.crashes);
+        warn!(
+            "worker {index} (pid {}) exited after {:.1}s: {how}; reviving in {:?} (attempt {})",
+            slot.pid,
+            lived.as_secs_f64(),
+            delay,
+            slot.crashes.max(1)
+        );
+        self.schedule_revival(index);
+    }
+
+    fn schedule_revival(&mut self, index: u32) {
+        let slot = &self.slots[index as usize];
+        let delay = revival_delay(slot.crashes);
+        let generation = slot.generation;
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = events.send(Event::Revive { index, generation });
+        });
+    }
+
+    fn on_stop(&mut self, request: Stop) {
+        match (request, self.shutdown_deadline) {
+            (Stop::Graceful, None) => {
+                let delay = self.config.hard_shutdown_delay;
+                info!(
+                    "shutting down: {} workers have {:?} to finish",
+                    self.config.concurrency, delay
+                );
+                self.shutdown_deadline = Some(TokioInstant::now() + delay);
+                self.listener = None;
+                let deadline_ms = delay.as_millis().min(u64::MAX as u128) as u64;
+                for slot in &mut self.slots {
+                    self.stats.closed += slot.queue.len() as u64;
+                    slot.queue.clear();
+                    if let Some(outgoing) = &slot.outgoing {
+                        let _ = outgoing.send(Outgoing::Shutdown { deadline_ms });
+                    }
+                    if slot.process_alive {
+                        signal_worker(slot.pid, Signal::SIGTERM);
+                    }
+                }
+            }
+            (Stop::Graceful, Some(_)) => {}
+            (Stop::Hard, _) => {
+                warn!("second signal: stopping at once");
+                if self.shutdown_deadline.is_none() {
+                    self.shutdown_deadline = Some(TokioInstant::now());
+                    self.listener = None;
+                }
+                self.kill_all();
+            }
+        }
+    }
+
+    fn kill_all(&mut self) {
+        self.hard_killed = true;
+        for slot in &mut self.slots {
+            self.stats.closed += slot.queue.len() as u64;
+            slot.queue.clear();
+            if slot.process_alive {
+                warn!("killing worker {} (pid {})", slot.index, slot.pid);
+                signal_worker(slot.pid, Signal::SIGKILL);
+            }
+        }
+    }
+
+    async fn wait_for_exits(&mut self, events: &mut UnboundedReceiver<Event>) {
+        self.shutdown_deadline.get_or_insert_with(TokioInstant::now);
+        while self.slots.iter().any(|slot| slot.process_alive) {
+            match events.recv().await {
+                Some(event) => self.on_event(event),
+                None => break,
+            }
+        }
+    }
+}
+
+/// Reads hello/ready from a worker until its channel ends.
+async fn read_channel(
+    channel: Arc<AsyncFd<OwnedFd>>,
+    events: UnboundedSender<Event>,
+    index: u32,
+    generation: u64,
+) {
+    loop {
+        let mut guard = match channel.readable().await {
+            Ok(guard) => guard,
+            Err(error) => {
+                let reason = Some(error.to_string());
+                let _ = events.send(Event::ChannelClosed {
+                    index,
+                    generation,
+                    reason,
+                });
+                return;
+            }
+        };
+        match recv_message(channel.get_ref().as_fd(), true) {
+            Err(Error::WouldBlock) => guard.clear_ready(),
+            Ok(received) => {
+                let _ = events.send(Event::Message {
+                    index,
+                    generation,
+                    message: received.message,
+                });
+            }
+            Err(Error::ChannelClosed) => {
+                let _ = events.send(Event::ChannelClosed {
+                    index,
+                    generation,
+                    reason: None,
+                });
+                return;
+            }
+            Err(error) => {
+                let _ = events.send(Event::ChannelClosed {
+                    index,
+                    generation,
+                    reason: Some(error.to_string()),
+                });
+                return;
+            }
+        }
+    }
+}
+
+/// Writes connections and shutdown to a worker's channel, waiting when its buffer is full; what cannot
+/// be written goes back to the event loop so it is served elsewhere or counted.
+async fn write_channel(
+    channel: Arc<AsyncFd<OwnedFd>>,
+    mut outgoing: UnboundedReceiver<Outgoing>,
+    events: UnboundedSender<Event>,
+    index: u32,
+) {
+    while let Some(item) = outgoing.recv().await {
+        let message = match &item {
+            Outgoing::Connection(handoff) => Message::Connection {
+                peer: handoff.peer,
+                local: handoff.local,
+            },
+            Outgoing::Shutdown { deadline_ms } => Message::Shutdown {
+                deadline_ms: *deadline_ms,
+            },
+        };
+        let fd = match &item {
+            Outgoing::Connection(handoff) => Some(handoff.stream.as_fd()),
+            Outgoing::Shutdown { .. } => None,
+        };
+        let result = loop {
+            let mut guard = match channel.writable().await {
+                Ok(guard) => guard,
+                Err(_) => break Err(Errno::EIO),
+            };
+            match send_message(channel.get_ref().as_fd(), &message, fd, true) {
+                Err(Errno::EAGAIN) => guard.clear_ready(),
+                other => break other,
+            }
+        };
+        if let (Err(errno), Outgoing::Connection(handoff)) = (result, item) {
+            let _ = events.send(Event::Undelivered {
+                index,
+                handoff,
+                errno,
+            });
+        }
+    }
+}

@@ -1,0 +1,459 @@
+//! The channel protocol between master and workers: one versioned message per `SOCK_SEQPACKET` datagram,
+//! so a connection's fd (SCM_RIGHTS) can never be separated from the message that describes it.
+//!
+//! Wire format (all integers little-endian, addresses as below):
+//!
+//! | bytes | field |
+//! | --- | --- |
+//! | 0..2 | magic `SC` |
+//! | 2 | protocol version ([`PROTOCOL_VERSION`]) |
+//! | 3 | kind: 1 hello, 2 ready, 3 connection, 4 shutdown, 5 welcome, 6 refused |
+//! | 4.. | body |
+//!
+//! Bodies: hello `index u32, pid u32` (index `u32::MAX` = any free index, attach mode only); ready: empty;
+//! connection `peer addr, local addr` with exactly one fd attached, each addr `family u8 (4|6), port u16,
+//! ip 16 bytes` (IPv4 in the first 4); shutdown `deadline_ms u64` (time left before the hard kill);
+//! welcome `index u32, concurrency u32`; refused: UTF-8 reason. Worker→master: hello, ready.
+//! Master→worker: welcome, refused (attach mode), connection, shutdown.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::errno::Errno;
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr};
+
+use crate::error::{Error, Result};
+
+/// The version this build speaks; a peer with another version is refused.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// Hello's index for "give me any free index" (attach mode).
+pub const ANY_INDEX: u32 = u32::MAX;
+
+const MAGIC: [u8; 2] = *b"SC";
+const HEADER: usize = 4;
+const ADDRESS_LEN: usize = 19;
+/// Largest datagram either side sends; anything longer is garbage.
+const MAX_DATAGRAM: usize = 1024;
+
+/// One message of the channel protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// Worker→master: this process is worker `index` (or [`ANY_INDEX`]) with this pid.
+    Hello {
+        /// The index the worker has (spawn) or claims (attach).
+        index: u32,
+        /// The worker's process id.
+        pid: u32,
+    },
+    /// Worker→master: initialisation is done, send connections.
+    Ready,
+    /// Master→worker: a client connection; its fd travels with this message.
+    Connection {
+        /// The client's address.
+        peer: SocketAddr,
+        /// The address the client connected to.
+        local: SocketAddr,
+    },
+    /// Master→worker: stop accepting, finish what is running and exit within `deadline_ms`.
+    Shutdown {
+        /// Milliseconds left before the master kills the worker.
+        deadline_ms: u64,
+    },
+    /// Master→worker (attach): the claim is accepted, you are `index` of `concurrency`.
+    Welcome {
+        /// The index this worker now holds.
+        index: u32,
+        /// How many workers the cluster has.
+        concurrency: u32,
+    },
+    /// Master→worker (attach): the claim is refused, with the reason.
+    Refused {
+        /// Why the master refused.
+        reason: String,
+    },
+}
+
+/// A message together with the fd that arrived with it (only [`Message::Connection`] carries one).
+#[derive(Debug)]
+pub struct Received {
+    /// The decoded message.
+    pub message: Message,
+    /// The connection's socket, owned by the receiver from now on.
+    pub fd: Option<OwnedFd>,
+}
+
+impl Message {
+    fn kind(&self) -> u8 {
+        match self {
+            Message::Hello { .. } => 1,
+            Message::Ready => 2,
+            Message::Connection { .. } => 3,
+            Message::Shutdown { .. } => 4,
+            Message::Welcome { .. } => 5,
+            Message::Refused { .. } => 6,
+        }
+    }
+
+    /// The datagram for this message.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(HEADER + 2 * ADDRESS_LEN);
+        bytes.extend_from_slice(&MAGIC);
+        bytes.push(PROTOCOL_VERSION);
+        bytes.push(self.kind());
+        match self {
+            Message::Hello { index, pid } => {
+                bytes.extend_from_slice(&index.to_le_bytes());
+                bytes.extend_from_slice(&pid.to_le_bytes());
+            }
+            Message::Ready => {}
+            Message::Connection { peer, local } => {
+                encode_address(&mut bytes, peer);
+                encode_address(&mut bytes, local);
+            }
+            Message::Shutdown { deadline_ms } => {
+                bytes.extend_from_slice(&deadline_ms.to_le_bytes())
+            }
+            Message::Welcome { index, concurrency } => {
+                bytes.extend_from_slice(&index.to_le_bytes());
+                bytes.extend_from_slice(&concurrency.to_le_bytes());
+            }
+            Message::Refused { reason } => {
+                let reason = reason.as_bytes();
+                bytes.extend_from_slice(&reason[..reason.len().min(MAX_DATAGRAM - HEADER)]);
+            }
+        }
+        bytes
+    }
+
+    /// Parses one datagram; anything malformed is a [`Error::Protocol`] naming what was wrong.
+    pub fn decode(bytes: &[u8]) -> Result<Message> {
+        if bytes.len() < HEADER || bytes[..2] != MAGIC {
+            return Err(Error::Protocol(format!(
+                "not a sticky-cluster message ({} bytes)",
+                bytes.len()
+            )));
+        }
+        if bytes[2] != PROTOCOL_VERSION {
+            return Err(Error::Protocol(format!(
+                "protocol version {} is not supported (this side speaks {PROTOCOL_VERSION})",
+                bytes[2]
+            )));
+        }
+        let body = &bytes[HEADER..];
+        let exact = |len: usize, name: &str| {
+            if body.len() == len {
+                Ok(())
+            } else {
+                Err(Error::Protocol(format!(
+                    "{name} message has {} body bytes, expected {len}",
+                    body.len()
+                )))
+            }
+        };
+        let u32_at = |at: usize| u32::from_le_bytes(body[at..at + 4].try_into().unwrap());
+        match bytes[3] {
+            1 => exact(8, "hello").map(|_| Message::Hello {
+                index: u32_at(0),
+                pid: u32_at(4),
+            }),
+            2 => exact(0, "ready").map(|_| Message::Ready),
+            3 => {
+                exact(2 * ADDRESS_LEN, "connection")?;
+                Ok(Message::Connection {
+                    peer: decode_address(&body[..ADDRESS_LEN])?,
+                    local: decode_address(&body[ADDRESS_LEN..])?,
+                })
+            }
+            4 => exact(8, "shutdown").map(|_| Message::Shutdown {
+                deadline_ms: u64::from_le_bytes(body.try_into().unwrap()),
+            }),
+            5 => exact(8, "welcome").map(|_| Message::Welcome {
+                index: u32_at(0),
+                concurrency: u32_at(4),
+            }),
+            6 => Ok(Message::Refused {
+                reason: String::from_utf8_lossy(body).into_owned(),
+            }),
+            kind => Err(Error::Protocol(format!("unknown message kind {kind}"))),
+        }
+    }
+}
+
+fn encode_address(bytes: &mut Vec<u8>, address: &SocketAddr) {
+    let mut ip = [0u8; 16];
+    let family = match address.ip() {
+        IpAddr::V4(v4) => {
+            ip[..4].copy_from_slice(&v4.octets());
+            4
+        }
+        IpAddr::V6(v6) => {
+            ip = v6.octets();
+            6
+        }
+    };
+    bytes.push(family);
+    bytes.extend_from_slice(&address.port().to_le_bytes());
+    bytes.extend_from_slice(&ip);
+}
+
+fn decode_address(bytes: &[u8]) -> Result<SocketAddr> {
+    let port = u16::from_le_bytes([bytes[1], bytes[2]]);
+    let ip: [u8; 16] = bytes[3..19].try_into().unwrap();
+    let ip = match bytes[0] {
+        4 => IpAddr::V4(Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3])),
+        6 => IpAddr::V6(Ipv6Addr::from(ip)),
+        family => return Err(Error::Protocol(format!("unknown address family {family}"))),
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// Sends one message, with `fd` attached as SCM_RIGHTS when given. Never raises SIGPIPE; with
+/// `nonblocking` a full channel answers `EAGAIN` instead of waiting.
+pub fn send_message(
+    channel: BorrowedFd<'_>,
+    message: &Message,
+    fd: Option<BorrowedFd<'_>>,
+    nonblocking: bool,
+) -> std::result::Result<(), Errno> {
+    let bytes = message.encode();
+    let iov = [IoSlice::new(&bytes)];
+    let fds: [RawFd; 1] = [fd.map_or(-1, |fd| fd.as_raw_fd())];
+    let rights = [ControlMessage::ScmRights(&fds)];
+    let cmsgs: &[ControlMessage] = if fd.is_some() { &rights } else { &[] };
+    let mut flags = MsgFlags::MSG_NOSIGNAL;
+    if nonblocking {
+        flags |= MsgFlags::MSG_DONTWAIT;
+    }
+    loop {
+        match sendmsg::<UnixAddr>(channel.as_raw_fd(), &iov, cmsgs, flags, None) {
+            Err(Errno::EINTR) => continue,
+            Err(errno) => return Err(errno),
+            Ok(_) => return Ok(()),
+        }
+    }
+}
+
+/// Receives one message. Every fd that arrives is owned at once (and closed again if the message is bad);
+/// control data cut short (`MSG_CTRUNC`) is a protocol error. End of channel is [`Error::ChannelClosed`];
+/// nothing waiting on a non-blocking receive is [`Error::WouldBlock`].
+pub fn recv_message(channel: BorrowedFd<'_>, nonblocking: bool) -> Result<Received> {
+    let mut buffer = [0u8; MAX_DATAGRAM];
+    // Room for more fds than any message carries, so a misbehaving peer shows up as extra fds, not loss.
+    let mut control = nix::cmsg_space!([RawFd; 8]);
+    let mut flags = MsgFlags::MSG_CMSG_CLOEXEC;
+    if nonblocking {
+        flags |= MsgFlags::MSG_DONTWAIT;
+    }
+    let (bytes, message_flags, mut fds) = loop {
+        control.iter_mut().for_each(|b| *b = 0);
+        let mut iov = [IoSliceMut::new(&mut buffer)];
+        match recvmsg::<UnixAddr>(channel.as_raw_fd(), &mut iov, Some(&mut control), flags) {
+            Err(Errno::EINTR) => continue,
+            Err(Errno::EAGAIN) => return Err(Error::WouldBlock),
+            Err(Errno::ECONNRESET) => return Err(Error::ChannelClosed),
+            Err(errno) => return Err(Error::io("receive from the channel", errno)),
+            Ok(received) => {
+                let fds = match received.cmsgs() {
+                    Ok(cmsgs) => owned_fds(cmsgs),
+                    Err(_) => Vec::new(),
+                };
+                break (received.bytes, received.flags, fds);
+            }
+        }
+    };
+    if message_flags.contains(MsgFlags::MSG_CTRUNC) {
+        // nix refuses to walk truncated control data; walk it by hand so no fd that did arrive leaks.
+        drop(unsafe { fds_in_truncated_control(&mut control) });
+        return Err(Error::Protocol(
+            "control data truncated (MSG_CTRUNC): fds were lost".into(),
+        ));
+    }
+    if bytes == 0 && fds.is_empty() {
+        return Err(Error::ChannelClosed);
+    }
+    if message_flags.contains(MsgFlags::MSG_TRUNC) {
+        return Err(Error::Protocol(format!(
+            "datagram longer than {MAX_DATAGRAM} bytes"
+        )));
+    }
+    let message = Message::decode(&buffer[..bytes])?;
+    let wants_fd = matches!(message, Message::Connection { .. });
+    match (wants_fd, fds.len()) {
+        (true, 1) => Ok(Received {
+            message,
+            fd: fds.pop(),
+        }),
+        (false, 0) => Ok(Received { message, fd: None }),
+        (_, count) => Err(Error::Protocol(format!(
+            "message kind {} arrived with {count} fds",
+            message_name(&message)
+        ))),
+    }
+}
+
+fn message_name(message: &Message) -> &'static str {
+    match message {
+        Message::Hello { .. } => "hello",
+        Message::Ready => "ready",
+        Message::Connection { .. } => "connection",
+        Message::Shutdown { .. } => "shutdown",
+        Message::Welcome { .. } => "welcome",
+        Message::Refused { .. } => "refused",
+    }
+}
+
+fn owned_fds(cmsgs: impl Iterator<Item = ControlMessageOwned>) -> Vec<OwnedFd> {
+    let mut owned = Vec::new();
+    for cmsg in cmsgs {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            // SAFETY: the kernel just installed these descriptors for us; nobody else owns them.
+            owned.extend(
+                fds.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    owned
+}
+
+/// Walks a zero-initialised control buffer after `MSG_CTRUNC` and takes ownership of every fd in it.
+///
+/// # Safety
+/// `control` must be the buffer the kernel filled in the last `recvmsg`, zeroed before that call.
+unsafe fn fds_in_truncated_control(control: &mut [u8]) -> Vec<OwnedFd> {
+    let mut header: libc::msghdr = std::mem::zeroed();
+    header.msg_control = control.as_mut_ptr().cast();
+    header.msg_controllen = control.len() as _;
+    let mut owned = Vec::new();
+    let mut cmsg = libc::CMSG_FIRSTHDR(&header);
+    while !cmsg.is_null() && (*cmsg).cmsg_len as usize >= std::mem::size_of::<libc::cmsghdr>() {
+        if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+            let data_len = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+            let data = libc::CMSG_DATA(cmsg).cast::<RawFd>();
+            for i in 0..data_len / std::mem::size_of::<RawFd>() {
+                let fd = std::ptr::read_unaligned(data.add(i));
+                if fd >= 0 {
+                    owned.push(OwnedFd::from_raw_fd(fd));
+                }
+            }
+        }
+        cmsg = libc::CMSG_NXTHDR(&header, cmsg);
+    }
+    owned
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    use std::os::fd::AsFd;
+
+    fn pair() -> (OwnedFd, OwnedFd) {
+        socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn every_message_survives_a_round_trip() {
+        let messages = [
+            Message::Hello {
+                index: 3,
+                pid: 4242,
+            },
+            Message::Hello {
+                index: ANY_INDEX,
+                pid: 1,
+            },
+            Message::Ready,
+            Message::Connection {
+                peer: "[::ffff:127.0.0.9]:50000".parse().unwrap(),
+                local: "127.0.0.1:8080".parse().unwrap(),
+            },
+            Message::Shutdown {
+                deadline_ms: 60_000,
+            },
+            Message::Welcome {
+                index: 7,
+                concurrency: 8,
+            },
+            Message::Refused {
+                reason: "index 2 is already attached".into(),
+            },
+        ];
+        for message in messages {
+            assert_eq!(Message::decode(&message.encode()).unwrap(), message);
+        }
+    }
+
+    #[test]
+    fn garbage_and_wrong_versions_are_protocol_errors() {
+        assert!(matches!(
+            Message::decode(b"GET / HTTP/1.1"),
+            Err(Error::Protocol(_))
+        ));
+        let mut hello = Message::Hello { index: 0, pid: 1 }.encode();
+        hello[2] = 99;
+        let error = Message::decode(&hello).unwrap_err().to_string();
+        assert!(error.contains("version 99"), "{error}");
+        let mut short = Message::Ready.encode();
+        short[3] = 1;
+        assert!(matches!(Message::decode(&short), Err(Error::Protocol(_))));
+    }
+
+    #[test]
+    fn a_connection_fd_travels_with_its_message_and_arrives_cloexec() {
+        let (master, worker) = pair();
+        let (payload, _keep) = pair();
+        let message = Message::Connection {
+            peer: "127.0.0.5:1234".parse().unwrap(),
+            local: "[::1]:80".parse().unwrap(),
+        };
+        send_message(master.as_fd(), &message, Some(payload.as_fd()), false).unwrap();
+        let received = recv_message(worker.as_fd(), false).unwrap();
+        assert_eq!(received.message, message);
+        let fd = received.fd.expect("fd attached");
+        let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFD).unwrap();
+        assert_ne!(
+            flags & libc::FD_CLOEXEC,
+            0,
+            "received fds must be close-on-exec"
+        );
+    }
+
+    #[test]
+    fn an_fd_on_a_message_that_carries_none_is_refused() {
+        let (master, worker) = pair();
+        let (payload, _keep) = pair();
+        send_message(
+            master.as_fd(),
+            &Message::Ready,
+            Some(payload.as_fd()),
+            false,
+        )
+        .unwrap();
+        assert!(matches!(
+            recv_message(worker.as_fd(), false),
+            Err(Error::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn end_of_channel_and_empty_nonblocking_receive_are_distinct() {
+        let (master, worker) = pair();
+        assert!(matches!(
+            recv_message(worker.as_fd(), true),
+            Err(Error::WouldBlock)
+        ));
+        drop(master);
+        assert!(matches!(
+            recv_message(worker.as_fd(), false),
+            Err(Error::ChannelClosed)
+        ));
+    }
+}

@@ -1,0 +1,152 @@
+//! Worker processes: spawning one per index with its private channel, describing how one ended,
+//! and the back-off that keeps a crash loop from spinning a core.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+use nix::unistd::Pid;
+use tokio::process::{Child, Command};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::worker::{ENV_CHANNEL_FD, ENV_CONCURRENCY, ENV_WORKER_INDEX, ENV_WORKER_INDEX_COMPAT};
+
+/// A freshly started worker process and the master's end of its channel (non-blocking).
+pub struct Spawned {
+    /// The process, to wait on.
+    pub child: Child,
+    /// Its pid.
+    pub pid: u32,
+    /// The master's end of the channel.
+    pub channel: OwnedFd,
+}
+
+/// A worker that lived shorter than this counts as a crash for back-off purposes.
+pub const CRASH_UPTIME: Duration = Duration::from_secs(2);
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Delay before the next revival after `crashes` consecutive short-lived runs (0: revive at once).
+pub fn revival_delay(crashes: u32) -> Duration {
+    match crashes {
+        0 => Duration::ZERO,
+        n => FIRST_BACKOFF
+            .saturating_mul(1u32 << (n - 1).min(16))
+            .min(MAX_BACKOFF),
+    }
+}
+
+/// Starts `command` as worker `index` with one end of a fresh SEQPACKET socketpair as `STICKY_CLUSTER_FD`.
+pub fn spawn_worker(
+    config: &Config,
+    command: &[String],
+    cwd: Option<&std::path::Path>,
+    index: u32,
+) -> Result<Spawned> {
+    let spawn_error = |source: std::io::Error| Error::Spawn {
+        index,
+        program: command[0].clone(),
+        source,
+    };
+    let (master_end, worker_end) = socketpair(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| spawn_error(e.into()))?;
+    fcntl(&master_end, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).map_err(|e| spawn_error(e.into()))?;
+
+    let mut process = Command::new(&command[0]);
+    process
+        .args(&command[1..])
+        .stdin(Stdio::null())
+        .kill_on_drop(false);
+    if let Some(cwd) = cwd {
+        process.current_dir(cwd);
+    }
+    for (key, value) in &config.env {
+        process.env(key, value.replace("{index}", &index.to_string()));
+    }
+    let worker_fd = worker_end.as_raw_fd();
+    process
+        .env(ENV_WORKER_INDEX, index.to_string())
+        .env(ENV_WORKER_INDEX_COMPAT, index.to_string())
+        .env(ENV_CONCURRENCY, config.concurrency.to_string())
+        .env(ENV_CHANNEL_FD, worker_fd.to_string())
+        // Terminal signals (Ctrl-C) go to the master alone, which then shuts workers down in order.
+        .process_group(0);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        process.pre_exec(move || {
+            // The channel end was made close-on-exec so no other child inherits it; this one must.
+            let flags = libc::fcntl(worker_fd, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(worker_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // No orphaned workers if the master itself is killed.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = process.spawn().map_err(spawn_error)?;
+    drop(worker_end);
+    let pid = child.id().unwrap_or(0);
+    Ok(Spawned {
+        child,
+        pid,
+        channel: master_end,
+    })
+}
+
+/// Sends `signal` to a worker process, ignoring one that is already gone.
+pub fn signal_worker(pid: u32, signal: Signal) {
+    if pid > 0 {
+        let _ = kill(Pid::from_raw(pid as i32), signal);
+    }
+}
+
+/// `exit status 3` or `signal 9 (SIGKILL)`, for logs.
+pub fn describe_exit(status: &ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(signal)) => match Signal::try_from(signal) {
+            Ok(name) => format!("signal {signal} ({name})"),
+            Err(_) => format!("signal {signal}"),
+        },
+        _ => status.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert_eq!(revival_delay(0), Duration::ZERO);
+        assert_eq!(revival_delay(1), Duration::from_millis(100));
+        assert_eq!(revival_delay(2), Duration::from_millis(200));
+        assert_eq!(revival_delay(5), Duration::from_millis(1600));
+        assert_eq!(revival_delay(40), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn exits_are_described_with_status_or_signal() {
+        assert_eq!(
+            describe_exit(&ExitStatus::from_raw(3 << 8)),
+            "exit status 3"
+        );
+        assert_eq!(
+            describe_exit(&ExitStatus::from_raw(9)),
+            "signal 9 (SIGKILL)"
+        );
+    }
+}

@@ -1,0 +1,319 @@
+//! The worker side: find the channel the master gave this process, say ready, and accept routed connections.
+//! Spawned workers inherit the channel as `STICKY_CLUSTER_FD`; attached ones dial `STICKY_CLUSTER_SOCKET`.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrLike, UnixAddr};
+use tokio::io::unix::AsyncFd;
+
+use crate::error::{Error, Result};
+use crate::protocol::{recv_message, send_message, Message, ANY_INDEX};
+
+/// Environment variable with the worker's index (0-based).
+pub const ENV_WORKER_INDEX: &str = "STICKY_CLUSTER_WORKER_INDEX";
+/// The npm `sticky-cluster` module's name for the worker index, kept for compatibility.
+pub const ENV_WORKER_INDEX_COMPAT: &str = "stickycluster_worker_index";
+/// Environment variable with the number of workers in the cluster.
+pub const ENV_CONCURRENCY: &str = "STICKY_CLUSTER_CONCURRENCY";
+/// Environment variable with the inherited channel fd of a spawned worker.
+pub const ENV_CHANNEL_FD: &str = "STICKY_CLUSTER_FD";
+/// Environment variable with the master's Unix socket path for an attached worker.
+pub const ENV_SOCKET: &str = "STICKY_CLUSTER_SOCKET";
+
+/// A routed client connection, as the blocking [`Worker::accept_blocking`] hands it over.
+#[derive(Debug)]
+pub struct Connection {
+    /// The client's socket, in blocking mode, owned by the caller.
+    pub stream: std::net::TcpStream,
+    /// The client's address (the one the routing hash was computed from).
+    pub peer: SocketAddr,
+    /// The address the client connected to.
+    pub local: SocketAddr,
+}
+
+/// This process's membership in a sticky cluster: its index and its channel to the master.
+#[derive(Debug)]
+pub struct Worker {
+    index: u32,
+    concurrency: u32,
+    // Declared before `channel`: fields drop in order, and the reactor must let go of the fd first.
+    async_channel: OnceLock<AsyncFd<ChannelFd>>,
+    channel: OwnedFd,
+    ready_sent: AtomicBool,
+    shutdown_deadline_ms: AtomicU64,
+}
+
+/// A borrowed view of the channel for tokio's reactor; the [`Worker`] keeps ownership.
+#[derive(Debug)]
+struct ChannelFd(RawFd);
+
+impl AsRawFd for ChannelFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+const NOT_SHUTTING_DOWN: u64 = u64::MAX;
+
+impl Worker {
+    /// Joins the cluster this process was started for: `STICKY_CLUSTER_FD` (spawned) or
+    /// `STICKY_CLUSTER_SOCKET` (attached). Sends hello; connections flow only after [`Worker::ready`].
+    pub fn from_env() -> Result<Worker> {
+        if let Some(fd_text) = std::env::var_os(ENV_CHANNEL_FD) {
+            let fd_text = fd_text.to_string_lossy().into_owned();
+            let index = index_from_env()?.ok_or_else(|| {
+                Error::Environment(format!(
+                    "{ENV_CHANNEL_FD} is set but {ENV_WORKER_INDEX} is not"
+                ))
+            })?;
+            let channel = inherited_channel(&fd_text)?;
+            let concurrency = concurrency_from_env()?.unwrap_or(index + 1);
+            let worker = Worker::with_channel(channel, index, concurrency);
+            worker.send(&Message::Hello {
+                index,
+                pid: std::process::id(),
+            })?;
+            Ok(worker)
+        } else if let Some(path) = std::env::var_os(ENV_SOCKET) {
+            Worker::attach(Path::new(&path), index_from_env()?)
+        } else {
+            Err(Error::Environment(format!(
+                "neither {ENV_CHANNEL_FD} nor {ENV_SOCKET} is set (start this program through sticky-cluster)"
+            )))
+        }
+    }
+
+    /// Dials a master's attach socket and claims `index` (or any free index); waits for the answer.
+    pub fn attach(path: &Path, index: Option<u32>) -> Result<Worker> {
+        let attach_error = |reason: String| Error::Attach {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let channel = socket::socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(|e| attach_error(format!("socket: {e}")))?;
+        let address = UnixAddr::new(path).map_err(|e| attach_error(e.to_string()))?;
+        socket::connect(channel.as_raw_fd(), &address)
+            .map_err(|e| attach_error(e.desc().to_string()))?;
+        let claim = index.unwrap_or(ANY_INDEX);
+        send_message(
+            channel.as_fd(),
+            &Message::Hello {
+                index: claim,
+                pid: std::process::id(),
+            },
+            None,
+            false,
+        )
+        .map_err(|e| attach_error(format!("send hello: {}", e.desc())))?;
+        match recv_message(channel.as_fd(), false) {
+            Ok(received) => match received.message {
+                Message::Welcome { index, concurrency } => {
+                    Ok(Worker::with_channel(channel, index, concurrency))
+                }
+                Message::Refused { reason } => Err(attach_error(format!("refused: {reason}"))),
+                other => Err(attach_error(format!("unexpected answer {other:?}"))),
+            },
+            Err(Error::ChannelClosed) => Err(attach_error("the master closed the socket".into())),
+            Err(error) => Err(attach_error(error.to_string())),
+        }
+    }
+
+    fn with_channel(channel: OwnedFd, index: u32, concurrency: u32) -> Worker {
+        Worker {
+            index,
+            concurrency,
+            channel,
+            ready_sent: AtomicBool::new(false),
+            shutdown_deadline_ms: AtomicU64::new(NOT_SHUTTING_DOWN),
+            async_channel: OnceLock::new(),
+        }
+    }
+
+    /// This worker's index: stays the same through death and revival.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// How many workers the cluster has.
+    pub fn concurrency(&self) -> u32 {
+        self.concurrency
+    }
+
+    /// The channel fd: readable when a connection (or shutdown) is waiting, for poll/epoll loops.
+    pub fn channel_fd(&self) -> BorrowedFd<'_> {
+        self.channel.as_fd()
+    }
+
+    /// Tells the master initialisation is done; connections queued for this index start to flow.
+    /// Calling it again does nothing.
+    pub fn ready(&self) -> Result<()> {
+        if self.ready_sent.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.send(&Message::Ready)
+    }
+
+    /// Milliseconds the master granted for draining, once it has asked this worker to shut down.
+    pub fn shutdown_deadline_ms(&self) -> Option<u64> {
+        match self.shutdown_deadline_ms.load(Ordering::SeqCst) {
+            NOT_SHUTTING_DOWN => None,
+            deadline => Some(deadline),
+        }
+    }
+
+    fn send(&self, message: &Message) -> Result<()> {
+        send_message(self.channel.as_fd(), message, None, false).map_err(|errno| match errno {
+            nix::errno::Errno::EPIPE | nix::errno::Errno::ECONNRESET => Error::ChannelClosed,
+            errno => Error::io("send to the master", errno),
+        })
+    }
+
+    /// Waits for the next routed connection, blocking the thread (unless the channel fd was made
+    /// non-blocking: then [`Error::WouldBlock`] when none waits). [`Error::Shutdown`] means drain and exit;
+    /// [`Error::ChannelClosed`] means the master is gone.
+    pub fn accept_blocking(&self) -> Result<Connection> {
+        self.next_connection(|| recv_message(self.channel.as_fd(), false))
+    }
+
+    /// Waits for the next routed connection on the tokio reactor; the stream comes back non-blocking,
+    /// with the client's address, like `tokio::net::TcpListener::accept`.
+    pub async fn accept(&self) -> Result<(tokio::net::TcpStream, SocketAddr)> {
+        let channel = self.async_channel()?;
+        let connection = loop {
+            let mut guard = channel
+                .readable()
+                .await
+                .map_err(|e| Error::io("wait on the channel", e))?;
+            match self.next_connection(|| recv_message(self.channel.as_fd(), true)) {
+                Err(Error::WouldBlock) => guard.clear_ready(),
+                other => break other?,
+            }
+        };
+        connection
+            .stream
+            .set_nonblocking(true)
+            .map_err(|e| Error::io("set the connection non-blocking", e))?;
+        let stream = tokio::net::TcpStream::from_std(connection.stream)
+            .map_err(|e| Error::io("register the connection with tokio", e))?;
+        Ok((stream, connection.peer))
+    }
+
+    fn async_channel(&self) -> Result<&AsyncFd<ChannelFd>> {
+        if let Some(channel) = self.async_channel.get() {
+            return Ok(channel);
+        }
+        // SAFETY: the Worker owns the channel fd and outlives this AsyncFd (a field of the same Worker),
+        // so the number stays open and names the same socket while registered.
+        let channel = unsafe {
+            AsyncFd::register_with_interest(
+                ChannelFd(self.channel.as_raw_fd()),
+                tokio::io::Interest::READABLE,
+            )
+        }
+        .map_err(|e| Error::io("register the channel with tokio", e))?;
+        let _ = self.async_channel.set(channel);
+        Ok(self.async_channel.get().expect("just set"))
+    }
+
+    fn next_connection(
+        &self,
+        mut receive: impl FnMut() -> Result<crate::protocol::Received>,
+    ) -> Result<Connection> {
+        if self.shutdown_deadline_ms().is_some() {
+            return Err(Error::Shutdown);
+        }
+        loop {
+            let received = receive()?;
+            match (received.message, received.fd) {
+                (Message::Connection { peer, local }, Some(fd)) => {
+                    let stream = std::net::TcpStream::from(fd);
+                    return Ok(Connection {
+                        stream,
+                        peer,
+                        local,
+                    });
+                }
+                (Message::Shutdown { deadline_ms }, _) => {
+                    self.shutdown_deadline_ms
+                        .store(deadline_ms.min(NOT_SHUTTING_DOWN - 1), Ordering::SeqCst);
+                    return Err(Error::Shutdown);
+                }
+                (Message::Welcome { .. }, _) => continue,
+                (other, _) => {
+                    return Err(Error::Protocol(format!(
+                        "unexpected message from the master: {other:?}"
+                    )))
+                }
+            }
+        }
+    }
+}
+
+fn index_from_env() -> Result<Option<u32>> {
+    let Some((name, value)) = [ENV_WORKER_INDEX, ENV_WORKER_INDEX_COMPAT]
+        .iter()
+        .find_map(|name| std::env::var(name).ok().map(|value| (*name, value)))
+    else {
+        return Ok(None);
+    };
+    value
+        .trim()
+        .parse()
+        .map(Some)
+        .map_err(|_| Error::Environment(format!("{name}={value:?} is not a worker index")))
+}
+
+fn concurrency_from_env() -> Result<Option<u32>> {
+    match std::env::var(ENV_CONCURRENCY) {
+        Err(_) => Ok(None),
+        Ok(value) => value.trim().parse().map(Some).map_err(|_| {
+            Error::Environment(format!("{ENV_CONCURRENCY}={value:?} is not a number"))
+        }),
+    }
+}
+
+/// Checks that the fd number names an AF_UNIX SOCK_SEQPACKET socket before trusting it, then owns it.
+fn inherited_channel(fd_text: &str) -> Result<OwnedFd> {
+    let wrong = |why: &str| Error::Environment(format!("{ENV_CHANNEL_FD}={fd_text}: {why}"));
+    let fd: RawFd = fd_text
+        .trim()
+        .parse()
+        .map_err(|_| wrong("not a file descriptor number"))?;
+    if fd < 0 {
+        return Err(wrong("not a file descriptor number"));
+    }
+    // SAFETY: fstat only reads the descriptor table; an unknown number answers EBADF.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut stat) } != 0 {
+        return Err(wrong("not an open file descriptor"));
+    }
+    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(wrong("not a socket"));
+    }
+    // SAFETY: the fd is open and is a socket; it was inherited for us alone (the master made it for this process).
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let kind =
+        socket::getsockopt(&borrowed, sockopt::SockType).map_err(|_| wrong("not a socket"))?;
+    let family = socket::getsockname::<UnixAddr>(fd)
+        .ok()
+        .and_then(|a| a.family());
+    if kind != SockType::SeqPacket || family != Some(AddressFamily::Unix) {
+        return Err(wrong("not a Unix SOCK_SEQPACKET channel"));
+    }
+    nix::fcntl::fcntl(
+        borrowed,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(|e| Error::io("set FD_CLOEXEC on the channel", e))?;
+    // SAFETY: checked above; from here the Worker is its only owner.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}

@@ -1,0 +1,59 @@
+//! hello-worker: the smallest useful sticky-cluster worker. It answers every HTTP/1.x request with
+//! `{"worker":<index>,"pid":<pid>,"remote":"<client ip>"}` so a reload shows which worker you reached.
+
+use std::net::SocketAddr;
+
+use sticky_cluster::hash::node_address_text;
+use sticky_cluster::{Error, Worker};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::task::JoinSet;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let worker = Worker::from_env()?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    worker.ready()?;
+    let mut requests = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = worker.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    requests.spawn(answer(stream, peer, worker.index()));
+                }
+                Err(Error::Shutdown | Error::ChannelClosed) => break,
+                Err(error) => return Err(error.into()),
+            },
+            _ = terminate.recv() => break,
+            Some(_) = requests.join_next(), if !requests.is_empty() => {}
+        }
+    }
+    // Graceful: stop taking connections, finish the requests already running.
+    while requests.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Reads one request head and answers it with this worker's identity, then closes.
+async fn answer(mut stream: TcpStream, peer: SocketAddr, index: u32) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(1024);
+    let mut buffer = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let read = stream.read(&mut buffer).await?;
+        if read == 0 || head.len() > 64 * 1024 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buffer[..read]);
+    }
+    let body = format!(
+        "{{\"worker\":{index},\"pid\":{},\"remote\":\"{}\"}}\n",
+        std::process::id(),
+        node_address_text(peer.ip())
+    );
+    let response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
