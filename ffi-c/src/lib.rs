@@ -1,0 +1,1 @@
+//! C ABI over sticky-cluster (work in progress).

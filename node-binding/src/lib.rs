@@ -1,0 +1,1 @@
+//! napi binding of sticky-cluster (work in progress).
