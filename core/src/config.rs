@@ -75,10 +75,7 @@ impl Default for Config {
             prefix: "sticky-cluster:".into(),
             hard_shutdown_delay: Duration::from_secs(60),
             env: BTreeMap::new(),
-            workers: WorkerSource::Spawn {
-                command: Vec::new(),
-                cwd: None,
-            },
+            workers: WorkerSource::Spawn { command: Vec::new(), cwd: None },
             queue_limit: 1024,
             queue_max_wait: Duration::from_secs(10),
         }
@@ -168,17 +165,11 @@ struct Concurrency(u32);
 
 impl<'de> Deserialize<'de> for Concurrency {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        scalar_with(
-            deserializer,
-            "a whole number of at least 1",
-            |text| match text.parse::<u64>() {
-                Ok(0) => Err("must be at least 1, got 0".into()),
-                Ok(n) => u32::try_from(n)
-                    .map(Concurrency)
-                    .map_err(|_| format!("{n} is too large")),
-                Err(_) => Err(format!("{text:?} is not a whole number of at least 1")),
-            },
-        )
+        scalar_with(deserializer, "a whole number of at least 1", |text| match text.parse::<u64>() {
+            Ok(0) => Err("must be at least 1, got 0".into()),
+            Ok(n) => u32::try_from(n).map(Concurrency).map_err(|_| format!("{n} is too large")),
+            Err(_) => Err(format!("{text:?} is not a whole number of at least 1")),
+        })
     }
 }
 
@@ -188,16 +179,12 @@ struct Millis(Duration);
 
 impl<'de> Deserialize<'de> for Millis {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        scalar_with(
-            deserializer,
-            "milliseconds as an integer or a duration such as \"60s\"",
-            |text| {
-                if text.starts_with('-') {
-                    return Err(format!("must not be negative, got {text}"));
-                }
-                parse_duration(&text).map(Millis)
-            },
-        )
+        scalar_with(deserializer, "milliseconds as an integer or a duration such as \"60s\"", |text| {
+            if text.starts_with('-') {
+                return Err(format!("must not be negative, got {text}"));
+            }
+            parse_duration(&text).map(Millis)
+        })
     }
 }
 
@@ -219,12 +206,8 @@ impl<'de> Deserialize<'de> for Argv {
                     argv.push(arg);
                 }
                 match argv.first() {
-                    None => Err(de::Error::custom(
-                        "must not be empty: give the program and its arguments as a list",
-                    )),
-                    Some(program) if program.trim().is_empty() => {
-                        Err(de::Error::custom("the program name is empty"))
-                    }
+                    None => Err(de::Error::custom("must not be empty: give the program and its arguments as a list")),
+                    Some(program) if program.trim().is_empty() => Err(de::Error::custom("the program name is empty")),
                     Some(_) => Ok(Argv(argv)),
                 }
             }
@@ -239,9 +222,7 @@ struct EnvValue(String);
 
 impl<'de> Deserialize<'de> for EnvValue {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        scalar_with(deserializer, "a string, number or boolean", |text| {
-            Ok(EnvValue(text))
-        })
+        scalar_with(deserializer, "a string, number or boolean", |text| Ok(EnvValue(text)))
     }
 }
 
@@ -251,28 +232,21 @@ struct FileMode(u32);
 
 impl<'de> Deserialize<'de> for FileMode {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        scalar_with(
-            deserializer,
-            "an octal file mode such as \"0660\"",
-            |text| match u32::from_str_radix(text.trim_start_matches("0o"), 8) {
+        scalar_with(deserializer, "an octal file mode such as \"0660\"", |text| {
+            match u32::from_str_radix(text.trim_start_matches("0o"), 8) {
                 Ok(mode) if mode <= 0o777 => Ok(FileMode(mode)),
-                _ => Err(format!(
-                    "{text:?} is not an octal file mode such as \"0660\""
-                )),
-            },
-        )
+                _ => Err(format!("{text:?} is not an octal file mode such as \"0660\"")),
+            }
+        })
     }
 }
 
 /// Parses `1500`, `1500ms`, `60s`, `2m`, `1h` (a bare number is milliseconds, as in the npm module).
 pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
-    let bad =
-        || format!("{text:?} is not a duration (examples: 1500, \"1500ms\", \"60s\", \"2m\")");
+    let bad = || format!("{text:?} is not a duration (examples: 1500, \"1500ms\", \"60s\", \"2m\")");
     let amount: u64 = digits.parse().map_err(|_| bad())?;
     let millis = match unit.trim() {
         "" | "ms" => amount,
@@ -304,10 +278,8 @@ pub struct Overrides {
 impl Config {
     /// Reads and validates a YAML file; errors name the file, the key and its line.
     pub fn from_file(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigRead {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| Error::ConfigRead { path: path.to_path_buf(), source })?;
         Config::from_yaml(&text, &path.display().to_string())
     }
 
@@ -316,8 +288,7 @@ impl Config {
         let file: FileConfig = if text.trim().is_empty() {
             FileConfig::default()
         } else {
-            serde_yaml::from_str(text)
-                .map_err(|error| Error::Config(yaml_error_line(origin, &error)))?
+            serde_yaml::from_str(text).map_err(|error| Error::Config(yaml_error_line(origin, &error)))?
         };
         let defaults = Config::default();
         let workers = match (file.workers, file.worker) {
@@ -343,15 +314,8 @@ impl Config {
             concurrency: file.concurrency.map_or(defaults.concurrency, |c| c.0),
             debug: file.debug.unwrap_or(defaults.debug),
             prefix: file.prefix.unwrap_or(defaults.prefix),
-            hard_shutdown_delay: file
-                .hard_shutdown_delay
-                .map_or(defaults.hard_shutdown_delay, |m| m.0),
-            env: file
-                .env
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(k, v)| (k, v.0))
-                .collect(),
+            hard_shutdown_delay: file.hard_shutdown_delay.map_or(defaults.hard_shutdown_delay, |m| m.0),
+            env: file.env.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect(),
             workers,
             queue_limit: queue.limit.map_or(defaults.queue_limit, |l| l.0 as usize),
             queue_max_wait: queue.max_wait.map_or(defaults.queue_max_wait, |m| m.0),
@@ -369,9 +333,7 @@ impl Config {
         }
         if let Some(concurrency) = overrides.concurrency {
             if concurrency == 0 {
-                return Err(Error::Config(
-                    "--concurrency: must be at least 1, got 0".into(),
-                ));
+                return Err(Error::Config("--concurrency: must be at least 1, got 0".into()));
             }
             self.concurrency = concurrency;
         }
@@ -427,11 +389,8 @@ impl Config {
             self.concurrency,
             self.debug
         );
-        out += &format!(
-            "prefix: {}\nhardShutdownDelay: {}\n",
-            quote(&self.prefix),
-            self.hard_shutdown_delay.as_millis()
-        );
+        out +=
+            &format!("prefix: {}\nhardShutdownDelay: {}\n", quote(&self.prefix), self.hard_shutdown_delay.as_millis());
         if self.env.is_empty() {
             out += "env: {}\n";
         } else {
@@ -457,11 +416,7 @@ impl Config {
                 );
             }
         }
-        out += &format!(
-            "queue:\n  limit: {}\n  maxWait: {}\n",
-            self.queue_limit,
-            self.queue_max_wait.as_millis()
-        );
+        out += &format!("queue:\n  limit: {}\n  maxWait: {}\n", self.queue_limit, self.queue_max_wait.as_millis());
         out
     }
 }
@@ -485,9 +440,7 @@ mod tests {
     use super::*;
 
     fn error_of(yaml: &str) -> String {
-        Config::from_yaml(yaml, "cluster.yaml")
-            .unwrap_err()
-            .to_string()
+        Config::from_yaml(yaml, "cluster.yaml").unwrap_err().to_string()
     }
 
     #[test]
@@ -509,10 +462,7 @@ mod tests {
         assert_eq!(config.env["LIMIT"], "5");
         assert_eq!(
             config.workers,
-            WorkerSource::Spawn {
-                command: vec!["./server".into(), "--fast".into()],
-                cwd: Some("/srv".into())
-            }
+            WorkerSource::Spawn { command: vec!["./server".into(), "--fast".into()], cwd: Some("/srv".into()) }
         );
         assert_eq!(config.queue_limit, 10);
         assert_eq!(config.queue_max_wait, Duration::from_millis(250));
@@ -520,18 +470,9 @@ mod tests {
 
     #[test]
     fn hard_shutdown_delay_takes_milliseconds_or_duration_text() {
-        for (text, ms) in [
-            ("1500", 1500),
-            ("'1500ms'", 1500),
-            ("60s", 60_000),
-            ("2m", 120_000),
-        ] {
+        for (text, ms) in [("1500", 1500), ("'1500ms'", 1500), ("60s", 60_000), ("2m", 120_000)] {
             let config = Config::from_yaml(&format!("hardShutdownDelay: {text}"), "f").unwrap();
-            assert_eq!(
-                config.hard_shutdown_delay,
-                Duration::from_millis(ms),
-                "{text}"
-            );
+            assert_eq!(config.hard_shutdown_delay, Duration::from_millis(ms), "{text}");
         }
         assert!(error_of("hardShutdownDelay: soon").contains("hardShutdownDelay"));
         assert!(error_of("hardShutdownDelay: -5").contains("negative"));
@@ -544,26 +485,17 @@ mod tests {
         assert!(unknown.contains("unknown key `concurency`"), "{unknown}");
 
         let zero = error_of("port: 80\n\nconcurrency: 0\n");
-        assert!(
-            zero.starts_with("cluster.yaml:3: concurrency: must be at least 1"),
-            "{zero}"
-        );
+        assert!(zero.starts_with("cluster.yaml:3: concurrency: must be at least 1"), "{zero}");
 
         let port = error_of("port: 70000\n");
         assert!(port.starts_with("cluster.yaml:1: port: "), "{port}");
         assert!(port.contains("70000"), "{port}");
 
         let wrong_type = error_of("debug: maybe\n");
-        assert!(
-            wrong_type.starts_with("cluster.yaml:1: debug: "),
-            "{wrong_type}"
-        );
+        assert!(wrong_type.starts_with("cluster.yaml:1: debug: "), "{wrong_type}");
 
         let empty = error_of("worker:\n  command: []\n");
-        assert!(
-            empty.starts_with("cluster.yaml:2: worker.command: must not be empty"),
-            "{empty}"
-        );
+        assert!(empty.starts_with("cluster.yaml:2: worker.command: must not be empty"), "{empty}");
 
         assert!(!unknown.contains('\n') && !zero.contains('\n') && !empty.contains('\n'));
     }
@@ -571,20 +503,9 @@ mod tests {
     #[test]
     fn spawn_mode_needs_a_command_from_the_file_or_the_command_line() {
         let config = Config::from_yaml("port: 1\n", "c.yaml").unwrap();
-        let missing = config
-            .clone()
-            .apply(Overrides::default(), "c.yaml")
-            .unwrap_err()
-            .to_string();
-        assert_eq!(
-            missing,
-            "c.yaml: worker.command is required in spawn mode (or give the command after `--`)"
-        );
-        let overrides = Overrides {
-            command: vec!["./w".into()],
-            port: Some(2),
-            ..Default::default()
-        };
+        let missing = config.clone().apply(Overrides::default(), "c.yaml").unwrap_err().to_string();
+        assert_eq!(missing, "c.yaml: worker.command is required in spawn mode (or give the command after `--`)");
+        let overrides = Overrides { command: vec!["./w".into()], port: Some(2), ..Default::default() };
         let config = config.apply(overrides, "c.yaml").unwrap();
         assert_eq!(config.port, 2);
     }
@@ -609,14 +530,8 @@ mod tests {
 
     #[test]
     fn default_host_falls_back_to_ipv4_any() {
-        let config = Config {
-            port: 80,
-            ..Config::default()
-        };
+        let config = Config { port: 80, ..Config::default() };
         let addresses = config.listen_addresses().unwrap();
-        assert_eq!(
-            addresses,
-            vec!["[::]:80".parse().unwrap(), "0.0.0.0:80".parse().unwrap()]
-        );
+        assert_eq!(addresses, vec!["[::]:80".parse().unwrap(), "0.0.0.0:80".parse().unwrap()]);
     }
 }

@@ -76,9 +76,6 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// Wraps an OS error with a short description of what was being done.
     pub fn io(context: impl Into<String>, source: impl Into<io::Error>) -> Self {
-        Error::Io {
-            context: context.into(),
-            source: source.into(),
-        }
+        Error::Io { context: context.into(), source: source.into() }
     }
 }

@@ -7,9 +7,7 @@ use std::net::{IpAddr, Ipv6Addr};
 /// npm `string-hash`: 5381, then `h = (h * 33) ^ unit` for each UTF-16 unit from the last to the first.
 pub fn string_hash(text: &str) -> u32 {
     let units: Vec<u16> = text.encode_utf16().collect();
-    units.iter().rev().fold(5381u32, |hash, &unit| {
-        hash.wrapping_mul(33) ^ u32::from(unit)
-    })
+    units.iter().rev().fold(5381u32, |hash, &unit| hash.wrapping_mul(33) ^ u32::from(unit))
 }
 
 /// The worker index for a client address: `string_hash(node_address_text(ip)) % concurrency`.
@@ -32,7 +30,7 @@ fn node_ipv6_text(ip: Ipv6Addr) -> String {
     let (mut best_base, mut best_len) = (usize::MAX, 0usize);
     let mut run_start = None;
     for i in 0..=8 {
-        let zero = i < 8 && words[i] == 0;
+        let zero = words.get(i) == Some(&0);
         match (zero, run_start) {
             (true, None) => run_start = Some(i),
             (false, Some(start)) => {
@@ -56,15 +54,10 @@ fn node_ipv6_text(ip: Ipv6Addr) -> String {
         if i != 0 {
             text.push(':');
         }
-        let embeds_ipv4 =
-            i == 6 && best_base == 0 && (best_len == 6 || (best_len == 5 && words[5] == 0xffff));
+        let embeds_ipv4 = i == 6 && best_base == 0 && (best_len == 6 || (best_len == 5 && words[5] == 0xffff));
         if embeds_ipv4 {
             let octets = ip.octets();
-            let _ = write!(
-                text,
-                "{}.{}.{}.{}",
-                octets[12], octets[13], octets[14], octets[15]
-            );
+            let _ = write!(text, "{}.{}.{}.{}", octets[12], octets[13], octets[14], octets[15]);
             return text;
         }
         let _ = write!(text, "{:x}", words[i]);
@@ -89,15 +82,9 @@ mod tests {
         // One unit: (5381 * 33) ^ 'a'.
         assert_eq!(string_hash("a"), (5381u32 * 33) ^ 97);
         // Two units: the last one is mixed in first.
-        assert_eq!(
-            string_hash("ab"),
-            ((5381u32 * 33) ^ 98).wrapping_mul(33) ^ 97
-        );
+        assert_eq!(string_hash("ab"), ((5381u32 * 33) ^ 98).wrapping_mul(33) ^ 97);
         // A character outside the BMP is two surrogate units, as in JavaScript.
-        assert_eq!(
-            string_hash("😀"),
-            ((5381u32 * 33) ^ 0xDE00).wrapping_mul(33) ^ 0xD83D
-        );
+        assert_eq!(string_hash("😀"), ((5381u32 * 33) ^ 0xDE00).wrapping_mul(33) ^ 0xD83D);
     }
 
     #[test]

@@ -18,12 +18,7 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(
-        &self,
-        ctx: &FmtContext<'_, S, N>,
-        mut writer: Writer<'_>,
-        event: &Event<'_>,
-    ) -> fmt::Result {
+    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
         let level = *event.metadata().level();
         let label = match level {
             Level::ERROR => "error",
@@ -44,8 +39,6 @@ pub fn init(prefix: &str, debug: bool) {
     let _ = tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
-        .event_format(PrefixFormat {
-            prefix: prefix.to_string(),
-        })
+        .event_format(PrefixFormat { prefix: prefix.to_string() })
         .try_init();
 }

@@ -66,10 +66,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     sticky_cluster::logging::init(&config.prefix, config.debug);
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the runtime: {error}");
@@ -81,11 +78,7 @@ fn main() -> ExitCode {
         Ok(false) => ExitCode::from(EXIT_FAILURE),
         Err(error) => {
             eprintln!("error: {error}");
-            ExitCode::from(if matches!(error, Error::Config(_)) {
-                EXIT_CONFIG
-            } else {
-                EXIT_FAILURE
-            })
+            ExitCode::from(if matches!(error, Error::Config(_)) { EXIT_CONFIG } else { EXIT_FAILURE })
         }
     }
 }
@@ -110,10 +103,8 @@ fn load(cli: &Cli) -> sticky_cluster::Result<(Config, String)> {
 /// a second one is hard. Returns whether the shutdown was graceful.
 async fn serve(config: Config) -> sticky_cluster::Result<bool> {
     let listener = master::bind(&config)?;
-    let mut terminate =
-        signal(SignalKind::terminate()).map_err(|e| Error::io("install the SIGTERM handler", e))?;
-    let mut interrupt =
-        signal(SignalKind::interrupt()).map_err(|e| Error::io("install the SIGINT handler", e))?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(|e| Error::io("install the SIGTERM handler", e))?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| Error::io("install the SIGINT handler", e))?;
     let (stop, stop_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut request = Stop::Graceful;

@@ -62,22 +62,13 @@ pub fn bind(config: &Config) -> Result<TcpListener> {
         match bind_one(*address) {
             Ok(listener) => {
                 if attempt > 0 {
-                    info!(
-                        "no IPv6 on this machine: listening on {address} instead of [{}]",
-                        config.host
-                    );
+                    info!("no IPv6 on this machine: listening on {address} instead of [{}]", config.host);
                 }
                 return Ok(listener);
             }
             Err(source) => {
-                let no_ipv6 = matches!(
-                    source.raw_os_error(),
-                    Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
-                );
-                last_error = Some(Error::Listen {
-                    address: *address,
-                    source,
-                });
+                let no_ipv6 = matches!(source.raw_os_error(), Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL));
+                last_error = Some(Error::Listen { address: *address, source });
                 if !(no_ipv6 && address.is_ipv6()) {
                     break;
                 }
@@ -88,29 +79,15 @@ pub fn bind(config: &Config) -> Result<TcpListener> {
 }
 
 fn bind_one(address: SocketAddr) -> io::Result<TcpListener> {
-    use nix::sys::socket::{
-        self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage,
-    };
-    let family = if address.is_ipv6() {
-        AddressFamily::Inet6
-    } else {
-        AddressFamily::Inet
-    };
-    let fd = socket::socket(
-        family,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        None,
-    )?;
+    use nix::sys::socket::{self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage};
+    let family = if address.is_ipv6() { AddressFamily::Inet6 } else { AddressFamily::Inet };
+    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)?;
     socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
     if address.is_ipv6() && address.ip().is_unspecified() {
         // Dual-stack like Node, whatever net.ipv6.bindv6only says.
         socket::setsockopt(&fd, sockopt::Ipv6V6Only, &false)?;
     }
-    socket::bind(
-        std::os::fd::AsRawFd::as_raw_fd(&fd),
-        &SockaddrStorage::from(address),
-    )?;
+    socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrStorage::from(address))?;
     socket::listen(&fd, Backlog::new(1024).unwrap_or(Backlog::MAXCONN))?;
     Ok(TcpListener::from(fd))
 }
@@ -132,30 +109,12 @@ enum Outgoing {
 
 /// What the master's tasks report to its one event loop.
 enum Event {
-    Message {
-        index: u32,
-        generation: u64,
-        message: Message,
-    },
-    ChannelClosed {
-        index: u32,
-        generation: u64,
-        reason: Option<String>,
-    },
-    Exited {
-        index: u32,
-        generation: u64,
-        status: io::Result<ExitStatus>,
-    },
-    Undelivered {
-        index: u32,
-        handoff: Handoff,
-        errno: Errno,
-    },
-    Revive {
-        index: u32,
-        generation: u64,
-    },
+    Message { index: u32, generation: u64, message: Message },
+    ChannelClosed { index: u32, generation: u64, reason: Option<String> },
+    Exited { index: u32, generation: u64, status: io::Result<ExitStatus> },
+    Undelivered { index: u32, handoff: Handoff, errno: Errno },
+    Revive { index: u32, generation: u64 },
+    Attached(crate::attach::Claim),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,7 +133,8 @@ struct WorkerSlot {
     generation: u64,
     state: SlotState,
     pid: u32,
-    process_alive: bool,
+    /// A worker process runs (spawn mode) or a worker is attached (attach mode).
+    alive: bool,
     started: Instant,
     crashes: u32,
     outgoing: Option<UnboundedSender<Outgoing>>,
@@ -183,8 +143,10 @@ struct WorkerSlot {
 
 struct Master {
     config: Config,
-    command: Vec<String>,
-    cwd: Option<std::path::PathBuf>,
+    /// Spawn mode: the worker command and directory; `None` in attach mode.
+    spawn: Option<(Vec<String>, Option<std::path::PathBuf>)>,
+    /// Attach mode: the socket workers dial.
+    attach: Option<(crate::config::AttachOptions, AsyncFd<OwnedFd>)>,
     slots: Vec<WorkerSlot>,
     listener: Option<AsyncFd<TcpListener>>,
     events: UnboundedSender<Event>,
@@ -197,29 +159,23 @@ struct Master {
 
 /// Runs a cluster on `listener` until `stop` asks it to end (first [`Stop::Graceful`], then
 /// [`Stop::Hard`] for a second signal), and reports how it ended.
-pub async fn run(
-    config: Config,
-    listener: TcpListener,
-    mut stop: UnboundedReceiver<Stop>,
-) -> Result<Outcome> {
+pub async fn run(config: Config, listener: TcpListener, mut stop: UnboundedReceiver<Stop>) -> Result<Outcome> {
     raise_fd_limit();
-    let (command, cwd) = match &config.workers {
-        WorkerSource::Spawn { command, cwd } => (command.clone(), cwd.clone()),
-        WorkerSource::Attach(_) => {
-            return Err(Error::Config(
-                "attach mode is not available in this build".into(),
-            ));
+    let (spawn, attach) = match &config.workers {
+        WorkerSource::Spawn { command, cwd } => (Some((command.clone(), cwd.clone())), None),
+        WorkerSource::Attach(options) => {
+            let socket = crate::attach::listen(options)?;
+            // SAFETY: the AsyncFd owns the socket, so its fd stays open and unchanged while registered.
+            let socket = unsafe { AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
+                .map_err(|e| Error::io("register the attach socket", e))?;
+            info!("waiting for {} workers to attach at {}", config.concurrency, options.socket.display());
+            (None, Some((options.clone(), socket)))
         }
     };
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| Error::io("set the listener non-blocking", e))?;
-    let address = listener
-        .local_addr()
-        .map_err(|e| Error::io("read the listener address", e))?;
+    listener.set_nonblocking(true).map_err(|e| Error::io("set the listener non-blocking", e))?;
+    let address = listener.local_addr().map_err(|e| Error::io("read the listener address", e))?;
     // SAFETY: the AsyncFd owns the listener, so its fd stays open and unchanged while registered.
-    let listener = unsafe { AsyncFd::register(listener) }
-        .map_err(|e| Error::io("register the listener", e))?;
+    let listener = unsafe { AsyncFd::register(listener) }.map_err(|e| Error::io("register the listener", e))?;
     let (events, mut event_rx) = unbounded_channel();
     let concurrency = config.concurrency;
     let mut master = Master {
@@ -229,20 +185,17 @@ pub async fn run(
                 generation: 0,
                 state: SlotState::Down,
                 pid: 0,
-                process_alive: false,
+                alive: false,
                 started: Instant::now(),
                 crashes: 0,
                 outgoing: None,
                 queue: VecDeque::new(),
             })
             .collect(),
-        stats: Stats {
-            routed: vec![0; concurrency as usize],
-            ..Stats::default()
-        },
+        stats: Stats { routed: vec![0; concurrency as usize], ..Stats::default() },
         config,
-        command,
-        cwd,
+        spawn,
+        attach,
         listener: Some(listener),
         events,
         accept_paused_until: None,
@@ -251,7 +204,8 @@ pub async fn run(
         hard_killed: false,
     };
     info!("listening on {address} with {concurrency} workers");
-    for index in 0..concurrency {
+    let spawned_workers = if master.spawn.is_some() { concurrency } else { 0 };
+    for index in 0..spawned_workers {
         if let Err(error) = master.start_worker(index) {
             master.kill_all();
             master.wait_for_exits(&mut event_rx).await;
@@ -270,6 +224,9 @@ pub async fn run(
                 master.on_accepted(batch);
             }
             Some(event) = event_rx.recv() => master.on_event(event),
+            dialed = accept_worker(master.attach.as_ref().map(|(_, socket)| socket)), if master.attach.is_some() => {
+                master.on_dialed(dialed);
+            }
             request = stop.recv(), if stop_open => match request {
                 Some(request) => master.on_stop(request),
                 None => stop_open = false,
@@ -283,10 +240,12 @@ pub async fn run(
                 master.kill_all();
             }
         }
-        if master.shutdown_deadline.is_some() && master.slots.iter().all(|slot| !slot.process_alive)
-        {
+        if master.shutdown_deadline.is_some() && master.slots.iter().all(|slot| !slot.alive) {
             break;
         }
+    }
+    if let Some((options, _)) = &master.attach {
+        let _ = std::fs::remove_file(&options.socket);
     }
     let stats = master.stats.clone();
     info!(
@@ -297,16 +256,11 @@ pub async fn run(
         stats.closed,
         stats.revivals
     );
-    Ok(Outcome {
-        graceful: !master.hard_killed,
-        stats,
-    })
+    Ok(Outcome { graceful: !master.hard_killed, stats })
 }
 
 /// Accepts what is waiting (up to a batch), so one wake-up serves a burst without starving other events.
-async fn accept_batch(
-    listener: Option<&AsyncFd<TcpListener>>,
-) -> io::Result<Vec<(TcpStream, SocketAddr)>> {
+async fn accept_batch(listener: Option<&AsyncFd<TcpListener>>) -> io::Result<Vec<(TcpStream, SocketAddr)>> {
     let Some(listener) = listener else {
         return std::future::pending().await;
     };
@@ -328,11 +282,7 @@ async fn accept_batch(
                     }
                     break;
                 }
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted
-                    ) => {}
+                Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => {}
                 // Report the error once what was accepted is routed; the next call meets it again.
                 Err(e) if batch.is_empty() => return Err(e),
                 Err(_) => return Ok(batch),
@@ -353,47 +303,96 @@ fn raise_fd_limit() {
 
 impl Master {
     fn start_worker(&mut self, index: u32) -> Result<()> {
-        let spawned = spawn_worker(&self.config, &self.command, self.cwd.as_deref(), index)?;
-        let slot = &mut self.slots[index as usize];
-        slot.generation += 1;
-        slot.state = SlotState::Starting;
-        slot.pid = spawned.pid;
-        slot.process_alive = true;
-        slot.started = Instant::now();
-        let generation = slot.generation;
-        debug!(
-            "worker {index} started (pid {}, generation {generation})",
-            spawned.pid
-        );
-        let (outgoing, outgoing_rx) = unbounded_channel();
-        slot.outgoing = Some(outgoing);
-        // SAFETY: the AsyncFd owns the channel fd, so it stays open and unchanged while registered.
-        let channel = unsafe { AsyncFd::register(spawned.channel) }
-            .map_err(|e| Error::io(format!("register worker {index}'s channel"), e))?;
-        let channel = Arc::new(channel);
-        tokio::spawn(read_channel(
-            channel.clone(),
-            self.events.clone(),
-            index,
-            generation,
-        ));
-        tokio::spawn(write_channel(
-            channel,
-            outgoing_rx,
-            self.events.clone(),
-            index,
-        ));
+        let (command, cwd) = self.spawn.as_ref().expect("spawn mode");
+        let spawned = spawn_worker(&self.config, command, cwd.as_deref(), index)?;
+        let generation = self.connect_slot(index, spawned.pid, spawned.channel)?;
+        debug!("worker {index} started (pid {}, generation {generation})", spawned.pid);
         let events = self.events.clone();
         let mut child = spawned.child;
         tokio::spawn(async move {
             let status = child.wait().await;
-            let _ = events.send(Event::Exited {
-                index,
-                generation,
-                status,
-            });
+            let _ = events.send(Event::Exited { index, generation, status });
         });
         Ok(())
+    }
+
+    /// Gives slot `index` a new generation with a live worker on `channel`, and starts its channel tasks.
+    fn connect_slot(&mut self, index: u32, pid: u32, channel: OwnedFd) -> Result<u64> {
+        // SAFETY: the AsyncFd owns the channel fd, so it stays open and unchanged while registered.
+        let channel = unsafe { AsyncFd::register(channel) }
+            .map_err(|e| Error::io(format!("register worker {index}'s channel"), e))?;
+        let channel = Arc::new(channel);
+        let slot = &mut self.slots[index as usize];
+        slot.generation += 1;
+        slot.state = SlotState::Starting;
+        slot.pid = pid;
+        slot.alive = true;
+        slot.started = Instant::now();
+        let generation = slot.generation;
+        let (outgoing, outgoing_rx) = unbounded_channel();
+        slot.outgoing = Some(outgoing);
+        tokio::spawn(read_channel(channel.clone(), self.events.clone(), index, generation));
+        tokio::spawn(write_channel(channel, outgoing_rx, self.events.clone(), index));
+        Ok(generation)
+    }
+
+    /// A worker dialed the attach socket: check it on its own task, so a slow one holds nobody up.
+    fn on_dialed(&mut self, dialed: io::Result<OwnedFd>) {
+        let channel = match dialed {
+            Ok(channel) => channel,
+            Err(error) => {
+                warn!("accepting a worker on the attach socket failed: {error}");
+                return;
+            }
+        };
+        let Some((options, _)) = &self.attach else { return };
+        let options = options.clone();
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            match crate::attach::handshake(channel, &options).await {
+                Ok(claim) => {
+                    let _ = events.send(Event::Attached(claim));
+                }
+                Err(reason) => warn!("refused a worker on {}: {reason}", options.socket.display()),
+            }
+        });
+    }
+
+    /// Gives a checked worker the index it claims (or the first free one), or refuses it.
+    fn on_attached(&mut self, claim: crate::attach::Claim) {
+        use crate::protocol::ANY_INDEX;
+        let concurrency = self.config.concurrency;
+        let index = if claim.index == ANY_INDEX {
+            self.slots.iter().position(|slot| !slot.alive).map(|i| i as u32)
+        } else {
+            Some(claim.index)
+        };
+        let refusal = match index {
+            _ if self.shutdown_deadline.is_some() => Some("the cluster is shutting down".to_string()),
+            None => Some(format!("all {concurrency} indexes are attached")),
+            Some(index) if index >= concurrency => {
+                Some(format!("index {index} is out of range (concurrency {concurrency})"))
+            }
+            Some(index) if self.slots[index as usize].alive => {
+                Some(format!("index {index} is already attached (pid {})", self.slots[index as usize].pid))
+            }
+            Some(_) => None,
+        };
+        if let Some(reason) = refusal {
+            let reason = crate::attach::refuse(&claim.channel, reason);
+            warn!("refused worker pid {} (uid {}): {reason}", claim.pid, claim.uid);
+            return;
+        }
+        let index = index.expect("checked above");
+        let welcome = Message::Welcome { index, concurrency };
+        if let Err(errno) = send_message(claim.channel.as_fd(), &welcome, None, true) {
+            warn!("worker pid {} left before its welcome: {errno}", claim.pid);
+            return;
+        }
+        match self.connect_slot(index, claim.pid, claim.channel) {
+            Ok(_) => debug!("worker {index} attached (pid {}, uid {})", claim.pid, claim.uid),
+            Err(error) => error!("{error}"),
+        }
     }
 
     fn on_accepted(&mut self, batch: io::Result<Vec<(TcpStream, SocketAddr)>>) {
@@ -403,29 +402,15 @@ impl Master {
                 for (stream, peer) in batch {
                     let local = stream.local_addr().unwrap_or(peer);
                     let index = route_index(peer.ip(), self.config.concurrency);
-                    debug!(
-                        "connection {} -> worker {index}",
-                        node_address_text(peer.ip())
-                    );
-                    self.deliver(
-                        index,
-                        Handoff {
-                            stream,
-                            peer,
-                            local,
-                            arrived: Instant::now(),
-                        },
-                    );
+                    debug!("connection {} -> worker {index}", node_address_text(peer.ip()));
+                    self.deliver(index, Handoff { stream, peer, local, arrived: Instant::now() });
                 }
             }
             Err(error) => {
                 // EMFILE/ENFILE/ENOBUFS/ENOMEM: wait for fds or memory to free up instead of spinning.
-                self.accept_backoff = (self.accept_backoff * 2)
-                    .clamp(Duration::from_millis(10), Duration::from_secs(1));
-                warn!(
-                    "accept failed: {error}; retrying in {:?}",
-                    self.accept_backoff
-                );
+                self.accept_backoff =
+                    (self.accept_backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                warn!("accept failed: {error}; retrying in {:?}", self.accept_backoff);
                 self.accept_paused_until = Some(TokioInstant::now() + self.accept_backoff);
             }
         }
@@ -466,15 +451,15 @@ impl Master {
         match next_ready {
             Some(index) if self.shutdown_deadline.is_none() => {
                 self.stats.redirected += 1;
-                debug!(
-                    "connection {} for worker {from} goes to worker {index}: {why}",
-                    handoff.peer.ip()
-                );
+                debug!("connection {} for worker {from} goes to worker {index}: {why}", handoff.peer.ip());
                 self.send_to(index, handoff);
             }
             _ => {
                 self.stats.closed += 1;
-                warn!("closing connection from {} for worker {from}: {why} and no other worker is ready", handoff.peer.ip());
+                warn!(
+                    "closing connection from {} for worker {from}: {why} and no other worker is ready",
+                    handoff.peer.ip()
+                );
             }
         }
     }
@@ -486,10 +471,7 @@ impl Master {
                 if front.arrived.elapsed() < max_wait {
                     break;
                 }
-                let handoff = self.slots[index as usize]
-                    .queue
-                    .pop_front()
-                    .expect("front exists");
+                let handoff = self.slots[index as usize].queue.pop_front().expect("front exists");
                 self.redirect(index, handoff, "it was not ready within queue.maxWait");
             }
         }
@@ -497,42 +479,35 @@ impl Master {
 
     fn on_event(&mut self, event: Event) {
         match event {
-            Event::Message {
-                index,
-                generation,
-                message,
-            } => self.on_message(index, generation, message),
-            Event::ChannelClosed {
-                index,
-                generation,
-                reason,
-            } => {
+            Event::Message { index, generation, message } => self.on_message(index, generation, message),
+            Event::ChannelClosed { index, generation, reason } => {
+                let spawned = self.spawn.is_some();
+                let shutting_down = self.shutdown_deadline.is_some();
                 let slot = &mut self.slots[index as usize];
                 if slot.generation != generation {
                     return;
                 }
-                if let Some(reason) = reason {
-                    error!(
-                        "worker {index} (pid {}) broke the channel protocol: {reason}; stopping it",
-                        slot.pid
-                    );
-                    signal_worker(slot.pid, Signal::SIGKILL);
+                if let Some(reason) = &reason {
+                    error!("worker {index} (pid {}) broke the channel protocol: {reason}; dropping it", slot.pid);
+                    if spawned {
+                        signal_worker(slot.pid, Signal::SIGKILL);
+                    }
                 }
                 slot.outgoing = None;
-                if slot.state != SlotState::Down {
-                    slot.state = SlotState::Down;
+                slot.state = SlotState::Down;
+                if !spawned {
+                    // An attached worker is supervised elsewhere: its index waits for the next attach.
+                    slot.alive = false;
+                    if shutting_down {
+                        debug!("worker {index} (pid {}) detached", slot.pid);
+                    } else {
+                        warn!("worker {index} (pid {}) detached; its connections wait for a new attach", slot.pid);
+                    }
                 }
             }
-            Event::Exited {
-                index,
-                generation,
-                status,
-            } => self.on_exit(index, generation, status),
-            Event::Undelivered {
-                index,
-                handoff,
-                errno,
-            } => {
+            Event::Attached(claim) => self.on_attached(claim),
+            Event::Exited { index, generation, status } => self.on_exit(index, generation, status),
+            Event::Undelivered { index, handoff, errno } => {
                 debug!("worker {index}'s channel refused a connection ({errno}); it waits for the next worker");
                 self.stats.routed[index as usize] -= 1;
                 let slot = &mut self.slots[index as usize];
@@ -546,10 +521,7 @@ impl Master {
             }
             Event::Revive { index, generation } => {
                 let slot = &self.slots[index as usize];
-                if slot.generation == generation
-                    && !slot.process_alive
-                    && self.shutdown_deadline.is_none()
-                {
+                if slot.generation == generation && !slot.alive && self.shutdown_deadline.is_none() {
                     self.stats.revivals += 1;
                     if let Err(error) = self.start_worker(index) {
                         error!("{error}");
@@ -566,10 +538,7 @@ impl Master {
             return;
         }
         match message {
-            Message::Hello {
-                index: claimed,
-                pid,
-            } => {
+            Message::Hello { index: claimed, pid } => {
                 if claimed != index {
                     warn!("worker {index} (pid {}) says it is worker {claimed}; keeping index {index}", slot.pid);
                 }
@@ -599,7 +568,7 @@ impl Master {
         if slot.generation != generation {
             return;
         }
-        slot.process_alive = false;
+        slot.alive = false;
         slot.state = SlotState::Down;
         slot.outgoing = None;
         let how = match &status {
@@ -613,11 +582,7 @@ impl Master {
             return;
         }
         let lived = slot.started.elapsed();
-        slot.crashes = if lived < CRASH_UPTIME {
-            slot.crashes + 1
-        } else {
-            0
-        };
+        slot.crashes = if lived < CRASH_UPTIME { slot.crashes + 1 } else { 0 };
         let delay = revival_delay(slot.crashes);
         warn!(
             "worker {index} (pid {}) exited after {:.1}s: {how}; reviving in {:?} (attempt {})",
@@ -644,10 +609,7 @@ impl Master {
         match (request, self.shutdown_deadline) {
             (Stop::Graceful, None) => {
                 let delay = self.config.hard_shutdown_delay;
-                info!(
-                    "shutting down: {} workers have {:?} to finish",
-                    self.config.concurrency, delay
-                );
+                info!("shutting down: {} workers have {:?} to finish", self.config.concurrency, delay);
                 self.shutdown_deadline = Some(TokioInstant::now() + delay);
                 self.listener = None;
                 let deadline_ms = delay.as_millis().min(u64::MAX as u128) as u64;
@@ -657,7 +619,7 @@ impl Master {
                     if let Some(outgoing) = &slot.outgoing {
                         let _ = outgoing.send(Outgoing::Shutdown { deadline_ms });
                     }
-                    if slot.process_alive {
+                    if slot.alive && self.spawn.is_some() {
                         signal_worker(slot.pid, Signal::SIGTERM);
                     }
                 }
@@ -676,19 +638,25 @@ impl Master {
 
     fn kill_all(&mut self) {
         self.hard_killed = true;
+        let spawned = self.spawn.is_some();
         for slot in &mut self.slots {
             self.stats.closed += slot.queue.len() as u64;
             slot.queue.clear();
-            if slot.process_alive {
+            if slot.alive && spawned {
                 warn!("killing worker {} (pid {})", slot.index, slot.pid);
                 signal_worker(slot.pid, Signal::SIGKILL);
+            } else if slot.alive {
+                // Attached workers belong to another supervisor: cut them loose instead.
+                warn!("detaching worker {} (pid {}) that did not finish in time", slot.index, slot.pid);
+                slot.outgoing = None;
+                slot.alive = false;
             }
         }
     }
 
     async fn wait_for_exits(&mut self, events: &mut UnboundedReceiver<Event>) {
         self.shutdown_deadline.get_or_insert_with(TokioInstant::now);
-        while self.slots.iter().any(|slot| slot.process_alive) {
+        while self.slots.iter().any(|slot| slot.alive) {
             match events.recv().await {
                 Some(event) => self.on_event(event),
                 None => break,
@@ -697,49 +665,44 @@ impl Master {
     }
 }
 
+/// Accepts the next worker dialing the attach socket.
+async fn accept_worker(socket: Option<&AsyncFd<OwnedFd>>) -> io::Result<OwnedFd> {
+    let Some(socket) = socket else { return std::future::pending().await };
+    loop {
+        let mut guard = socket.readable().await?;
+        match nix::sys::socket::accept4(
+            socket.get_ref(),
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC | nix::sys::socket::SockFlag::SOCK_NONBLOCK,
+        ) {
+            Err(Errno::EAGAIN) => guard.clear_ready(),
+            Err(Errno::EINTR | Errno::ECONNABORTED) => {}
+            other => return other.map_err(io::Error::from),
+        }
+    }
+}
+
 /// Reads hello/ready from a worker until its channel ends.
-async fn read_channel(
-    channel: Arc<AsyncFd<OwnedFd>>,
-    events: UnboundedSender<Event>,
-    index: u32,
-    generation: u64,
-) {
+async fn read_channel(channel: Arc<AsyncFd<OwnedFd>>, events: UnboundedSender<Event>, index: u32, generation: u64) {
     loop {
         let mut guard = match channel.readable().await {
             Ok(guard) => guard,
             Err(error) => {
                 let reason = Some(error.to_string());
-                let _ = events.send(Event::ChannelClosed {
-                    index,
-                    generation,
-                    reason,
-                });
+                let _ = events.send(Event::ChannelClosed { index, generation, reason });
                 return;
             }
         };
         match recv_message(channel.get_ref().as_fd(), true) {
             Err(Error::WouldBlock) => guard.clear_ready(),
             Ok(received) => {
-                let _ = events.send(Event::Message {
-                    index,
-                    generation,
-                    message: received.message,
-                });
+                let _ = events.send(Event::Message { index, generation, message: received.message });
             }
             Err(Error::ChannelClosed) => {
-                let _ = events.send(Event::ChannelClosed {
-                    index,
-                    generation,
-                    reason: None,
-                });
+                let _ = events.send(Event::ChannelClosed { index, generation, reason: None });
                 return;
             }
             Err(error) => {
-                let _ = events.send(Event::ChannelClosed {
-                    index,
-                    generation,
-                    reason: Some(error.to_string()),
-                });
+                let _ = events.send(Event::ChannelClosed { index, generation, reason: Some(error.to_string()) });
                 return;
             }
         }
@@ -756,13 +719,8 @@ async fn write_channel(
 ) {
     while let Some(item) = outgoing.recv().await {
         let message = match &item {
-            Outgoing::Connection(handoff) => Message::Connection {
-                peer: handoff.peer,
-                local: handoff.local,
-            },
-            Outgoing::Shutdown { deadline_ms } => Message::Shutdown {
-                deadline_ms: *deadline_ms,
-            },
+            Outgoing::Connection(handoff) => Message::Connection { peer: handoff.peer, local: handoff.local },
+            Outgoing::Shutdown { deadline_ms } => Message::Shutdown { deadline_ms: *deadline_ms },
         };
         let fd = match &item {
             Outgoing::Connection(handoff) => Some(handoff.stream.as_fd()),
@@ -779,11 +737,7 @@ async fn write_channel(
             }
         };
         if let (Err(errno), Outgoing::Connection(handoff)) = (result, item) {
-            let _ = events.send(Event::Undelivered {
-                index,
-                handoff,
-                errno,
-            });
+            let _ = events.send(Event::Undelivered { index, handoff, errno });
         }
     }
 }

@@ -111,9 +111,7 @@ impl Message {
                 encode_address(&mut bytes, peer);
                 encode_address(&mut bytes, local);
             }
-            Message::Shutdown { deadline_ms } => {
-                bytes.extend_from_slice(&deadline_ms.to_le_bytes())
-            }
+            Message::Shutdown { deadline_ms } => bytes.extend_from_slice(&deadline_ms.to_le_bytes()),
             Message::Welcome { index, concurrency } => {
                 bytes.extend_from_slice(&index.to_le_bytes());
                 bytes.extend_from_slice(&concurrency.to_le_bytes());
@@ -129,10 +127,7 @@ impl Message {
     /// Parses one datagram; anything malformed is a [`Error::Protocol`] naming what was wrong.
     pub fn decode(bytes: &[u8]) -> Result<Message> {
         if bytes.len() < HEADER || bytes[..2] != MAGIC {
-            return Err(Error::Protocol(format!(
-                "not a sticky-cluster message ({} bytes)",
-                bytes.len()
-            )));
+            return Err(Error::Protocol(format!("not a sticky-cluster message ({} bytes)", bytes.len())));
         }
         if bytes[2] != PROTOCOL_VERSION {
             return Err(Error::Protocol(format!(
@@ -145,18 +140,12 @@ impl Message {
             if body.len() == len {
                 Ok(())
             } else {
-                Err(Error::Protocol(format!(
-                    "{name} message has {} body bytes, expected {len}",
-                    body.len()
-                )))
+                Err(Error::Protocol(format!("{name} message has {} body bytes, expected {len}", body.len())))
             }
         };
         let u32_at = |at: usize| u32::from_le_bytes(body[at..at + 4].try_into().unwrap());
         match bytes[3] {
-            1 => exact(8, "hello").map(|_| Message::Hello {
-                index: u32_at(0),
-                pid: u32_at(4),
-            }),
+            1 => exact(8, "hello").map(|_| Message::Hello { index: u32_at(0), pid: u32_at(4) }),
             2 => exact(0, "ready").map(|_| Message::Ready),
             3 => {
                 exact(2 * ADDRESS_LEN, "connection")?;
@@ -165,16 +154,10 @@ impl Message {
                     local: decode_address(&body[ADDRESS_LEN..])?,
                 })
             }
-            4 => exact(8, "shutdown").map(|_| Message::Shutdown {
-                deadline_ms: u64::from_le_bytes(body.try_into().unwrap()),
-            }),
-            5 => exact(8, "welcome").map(|_| Message::Welcome {
-                index: u32_at(0),
-                concurrency: u32_at(4),
-            }),
-            6 => Ok(Message::Refused {
-                reason: String::from_utf8_lossy(body).into_owned(),
-            }),
+            4 => exact(8, "shutdown")
+                .map(|_| Message::Shutdown { deadline_ms: u64::from_le_bytes(body.try_into().unwrap()) }),
+            5 => exact(8, "welcome").map(|_| Message::Welcome { index: u32_at(0), concurrency: u32_at(4) }),
+            6 => Ok(Message::Refused { reason: String::from_utf8_lossy(body).into_owned() }),
             kind => Err(Error::Protocol(format!("unknown message kind {kind}"))),
         }
     }
@@ -265,30 +248,20 @@ pub fn recv_message(channel: BorrowedFd<'_>, nonblocking: bool) -> Result<Receiv
     if message_flags.contains(MsgFlags::MSG_CTRUNC) {
         // nix refuses to walk truncated control data; walk it by hand so no fd that did arrive leaks.
         drop(unsafe { fds_in_truncated_control(&mut control) });
-        return Err(Error::Protocol(
-            "control data truncated (MSG_CTRUNC): fds were lost".into(),
-        ));
+        return Err(Error::Protocol("control data truncated (MSG_CTRUNC): fds were lost".into()));
     }
     if bytes == 0 && fds.is_empty() {
         return Err(Error::ChannelClosed);
     }
     if message_flags.contains(MsgFlags::MSG_TRUNC) {
-        return Err(Error::Protocol(format!(
-            "datagram longer than {MAX_DATAGRAM} bytes"
-        )));
+        return Err(Error::Protocol(format!("datagram longer than {MAX_DATAGRAM} bytes")));
     }
     let message = Message::decode(&buffer[..bytes])?;
     let wants_fd = matches!(message, Message::Connection { .. });
     match (wants_fd, fds.len()) {
-        (true, 1) => Ok(Received {
-            message,
-            fd: fds.pop(),
-        }),
+        (true, 1) => Ok(Received { message, fd: fds.pop() }),
         (false, 0) => Ok(Received { message, fd: None }),
-        (_, count) => Err(Error::Protocol(format!(
-            "message kind {} arrived with {count} fds",
-            message_name(&message)
-        ))),
+        (_, count) => Err(Error::Protocol(format!("message kind {} arrived with {count} fds", message_name(&message)))),
     }
 }
 
@@ -308,10 +281,7 @@ fn owned_fds(cmsgs: impl Iterator<Item = ControlMessageOwned>) -> Vec<OwnedFd> {
     for cmsg in cmsgs {
         if let ControlMessageOwned::ScmRights(fds) = cmsg {
             // SAFETY: the kernel just installed these descriptors for us; nobody else owns them.
-            owned.extend(
-                fds.into_iter()
-                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-            );
+            owned.extend(fds.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
         }
     }
     owned
@@ -350,41 +320,22 @@ mod tests {
     use std::os::fd::AsFd;
 
     fn pair() -> (OwnedFd, OwnedFd) {
-        socketpair(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            None,
-            SockFlag::SOCK_CLOEXEC,
-        )
-        .unwrap()
+        socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap()
     }
 
     #[test]
     fn every_message_survives_a_round_trip() {
         let messages = [
-            Message::Hello {
-                index: 3,
-                pid: 4242,
-            },
-            Message::Hello {
-                index: ANY_INDEX,
-                pid: 1,
-            },
+            Message::Hello { index: 3, pid: 4242 },
+            Message::Hello { index: ANY_INDEX, pid: 1 },
             Message::Ready,
             Message::Connection {
                 peer: "[::ffff:127.0.0.9]:50000".parse().unwrap(),
                 local: "127.0.0.1:8080".parse().unwrap(),
             },
-            Message::Shutdown {
-                deadline_ms: 60_000,
-            },
-            Message::Welcome {
-                index: 7,
-                concurrency: 8,
-            },
-            Message::Refused {
-                reason: "index 2 is already attached".into(),
-            },
+            Message::Shutdown { deadline_ms: 60_000 },
+            Message::Welcome { index: 7, concurrency: 8 },
+            Message::Refused { reason: "index 2 is already attached".into() },
         ];
         for message in messages {
             assert_eq!(Message::decode(&message.encode()).unwrap(), message);
@@ -393,10 +344,7 @@ mod tests {
 
     #[test]
     fn garbage_and_wrong_versions_are_protocol_errors() {
-        assert!(matches!(
-            Message::decode(b"GET / HTTP/1.1"),
-            Err(Error::Protocol(_))
-        ));
+        assert!(matches!(Message::decode(b"GET / HTTP/1.1"), Err(Error::Protocol(_))));
         let mut hello = Message::Hello { index: 0, pid: 1 }.encode();
         hello[2] = 99;
         let error = Message::decode(&hello).unwrap_err().to_string();
@@ -410,50 +358,29 @@ mod tests {
     fn a_connection_fd_travels_with_its_message_and_arrives_cloexec() {
         let (master, worker) = pair();
         let (payload, _keep) = pair();
-        let message = Message::Connection {
-            peer: "127.0.0.5:1234".parse().unwrap(),
-            local: "[::1]:80".parse().unwrap(),
-        };
+        let message =
+            Message::Connection { peer: "127.0.0.5:1234".parse().unwrap(), local: "[::1]:80".parse().unwrap() };
         send_message(master.as_fd(), &message, Some(payload.as_fd()), false).unwrap();
         let received = recv_message(worker.as_fd(), false).unwrap();
         assert_eq!(received.message, message);
         let fd = received.fd.expect("fd attached");
         let flags = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_GETFD).unwrap();
-        assert_ne!(
-            flags & libc::FD_CLOEXEC,
-            0,
-            "received fds must be close-on-exec"
-        );
+        assert_ne!(flags & libc::FD_CLOEXEC, 0, "received fds must be close-on-exec");
     }
 
     #[test]
     fn an_fd_on_a_message_that_carries_none_is_refused() {
         let (master, worker) = pair();
         let (payload, _keep) = pair();
-        send_message(
-            master.as_fd(),
-            &Message::Ready,
-            Some(payload.as_fd()),
-            false,
-        )
-        .unwrap();
-        assert!(matches!(
-            recv_message(worker.as_fd(), false),
-            Err(Error::Protocol(_))
-        ));
+        send_message(master.as_fd(), &Message::Ready, Some(payload.as_fd()), false).unwrap();
+        assert!(matches!(recv_message(worker.as_fd(), false), Err(Error::Protocol(_))));
     }
 
     #[test]
     fn end_of_channel_and_empty_nonblocking_receive_are_distinct() {
         let (master, worker) = pair();
-        assert!(matches!(
-            recv_message(worker.as_fd(), true),
-            Err(Error::WouldBlock)
-        ));
+        assert!(matches!(recv_message(worker.as_fd(), true), Err(Error::WouldBlock)));
         drop(master);
-        assert!(matches!(
-            recv_message(worker.as_fd(), false),
-            Err(Error::ChannelClosed)
-        ));
+        assert!(matches!(recv_message(worker.as_fd(), false), Err(Error::ChannelClosed)));
     }
 }

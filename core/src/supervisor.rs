@@ -35,38 +35,19 @@ const MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub fn revival_delay(crashes: u32) -> Duration {
     match crashes {
         0 => Duration::ZERO,
-        n => FIRST_BACKOFF
-            .saturating_mul(1u32 << (n - 1).min(16))
-            .min(MAX_BACKOFF),
+        n => FIRST_BACKOFF.saturating_mul(1u32 << (n - 1).min(16)).min(MAX_BACKOFF),
     }
 }
 
 /// Starts `command` as worker `index` with one end of a fresh SEQPACKET socketpair as `STICKY_CLUSTER_FD`.
-pub fn spawn_worker(
-    config: &Config,
-    command: &[String],
-    cwd: Option<&std::path::Path>,
-    index: u32,
-) -> Result<Spawned> {
-    let spawn_error = |source: std::io::Error| Error::Spawn {
-        index,
-        program: command[0].clone(),
-        source,
-    };
-    let (master_end, worker_end) = socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )
-    .map_err(|e| spawn_error(e.into()))?;
+pub fn spawn_worker(config: &Config, command: &[String], cwd: Option<&std::path::Path>, index: u32) -> Result<Spawned> {
+    let spawn_error = |source: std::io::Error| Error::Spawn { index, program: command[0].clone(), source };
+    let (master_end, worker_end) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
+        .map_err(|e| spawn_error(e.into()))?;
     fcntl(&master_end, FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).map_err(|e| spawn_error(e.into()))?;
 
     let mut process = Command::new(&command[0]);
-    process
-        .args(&command[1..])
-        .stdin(Stdio::null())
-        .kill_on_drop(false);
+    process.args(&command[1..]).stdin(Stdio::null()).kill_on_drop(false);
     if let Some(cwd) = cwd {
         process.current_dir(cwd);
     }
@@ -99,11 +80,7 @@ pub fn spawn_worker(
     let child = process.spawn().map_err(spawn_error)?;
     drop(worker_end);
     let pid = child.id().unwrap_or(0);
-    Ok(Spawned {
-        child,
-        pid,
-        channel: master_end,
-    })
+    Ok(Spawned { child, pid, channel: master_end })
 }
 
 /// Sends `signal` to a worker process, ignoring one that is already gone.
@@ -140,13 +117,7 @@ mod tests {
 
     #[test]
     fn exits_are_described_with_status_or_signal() {
-        assert_eq!(
-            describe_exit(&ExitStatus::from_raw(3 << 8)),
-            "exit status 3"
-        );
-        assert_eq!(
-            describe_exit(&ExitStatus::from_raw(9)),
-            "signal 9 (SIGKILL)"
-        );
+        assert_eq!(describe_exit(&ExitStatus::from_raw(3 << 8)), "exit status 3");
+        assert_eq!(describe_exit(&ExitStatus::from_raw(9)), "signal 9 (SIGKILL)");
     }
 }

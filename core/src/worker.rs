@@ -65,18 +65,12 @@ impl Worker {
     pub fn from_env() -> Result<Worker> {
         if let Some(fd_text) = std::env::var_os(ENV_CHANNEL_FD) {
             let fd_text = fd_text.to_string_lossy().into_owned();
-            let index = index_from_env()?.ok_or_else(|| {
-                Error::Environment(format!(
-                    "{ENV_CHANNEL_FD} is set but {ENV_WORKER_INDEX} is not"
-                ))
-            })?;
+            let index = index_from_env()?
+                .ok_or_else(|| Error::Environment(format!("{ENV_CHANNEL_FD} is set but {ENV_WORKER_INDEX} is not")))?;
             let channel = inherited_channel(&fd_text)?;
             let concurrency = concurrency_from_env()?.unwrap_or(index + 1);
             let worker = Worker::with_channel(channel, index, concurrency);
-            worker.send(&Message::Hello {
-                index,
-                pid: std::process::id(),
-            })?;
+            worker.send(&Message::Hello { index, pid: std::process::id() })?;
             Ok(worker)
         } else if let Some(path) = std::env::var_os(ENV_SOCKET) {
             Worker::attach(Path::new(&path), index_from_env()?)
@@ -89,36 +83,17 @@ impl Worker {
 
     /// Dials a master's attach socket and claims `index` (or any free index); waits for the answer.
     pub fn attach(path: &Path, index: Option<u32>) -> Result<Worker> {
-        let attach_error = |reason: String| Error::Attach {
-            path: path.to_path_buf(),
-            reason,
-        };
-        let channel = socket::socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )
-        .map_err(|e| attach_error(format!("socket: {e}")))?;
+        let attach_error = |reason: String| Error::Attach { path: path.to_path_buf(), reason };
+        let channel = socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
+            .map_err(|e| attach_error(format!("socket: {e}")))?;
         let address = UnixAddr::new(path).map_err(|e| attach_error(e.to_string()))?;
-        socket::connect(channel.as_raw_fd(), &address)
-            .map_err(|e| attach_error(e.desc().to_string()))?;
+        socket::connect(channel.as_raw_fd(), &address).map_err(|e| attach_error(e.desc().to_string()))?;
         let claim = index.unwrap_or(ANY_INDEX);
-        send_message(
-            channel.as_fd(),
-            &Message::Hello {
-                index: claim,
-                pid: std::process::id(),
-            },
-            None,
-            false,
-        )
-        .map_err(|e| attach_error(format!("send hello: {}", e.desc())))?;
+        send_message(channel.as_fd(), &Message::Hello { index: claim, pid: std::process::id() }, None, false)
+            .map_err(|e| attach_error(format!("send hello: {}", e.desc())))?;
         match recv_message(channel.as_fd(), false) {
             Ok(received) => match received.message {
-                Message::Welcome { index, concurrency } => {
-                    Ok(Worker::with_channel(channel, index, concurrency))
-                }
+                Message::Welcome { index, concurrency } => Ok(Worker::with_channel(channel, index, concurrency)),
                 Message::Refused { reason } => Err(attach_error(format!("refused: {reason}"))),
                 other => Err(attach_error(format!("unexpected answer {other:?}"))),
             },
@@ -189,19 +164,13 @@ impl Worker {
     pub async fn accept(&self) -> Result<(tokio::net::TcpStream, SocketAddr)> {
         let channel = self.async_channel()?;
         let connection = loop {
-            let mut guard = channel
-                .readable()
-                .await
-                .map_err(|e| Error::io("wait on the channel", e))?;
+            let mut guard = channel.readable().await.map_err(|e| Error::io("wait on the channel", e))?;
             match self.next_connection(|| recv_message(self.channel.as_fd(), true)) {
                 Err(Error::WouldBlock) => guard.clear_ready(),
                 other => break other?,
             }
         };
-        connection
-            .stream
-            .set_nonblocking(true)
-            .map_err(|e| Error::io("set the connection non-blocking", e))?;
+        connection.stream.set_nonblocking(true).map_err(|e| Error::io("set the connection non-blocking", e))?;
         let stream = tokio::net::TcpStream::from_std(connection.stream)
             .map_err(|e| Error::io("register the connection with tokio", e))?;
         Ok((stream, connection.peer))
@@ -214,20 +183,14 @@ impl Worker {
         // SAFETY: the Worker owns the channel fd and outlives this AsyncFd (a field of the same Worker),
         // so the number stays open and names the same socket while registered.
         let channel = unsafe {
-            AsyncFd::register_with_interest(
-                ChannelFd(self.channel.as_raw_fd()),
-                tokio::io::Interest::READABLE,
-            )
+            AsyncFd::register_with_interest(ChannelFd(self.channel.as_raw_fd()), tokio::io::Interest::READABLE)
         }
         .map_err(|e| Error::io("register the channel with tokio", e))?;
         let _ = self.async_channel.set(channel);
         Ok(self.async_channel.get().expect("just set"))
     }
 
-    fn next_connection(
-        &self,
-        mut receive: impl FnMut() -> Result<crate::protocol::Received>,
-    ) -> Result<Connection> {
+    fn next_connection(&self, mut receive: impl FnMut() -> Result<crate::protocol::Received>) -> Result<Connection> {
         if self.shutdown_deadline_ms().is_some() {
             return Err(Error::Shutdown);
         }
@@ -236,23 +199,14 @@ impl Worker {
             match (received.message, received.fd) {
                 (Message::Connection { peer, local }, Some(fd)) => {
                     let stream = std::net::TcpStream::from(fd);
-                    return Ok(Connection {
-                        stream,
-                        peer,
-                        local,
-                    });
+                    return Ok(Connection { stream, peer, local });
                 }
                 (Message::Shutdown { deadline_ms }, _) => {
-                    self.shutdown_deadline_ms
-                        .store(deadline_ms.min(NOT_SHUTTING_DOWN - 1), Ordering::SeqCst);
+                    self.shutdown_deadline_ms.store(deadline_ms.min(NOT_SHUTTING_DOWN - 1), Ordering::SeqCst);
                     return Err(Error::Shutdown);
                 }
                 (Message::Welcome { .. }, _) => continue,
-                (other, _) => {
-                    return Err(Error::Protocol(format!(
-                        "unexpected message from the master: {other:?}"
-                    )))
-                }
+                (other, _) => return Err(Error::Protocol(format!("unexpected message from the master: {other:?}"))),
             }
         }
     }
@@ -265,29 +219,24 @@ fn index_from_env() -> Result<Option<u32>> {
     else {
         return Ok(None);
     };
-    value
-        .trim()
-        .parse()
-        .map(Some)
-        .map_err(|_| Error::Environment(format!("{name}={value:?} is not a worker index")))
+    value.trim().parse().map(Some).map_err(|_| Error::Environment(format!("{name}={value:?} is not a worker index")))
 }
 
 fn concurrency_from_env() -> Result<Option<u32>> {
     match std::env::var(ENV_CONCURRENCY) {
         Err(_) => Ok(None),
-        Ok(value) => value.trim().parse().map(Some).map_err(|_| {
-            Error::Environment(format!("{ENV_CONCURRENCY}={value:?} is not a number"))
-        }),
+        Ok(value) => value
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| Error::Environment(format!("{ENV_CONCURRENCY}={value:?} is not a number"))),
     }
 }
 
 /// Checks that the fd number names an AF_UNIX SOCK_SEQPACKET socket before trusting it, then owns it.
 fn inherited_channel(fd_text: &str) -> Result<OwnedFd> {
     let wrong = |why: &str| Error::Environment(format!("{ENV_CHANNEL_FD}={fd_text}: {why}"));
-    let fd: RawFd = fd_text
-        .trim()
-        .parse()
-        .map_err(|_| wrong("not a file descriptor number"))?;
+    let fd: RawFd = fd_text.trim().parse().map_err(|_| wrong("not a file descriptor number"))?;
     if fd < 0 {
         return Err(wrong("not a file descriptor number"));
     }
@@ -301,19 +250,13 @@ fn inherited_channel(fd_text: &str) -> Result<OwnedFd> {
     }
     // SAFETY: the fd is open and is a socket; it was inherited for us alone (the master made it for this process).
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    let kind =
-        socket::getsockopt(&borrowed, sockopt::SockType).map_err(|_| wrong("not a socket"))?;
-    let family = socket::getsockname::<UnixAddr>(fd)
-        .ok()
-        .and_then(|a| a.family());
+    let kind = socket::getsockopt(&borrowed, sockopt::SockType).map_err(|_| wrong("not a socket"))?;
+    let family = socket::getsockname::<UnixAddr>(fd).ok().and_then(|a| a.family());
     if kind != SockType::SeqPacket || family != Some(AddressFamily::Unix) {
         return Err(wrong("not a Unix SOCK_SEQPACKET channel"));
     }
-    nix::fcntl::fcntl(
-        borrowed,
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    )
-    .map_err(|e| Error::io("set FD_CLOEXEC on the channel", e))?;
+    nix::fcntl::fcntl(borrowed, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
+        .map_err(|e| Error::io("set FD_CLOEXEC on the channel", e))?;
     // SAFETY: checked above; from here the Worker is its only owner.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

@@ -2,6 +2,7 @@
 //! `{"worker":<index>,"pid":<pid>,"remote":"<client ip>"}` so a reload shows which worker you reached.
 
 use std::net::SocketAddr;
+use std::process::ExitCode;
 
 use sticky_cluster::hash::node_address_text;
 use sticky_cluster::{Error, Worker};
@@ -10,8 +11,19 @@ use tokio::net::TcpStream;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::task::JoinSet;
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+fn main() -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(serve()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("hello-worker: error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Joins the cluster, says ready, answers connections until the master asks to shut down.
+async fn serve() -> Result<(), Box<dyn std::error::Error>> {
     let worker = Worker::from_env()?;
     let mut terminate = signal(SignalKind::terminate())?;
     worker.ready()?;
