@@ -58,15 +58,9 @@ pub fn uid_allowed(options: &AttachOptions, uid: u32) -> bool {
     uid == 0 || uid == nix::unistd::geteuid().as_raw() || options.allow_uids.contains(&uid)
 }
 
-/// Checks a freshly accepted worker: its uid, then its hello. A refusal is sent to the worker and
+/// Checks a freshly accepted worker: its hello, then its uid. A refusal is sent to the worker and
 /// returned as the reason to log.
 pub async fn handshake(channel: OwnedFd, options: &AttachOptions) -> std::result::Result<Claim, String> {
-    let credentials =
-        socket::getsockopt(&channel, sockopt::PeerCredentials).map_err(|e| format!("SO_PEERCRED: {e}"))?;
-    let uid = credentials.uid();
-    if !uid_allowed(options, uid) {
-        return Err(refuse(&channel, format!("uid {uid} (pid {}) is not in allowUids", credentials.pid())));
-    }
     // SAFETY: the AsyncFd borrows the number only while `channel` is alive in this function.
     let waiter = unsafe { AsyncFd::register_with_interest(channel.as_raw_fd(), tokio::io::Interest::READABLE) }
         .map_err(|e| format!("register: {e}"))?;
@@ -85,7 +79,17 @@ pub async fn handshake(channel: OwnedFd, options: &AttachOptions) -> std::result
     match hello {
         Err(_) => Err(refuse(&channel, format!("no hello within {HELLO_TIMEOUT:?}"))),
         Ok(Err(reason)) => Err(refuse(&channel, reason)),
-        Ok(Ok(Message::Hello { index, pid })) => Ok(Claim { channel, index, pid, uid }),
+        Ok(Ok(Message::Hello { index, pid })) => {
+            // Checked after the hello is read: a refusal then reaches the worker as the answer to it,
+            // instead of a reset that would hide the reason.
+            let credentials =
+                socket::getsockopt(&channel, sockopt::PeerCredentials).map_err(|e| format!("SO_PEERCRED: {e}"))?;
+            let uid = credentials.uid();
+            if !uid_allowed(options, uid) {
+                return Err(refuse(&channel, format!("uid {uid} (pid {}) is not in allowUids", credentials.pid())));
+            }
+            Ok(Claim { channel, index, pid, uid })
+        }
         Ok(Ok(other)) => Err(refuse(&channel, format!("expected hello, got {other:?}"))),
     }
 }

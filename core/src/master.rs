@@ -104,7 +104,11 @@ struct Handoff {
 /// What a channel's sender task writes.
 enum Outgoing {
     Connection(Handoff),
-    Shutdown { deadline_ms: u64 },
+    /// The shutdown message, then SIGTERM to this pid (spawned workers).
+    Shutdown {
+        deadline_ms: u64,
+        then_terminate: Option<u32>,
+    },
 }
 
 /// What the master's tasks report to its one event loop.
@@ -613,14 +617,18 @@ impl Master {
                 self.shutdown_deadline = Some(TokioInstant::now() + delay);
                 self.listener = None;
                 let deadline_ms = delay.as_millis().min(u64::MAX as u128) as u64;
+                let spawned = self.spawn.is_some();
                 for slot in &mut self.slots {
                     self.stats.closed += slot.queue.len() as u64;
                     slot.queue.clear();
-                    if let Some(outgoing) = &slot.outgoing {
-                        let _ = outgoing.send(Outgoing::Shutdown { deadline_ms });
-                    }
-                    if slot.alive && self.spawn.is_some() {
-                        signal_worker(slot.pid, Signal::SIGTERM);
+                    // SIGTERM follows the shutdown message, so a worker that drains its channel on SIGTERM
+                    // finds every connection already sent to it, then the shutdown.
+                    let terminate = (slot.alive && spawned).then_some(slot.pid);
+                    let sent = slot.outgoing.as_ref().is_some_and(|outgoing| {
+                        outgoing.send(Outgoing::Shutdown { deadline_ms, then_terminate: terminate }).is_ok()
+                    });
+                    if let (false, Some(pid)) = (sent, terminate) {
+                        signal_worker(pid, Signal::SIGTERM);
                     }
                 }
             }
@@ -720,7 +728,7 @@ async fn write_channel(
     while let Some(item) = outgoing.recv().await {
         let message = match &item {
             Outgoing::Connection(handoff) => Message::Connection { peer: handoff.peer, local: handoff.local },
-            Outgoing::Shutdown { deadline_ms } => Message::Shutdown { deadline_ms: *deadline_ms },
+            Outgoing::Shutdown { deadline_ms, .. } => Message::Shutdown { deadline_ms: *deadline_ms },
         };
         let fd = match &item {
             Outgoing::Connection(handoff) => Some(handoff.stream.as_fd()),
@@ -736,8 +744,12 @@ async fn write_channel(
                 other => break other,
             }
         };
-        if let (Err(errno), Outgoing::Connection(handoff)) = (result, item) {
-            let _ = events.send(Event::Undelivered { index, handoff, errno });
+        match (result, item) {
+            (Err(errno), Outgoing::Connection(handoff)) => {
+                let _ = events.send(Event::Undelivered { index, handoff, errno });
+            }
+            (_, Outgoing::Shutdown { then_terminate: Some(pid), .. }) => signal_worker(pid, Signal::SIGTERM),
+            _ => {}
         }
     }
 }

@@ -89,16 +89,23 @@ impl Worker {
         let address = UnixAddr::new(path).map_err(|e| attach_error(e.to_string()))?;
         socket::connect(channel.as_raw_fd(), &address).map_err(|e| attach_error(e.desc().to_string()))?;
         let claim = index.unwrap_or(ANY_INDEX);
-        send_message(channel.as_fd(), &Message::Hello { index: claim, pid: std::process::id() }, None, false)
-            .map_err(|e| attach_error(format!("send hello: {}", e.desc())))?;
-        match recv_message(channel.as_fd(), false) {
+        let hello = Message::Hello { index: claim, pid: std::process::id() };
+        // A master that refuses before reading the hello (a uid check) has closed its end already:
+        // its refusal is still waiting to be read, and says more than the failed send.
+        let sent = send_message(channel.as_fd(), &hello, None, false);
+        match recv_message(channel.as_fd(), sent.is_err()) {
             Ok(received) => match received.message {
                 Message::Welcome { index, concurrency } => Ok(Worker::with_channel(channel, index, concurrency)),
                 Message::Refused { reason } => Err(attach_error(format!("refused: {reason}"))),
                 other => Err(attach_error(format!("unexpected answer {other:?}"))),
             },
-            Err(Error::ChannelClosed) => Err(attach_error("the master closed the socket".into())),
-            Err(error) => Err(attach_error(error.to_string())),
+            Err(error) => match sent {
+                Err(errno) => Err(attach_error(format!("send hello: {}", errno.desc()))),
+                Ok(()) if matches!(error, Error::ChannelClosed) => {
+                    Err(attach_error("the master closed the socket".into()))
+                }
+                Ok(()) => Err(attach_error(error.to_string())),
+            },
         }
     }
 
@@ -157,6 +164,13 @@ impl Worker {
     /// [`Error::ChannelClosed`] means the master is gone.
     pub fn accept_blocking(&self) -> Result<Connection> {
         self.next_connection(|| recv_message(self.channel.as_fd(), false))
+    }
+
+    /// Takes a connection that is already waiting, never blocking (whatever the channel fd's mode):
+    /// [`Error::WouldBlock`] when none is. A worker that got SIGTERM drains its channel with this, since
+    /// the master sends the shutdown message before the signal.
+    pub fn try_accept(&self) -> Result<Connection> {
+        self.next_connection(|| recv_message(self.channel.as_fd(), true))
     }
 
     /// Waits for the next routed connection on the tokio reactor; the stream comes back non-blocking,

@@ -37,7 +37,16 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
                 Err(Error::Shutdown | Error::ChannelClosed) => break,
                 Err(error) => return Err(error.into()),
             },
-            _ = terminate.recv() => break,
+            _ = terminate.recv() => {
+                // The master sent every connection for us before its shutdown message and SIGTERM:
+                // serve what already waits in the channel, then stop.
+                while let Ok(connection) = worker.try_accept() {
+                    let stream = connection.stream;
+                    stream.set_nonblocking(true)?;
+                    requests.spawn(answer(TcpStream::from_std(stream)?, connection.peer, worker.index()));
+                }
+                break;
+            }
             Some(_) = requests.join_next(), if !requests.is_empty() => {}
         }
     }

@@ -1,0 +1,158 @@
+//! Attach mode: workers started elsewhere dial the master's Unix socket and claim an index; bad claims
+//! are refused with a logged reason while the cluster keeps serving.
+
+mod support;
+
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+use sticky_cluster::protocol::{recv_message, Message};
+use support::{client_address, clients_for, expected_index, Cluster};
+
+const LONG: Duration = Duration::from_secs(30);
+
+struct Attached(Child);
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn attach_worker(socket: &Path, index: Option<u32>) -> Attached {
+    let mut command = Command::new(support::test_worker());
+    command.env("STICKY_CLUSTER_SOCKET", socket).stdin(Stdio::null());
+    if let Some(index) = index {
+        command.env("STICKY_CLUSTER_WORKER_INDEX", index.to_string());
+    }
+    Attached(command.spawn().unwrap())
+}
+
+fn attach_cluster(concurrency: u32, extra: &str) -> (Cluster, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let socket = dir.join("workers.sock");
+    let yaml = format!(
+        "concurrency: {concurrency}\ndebug: true\nhardShutdownDelay: 5s\n{extra}workers:\n  socket: {:?}\n  mode: \"0666\"\n",
+        socket.display().to_string()
+    );
+    (Cluster::start(&yaml), socket)
+}
+
+#[test]
+fn attached_workers_are_routed_stickily_and_a_missing_index_queues() {
+    let (mut cluster, socket) = attach_cluster(4, "");
+    let workers: Vec<Attached> = (0..3).map(|i| attach_worker(&socket, Some(i))).collect();
+    for index in 0..3 {
+        cluster.wait_for_log(&format!("worker {index} (pid"), LONG);
+    }
+    // Index 3 has no worker yet: its clients wait in the queue until one attaches.
+    let waiting_client = clients_for(3, 4, 1, 0)[0];
+    let server = std::net::SocketAddr::from(([127, 0, 0, 1], cluster.port));
+    let waiting = std::thread::spawn(move || support::get(waiting_client, server, "/"));
+    cluster.wait_for_log(&format!("connection ::ffff:{waiting_client} -> worker 3"), LONG);
+    let last = attach_worker(&socket, None);
+    assert_eq!(waiting.join().unwrap().unwrap()["worker"], 3, "the free index 3 was given to the new worker");
+
+    for i in 0..200 {
+        let client = client_address(i);
+        let answer = cluster.get(client, "/").unwrap();
+        assert_eq!(answer["worker"].as_u64().unwrap() as u32, expected_index(client, 4), "{client}");
+    }
+    cluster.signal(Signal::SIGTERM);
+    assert_eq!(cluster.wait_exit(LONG).unwrap().code(), Some(0), "attached workers drained and detached");
+    assert!(!socket.exists(), "the socket file is removed on exit");
+    drop((workers, last));
+}
+
+#[test]
+fn bad_claims_are_refused_and_the_master_keeps_serving() {
+    let (mut cluster, socket) = attach_cluster(2, "");
+    let _workers: Vec<Attached> = (0..2).map(|i| attach_worker(&socket, Some(i))).collect();
+    cluster.wait_all_ready(2);
+
+    // A second claim for a live index.
+    let output = Command::new(support::test_worker())
+        .env("STICKY_CLUSTER_SOCKET", &socket)
+        .env("STICKY_CLUSTER_WORKER_INDEX", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr.contains("refused: index 1 is already attached"), "{stderr}");
+
+    // An index out of range.
+    let output = Command::new(support::test_worker())
+        .env("STICKY_CLUSTER_SOCKET", &socket)
+        .env("STICKY_CLUSTER_WORKER_INDEX", "7")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&output.stderr).contains("index 7 is out of range (concurrency 2)"));
+
+    // Garbage bytes and a wrong protocol version.
+    for (datagram, reason) in [
+        (b"GET / HTTP/1.1\r\n\r\n".to_vec(), "not a sticky-cluster message"),
+        (
+            {
+                let mut hello = Message::Hello { index: 0, pid: 1 }.encode();
+                hello[2] = 9;
+                hello
+            },
+            "protocol version 9",
+        ),
+    ] {
+        let dialer = socket_client(&socket);
+        nix::sys::socket::send(dialer.as_raw_fd(), &datagram, nix::sys::socket::MsgFlags::empty()).unwrap();
+        match recv_message(dialer.as_fd(), false).unwrap().message {
+            Message::Refused { reason: text } => assert!(text.contains(reason), "{text}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        cluster.wait_for_log(reason, LONG);
+    }
+
+    // A peer uid that is not allowed (needs root to become another user).
+    if nix::unistd::geteuid().is_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let worker = dir.path().join("test-worker");
+        std::fs::copy(support::test_worker(), &worker).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let output =
+            Command::new(&worker).env("STICKY_CLUSTER_SOCKET", &socket).uid(65534).gid(65534).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("uid 65534") && stderr.contains("not in allowUids"), "{stderr}");
+    }
+
+    for i in 0..20 {
+        let client = client_address(i);
+        assert_eq!(cluster.get(client, "/").unwrap()["worker"].as_u64().unwrap() as u32, expected_index(client, 2));
+    }
+    assert!(cluster.running());
+}
+
+#[test]
+fn a_detached_index_waits_for_the_next_attach() {
+    let (cluster, socket) = attach_cluster(2, "");
+    let mut workers: Vec<Attached> = (0..2).map(|i| attach_worker(&socket, Some(i))).collect();
+    cluster.wait_all_ready(2);
+    drop(workers.remove(0));
+    cluster.wait_for_log("worker 0 (pid", LONG);
+    cluster.wait_for_log("detached; its connections wait", LONG);
+    let client = clients_for(0, 2, 1, 0)[0];
+    let server = std::net::SocketAddr::from(([127, 0, 0, 1], cluster.port));
+    let waiting = std::thread::spawn(move || support::get(client, server, "/"));
+    cluster.wait_for_log(&format!("connection ::ffff:{client} -> worker 0"), LONG);
+    let _again = attach_worker(&socket, Some(0));
+    assert_eq!(waiting.join().unwrap().unwrap()["worker"], 0);
+}
+
+fn socket_client(path: &Path) -> std::os::fd::OwnedFd {
+    let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).unwrap();
+    connect(fd.as_raw_fd(), &UnixAddr::new(path).unwrap()).unwrap();
+    fd
+}

@@ -1,0 +1,89 @@
+//! The command line and configuration errors as a user meets them: one line, the file, the key, the line,
+//! exit status 2, nothing started.
+
+mod support;
+
+use std::process::Command;
+
+fn run(args: &[&str], yaml: Option<&str>) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cluster.yaml");
+    if let Some(yaml) = yaml {
+        std::fs::write(&path, yaml).unwrap();
+    }
+    let mut command = Command::new(support::binary());
+    if yaml.is_some() {
+        command.arg("--config").arg(&path);
+    }
+    let output = command.args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).replace(&path.display().to_string(), "FILE");
+    (output.status.code().unwrap(), String::from_utf8_lossy(&output.stdout).into_owned(), stderr)
+}
+
+fn config_error(yaml: &str) -> String {
+    let (code, _, stderr) = run(&[], Some(yaml));
+    assert_eq!(code, 2, "bad configuration exits 2: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"));
+    stderr.trim_end().to_string()
+}
+
+#[test]
+fn an_unknown_key_names_file_line_and_key() {
+    let error = config_error("port: 8080\nconcurency: 4\nworker:\n  command: [./w]\n");
+    assert!(error.starts_with("error: FILE:2: unknown key `concurency`, expected one of"), "{error}");
+}
+
+#[test]
+fn wrong_types_and_bad_values_name_the_key() {
+    assert!(config_error("port: eighty\n").starts_with("error: FILE:1: port: invalid type"));
+    assert!(config_error("port: 70000\n").starts_with("error: FILE:1: port: invalid value: integer `70000`"));
+    assert_eq!(
+        config_error("port: 1\nconcurrency: 0\nworker:\n  command: [./w]\n"),
+        "error: FILE:2: concurrency: must be at least 1, got 0"
+    );
+    assert_eq!(
+        config_error("worker:\n  command: []\n"),
+        "error: FILE:2: worker.command: must not be empty: give the program and its arguments as a list"
+    );
+    assert!(config_error("hardShutdownDelay: soon\nworker:\n  command: [./w]\n")
+        .starts_with("error: FILE:1: hardShutdownDelay: \"soon\" is not a duration"));
+    assert!(config_error("env:\n  A: [1, 2]\n").starts_with("error: FILE:2: env.A: invalid type: sequence"));
+}
+
+#[test]
+fn a_missing_command_or_file_is_one_line() {
+    assert_eq!(
+        config_error("port: 1\n"),
+        "error: FILE: worker.command is required in spawn mode (or give the command after `--`)"
+    );
+    let (code, _, stderr) = run(&["--config", "/nonexistent/cluster.yaml"], None);
+    assert_eq!(code, 2);
+    assert_eq!(stderr.trim_end(), "error: /nonexistent/cluster.yaml: No such file or directory (os error 2)");
+    let (code, _, stderr) = run(&["--concurrency", "0", "--", "./w"], None);
+    assert_eq!((code, stderr.trim_end()), (2, "error: --concurrency: must be at least 1, got 0"));
+}
+
+#[test]
+fn check_prints_the_effective_configuration_with_overrides() {
+    let yaml = "port: 9000\nconcurrency: 3\nenv:\n  ROLE: 'w{index}'\nworker:\n  command: [./server, --fast]\n";
+    let (code, stdout, stderr) = run(&["--check", "--port", "9100", "--hard-shutdown-delay", "5s"], Some(yaml));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("port: 9100\n"), "{stdout}");
+    assert!(stdout.contains("concurrency: 3\n"));
+    assert!(stdout.contains("hardShutdownDelay: 5000\n"));
+    assert!(stdout.contains("  \"ROLE\": \"w{index}\"\n"));
+    assert!(stdout.contains("command: [\"./server\", \"--fast\"]"));
+    assert!(stderr.contains("FILE: configuration is valid"));
+    // What --check prints is itself a valid configuration.
+    let (code, _, stderr) = run(&["--check"], Some(&stdout));
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn a_worker_program_that_does_not_exist_is_one_line_exit_1() {
+    let (code, _, stderr) = run(&["--port", "0", "--concurrency", "2", "--", "/nonexistent/worker"], None);
+    assert_eq!(code, 1);
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors, ["error: cannot start worker 0 (/nonexistent/worker): No such file or directory (os error 2)"]);
+}

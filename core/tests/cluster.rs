@@ -1,0 +1,356 @@
+//! The master's behaviour, end to end: the real binary, real worker processes, real TCP clients from
+//! many loopback source addresses.
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use support::{client_address, clients_for, expected_index, Cluster};
+
+const LONG: Duration = Duration::from_secs(30);
+
+#[test]
+fn every_client_address_sticks_to_its_string_hash_worker() {
+    let concurrency = 4;
+    let cluster = Cluster::start(&format!("concurrency: {concurrency}\nenv:\n  TEST_ECHO: 'w{{index}}'\n"));
+    let clients: Vec<Ipv4Addr> = (0..200).map(client_address).collect();
+    let answers: Vec<(Ipv4Addr, serde_json::Value)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = clients
+            .chunks(25)
+            .map(|chunk| {
+                let cluster = &cluster;
+                scope.spawn(move || {
+                    let mut answers = Vec::new();
+                    for round in 0..3 {
+                        for &client in chunk {
+                            let answer =
+                                cluster.get(client, "/").unwrap_or_else(|e| panic!("{client} round {round}: {e}"));
+                            answers.push((client, answer));
+                        }
+                    }
+                    answers
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(answers.len(), 600);
+    let mut pid_of_client: HashMap<Ipv4Addr, u64> = HashMap::new();
+    let mut used = [0u32; 4];
+    for (client, answer) in &answers {
+        let index = answer["worker"].as_u64().unwrap() as u32;
+        assert_eq!(index, expected_index(*client, concurrency), "{client} reached the wrong worker");
+        assert_eq!(answer["remote"], format!("::ffff:{client}"), "Node-style remote address text");
+        assert_eq!(answer["echo"], format!("w{index}"), "env value with {{index}} substituted");
+        let pid = answer["pid"].as_u64().unwrap();
+        assert_eq!(*pid_of_client.entry(*client).or_insert(pid), pid, "{client} changed worker process");
+        used[index as usize] += 1;
+    }
+    assert!(used.iter().all(|&n| n > 0), "200 addresses should reach all 4 workers: {used:?}");
+}
+
+#[test]
+fn a_slow_worker_gets_nothing_before_ready_and_loses_nothing() {
+    let cluster = Cluster::start("concurrency: 2\nenv:\n  TEST_SLOW_INDEX: '0'\n  TEST_INIT_DELAY_MS: '2000'\n");
+    let slow_clients = clients_for(0, 2, 20, 0);
+    let fast_clients = clients_for(1, 2, 5, 0);
+    let (slow, fast) = std::thread::scope(|scope| {
+        let cluster = &cluster;
+        let slow: Vec<_> = slow_clients.iter().map(|&c| scope.spawn(move || cluster_get(cluster, c))).collect();
+        let fast: Vec<_> = fast_clients.iter().map(|&c| cluster_get(cluster, c)).collect();
+        (slow.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>(), fast)
+    });
+    let slow_ready = slow[0]["ready_ms"].as_u64().unwrap();
+    for answer in &slow {
+        assert_eq!(answer["worker"], 0, "a connection for the slow worker was served by its own worker");
+        assert_eq!(answer["early"], false, "the master sent a connection before ready");
+        assert!(answer["accepted_ms"].as_u64().unwrap() >= slow_ready);
+    }
+    // The fast worker answered while the slow one was still initialising.
+    for answer in &fast {
+        assert_eq!(answer["worker"], 1);
+        assert!(answer["accepted_ms"].as_u64().unwrap() < slow_ready, "fast worker waited for the slow one");
+    }
+
+    fn cluster_get(cluster: &Cluster, client: Ipv4Addr) -> serde_json::Value {
+        cluster.get(client, "/").unwrap_or_else(|e| panic!("{client}: {e}"))
+    }
+}
+
+#[test]
+fn a_killed_worker_is_revived_under_its_index_and_queued_clients_are_served() {
+    let cluster = Cluster::start("concurrency: 2\nenv:\n  TEST_INIT_DELAY_MS: '300'\n");
+    let victims = clients_for(0, 2, 10, 0);
+    let others = clients_for(1, 2, 10, 0);
+    let old_pid = cluster.get(victims[0], "/").unwrap()["pid"].as_u64().unwrap();
+
+    // Steady load on both workers while worker 0 dies.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (served, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let load: Vec<_> = (0..4)
+        .map(|thread| {
+            let (stop, served, failed) = (stop.clone(), served.clone(), failed.clone());
+            let clients: Vec<Ipv4Addr> = victims.iter().chain(&others).copied().skip(thread).step_by(4).collect();
+            let server = std::net::SocketAddr::from(([127, 0, 0, 1], cluster.port));
+            std::thread::spawn(move || {
+                for client in clients.iter().cycle() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    match support::get(*client, server, "/") {
+                        Ok(_) => served.fetch_add(1, Ordering::SeqCst),
+                        Err(_) => failed.fetch_add(1, Ordering::SeqCst),
+                    };
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old_pid as i32), Signal::SIGKILL).unwrap();
+    cluster.wait_for_log("reviving", LONG);
+    // Clients arriving while the new process initialises wait in the queue and reach it.
+    let during: Vec<serde_json::Value> = victims.iter().map(|&c| cluster.get(c, "/").unwrap()).collect();
+    stop.store(true, Ordering::SeqCst);
+    load.into_iter().for_each(|t| t.join().unwrap());
+
+    let log = cluster.log().join("\n");
+    assert!(log.contains("signal 9 (SIGKILL)"), "exit reason logged:\n{log}");
+    for answer in &during {
+        assert_eq!(answer["worker"], 0, "same index after revival");
+        assert_ne!(answer["pid"].as_u64().unwrap(), old_pid, "a new process serves index 0");
+    }
+    assert!(served.load(Ordering::SeqCst) > 20, "load kept being served");
+    // Only connections already inside the dead worker's channel (at most one per load thread) may be lost.
+    assert!(failed.load(Ordering::SeqCst) <= 4, "lost {} connections", failed.load(Ordering::SeqCst));
+    let mut cluster = cluster;
+    assert!(cluster.running(), "the master never exits because a worker died");
+}
+
+#[test]
+fn a_crash_looping_worker_is_revived_with_growing_backoff() {
+    let cluster = Cluster::start("concurrency: 1\nenv:\n  TEST_CRASH: '1'\n");
+    let start_ticks = cluster.cpu_ticks();
+    let started = std::time::Instant::now();
+    let last = cluster.wait_for_log_count("reviving in", 5, LONG);
+    let elapsed = started.elapsed();
+    let ticks = cluster.cpu_ticks() - start_ticks;
+    let lines: Vec<String> = cluster.log().into_iter().filter(|l| l.contains("reviving in")).collect();
+    assert!(last.contains("exit status 3"), "{last}");
+    let delays: Vec<f64> = lines
+        .iter()
+        .map(|line| {
+            let text = line.split("reviving in ").nth(1).unwrap().split(' ').next().unwrap();
+            let (number, unit) = text.split_at(text.find(|c: char| c.is_alphabetic()).unwrap());
+            number.parse::<f64>().unwrap() * if unit == "ms" { 0.001 } else { 1.0 }
+        })
+        .collect();
+    for pair in delays.windows(2) {
+        assert!(pair[1] > pair[0], "back-off must grow: {delays:?}");
+    }
+    for (attempt, line) in lines.iter().enumerate() {
+        assert!(line.contains(&format!("(attempt {})", attempt + 1)), "{line}");
+    }
+    // Not spinning: the master used a small share of one core while waiting out the back-off.
+    let ticks_per_second = 100.0;
+    let cpu = ticks as f64 / ticks_per_second;
+    assert!(cpu < elapsed.as_secs_f64() * 0.25, "master used {cpu}s of CPU in {elapsed:?}");
+}
+
+fn graceful_shutdown_during_a_slow_request(signal: Signal) {
+    let mut cluster = Cluster::start("concurrency: 2\nhardShutdownDelay: 20s\ndebug: true\n");
+    cluster.wait_all_ready(2);
+    let client = client_address(7);
+    let server = std::net::SocketAddr::from(([127, 0, 0, 1], cluster.port));
+    let request = std::thread::spawn(move || support::get(client, server, "/sleep/2000"));
+    cluster.wait_for_log(&format!("connection ::ffff:{client} -> worker"), LONG);
+    std::thread::sleep(Duration::from_millis(200));
+    cluster.signal(signal);
+    let answer = request.join().unwrap().expect("the running request completes");
+    assert_eq!(answer["worker"].as_u64().unwrap() as u32, expected_index(client, 2));
+    let status = cluster.wait_exit(LONG).expect("master exits after its workers");
+    assert_eq!(status.code(), Some(0), "graceful shutdown exits 0");
+    let exits = cluster.log().iter().filter(|l| l.contains("exited: exit status 0")).count();
+    assert_eq!(exits, 2, "every worker exited on its own:\n{}", cluster.log().join("\n"));
+}
+
+#[test]
+fn sigterm_lets_a_running_request_finish_and_exits_zero() {
+    graceful_shutdown_during_a_slow_request(Signal::SIGTERM);
+}
+
+#[test]
+fn sigint_lets_a_running_request_finish_and_exits_zero() {
+    graceful_shutdown_during_a_slow_request(Signal::SIGINT);
+}
+
+#[test]
+fn a_worker_ignoring_sigterm_is_killed_at_the_hard_shutdown_delay() {
+    let mut cluster = Cluster::start("concurrency: 2\nhardShutdownDelay: 1s\nenv:\n  TEST_IGNORE_TERM: '1'\n");
+    cluster.wait_all_ready(2);
+    let workers = cluster.worker_pids();
+    assert_eq!(workers.len(), 2);
+    cluster.signal(Signal::SIGTERM);
+    let status = cluster.wait_exit(LONG).expect("master exits after the hard delay");
+    assert_eq!(status.code(), Some(1), "a hard shutdown exits 1");
+    assert!(cluster.log().iter().any(|l| l.contains("hardShutdownDelay of 1s passed")));
+    for pid in workers {
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "worker {pid} was left running");
+    }
+}
+
+#[test]
+fn a_second_signal_stops_at_once() {
+    let mut cluster = Cluster::start("concurrency: 2\nhardShutdownDelay: 60s\nenv:\n  TEST_IGNORE_TERM: '1'\n");
+    // Both workers up (their SIGTERM handling installed) before the signals.
+    cluster.wait_all_ready(2);
+    cluster.signal(Signal::SIGTERM);
+    cluster.wait_for_log("shutting down", LONG);
+    assert!(cluster.wait_exit(Duration::from_millis(500)).is_none(), "still waiting for the workers");
+    cluster.signal(Signal::SIGINT);
+    let status = cluster.wait_exit(LONG).expect("second signal ends it well before 60s");
+    assert_eq!(status.code(), Some(1));
+    assert!(cluster.log().iter().any(|l| l.contains("second signal")));
+}
+
+#[test]
+fn a_port_in_use_is_one_clear_line_and_no_worker_starts() {
+    let taken = std::net::TcpListener::bind("[::]:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let markers = tempfile::tempdir().unwrap();
+    let yaml = format!("concurrency: 2\nenv:\n  TEST_MARKER_DIR: {:?}\n", markers.path().display().to_string());
+    let mut cluster = Cluster::spawn(&yaml, |command| {
+        command.args(["--port", &port.to_string()]);
+    });
+    let status = cluster.wait_exit(LONG).unwrap();
+    assert_eq!(status.code(), Some(1));
+    let log = cluster.log();
+    assert_eq!(log.len(), 1, "exactly one line: {log:?}");
+    assert_eq!(log[0], format!("error: cannot listen on [::]:{port}: Address already in use (os error 98)"));
+    assert_eq!(std::fs::read_dir(markers.path()).unwrap().count(), 0, "no worker was started");
+}
+
+#[test]
+fn a_privileged_port_without_permission_is_one_clear_line() {
+    // As root, drop to nobody for the master; its binary is copied where nobody may run it.
+    let dir = tempfile::tempdir().unwrap();
+    let binary = dir.path().join("sticky-cluster");
+    std::fs::copy(support::binary(), &binary).unwrap();
+    let is_root = nix::unistd::geteuid().is_root();
+    if is_root {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let mut command = std::process::Command::new(&binary);
+    command.args(["--port", "1", "--host", "127.0.0.1", "--concurrency", "1", "--", "/bin/true"]);
+    if is_root {
+        command.uid(65534).gid(65534);
+    }
+    let output = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim(), "error: cannot listen on 127.0.0.1:1: Permission denied (os error 13)");
+}
+
+#[test]
+fn emfile_while_accepting_backs_off_and_serving_resumes() {
+    // 1 worker that needs 1.5 s to start: connections queue in the master and hold its fds.
+    let limit = 40;
+    let cluster = Cluster::start_with("concurrency: 1\nenv:\n  TEST_INIT_DELAY_MS: '1500'\n", |command| unsafe {
+        command.pre_exec(move || {
+            let rlimit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    });
+    let clients: Vec<Ipv4Addr> = (0..60).map(client_address).collect();
+    let answers: Vec<_> = std::thread::scope(|scope| {
+        let cluster = &cluster;
+        let handles: Vec<_> = clients.iter().map(|&c| scope.spawn(move || cluster_get(cluster, c))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(answers.len(), 60);
+    assert!(answers.iter().all(|a| a["worker"] == 0));
+    let log = cluster.log().join("\n");
+    assert!(log.contains("accept failed: Too many open files"), "EMFILE was met and logged:\n{log}");
+
+    fn cluster_get(cluster: &Cluster, client: Ipv4Addr) -> serde_json::Value {
+        cluster.get(client, "/").unwrap_or_else(|e| panic!("{client}: {e}"))
+    }
+}
+
+#[test]
+fn the_master_leaks_no_fds_over_20000_connections() {
+    let cluster = Cluster::start("concurrency: 2\n");
+    // Warm up: every worker ready and every lazily opened fd of the runtime in place.
+    for i in 0..50 {
+        cluster.get(client_address(i), "/").unwrap();
+    }
+    let before = cluster.open_fds();
+    let server = std::net::SocketAddr::from(([127, 0, 0, 1], cluster.port));
+    let threads: Vec<_> = (0..8u32)
+        .map(|thread| {
+            std::thread::spawn(move || {
+                for i in 0..2500u32 {
+                    let client = client_address((thread * 2500 + i) % 200);
+                    support::get(client, server, "/").unwrap_or_else(|e| panic!("{client}: {e}"));
+                }
+            })
+        })
+        .collect();
+    threads.into_iter().for_each(|t| t.join().unwrap());
+    assert_eq!(cluster.open_fds(), before, "master fd count changed over 20,000 connections");
+}
+
+#[test]
+fn debug_logs_worker_lifecycle_and_every_route() {
+    let mut cluster = Cluster::start("concurrency: 2\ndebug: true\nprefix: 'demo:'\n");
+    cluster.wait_all_ready(2);
+    let client = client_address(3);
+    let index = expected_index(client, 2);
+    cluster.get(client, "/").unwrap();
+    cluster.signal(Signal::SIGTERM);
+    assert_eq!(cluster.wait_exit(LONG).unwrap().code(), Some(0));
+    let log = cluster.log();
+    let has = |needle: &str| log.iter().any(|l| l.starts_with("demo: ") && l.contains(needle));
+    assert!(has("listening on [::]:"), "{log:?}");
+    assert!(has("worker 0 started (pid") && has("worker 1 started (pid"), "{log:?}");
+    assert!(has(&format!("connection ::ffff:{client} -> worker {index}")), "{log:?}");
+    assert!(has("worker 0 (pid") && has("exited: exit status 0"), "{log:?}");
+}
+
+#[test]
+fn quiet_by_default() {
+    let mut cluster = Cluster::start("concurrency: 1\n");
+    cluster.wait_all_ready(1);
+    cluster.signal(Signal::SIGTERM);
+    assert_eq!(cluster.wait_exit(LONG).unwrap().code(), Some(0));
+    let log = cluster.log();
+    assert!(!log.iter().any(|l| l.contains("connection ") || l.contains("started (pid")), "{log:?}");
+}
+
+#[test]
+fn quick_start_from_flags_without_a_file() {
+    let mut command = std::process::Command::new(support::binary());
+    command.args(["--port", "0", "--concurrency", "3", "--debug", "--"]).arg(support::test_worker());
+    command.stderr(std::process::Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
+    let listening = lines.by_ref().map(|l| l.unwrap()).find(|l| l.contains("listening on")).unwrap();
+    assert!(listening.ends_with("with 3 workers"), "{listening}");
+    let port: u16 = listening.rsplit("]:").next().unwrap().split(' ').next().unwrap().parse().unwrap();
+    let client = client_address(9);
+    let answer = support::get(client, std::net::SocketAddr::from(([127, 0, 0, 1], port)), "/").unwrap();
+    assert_eq!(answer["worker"].as_u64().unwrap() as u32, expected_index(client, 3));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{:?}", status.signal());
+}

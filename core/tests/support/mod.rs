@@ -1,0 +1,223 @@
+//! Test support: start the real `sticky-cluster` binary with real worker processes, read its log,
+//! and talk HTTP to it from chosen loopback source addresses. Everything started is killed on drop.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// The binary under test.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_sticky-cluster"))
+}
+
+/// The test worker (`core/examples/test-worker.rs`), built by `cargo test` with the examples.
+pub fn test_worker() -> PathBuf {
+    let deps = std::env::current_exe().unwrap();
+    let path = deps.parent().unwrap().parent().unwrap().join("examples/test-worker");
+    assert!(path.exists(), "{} is missing: cargo test builds it with the examples", path.display());
+    path
+}
+
+/// The `i`-th distinct loopback client address (127.1.x.y).
+pub fn client_address(i: u32) -> Ipv4Addr {
+    Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8)
+}
+
+/// The index the npm module would pick for this client on a dual-stack listener.
+pub fn expected_index(client: Ipv4Addr, concurrency: u32) -> u32 {
+    sticky_cluster::hash::route_index(IpAddr::V6(client.to_ipv6_mapped()), concurrency)
+}
+
+/// The first `count` client addresses (from `start`) that route to `index`.
+pub fn clients_for(index: u32, concurrency: u32, count: usize, start: u32) -> Vec<Ipv4Addr> {
+    (start..).map(client_address).filter(|&a| expected_index(a, concurrency) == index).take(count).collect()
+}
+
+/// A running master, its collected log lines, and the temp dir holding its config.
+pub struct Cluster {
+    child: Option<Child>,
+    /// The client port the master listens on.
+    pub port: u16,
+    log: Arc<(Mutex<Vec<String>>, Condvar)>,
+    /// Scratch directory of this cluster (config file, markers).
+    pub dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts the master with `yaml` (port 0 added) and the test worker as `worker.command`.
+    pub fn start(yaml: &str) -> Cluster {
+        Cluster::start_with(yaml, |_| {})
+    }
+
+    /// Like [`Cluster::start`], letting the test adjust the master's command first.
+    pub fn start_with(yaml: &str, adjust: impl FnOnce(&mut Command)) -> Cluster {
+        let mut cluster = Cluster::spawn(yaml, adjust);
+        let line = cluster.wait_for_log("listening on", Duration::from_secs(20));
+        cluster.port = line.rsplit(':').next().unwrap().split_whitespace().next().unwrap().parse().unwrap();
+        cluster
+    }
+
+    /// Starts the master without waiting for it to listen (for tests of start-up failures).
+    pub fn spawn(yaml: &str, adjust: impl FnOnce(&mut Command)) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("cluster.yaml");
+        let yaml = if yaml.contains("worker:") || yaml.contains("workers:") {
+            yaml.to_string()
+        } else {
+            format!("{yaml}\nworker:\n  command: [{:?}]\n", test_worker().display().to_string())
+        };
+        std::fs::write(&config, format!("port: 0\n{yaml}")).unwrap();
+        let mut command = Command::new(binary());
+        command.arg("--config").arg(&config).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        adjust(&mut command);
+        let mut child = command.spawn().unwrap();
+        let log = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
+        let stderr = child.stderr.take().unwrap();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[master] {line}");
+                sink.0.lock().unwrap().push(line);
+                sink.1.notify_all();
+            }
+        });
+        Cluster { child: Some(child), port: 0, log, dir }
+    }
+
+    /// Waits until every worker answers (so each has installed its signal handling).
+    pub fn wait_all_ready(&self, concurrency: u32) {
+        for index in 0..concurrency {
+            self.get(clients_for(index, concurrency, 1, 1000)[0], "/").unwrap();
+        }
+    }
+
+    /// The master's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Every log line so far.
+    pub fn log(&self) -> Vec<String> {
+        self.log.0.lock().unwrap().clone()
+    }
+
+    /// Waits for a log line containing `needle` and returns it; panics with the log after `timeout`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
+        self.wait_for_log_count(needle, 1, timeout)
+    }
+
+    /// Waits until `count` log lines contain `needle`; returns the last of them.
+    pub fn wait_for_log_count(&self, needle: &str, count: usize, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let (lines, changed) = &*self.log;
+        let mut lines = lines.lock().unwrap();
+        loop {
+            let found: Vec<&String> = lines.iter().filter(|l| l.contains(needle)).collect();
+            if found.len() >= count {
+                return found[count - 1].clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                panic!("no {count} log lines with {needle:?} within {timeout:?}; log:\n{}", lines.join("\n"));
+            }
+            lines = changed.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
+    /// Sends a signal to the master.
+    pub fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.pid() as i32), signal).unwrap();
+    }
+
+    /// Waits for the master to exit; `None` if it still runs after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().unwrap();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                // Let the log reader catch the last lines.
+                std::thread::sleep(Duration::from_millis(50));
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the master process is still running.
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
+    }
+
+    /// Number of open fds of the master.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).unwrap().count()
+    }
+
+    /// Pids of the master's worker processes (its children).
+    pub fn worker_pids(&self) -> Vec<u32> {
+        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.pid())).unwrap_or_default();
+        children.split_whitespace().map(|p| p.parse().unwrap()).collect()
+    }
+
+    /// Utime + stime of the master in clock ticks.
+    pub fn cpu_ticks(&self) -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
+        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    }
+
+    /// `GET path` from `client` to the master; the worker's JSON answer.
+    pub fn get(&self, client: Ipv4Addr, path: &str) -> std::io::Result<Value> {
+        get(client, SocketAddr::from(([127, 0, 0, 1], self.port)), path)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Workers carry PR_SET_PDEATHSIG, so killing the master takes them along.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Connects from `client` (port chosen by the kernel) to `server`.
+pub fn connect_from(client: Ipv4Addr, server: SocketAddr) -> std::io::Result<TcpStream> {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
+    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    bind(fd.as_raw_fd(), &SockaddrIn::from(std::net::SocketAddrV4::new(client, 0)))?;
+    let SocketAddr::V4(server) = server else { panic!("IPv4 server expected") };
+    connect(fd.as_raw_fd(), &SockaddrIn::from(server))?;
+    let stream = TcpStream::from(fd);
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    Ok(stream)
+}
+
+/// One HTTP/1.1 request from `client`; the JSON body of the answer.
+pub fn get(client: Ipv4Addr, server: SocketAddr, path: &str) -> std::io::Result<Value> {
+    let mut stream = connect_from(client, server)?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body)
+        .ok_or_else(|| std::io::Error::other(format!("no HTTP answer: {response:?}")))?;
+    serde_json::from_str(body.trim()).map_err(|e| std::io::Error::other(format!("{e}: {body:?}")))
+}
