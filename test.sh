@@ -1,13 +1,40 @@
 #!/usr/bin/env bash
 # Every test of the project, as CI runs it: formatting, lints, the Rust workspace (unit and end-to-end
 # tests with the real binary and real worker processes), then each front end's own suite.
+# Ends with one line 'N passed, N failed' summed over all suites.
 set -euo pipefail
 cd "$(dirname "$0")"
+log_dir=$(mktemp -d)
+trap 'rm -rf "$log_dir"' EXIT
+passed=0
+failed=0
+
+# Runs one suite, keeps its output, and adds its 'N passed, N failed' counts to the totals.
+suite() {
+    local name=$1
+    shift
+    echo "== $name"
+    local status=0
+    "$@" 2>&1 | tee "$log_dir/$name.log" || status=$?
+    local counts
+    counts=$(grep -Eo '([0-9]+) passed[;,] ([0-9]+) failed' "$log_dir/$name.log" \
+        | awk '{p += $1; f += $3} END {print p+0, f+0}')
+    passed=$((passed + ${counts% *}))
+    failed=$((failed + ${counts#* }))
+    if [ "$status" -ne 0 ]; then
+        echo "suite $name failed (exit $status)"
+        failed=$((failed + 1))
+    fi
+}
 
 echo "== format and lints"
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
-
-echo "== Rust workspace"
 cargo build --workspace --all-targets
-cargo test --workspace
+
+suite rust cargo test --workspace
+suite ffi-c bash ffi-c/run-tests.sh
+
+echo
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]

@@ -102,7 +102,8 @@ static int read_request(int poller, struct connection *connection, int index) {
     return write_answer(poller, connection);
 }
 
-/* Takes every waiting connection. Returns 0 to go on, 1 when the master asks to drain, -1 on error. */
+/* Takes every waiting connection. Returns 0 to go on, STICKY_ESHUTDOWN when the master asks to drain,
+ * STICKY_ECLOSED when it is gone, -1 on error. */
 static int accept_waiting(sticky_worker *worker, int poller, int *open_connections) {
     for (;;) {
         int fd;
@@ -113,7 +114,7 @@ static int accept_waiting(sticky_worker *worker, int poller, int *open_connectio
             return 0;
         }
         if (rc == STICKY_ESHUTDOWN || rc == STICKY_ECLOSED) {
-            return 1;
+            return rc;
         }
         if (rc != STICKY_OK) {
             fprintf(stderr, "c-server: accept: %s\n", sticky_last_error_message());
@@ -176,7 +177,8 @@ static int serve(sticky_worker *worker, void *user) {
                     epoll_ctl(poller, EPOLL_CTL_DEL, channel, NULL);
                     draining = 1;
                     status = drain < 0 ? 1 : 0;
-                    fprintf(stderr, "c-server worker %d: draining %d connections\n", index, open_connections);
+                    fprintf(stderr, "c-server worker %d: %s, draining %d connections\n", index,
+                            drain == STICKY_ESHUTDOWN ? "STICKY_ESHUTDOWN" : "master gone", open_connections);
                 }
                 continue;
             }

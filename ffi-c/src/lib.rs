@@ -1,1 +1,13 @@
-//! C ABI over sticky-cluster (work in progress).
+//! C ABI over sticky-cluster: `libsticky_cluster.{so,a}` and `include/sticky_cluster.h` (cbindgen).
+//! A thin translation layer: opaque handles, integer error codes, no panic across the boundary.
+//!
+//! - [`error`]: the error codes, `sticky_strerror` and the thread-local last error;
+//! - [`worker`]: `sticky_worker_*`, the worker side for a C event loop;
+//! - [`run`]: `sticky_options` and `sticky_run*`, the C counterpart of `require('sticky-cluster')(start, options)`.
+
+// The C names (`sticky_worker`, `sticky_options`) are the API; cbindgen copies them as written.
+#![allow(non_camel_case_types)]
+
+pub mod error;
+pub mod run;
+pub mod worker;

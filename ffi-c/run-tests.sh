@@ -1,0 +1,218 @@
+#!/usr/bin/env bash
+# The C ABI's test suite, one command:  bash ffi-c/run-tests.sh
+# Builds the library and the sticky-cluster binary, fails when include/sticky_cluster.h is stale,
+# installs into a temporary PREFIX with install.sh, builds the C tests and examples/c-server through the
+# installed pkg-config file, and runs every scenario twice: plain and under AddressSanitizer with
+# LeakSanitizer (any report from any process, master or worker, is a failure).
+# Real processes throughout: clusters listen on loopback, clients connect from 127.0.x.y addresses.
+# Ends with "N passed, N failed"; exits non-zero on any failure. Needs: cargo, gcc (libasan), pkg-config.
+set -uo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(dirname "$here")"
+target_dir="${CARGO_TARGET_DIR:-$repo/target}"
+work="$(mktemp -d /tmp/sticky-ffi-tests.XXXXXX)"
+prefix="$work/prefix"
+bin="$work/bin"
+mkdir -p "$bin" "$work/logs" "$work/asan"
+passed=0
+failed=0
+started=()
+
+cleanup() {
+    # Workers die with their master (PR_SET_PDEATHSIG), so killing the masters we started is enough.
+    for pid in "${started[@]}"; do
+        kill -KILL "$pid" 2>/dev/null
+    done
+    if [ "$failed" -eq 0 ]; then rm -rf "$work"; else echo "logs kept in $work/logs"; fi
+}
+trap cleanup EXIT
+
+pass() { echo "PASS $1"; passed=$((passed + 1)); }
+fail() {
+    echo "FAIL $1: $2"
+    failed=$((failed + 1))
+    if [ -n "${3:-}" ] && [ -f "$3" ]; then sed 's/^/    | /' "$3" | tail -25; fi
+}
+# check NAME LOG COMMAND...: one test that passes when COMMAND exits 0.
+check() {
+    local name="$1" log="$2"
+    shift 2
+    if "$@" >"$log" 2>&1; then pass "$name"; else fail "$name" "exit status $?" "$log"; fi
+}
+finish() {
+    echo "$passed passed, $failed failed"
+    [ "$failed" -eq 0 ]
+    exit
+}
+
+# --- build, header, install -------------------------------------------------------------------------
+check "cargo build (sticky-cluster binary, sticky-cluster-ffi)" "$work/logs/build.log" \
+    cargo build --manifest-path "$repo/Cargo.toml" -p sticky-cluster -p sticky-cluster-ffi
+check "rust unit tests of sticky-cluster-ffi" "$work/logs/unit.log" \
+    cargo test --manifest-path "$repo/Cargo.toml" -p sticky-cluster-ffi --lib
+check "include/sticky_cluster.h matches a fresh cbindgen run" "$work/logs/header.log" \
+    cargo run -q --manifest-path "$repo/Cargo.toml" -p sticky-cluster-ffi --example generate-header -- --check
+check "install.sh into a temporary PREFIX" "$work/logs/install.log" \
+    env PREFIX="$prefix" bash "$here/install.sh"
+sticky_cluster="$target_dir/debug/sticky-cluster"
+if [ ! -x "$sticky_cluster" ] || [ ! -f "$prefix/lib/pkgconfig/sticky_cluster.pc" ]; then
+    echo "cannot go on without the binary and the installed library"
+    finish
+fi
+export PKG_CONFIG_PATH="$prefix/lib/pkgconfig"
+version="$(sed -n 's/^version = "\(.*\)"/\1/p' "$repo/Cargo.toml" | head -1)"
+if [ "$(pkg-config --modversion sticky_cluster 2>&1)" = "$version" ] &&
+    [ "$(pkg-config --cflags sticky_cluster | xargs)" = "-I$prefix/include" ]; then
+    pass "pkg-config finds sticky_cluster $version in the prefix"
+else
+    fail "pkg-config finds sticky_cluster" "$(pkg-config --modversion --cflags sticky_cluster 2>&1)"
+fi
+
+# --- the installed header stands alone in strict C99 and in C++ (cpp_compat's extern "C") ----------
+printf '#include <sticky_cluster.h>\nint main(void) { sticky_options o; sticky_options_init(&o); return 0; }\n' \
+    >"$work/header.c"
+check "installed header compiles alone as C99 -pedantic and as C++11" "$work/logs/header-c.log" \
+    bash -c 'gcc -std=c99 -pedantic -Wall -Wextra -Werror -fsyntax-only $0 "$1" &&
+             g++ -std=c++11 -Wall -Wextra -Werror -fsyntax-only -x c++ $0 "$1"' \
+    "$(pkg-config --cflags sticky_cluster | xargs)" "$work/header.c"
+
+# --- C builds: every test with -Wall -Wextra -Werror, plain and with AddressSanitizer ----------------
+read -r -a pkg_flags <<<"$(pkg-config --cflags --libs sticky_cluster)"
+rpath="-Wl,-rpath,$prefix/lib"
+declare -A variant_flags=(
+    [plain]="-O1 -g"
+    [asan]="-O1 -g -fsanitize=address -fno-omit-frame-pointer"
+)
+for variant in plain asan; do
+    read -r -a flags <<<"${variant_flags[$variant]}"
+    for test in errors blocking_worker epoll_worker sticky_client; do
+        check "compile tests/$test.c ($variant)" "$work/logs/cc-$test-$variant.log" \
+            gcc -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror "${flags[@]}" -o "$bin/$test-$variant" \
+            "$here/tests/$test.c" "${pkg_flags[@]}" -pthread "$rpath"
+    done
+    check "build examples/c-server with pkg-config ($variant)" "$work/logs/cc-c-server-$variant.log" \
+        env CC=gcc CFLAGS="${variant_flags[$variant]} $rpath" bash "$repo/examples/c-server/build.sh" \
+        "$bin/c-server-$variant"
+done
+check "compile tests/errors.c against libsticky_cluster.a (pkg-config --static)" \
+    "$work/logs/cc-errors-static.log" \
+    gcc -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -O1 -o "$bin/errors-static" "$here/tests/errors.c" \
+    $(pkg-config --cflags sticky_cluster) "$prefix/lib/libsticky_cluster.a" \
+    $(pkg-config --static --libs-only-l sticky_cluster | sed 's/-lsticky_cluster//')
+
+# --- scenarios ----------------------------------------------------------------------------------------
+# start_cluster LOG COMMAND...: starts a master, waits for its "listening on" line, sets PORT and MASTER.
+start_cluster() {
+    local log="$1"
+    shift
+    "$@" 2>"$log" &
+    MASTER=$!
+    started+=("$MASTER")
+    PORT=""
+    for _ in $(seq 300); do
+        PORT="$(sed -n 's/.* listening on .*:\([0-9][0-9]*\) with .*/\1/p' "$log" | head -1)"
+        [ -n "$PORT" ] && return 0
+        kill -0 "$MASTER" 2>/dev/null || return 1
+        sleep 0.1
+    done
+    return 1
+}
+
+# stop_cluster: SIGTERM to the master, then its exit status in STATUS (124 when it outlived 30 s).
+stop_cluster() {
+    kill -TERM "$MASTER"
+    for _ in $(seq 300); do
+        if ! kill -0 "$MASTER" 2>/dev/null; then
+            wait "$MASTER"
+            STATUS=$?
+            return
+        fi
+        sleep 0.1
+    done
+    kill -KILL "$MASTER"
+    wait "$MASTER"
+    STATUS=124
+}
+
+# cluster_scenario NAME VARIANT CONCURRENCY ADDRESSES DRAIN_PATTERN COMMAND...
+# Stickiness through the client, then SIGTERM: the master must exit 0 and every worker must log
+# DRAIN_PATTERN (its STICKY_ESHUTDOWN line), with no FAIL line anywhere.
+cluster_scenario() {
+    local name="$1" variant="$2" concurrency="$3" addresses="$4" drain="$5"
+    shift 5
+    local log="$work/logs/$name-$variant.log"
+    if ! start_cluster "$log" "$@"; then
+        fail "$name ($variant): cluster starts" "no 'listening on' line" "$log"
+        kill -KILL "$MASTER" 2>/dev/null
+        return
+    fi
+    local client_log="$work/logs/$name-client-$variant.log"
+    if timeout 120 "$bin/sticky_client-$variant" "$PORT" "$concurrency" "$addresses" 2 >"$client_log" 2>&1; then
+        pass "$name ($variant): $(tail -1 "$client_log")"
+    else
+        fail "$name ($variant): $addresses addresses x 2 stay on worker string_hash % $concurrency" \
+            "client exit status $?" "$client_log"
+    fi
+    stop_cluster
+    local drained
+    drained="$(grep -c "$drain" "$log")"
+    if [ "$STATUS" -eq 0 ] && [ "$drained" -eq "$concurrency" ] && ! grep -q "FAIL" "$log"; then
+        pass "$name ($variant): SIGTERM -> $drained/$concurrency workers saw STICKY_ESHUTDOWN, master exit 0"
+    else
+        fail "$name ($variant): SIGTERM drains" "master exit $STATUS, $drained/$concurrency drain lines" "$log"
+    fi
+}
+
+# asan_clean NAME: no AddressSanitizer/LeakSanitizer report was written by any process since the last call.
+asan_clean() {
+    local reports=("$work"/asan/report*)
+    if [ -e "${reports[0]}" ]; then
+        cat "${reports[@]}" >"$work/logs/asan-$1.log"
+        fail "$1 (asan): zero ASan errors and leaks" "${#reports[@]} report(s)" "$work/logs/asan-$1.log"
+        rm -f "${reports[@]}"
+    else
+        pass "$1 (asan): zero ASan errors and leaks in every process"
+    fi
+}
+
+# The detector must be live here (a silent LeakSanitizer would make the asan runs prove nothing).
+printf '#include <stdlib.h>\nint main(void) { void *volatile p = malloc(7); p = 0; return 0; }\n' >"$work/leak.c"
+gcc -g -fsanitize=address -o "$bin/leak" "$work/leak.c" 2>"$work/logs/leak.log"
+ASAN_OPTIONS="detect_leaks=1:log_path=$work/asan/live" "$bin/leak" 2>/dev/null
+if grep -qs "LeakSanitizer: detected memory leaks" "$work"/asan/live*; then
+    pass "LeakSanitizer reports a planted leak in this environment"
+else
+    fail "LeakSanitizer reports a planted leak in this environment" "no report" "$work/logs/leak.log"
+fi
+rm -f "$work"/asan/live*
+
+no_worker_env=(env -u STICKY_CLUSTER_FD -u STICKY_CLUSTER_SOCKET -u STICKY_CLUSTER_WORKER_INDEX
+    -u stickycluster_worker_index -u STICKY_CLUSTER_CONCURRENCY)
+check "error codes: missing environment, closed channel, EAGAIN, NULLs, config, EADDRINUSE (static .a)" \
+    "$work/logs/errors-static.log" timeout 60 "${no_worker_env[@]}" "$bin/errors-static"
+
+for variant in plain asan; do
+    if [ "$variant" = asan ]; then
+        export ASAN_OPTIONS="detect_leaks=1:log_path=$work/asan/report:abort_on_error=0"
+    fi
+    check "error codes: missing environment, closed channel, EAGAIN, NULLs, config, EADDRINUSE ($variant)" \
+        "$work/logs/errors-$variant.log" timeout 60 "${no_worker_env[@]}" "$bin/errors-$variant"
+    [ "$variant" = asan ] && asan_clean errors
+
+    cluster_scenario sticky_run-blocking "$variant" 4 200 "ok STICKY_ESHUTDOWN" \
+        "${no_worker_env[@]}" "$bin/blocking_worker-$variant" 0 4
+    [ "$variant" = asan ] && asan_clean sticky_run-blocking
+
+    cluster_scenario epoll-nonblocking "$variant" 2 100 "ok STICKY_ESHUTDOWN" \
+        "${no_worker_env[@]}" "$sticky_cluster" --port 0 --concurrency 2 --hard-shutdown-delay 10s \
+        -- "$bin/epoll_worker-$variant"
+    [ "$variant" = asan ] && asan_clean epoll-nonblocking
+
+    cluster_scenario c-server "$variant" 3 200 "c-server worker .*: STICKY_ESHUTDOWN, draining" \
+        "${no_worker_env[@]}" "$bin/c-server-$variant" --port 0 --concurrency 3
+    [ "$variant" = asan ] && asan_clean c-server
+done
+unset ASAN_OPTIONS
+
+finish
