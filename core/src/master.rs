@@ -172,7 +172,7 @@ pub async fn run(config: Config, listener: TcpListener, mut stop: UnboundedRecei
             // SAFETY: the AsyncFd owns the socket, so its fd stays open and unchanged while registered.
             let socket = unsafe { AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
                 .map_err(|e| Error::io("register the attach socket", e))?;
-            info!("waiting for {} workers to attach at {}", config.concurrency, options.socket.display());
+            info!("waiting for {} worker(s) to attach at {}", config.concurrency, options.socket.display());
             (None, Some((options.clone(), socket)))
         }
     };
