@@ -16,7 +16,7 @@ const EXIT_FAILURE: u8 = 1;
 const EXIT_CONFIG: u8 = 2;
 
 /// Sticky-session TCP router: every client address always reaches the same worker process.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(
     name = "sticky-cluster",
     version,
@@ -73,12 +73,30 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    match runtime.block_on(serve(config)) {
+    match runtime.block_on(serve(config, cli)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(EXIT_FAILURE),
         Err(error) => {
             eprintln!("error: {error}");
             ExitCode::from(if matches!(error, Error::Config(_)) { EXIT_CONFIG } else { EXIT_FAILURE })
+        }
+    }
+}
+
+/// Re-reads the configuration for SIGHUP; a bad file is logged as one line and changes nothing.
+fn reload(cli: &Cli) -> Option<Config> {
+    if cli.config.is_none() {
+        tracing::warn!("SIGHUP: there is no configuration file to reload");
+        return None;
+    }
+    match load(cli) {
+        Ok((config, origin)) => {
+            tracing::info!("SIGHUP: reloading {origin}");
+            Some(config)
+        }
+        Err(error) => {
+            tracing::error!("reload refused, the cluster keeps its configuration: {error}");
+            None
         }
     }
 }
@@ -99,24 +117,30 @@ fn load(cli: &Cli) -> sticky_cluster::Result<(Config, String)> {
     Ok((config.apply(overrides, &origin)?, origin))
 }
 
-/// Binds, then runs the master with SIGTERM/SIGINT as shutdown requests: the first is graceful,
-/// a second one is hard. Returns whether the shutdown was graceful.
-async fn serve(config: Config) -> sticky_cluster::Result<bool> {
+/// Binds, then runs the master with SIGTERM/SIGINT as shutdown requests (the first is graceful, a
+/// second one is hard) and SIGHUP as a reload of the file. Returns whether the shutdown was graceful.
+async fn serve(config: Config, cli: Cli) -> sticky_cluster::Result<bool> {
     let listener = master::bind(&config)?;
-    let mut terminate = signal(SignalKind::terminate()).map_err(|e| Error::io("install the SIGTERM handler", e))?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(|e| Error::io("install the SIGINT handler", e))?;
+    let install =
+        |kind: SignalKind, name: &str| signal(kind).map_err(|e| Error::io(format!("install the {name} handler"), e));
+    let mut terminate = install(SignalKind::terminate(), "SIGTERM")?;
+    let mut interrupt = install(SignalKind::interrupt(), "SIGINT")?;
+    let mut hangup = install(SignalKind::hangup(), "SIGHUP")?;
     let (stop, stop_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
-        let mut request = Stop::Graceful;
+        let mut stop_request = Stop::Graceful;
         loop {
-            tokio::select! {
-                _ = terminate.recv() => {}
-                _ = interrupt.recv() => {}
-            }
+            let request = tokio::select! {
+                _ = terminate.recv() => std::mem::replace(&mut stop_request, Stop::Hard),
+                _ = interrupt.recv() => std::mem::replace(&mut stop_request, Stop::Hard),
+                _ = hangup.recv() => match reload(&cli) {
+                    Some(config) => Stop::Reload(Box::new(config)),
+                    None => continue,
+                },
+            };
             if stop.send(request).is_err() {
                 return;
             }
-            request = Stop::Hard;
         }
     });
     let outcome = master::run(config, listener, stop_rx).await?;

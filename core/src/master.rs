@@ -22,13 +22,16 @@ use crate::hash::{node_address_text, route_index};
 use crate::protocol::{recv_message, send_message, Message};
 use crate::supervisor::{describe_exit, revival_delay, signal_worker, spawn_worker, CRASH_UPTIME};
 
-/// What the caller asks of a running master.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What the caller asks of a running master: to stop, or to take a new configuration.
+#[derive(Debug, Clone, PartialEq)]
 pub enum Stop {
     /// Close the listener, let workers finish, kill them after `hardShutdownDelay`.
     Graceful,
     /// Kill every worker now.
     Hard,
+    /// Take a new (already validated) configuration: restart workers one at a time when their command
+    /// or environment changed. Listener settings (`port`, `host`, `concurrency`) need a restart.
+    Reload(Box<Config>),
 }
 
 /// How a master run ended.
@@ -119,6 +122,7 @@ enum Event {
     Undelivered { index: u32, handoff: Handoff, errno: Errno },
     Revive { index: u32, generation: u64 },
     Attached(crate::attach::Claim),
+    RetireDeadline { index: u32, generation: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +145,8 @@ struct WorkerSlot {
     alive: bool,
     started: Instant,
     crashes: u32,
+    /// Asked to stop for a reload: start its successor as soon as it exits.
+    retiring: bool,
     outgoing: Option<UnboundedSender<Outgoing>>,
     queue: VecDeque<Handoff>,
 }
@@ -159,6 +165,9 @@ struct Master {
     accept_backoff: Duration,
     shutdown_deadline: Option<TokioInstant>,
     hard_killed: bool,
+    /// Indexes still to restart for a reload, and the one restarting now.
+    restarts_pending: VecDeque<u32>,
+    restarting: Option<u32>,
 }
 
 /// Runs a cluster on `listener` until `stop` asks it to end (first [`Stop::Graceful`], then
@@ -192,6 +201,7 @@ pub async fn run(config: Config, listener: TcpListener, mut stop: UnboundedRecei
                 alive: false,
                 started: Instant::now(),
                 crashes: 0,
+                retiring: false,
                 outgoing: None,
                 queue: VecDeque::new(),
             })
@@ -206,6 +216,8 @@ pub async fn run(config: Config, listener: TcpListener, mut stop: UnboundedRecei
         accept_backoff: Duration::ZERO,
         shutdown_deadline: None,
         hard_killed: false,
+        restarts_pending: VecDeque::new(),
+        restarting: None,
     };
     info!("listening on {address} with {concurrency} workers");
     let spawned_workers = if master.spawn.is_some() { concurrency } else { 0 };
@@ -510,6 +522,16 @@ impl Master {
                 }
             }
             Event::Attached(claim) => self.on_attached(claim),
+            Event::RetireDeadline { index, generation } => {
+                let slot = &self.slots[index as usize];
+                if slot.generation == generation && slot.alive && slot.retiring {
+                    warn!(
+                        "worker {index} (pid {}) did not stop within hardShutdownDelay for the reload; killing it",
+                        slot.pid
+                    );
+                    signal_worker(slot.pid, Signal::SIGKILL);
+                }
+            }
             Event::Exited { index, generation, status } => self.on_exit(index, generation, status),
             Event::Undelivered { index, handoff, errno } => {
                 debug!("worker {index}'s channel refused a connection ({errno}); it waits for the next worker");
@@ -560,6 +582,10 @@ impl Master {
                     for handoff in queued {
                         self.send_to(index, handoff);
                     }
+                    if self.restarting == Some(index) {
+                        self.restarting = None;
+                        self.restart_next();
+                    }
                 }
             }
             other => warn!("worker {index} sent a master-only message {other:?}; ignored"),
@@ -583,6 +609,14 @@ impl Master {
             debug!("worker {index} (pid {}) exited: {how}", slot.pid);
             self.stats.closed += slot.queue.len() as u64;
             slot.queue.clear();
+            return;
+        }
+        if std::mem::take(&mut slot.retiring) {
+            info!("worker {index} (pid {}) stopped for the reload ({how}); starting its successor", slot.pid);
+            if let Err(error) = self.start_worker(index) {
+                error!("{error}");
+                self.schedule_revival(index);
+            }
             return;
         }
         let lived = slot.started.elapsed();
@@ -633,6 +667,8 @@ impl Master {
                 }
             }
             (Stop::Graceful, Some(_)) => {}
+            (Stop::Reload(_), Some(_)) => warn!("reload ignored: the cluster is shutting down"),
+            (Stop::Reload(config), None) => self.reload(*config),
             (Stop::Hard, _) => {
                 warn!("second signal: stopping at once");
                 if self.shutdown_deadline.is_none() {
@@ -642,6 +678,89 @@ impl Master {
                 self.kill_all();
             }
         }
+    }
+
+    /// Applies what can change while running; workers whose command or environment changed are
+    /// restarted one at a time, each successor ready before the next index stops.
+    fn reload(&mut self, new: Config) {
+        let old = &self.config;
+        if (new.port, &new.host, new.concurrency) != (old.port, &old.host, old.concurrency) {
+            warn!(
+                "reload: port, host and concurrency changes need a restart; keeping {}:{} with {} workers",
+                old.host, old.port, old.concurrency
+            );
+        }
+        if (new.debug, &new.prefix) != (old.debug, &old.prefix) {
+            warn!("reload: debug and prefix changes need a restart");
+        }
+        let workers_changed = match (&new.workers, &old.workers) {
+            (WorkerSource::Spawn { .. }, WorkerSource::Spawn { .. }) => {
+                new.workers != old.workers || new.env != old.env
+            }
+            (WorkerSource::Attach(_), WorkerSource::Attach(_)) => {
+                if new.workers != old.workers {
+                    warn!("reload: attach socket changes need a restart");
+                }
+                false
+            }
+            _ => {
+                warn!("reload: switching between spawn and attach mode needs a restart");
+                false
+            }
+        };
+        let kept = Config {
+            port: old.port,
+            host: old.host.clone(),
+            concurrency: old.concurrency,
+            debug: old.debug,
+            prefix: old.prefix.clone(),
+            workers: if workers_changed { new.workers.clone() } else { old.workers.clone() },
+            env: if workers_changed { new.env.clone() } else { old.env.clone() },
+            ..new
+        };
+        if let WorkerSource::Spawn { command, cwd } = &kept.workers {
+            self.spawn = Some((command.clone(), cwd.clone()));
+        }
+        self.config = kept;
+        if workers_changed {
+            info!("reload: restarting {} workers one at a time", self.config.concurrency);
+            self.restarts_pending = (0..self.config.concurrency).collect();
+            if self.restarting.is_none() {
+                self.restart_next();
+            }
+        } else {
+            info!("reload: applied (no worker restart needed)");
+        }
+    }
+
+    /// Asks the next worker of a rolling restart to stop; its successor starts when it exits.
+    fn restart_next(&mut self) {
+        let deadline_ms = self.config.hard_shutdown_delay.as_millis().min(u64::MAX as u128) as u64;
+        while let Some(index) = self.restarts_pending.pop_front() {
+            let slot = &mut self.slots[index as usize];
+            if !slot.alive {
+                // Down and waiting for its revival, which uses the new configuration anyway.
+                continue;
+            }
+            slot.retiring = true;
+            // New connections for this index queue for the successor instead of reaching a draining worker.
+            slot.state = SlotState::Down;
+            let pid = slot.pid;
+            let sent = slot.outgoing.as_ref().is_some_and(|outgoing| {
+                outgoing.send(Outgoing::Shutdown { deadline_ms, then_terminate: Some(pid) }).is_ok()
+            });
+            if !sent {
+                signal_worker(pid, Signal::SIGTERM);
+            }
+            let (events, generation, delay) = (self.events.clone(), slot.generation, self.config.hard_shutdown_delay);
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = events.send(Event::RetireDeadline { index, generation });
+            });
+            self.restarting = Some(index);
+            return;
+        }
+        info!("reload: every worker runs the new configuration");
     }
 
     fn kill_all(&mut self) {

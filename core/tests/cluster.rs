@@ -259,17 +259,13 @@ fn a_privileged_port_without_permission_is_one_clear_line() {
 
 #[test]
 fn emfile_while_accepting_backs_off_and_serving_resumes() {
-    // 1 worker that needs 1.5 s to start: connections queue in the master and hold its fds.
-    let limit = 40;
-    let cluster = Cluster::start_with("concurrency: 1\nenv:\n  TEST_INIT_DELAY_MS: '1500'\n", |command| unsafe {
-        command.pre_exec(move || {
-            let rlimit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    });
+    // 1 worker that needs 2 s to start: connections queue in the master and hold its fds. Only the
+    // master gets the low limit, after start-up, so the worker can still take 60 connections at once.
+    let cluster = Cluster::start("concurrency: 1\nenv:\n  TEST_INIT_DELAY_MS: '2000'\n");
+    let limit = cluster.open_fds() as u64 + 15;
+    let rlimit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
+    let pid = cluster.pid() as libc::pid_t;
+    assert_eq!(unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &rlimit, std::ptr::null_mut()) }, 0);
     let clients: Vec<Ipv4Addr> = (0..60).map(client_address).collect();
     let answers: Vec<_> = std::thread::scope(|scope| {
         let cluster = &cluster;

@@ -43,6 +43,15 @@ pub fn clients_for(index: u32, concurrency: u32, count: usize, start: u32) -> Ve
     (start..).map(client_address).filter(|&a| expected_index(a, concurrency) == index).take(count).collect()
 }
 
+/// The file a test cluster runs on: port 0, and the test worker unless the YAML names workers itself.
+fn config_text(yaml: &str) -> String {
+    if yaml.contains("worker:") || yaml.contains("workers:") {
+        format!("port: 0\n{yaml}")
+    } else {
+        format!("port: 0\n{yaml}\nworker:\n  command: [{:?}]\n", test_worker().display().to_string())
+    }
+}
+
 /// A running master, its collected log lines, and the temp dir holding its config.
 pub struct Cluster {
     child: Option<Child>,
@@ -71,12 +80,7 @@ impl Cluster {
     pub fn spawn(yaml: &str, adjust: impl FnOnce(&mut Command)) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("cluster.yaml");
-        let yaml = if yaml.contains("worker:") || yaml.contains("workers:") {
-            yaml.to_string()
-        } else {
-            format!("{yaml}\nworker:\n  command: [{:?}]\n", test_worker().display().to_string())
-        };
-        std::fs::write(&config, format!("port: 0\n{yaml}")).unwrap();
+        std::fs::write(&config, config_text(yaml)).unwrap();
         let mut command = Command::new(binary());
         command.arg("--config").arg(&config).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         adjust(&mut command);
@@ -100,6 +104,11 @@ impl Cluster {
         for index in 0..concurrency {
             self.get(clients_for(index, concurrency, 1, 1000)[0], "/").unwrap();
         }
+    }
+
+    /// Replaces the configuration file (as [`Cluster::start`] writes it), for reload tests.
+    pub fn rewrite_config(&self, yaml: &str) {
+        std::fs::write(self.dir.path().join("cluster.yaml"), config_text(yaml)).unwrap();
     }
 
     /// The master's pid.

@@ -1,0 +1,105 @@
+//! SIGHUP reloads the configuration file: a good one restarts workers one at a time without losing a
+//! connection, a bad one is one logged line and the cluster keeps serving as it was.
+
+mod support;
+
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use support::{clients_for, Cluster};
+
+const LONG: Duration = Duration::from_secs(30);
+
+fn config(echo: &str) -> String {
+    format!(
+        "concurrency: 2\nhardShutdownDelay: 10s\nenv:\n  TEST_ECHO: '{echo}-{{index}}'\n  TEST_INIT_DELAY_MS: '200'\n"
+    )
+}
+
+fn answers_by_index(cluster: &Cluster) -> Vec<serde_json::Value> {
+    (0..2).map(|index| cluster.get(clients_for(index, 2, 1, 0)[0], "/").unwrap()).collect()
+}
+
+#[test]
+fn a_reload_restarts_workers_one_at_a_time_and_loses_no_connection() {
+    let cluster = Cluster::start(&config("v1"));
+    cluster.wait_all_ready(2);
+    let before = answers_by_index(&cluster);
+    assert_eq!(before[0]["echo"], "v1-0");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (served, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let server = std::net::SocketAddr::from(([127, 0, 0, 1], cluster.port));
+    let load: Vec<_> = (0..4u32)
+        .map(|thread| {
+            let (stop, served, failed) = (stop.clone(), served.clone(), failed.clone());
+            std::thread::spawn(move || {
+                let clients: Vec<Ipv4Addr> = (thread * 10..thread * 10 + 10).map(support::client_address).collect();
+                for client in clients.iter().cycle() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    match support::get(*client, server, "/sleep/20") {
+                        Ok(_) => served.fetch_add(1, Ordering::SeqCst),
+                        Err(_) => failed.fetch_add(1, Ordering::SeqCst),
+                    };
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    cluster.rewrite_config(&config("v2"));
+    cluster.signal(Signal::SIGHUP);
+    cluster.wait_for_log("every worker runs the new configuration", LONG);
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::SeqCst);
+    load.into_iter().for_each(|t| t.join().unwrap());
+
+    assert_eq!(failed.load(Ordering::SeqCst), 0, "a rolling restart loses no connection");
+    assert!(served.load(Ordering::SeqCst) > 20);
+    let after = answers_by_index(&cluster);
+    for index in 0..2 {
+        assert_eq!(after[index]["worker"], index as u64);
+        assert_eq!(after[index]["echo"], format!("v2-{index}"), "the new environment is in effect");
+        assert_ne!(after[index]["pid"], before[index]["pid"], "worker {index} was restarted");
+    }
+    let log = cluster.log();
+    let stops: Vec<usize> = (0..2)
+        .map(|i| {
+            log.iter()
+                .position(|l| l.contains(&format!("worker {i} (pid")) && l.contains("stopped for the reload"))
+                .unwrap()
+        })
+        .collect();
+    assert!(stops[0] < stops[1], "one worker at a time, in index order");
+}
+
+#[test]
+fn a_bad_reload_is_one_line_and_changes_nothing() {
+    let mut cluster = Cluster::start(&config("v1"));
+    cluster.wait_all_ready(2);
+    let before = answers_by_index(&cluster);
+    cluster.rewrite_config("concurrency: 2\nconcurency: 3\n");
+    cluster.signal(Signal::SIGHUP);
+    let line = cluster.wait_for_log("reload refused", LONG);
+    assert!(line.contains("cluster.yaml:3: unknown key `concurency`"), "{line}");
+    let after = answers_by_index(&cluster);
+    assert_eq!(
+        before,
+        after
+            .iter()
+            .map(|a| {
+                let mut a = a.clone();
+                a["accepted_ms"] = before[a["worker"].as_u64().unwrap() as usize]["accepted_ms"].clone();
+                a
+            })
+            .collect::<Vec<_>>(),
+        "same workers, same environment"
+    );
+    assert!(cluster.running());
+    cluster.signal(Signal::SIGTERM);
+    assert_eq!(cluster.wait_exit(LONG).unwrap().code(), Some(0));
+}
