@@ -37,6 +37,8 @@ pub struct Config {
     pub queue_limit: usize,
     /// How long a connection may wait for its worker before it goes to the next ready one.
     pub queue_max_wait: Duration,
+    /// Where to serve Prometheus metrics (`GET /metrics`); none when absent.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// How the master gets its workers.
@@ -78,6 +80,7 @@ impl Default for Config {
             workers: WorkerSource::Spawn { command: Vec::new(), cwd: None },
             queue_limit: 1024,
             queue_max_wait: Duration::from_secs(10),
+            metrics: None,
         }
     }
 }
@@ -96,6 +99,14 @@ struct FileConfig {
     worker: Option<WorkerSection>,
     workers: Option<AttachSection>,
     queue: Option<QueueSection>,
+    metrics: Option<MetricsSection>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsSection {
+    port: u16,
+    host: Option<IpAddr>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -319,6 +330,7 @@ impl Config {
             workers,
             queue_limit: queue.limit.map_or(defaults.queue_limit, |l| l.0 as usize),
             queue_max_wait: queue.max_wait.map_or(defaults.queue_max_wait, |m| m.0),
+            metrics: file.metrics.map(|m| SocketAddr::new(m.host.unwrap_or(IpAddr::from([127, 0, 0, 1])), m.port)),
         })
     }
 
@@ -417,6 +429,9 @@ impl Config {
             }
         }
         out += &format!("queue:\n  limit: {}\n  maxWait: {}\n", self.queue_limit, self.queue_max_wait.as_millis());
+        if let Some(metrics) = self.metrics {
+            out += &format!("metrics:\n  host: {}\n  port: {}\n", quote(&metrics.ip().to_string()), metrics.port());
+        }
         out
     }
 }

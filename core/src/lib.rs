@@ -11,6 +11,7 @@ pub mod error;
 pub mod hash;
 pub mod logging;
 pub mod master;
+pub mod metrics;
 pub mod protocol;
 pub mod supervisor;
 pub mod worker;

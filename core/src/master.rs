@@ -159,6 +159,8 @@ struct Master {
     attach: Option<(crate::config::AttachOptions, AsyncFd<OwnedFd>)>,
     slots: Vec<WorkerSlot>,
     listener: Option<AsyncFd<TcpListener>>,
+    /// The Prometheus page's listener, when `metrics` is configured.
+    metrics: Option<AsyncFd<TcpListener>>,
     events: UnboundedSender<Event>,
     stats: Stats,
     accept_paused_until: Option<TokioInstant>,
@@ -189,6 +191,16 @@ pub async fn run(config: Config, listener: TcpListener, mut stop: UnboundedRecei
     let address = listener.local_addr().map_err(|e| Error::io("read the listener address", e))?;
     // SAFETY: the AsyncFd owns the listener, so its fd stays open and unchanged while registered.
     let listener = unsafe { AsyncFd::register(listener) }.map_err(|e| Error::io("register the listener", e))?;
+    let metrics = match config.metrics {
+        Some(address) => {
+            let listener = bind_one(address).map_err(|source| Error::Listen { address, source })?;
+            let bound = listener.local_addr().unwrap_or(address);
+            info!("metrics on http://{bound}/metrics");
+            // SAFETY: the AsyncFd owns the listener, so its fd stays open and unchanged while registered.
+            Some(unsafe { AsyncFd::register(listener) }.map_err(|e| Error::io("register the metrics listener", e))?)
+        }
+        None => None,
+    };
     let (events, mut event_rx) = unbounded_channel();
     let concurrency = config.concurrency;
     let mut master = Master {
@@ -211,6 +223,7 @@ pub async fn run(config: Config, listener: TcpListener, mut stop: UnboundedRecei
         spawn,
         attach,
         listener: Some(listener),
+        metrics,
         events,
         accept_paused_until: None,
         accept_backoff: Duration::ZERO,
@@ -240,6 +253,9 @@ pub async fn run(config: Config, listener: TcpListener, mut stop: UnboundedRecei
                 master.on_accepted(batch);
             }
             Some(event) = event_rx.recv() => master.on_event(event),
+            scrapes = accept_batch(master.metrics.as_ref()), if paused.is_none() && master.metrics.is_some() => {
+                master.on_scrapes(scrapes);
+            }
             dialed = accept_worker(master.attach.as_ref().map(|(_, socket)| socket)), if master.attach.is_some() => {
                 master.on_dialed(dialed);
             }
@@ -411,6 +427,27 @@ impl Master {
         }
     }
 
+    /// Answers metrics requests with the counters as they are now.
+    fn on_scrapes(&mut self, scrapes: io::Result<Vec<(TcpStream, SocketAddr)>>) {
+        let scrapes = match scrapes {
+            Ok(scrapes) => scrapes,
+            Err(error) => return self.pause_accepting(error),
+        };
+        let workers: Vec<crate::metrics::WorkerGauge> = self
+            .slots
+            .iter()
+            .map(|slot| crate::metrics::WorkerGauge {
+                routed: self.stats.routed[slot.index as usize],
+                queued: slot.queue.len(),
+                ready: slot.state == SlotState::Ready,
+            })
+            .collect();
+        let page = crate::metrics::render(&workers, self.stats.redirected, self.stats.closed, self.stats.revivals);
+        for (stream, _) in scrapes {
+            tokio::spawn(crate::metrics::serve(stream, page.clone()));
+        }
+    }
+
     fn on_accepted(&mut self, batch: io::Result<Vec<(TcpStream, SocketAddr)>>) {
         match batch {
             Ok(batch) => {
@@ -422,14 +459,16 @@ impl Master {
                     self.deliver(index, Handoff { stream, peer, local, arrived: Instant::now() });
                 }
             }
-            Err(error) => {
-                // EMFILE/ENFILE/ENOBUFS/ENOMEM: wait for fds or memory to free up instead of spinning.
-                self.accept_backoff =
-                    (self.accept_backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
-                warn!("accept failed: {error}; retrying in {:?}", self.accept_backoff);
-                self.accept_paused_until = Some(TokioInstant::now() + self.accept_backoff);
-            }
+            Err(error) => self.pause_accepting(error),
         }
+    }
+
+    /// EMFILE/ENFILE/ENOBUFS/ENOMEM: stop accepting (clients and scrapes) for a growing moment so fds or
+    /// memory can free up, instead of spinning on the error.
+    fn pause_accepting(&mut self, error: io::Error) {
+        self.accept_backoff = (self.accept_backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        warn!("accept failed: {error}; retrying in {:?}", self.accept_backoff);
+        self.accept_paused_until = Some(TokioInstant::now() + self.accept_backoff);
     }
 
     /// Sends to the worker's channel when it is ready, else queues (bounded), else redirects.

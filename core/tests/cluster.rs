@@ -350,3 +350,40 @@ fn quick_start_from_flags_without_a_file() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0), "{:?}", status.signal());
 }
+
+#[test]
+fn metrics_show_routes_queues_readiness_and_revivals() {
+    let cluster = Cluster::start(
+        "concurrency: 2\nmetrics:\n  port: 0\nenv:\n  TEST_SLOW_INDEX: '1'\n  TEST_INIT_DELAY_MS: '1500'\n",
+    );
+    let line = cluster.wait_for_log("metrics on http://", LONG);
+    let address: std::net::SocketAddr =
+        line.split("http://").nth(1).unwrap().trim_end_matches("/metrics").parse().unwrap();
+    let page = || support::http_text(address, "/metrics").unwrap();
+
+    // A client of the slow worker waits in its queue meanwhile.
+    let waiting = clients_for(1, 2, 1, 0)[0];
+    let server = std::net::SocketAddr::from(([127, 0, 0, 1], cluster.port));
+    let request = std::thread::spawn(move || support::get(waiting, server, "/"));
+    cluster.get(clients_for(0, 2, 1, 0)[0], "/").unwrap();
+    let mut during = page();
+    for _ in 0..50 {
+        if during.contains("sticky_cluster_queue_depth{worker=\"1\"} 1") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        during = page();
+    }
+    assert!(during.starts_with("HTTP/1.1 200 OK"), "{during}");
+    assert!(during.contains("sticky_cluster_queue_depth{worker=\"1\"} 1\n"), "{during}");
+    assert!(during.contains("sticky_cluster_worker_ready{worker=\"0\"} 1\n"), "{during}");
+    assert!(during.contains("sticky_cluster_worker_ready{worker=\"1\"} 0\n"), "{during}");
+    assert!(during.contains("sticky_cluster_connections_routed_total{worker=\"0\"} 1\n"), "{during}");
+
+    assert_eq!(request.join().unwrap().unwrap()["worker"], 1);
+    let after = page();
+    assert!(after.contains("sticky_cluster_connections_routed_total{worker=\"1\"} 1\n"), "{after}");
+    assert!(after.contains("sticky_cluster_queue_depth{worker=\"1\"} 0\n"), "{after}");
+    assert!(after.contains("sticky_cluster_worker_revivals_total 0\n"), "{after}");
+    assert!(support::http_text(address, "/other").unwrap().starts_with("HTTP/1.1 404"));
+}

@@ -218,6 +218,15 @@ pub fn connect_from(client: Ipv4Addr, server: SocketAddr) -> std::io::Result<Tcp
     Ok(stream)
 }
 
+/// One HTTP/1.1 request from 127.0.0.1; the whole answer as text.
+pub fn http_text(server: SocketAddr, path: &str) -> std::io::Result<String> {
+    let mut stream = connect_from(Ipv4Addr::LOCALHOST, server)?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
+}
+
 /// One HTTP/1.1 request from `client`; the JSON body of the answer.
 pub fn get(client: Ipv4Addr, server: SocketAddr, path: &str) -> std::io::Result<Value> {
     let mut stream = connect_from(client, server)?;
