@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
+use crate::client_address::ClientAddressSource;
 use crate::error::Error;
 
 type Result<T, E = Error> = std::result::Result<T, E>;
@@ -39,6 +40,8 @@ pub struct Config {
     pub queue_max_wait: Duration,
     /// Where to serve Prometheus metrics (`GET /metrics`); none when absent.
     pub metrics: Option<SocketAddr>,
+    /// Where the routing hash takes the client address from (the TCP peer unless behind a proxy).
+    pub client_address: ClientAddressSource,
 }
 
 /// How the master gets its workers.
@@ -81,6 +84,7 @@ impl Default for Config {
             queue_limit: 1024,
             queue_max_wait: Duration::from_secs(10),
             metrics: None,
+            client_address: ClientAddressSource::Peer,
         }
     }
 }
@@ -100,6 +104,7 @@ struct FileConfig {
     workers: Option<AttachSection>,
     queue: Option<QueueSection>,
     metrics: Option<MetricsSection>,
+    client_address: Option<ClientAddressSource>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -330,6 +335,7 @@ impl Config {
             workers,
             queue_limit: queue.limit.map_or(defaults.queue_limit, |l| l.0 as usize),
             queue_max_wait: queue.max_wait.map_or(defaults.queue_max_wait, |m| m.0),
+            client_address: file.client_address.unwrap_or_default(),
             metrics: file.metrics.map(|m| SocketAddr::new(m.host.unwrap_or(IpAddr::from([127, 0, 0, 1])), m.port)),
         })
     }
@@ -429,6 +435,12 @@ impl Config {
             }
         }
         out += &format!("queue:\n  limit: {}\n  maxWait: {}\n", self.queue_limit, self.queue_max_wait.as_millis());
+        let source = match self.client_address {
+            ClientAddressSource::Peer => "peer",
+            ClientAddressSource::ProxyProtocol => "proxy-protocol",
+            ClientAddressSource::XForwardedFor => "x-forwarded-for",
+        };
+        out += &format!("clientAddress: {source}\n");
         if let Some(metrics) = self.metrics {
             out += &format!("metrics:\n  host: {}\n  port: {}\n", quote(&metrics.ip().to_string()), metrics.port());
         }

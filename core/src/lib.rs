@@ -6,6 +6,7 @@
 //! - [`hash`] is the routing contract, [`protocol`] the channel between the two.
 
 pub mod attach;
+pub mod client_address;
 pub mod config;
 pub mod error;
 pub mod hash;

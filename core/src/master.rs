@@ -16,6 +16,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::time::{sleep_until, Instant as TokioInstant};
 use tracing::{debug, error, info, warn};
 
+use crate::client_address::ClientAddressSource;
 use crate::config::{Config, WorkerSource};
 use crate::error::{Error, Result};
 use crate::hash::{node_address_text, route_index};
@@ -116,13 +117,42 @@ enum Outgoing {
 
 /// What the master's tasks report to its one event loop.
 enum Event {
-    Message { index: u32, generation: u64, message: Message },
-    ChannelClosed { index: u32, generation: u64, reason: Option<String> },
-    Exited { index: u32, generation: u64, status: io::Result<ExitStatus> },
-    Undelivered { index: u32, handoff: Handoff, errno: Errno },
-    Revive { index: u32, generation: u64 },
+    Message {
+        index: u32,
+        generation: u64,
+        message: Message,
+    },
+    ChannelClosed {
+        index: u32,
+        generation: u64,
+        reason: Option<String>,
+    },
+    Exited {
+        index: u32,
+        generation: u64,
+        status: io::Result<ExitStatus>,
+    },
+    Undelivered {
+        index: u32,
+        handoff: Handoff,
+        errno: Errno,
+    },
+    Revive {
+        index: u32,
+        generation: u64,
+    },
     Attached(crate::attach::Claim),
-    RetireDeadline { index: u32, generation: u64 },
+    RetireDeadline {
+        index: u32,
+        generation: u64,
+    },
+    /// A connection whose client address was read from a proxy header (or given up on).
+    Identified(Handoff),
+    /// A connection lost while its client address was read.
+    Unidentified {
+        peer: SocketAddr,
+        error: io::Error,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -452,11 +482,15 @@ impl Master {
         match batch {
             Ok(batch) => {
                 self.accept_backoff = Duration::ZERO;
+                let source = self.config.client_address;
                 for (stream, peer) in batch {
                     let local = stream.local_addr().unwrap_or(peer);
-                    let index = route_index(peer.ip(), self.config.concurrency);
-                    debug!("connection {} -> worker {index}", node_address_text(peer.ip()));
-                    self.deliver(index, Handoff { stream, peer, local, arrived: Instant::now() });
+                    let handoff = Handoff { stream, peer, local, arrived: Instant::now() };
+                    if source == ClientAddressSource::Peer {
+                        self.route(handoff);
+                    } else {
+                        tokio::spawn(identify_client(handoff, source, self.events.clone()));
+                    }
                 }
             }
             Err(error) => self.pause_accepting(error),
@@ -469,6 +503,12 @@ impl Master {
         self.accept_backoff = (self.accept_backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
         warn!("accept failed: {error}; retrying in {:?}", self.accept_backoff);
         self.accept_paused_until = Some(TokioInstant::now() + self.accept_backoff);
+    }
+
+    fn route(&mut self, handoff: Handoff) {
+        let index = route_index(handoff.peer.ip(), self.config.concurrency);
+        debug!("connection {} -> worker {index}", node_address_text(handoff.peer.ip()));
+        self.deliver(index, handoff);
     }
 
     /// Sends to the worker's channel when it is ready, else queues (bounded), else redirects.
@@ -561,6 +601,11 @@ impl Master {
                 }
             }
             Event::Attached(claim) => self.on_attached(claim),
+            Event::Identified(handoff) => self.route(handoff),
+            Event::Unidentified { peer, error } => {
+                self.stats.closed += 1;
+                warn!("connection from {peer} lost while its client address was read: {error}");
+            }
             Event::RetireDeadline { index, generation } => {
                 let slot = &self.slots[index as usize];
                 if slot.generation == generation && slot.alive && slot.retiring {
@@ -827,6 +872,29 @@ impl Master {
                 Some(event) => self.on_event(event),
                 None => break,
             }
+        }
+    }
+}
+
+/// Reads the client address from the connection's first bytes without consuming them, then hands the
+/// connection back to the event loop for routing. On any trouble it routes by the TCP peer.
+async fn identify_client(handoff: Handoff, source: ClientAddressSource, events: UnboundedSender<Event>) {
+    let Handoff { stream, peer, local, arrived } = handoff;
+    let peeked = async {
+        stream.set_nonblocking(true)?;
+        let stream = tokio::net::TcpStream::from_std(stream)?;
+        let client = crate::client_address::identify(&stream, source, peer).await;
+        let stream = stream.into_std()?;
+        // Workers get connections in blocking mode, as accept(2) gives them.
+        stream.set_nonblocking(false)?;
+        Ok::<_, io::Error>((stream, client))
+    };
+    match peeked.await {
+        Ok((stream, client)) => {
+            let _ = events.send(Event::Identified(Handoff { stream, peer: client, local, arrived }));
+        }
+        Err(error) => {
+            let _ = events.send(Event::Unidentified { peer, error });
         }
     }
 }

@@ -229,8 +229,13 @@ pub fn http_text(server: SocketAddr, path: &str) -> std::io::Result<String> {
 
 /// One HTTP/1.1 request from `client`; the JSON body of the answer.
 pub fn get(client: Ipv4Addr, server: SocketAddr, path: &str) -> std::io::Result<Value> {
+    request(client, server, &format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"))
+}
+
+/// Sends `raw` bytes from `client` as they are (a proxy header, say); the JSON body of the answer.
+pub fn request(client: Ipv4Addr, server: SocketAddr, raw: &str) -> std::io::Result<Value> {
     let mut stream = connect_from(client, server)?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+    stream.write_all(raw.as_bytes())?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let body = response
