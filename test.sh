@@ -34,6 +34,7 @@ cargo build --workspace --all-targets
 
 suite rust cargo test --workspace
 suite ffi-c bash ffi-c/run-tests.sh
+suite node bash node-binding/run-tests.sh
 suite docker bash docker/run-tests.sh
 
 echo

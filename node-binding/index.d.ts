@@ -1,0 +1,46 @@
+// Types of sticky-cluster-native: the npm sticky-cluster API (same options, same defaults) plus `host`.
+/// <reference types="node" />
+import * as net from 'net';
+
+declare namespace stickyCluster {
+  /** Hands the worker's server over; do not call `server.listen()`. */
+  type Callback = (server: net.Server) => void;
+  /** Runs in every worker: set the app up (async is fine), then `callback(server)`. */
+  type InitializeFn = (callback: Callback) => void;
+
+  interface Options {
+    /** Number of workers. Default: the number of CPUs. */
+    concurrency?: number;
+    /** Port clients connect to. Default: 8080; 0 picks a free port. */
+    port?: number;
+    /** Address to listen on. Default: `::` (dual-stack, like Node). */
+    host?: string;
+    /** Log every worker start/exit and every routed connection to stderr. Default: false. */
+    debug?: boolean;
+    /** Text in front of every log line. Default: `sticky-cluster:`. */
+    prefix?: string;
+    /** Extra environment per worker index. Default: `index => ({ stickycluster_worker_index: index })`. */
+    env?: (index: number) => Record<string, string | number | boolean | undefined>;
+    /** Milliseconds a graceful shutdown may take before workers are killed. Default: 60000. */
+    hardShutdownDelay?: number;
+    /** Gets listen errors (a Node-style Error with `code`, e.g. EADDRINUSE). Default: log and exit 1. */
+    errorHandler?: (error: NodeJS.ErrnoException & { address?: string; port?: number }) => void;
+  }
+
+  /** What the primary process gets back (the npm module returns nothing; workers get undefined). */
+  interface Cluster {
+    /** The address the master listens on, as Node prints it. */
+    readonly address: string;
+    /** The port the master listens on (the real one when 0 was asked for). */
+    readonly port: number;
+    /** Stops the cluster as SIGTERM does; `hard` kills the workers at once. False once it has ended. */
+    stop(hard?: boolean): boolean;
+  }
+}
+
+declare function stickyCluster(
+  startFn: stickyCluster.InitializeFn,
+  options?: stickyCluster.Options
+): stickyCluster.Cluster | undefined;
+
+export = stickyCluster;

@@ -1,0 +1,313 @@
+'use strict';
+// sticky-cluster-native: the npm `sticky-cluster` API over the Rust core. The primary process runs the
+// master (listen, hash the client address, hand the socket over); each worker is this same script,
+// re-launched by the master, that serves the sockets it is handed on the user's server.
+
+const fs = require('fs');
+const net = require('net');
+const os = require('os');
+const util = require('util');
+const { load } = require('./binding');
+
+/** Carries the per-index part of `options.env` to the workers (JSON array, one object per index). */
+const PER_WORKER_ENV = 'STICKY_CLUSTER_NATIVE_ENV';
+const DEFAULT_PORT = 8080;
+const DEFAULT_HARD_SHUTDOWN_DELAY = 60 * 1000;
+const SWEEP_INTERVAL_MS = 100;
+/** How long a connection that has sent nothing yet may take to send its request once draining starts. */
+const IDLE_GRACE_MS = 2000;
+
+function isWorker() {
+  return process.env.STICKY_CLUSTER_FD !== undefined || process.env.STICKY_CLUSTER_SOCKET !== undefined;
+}
+
+// A worker's own env(index) values must be in process.env before the user's code reads them, so they
+// are applied as soon as this module is loaded, before startFn can run.
+applyPerWorkerEnvironment();
+
+/**
+ * Starts a sticky cluster: in the primary process, the master (listen, route, supervise); in a worker,
+ * `startFn(callback)`, whose `callback(server)` hands over the server that serves routed connections.
+ */
+function stickyCluster(startFn, options) {
+  if (typeof startFn !== 'function') {
+    throw new TypeError('sticky-cluster-native: startFn must be a function: (callback) => callback(server)');
+  }
+  const settings = normalizeOptions(options);
+  return isWorker() ? runWorker(startFn, settings) : runMaster(settings);
+}
+
+/** The npm module's defaults (`||`, so 0/NaN fall back as there), plus `host`; port 0 picks a free port. */
+function normalizeOptions(options) {
+  if (options === undefined || options === null) options = {};
+  if (typeof options !== 'object') throw new TypeError('sticky-cluster-native: options must be an object');
+  const cpus = typeof os.availableParallelism === 'function' ? os.availableParallelism() : os.cpus().length;
+  const settings = {
+    prefix: options.prefix || 'sticky-cluster:',
+    concurrency: options.concurrency || cpus || 1,
+    port: options.port === 0 ? 0 : options.port || DEFAULT_PORT,
+    host: options.host || '::',
+    debug: Boolean(options.debug),
+    hardShutdownDelay: options.hardShutdownDelay || DEFAULT_HARD_SHUTDOWN_DELAY,
+    env: options.env || ((index) => ({ stickycluster_worker_index: index })),
+    errorHandler:
+      options.errorHandler ||
+      ((error) => {
+        console.log(error);
+        process.exit(1);
+      }),
+  };
+  const problem = (name, expected, value) =>
+    new TypeError(`sticky-cluster-native: options.${name} must be ${expected}, got ${util.inspect(value)}`);
+  if (!Number.isInteger(settings.concurrency) || settings.concurrency < 1) {
+    throw problem('concurrency', 'a positive integer', options.concurrency);
+  }
+  if (!Number.isInteger(settings.port) || settings.port < 0 || settings.port > 65535) {
+    throw problem('port', 'an integer from 0 to 65535', options.port);
+  }
+  if (typeof settings.host !== 'string') throw problem('host', 'a string', options.host);
+  if (typeof settings.prefix !== 'string') throw problem('prefix', 'a string', options.prefix);
+  if (typeof settings.hardShutdownDelay !== 'number' || !(settings.hardShutdownDelay >= 0)) {
+    throw problem('hardShutdownDelay', 'a number of milliseconds', options.hardShutdownDelay);
+  }
+  if (typeof settings.env !== 'function') throw problem('env', 'a function (index) => object', options.env);
+  if (typeof settings.errorHandler !== 'function') {
+    throw problem('errorHandler', 'a function (error) => void', options.errorHandler);
+  }
+  return settings;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Master role: the Node primary process.
+
+function runMaster(settings) {
+  const native = load();
+  const { shared, perWorker } = splitEnvironment(settings);
+  const env = { ...shared, [PER_WORKER_ENV]: JSON.stringify(perWorker) };
+  const command = [process.execPath, ...process.execArgv, ...process.argv.slice(1)];
+  let signals = 0;
+  let cluster = null;
+  const onSignal = (signal) => {
+    signals += 1;
+    // The first signal drains; a second one (an impatient Ctrl-C) kills at once, as the binary does.
+    if (cluster) cluster.stop(signals > 1);
+    if (settings.debug) logLine(settings.prefix, 'debug', `${signal}: ${signals > 1 ? 'hard' : 'graceful'} stop`);
+  };
+  const onEnd = (end) => {
+    process.removeListener('SIGTERM', onSignal);
+    process.removeListener('SIGINT', onSignal);
+    if (end.error) logLine(settings.prefix, 'error', end.error);
+    process.exit(end.graceful && !end.error ? 0 : 1);
+  };
+  let started;
+  try {
+    started = native.startCluster(
+      {
+        port: settings.port,
+        host: settings.host,
+        concurrency: settings.concurrency,
+        debug: settings.debug,
+        prefix: settings.prefix,
+        hardShutdownDelayMs: settings.hardShutdownDelay,
+        command,
+        env,
+      },
+      onEnd
+    );
+  } catch (error) {
+    process.nextTick(settings.errorHandler, error);
+    return undefined;
+  }
+  if (typeof started.stop !== 'function') {
+    // Like the npm module's `server.on('error', errorHandler)`: asynchronous, with a Node-style Error.
+    process.nextTick(settings.errorHandler, listenError(started));
+    return undefined;
+  }
+  cluster = started;
+  process.on('SIGTERM', onSignal);
+  process.on('SIGINT', onSignal);
+  return {
+    address: cluster.address,
+    port: cluster.port,
+    stop: (hard = false) => cluster.stop(Boolean(hard)),
+  };
+}
+
+/**
+ * Calls env(index) for every worker. Values equal for all workers go into the real environment (seen
+ * from process start); the rest travel as one JSON variable that each worker applies when it loads this
+ * module. A value containing `{index}` travels that way too: core would substitute it.
+ */
+function splitEnvironment(settings) {
+  const perWorker = [];
+  for (let index = 0; index < settings.concurrency; index += 1) {
+    const values = settings.env(index);
+    if (values !== undefined && values !== null && typeof values !== 'object') {
+      throw new TypeError(`sticky-cluster-native: options.env(${index}) must return an object`);
+    }
+    const text = {};
+    for (const [key, value] of Object.entries(values || {})) {
+      if (value !== undefined) text[key] = String(value);
+    }
+    perWorker.push(text);
+  }
+  const shared = {};
+  for (const key of new Set(perWorker.flatMap(Object.keys))) {
+    const first = perWorker[0][key];
+    if (first !== undefined && !first.includes('{index}') && perWorker.every((values) => values[key] === first)) {
+      shared[key] = first;
+      for (const values of perWorker) delete values[key];
+    }
+  }
+  return { shared, perWorker };
+}
+
+/** The Error Node's own `server.listen` would give: `listen EADDRINUSE: address already in use :::8080`. */
+function listenError(failure) {
+  const errno = -failure.errno;
+  let code = 'UNKNOWN';
+  let description = failure.message;
+  if (failure.errno > 0) {
+    code = util.getSystemErrorName(errno);
+    const known = util.getSystemErrorMap().get(errno);
+    if (known) description = known[1];
+  }
+  const error = new Error(`listen ${code}: ${description} ${failure.address}:${failure.port}`);
+  return Object.assign(error, { code, errno, syscall: 'listen', address: failure.address, port: failure.port });
+}
+
+function logLine(prefix, level, message) {
+  process.stderr.write(`${prefix} ${level} ${message}\n`);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Worker role: this script, re-launched by the master with STICKY_CLUSTER_FD.
+
+function applyPerWorkerEnvironment() {
+  const text = process.env[PER_WORKER_ENV];
+  if (text === undefined || !isWorker()) return;
+  delete process.env[PER_WORKER_ENV];
+  let perWorker;
+  try {
+    perWorker = JSON.parse(text);
+  } catch (error) {
+    throw new Error(`sticky-cluster-native: ${PER_WORKER_ENV} is not valid JSON (${error.message})`);
+  }
+  const own = Array.isArray(perWorker) ? perWorker[Number(process.env.STICKY_CLUSTER_WORKER_INDEX)] : null;
+  if (own && typeof own === 'object') Object.assign(process.env, own);
+}
+
+function runWorker(startFn, settings) {
+  const native = load();
+  const worker = native.openWorker();
+  // The channel belongs to this process alone: a child it starts must not take itself for a worker.
+  delete process.env.STICKY_CLUSTER_FD;
+  const debug = settings.debug
+    ? (message) => logLine(settings.prefix, 'debug', `worker ${worker.index} (pid ${process.pid}) ${message}`)
+    : () => {};
+  const sockets = new Set();
+  let server = null;
+  let draining = false;
+  let drainStarted = 0;
+  let channelEnded = false;
+  let sweeper = null;
+
+  const onSigterm = () => drain('SIGTERM');
+  process.on('SIGTERM', onSigterm);
+  // A user who listens for SIGTERM themselves decides when the worker exits; otherwise it exits once
+  // every connection has ended, as an npm sticky-cluster worker dies on the master's SIGTERM.
+  const exitIsOurs = () => process.listeners('SIGTERM').every((listener) => listener === onSigterm);
+
+  function onConnection(routed) {
+    let socket;
+    try {
+      socket = new net.Socket({
+        fd: routed.fd,
+        readable: true,
+        writable: true,
+        allowHalfOpen: Boolean(server.allowHalfOpen),
+      });
+    } catch (error) {
+      fs.closeSync(routed.fd);
+      logLine(settings.prefix, 'error', `worker ${worker.index}: cannot open routed connection: ${error.message}`);
+      return;
+    }
+    sockets.add(socket);
+    socket.once('close', () => {
+      sockets.delete(socket);
+      if (draining) exitWhenDrained();
+    });
+    debug(`connection from ${routed.remoteAddress}:${routed.remotePort}`);
+    // Served even while draining: the master routed it before it stopped, and nothing is dropped.
+
+    // What net.Server's own accept path would apply to its sockets.
+    if (server.noDelay) socket.setNoDelay(true);
+    if (server.keepAlive) socket.setKeepAlive(true, server.keepAliveInitialDelay);
+    if (server.pauseOnConnect) socket.pause();
+    server.emit('connection', socket);
+  }
+
+  function onEnd(end) {
+    // Every connection routed before the end has been handed over by now (the calls keep their order).
+    channelEnded = true;
+    debug(`channel: ${end.message}`);
+    drain(end.reason);
+    exitWhenDrained();
+  }
+
+  /**
+   * Ends HTTP keep-alive connections that wait for nothing (they have read a request and hold no
+   * response); responses in progress are sent with `Connection: close`. A connection that has sent
+   * nothing yet gets a grace period to send its request.
+   */
+  function sweep() {
+    const graceOver = Date.now() - drainStarted > IDLE_GRACE_MS;
+    for (const socket of sockets) {
+      const response = socket._httpMessage;
+      // destroySoon: FIN after what is queued, then close, even on an allowHalfOpen (http) socket.
+      if (socket.parser && !response && (socket.bytesRead > 0 || graceOver)) socket.destroySoon();
+      else if (response && !response.headersSent) response.shouldKeepAlive = false;
+    }
+  }
+
+  function exitWhenDrained() {
+    if (!draining || !channelEnded || sockets.size > 0) return;
+    if (sweeper) clearInterval(sweeper);
+    sweeper = null;
+    debug('drained');
+    if (exitIsOurs()) process.exit(0);
+  }
+
+  function drain(reason) {
+    if (draining) return;
+    draining = true;
+    drainStarted = Date.now();
+    debug(`draining (${reason})`);
+    // Shuts the channel's read side: what is already queued still arrives, then the accept thread ends.
+    worker.stop();
+    if (!server) {
+      if (exitIsOurs()) process.exit(0);
+      return;
+    }
+    // 'close' is what tells socket.io (engine.io) to close its clients.
+    server.close(() => {});
+    setImmediate(sweep);
+    sweeper = setInterval(sweep, SWEEP_INTERVAL_MS);
+    exitWhenDrained();
+  }
+
+  startFn(function callback(userServer) {
+    if (server || draining) return;
+    if (!(userServer instanceof net.Server)) {
+      throw new TypeError('sticky-cluster-native: callback(server) needs a net.Server (http.Server, https.Server, ...)');
+    }
+    server = userServer;
+    worker.start(onConnection, onEnd);
+    // Ready only now: connections for this index waited in the master during the user's async init.
+    worker.ready();
+    debug('ready');
+  });
+  return undefined;
+}
+
+module.exports = stickyCluster;

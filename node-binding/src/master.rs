@@ -1,0 +1,191 @@
+//! The master inside the Node primary process: bind at once (so `EADDRINUSE` reaches `errorHandler`
+//! synchronously), then run core's master on one dedicated thread until JS asks it to stop.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use napi::bindgen_prelude::{Either, Unknown};
+use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
+use napi::Status;
+use napi_derive::napi;
+use sticky_cluster::config::Overrides;
+use sticky_cluster::master::{self, Stop};
+use sticky_cluster::{Config, Error, WorkerSource};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+
+/// The cluster options after `index.js` applied the npm module's defaults.
+#[napi(object)]
+pub struct ClusterOptions {
+    /// TCP port clients connect to (0 picks a free one).
+    pub port: u32,
+    /// Address to listen on; `::` is dual-stack, like Node.
+    pub host: String,
+    /// Number of workers.
+    pub concurrency: u32,
+    /// Log every worker start/exit and every routed connection.
+    pub debug: bool,
+    /// Text in front of every log line.
+    pub prefix: String,
+    /// Milliseconds a graceful shutdown may take before the remaining workers are killed.
+    pub hard_shutdown_delay_ms: f64,
+    /// The worker command: `process.execPath`, `process.execArgv`, the script and its arguments.
+    pub command: Vec<String>,
+    /// Extra environment for every worker (`{index}` in a value becomes the worker's index).
+    pub env: HashMap<String, String>,
+}
+
+/// Why the listener could not be opened: the OS error number and the address, for a Node-style Error.
+#[napi(object)]
+pub struct ListenFailure {
+    /// The positive OS error number (`EADDRINUSE` is 98 on Linux).
+    pub errno: i32,
+    /// The operating system's text for it.
+    pub message: String,
+    /// The IP address that was asked for.
+    pub address: String,
+    /// The port that was asked for.
+    pub port: u32,
+}
+
+/// How a cluster run ended, handed to the `onEnd` callback once.
+#[napi(object)]
+pub struct ClusterEnd {
+    /// Every worker exited on its own within the hard shutdown delay.
+    pub graceful: bool,
+    /// Why the master stopped on its own (a worker could not be started, ...), if it did.
+    pub error: Option<String>,
+    /// Connections handed to each worker index.
+    pub routed: Vec<i64>,
+    /// Worker processes started again after one died.
+    pub revivals: i64,
+}
+
+/// A running master, owned by the JS side; `stop` is the only way in once it runs.
+#[napi]
+pub struct Cluster {
+    stop: UnboundedSender<Stop>,
+    address: String,
+    port: u32,
+}
+
+/// What `startCluster` gives back: the running cluster, or why it could not listen.
+pub type StartResult = Either<Cluster, ListenFailure>;
+
+type EndCallback = ThreadsafeFunction<ClusterEnd, Unknown<'static>, ClusterEnd, Status, false>;
+
+#[napi]
+impl Cluster {
+    /// Asks the master to stop: gracefully first, at once when `hard` (a second signal). Returns false
+    /// when the master has already ended.
+    #[napi]
+    pub fn stop(&self, hard: bool) -> bool {
+        let request = if hard { Stop::Hard } else { Stop::Graceful };
+        self.stop.send(request).is_ok()
+    }
+
+    /// The IP address the listener is bound to, as Node prints it (`::`, `127.0.0.1`).
+    #[napi(getter)]
+    pub fn address(&self) -> String {
+        self.address.clone()
+    }
+
+    /// The port the listener is bound to (the real one when 0 was asked for).
+    #[napi(getter)]
+    pub fn port(&self) -> u32 {
+        self.port
+    }
+}
+
+/// Binds the client listener and starts the workers on a dedicated master thread. A listen error comes
+/// back as a [`ListenFailure`] (not thrown) so JS can build the Node-style Error for `errorHandler`;
+/// `on_end` is called once when the master has stopped.
+#[napi]
+pub fn start_cluster(options: ClusterOptions, on_end: EndCallback) -> napi::Result<StartResult> {
+    let config = config_from(options)?;
+    sticky_cluster::logging::init(&config.prefix, config.debug);
+    let listener = match master::bind(&config) {
+        Ok(listener) => listener,
+        Err(Error::Listen { address, source }) => {
+            return Ok(Either::B(ListenFailure {
+                errno: source.raw_os_error().unwrap_or(0),
+                message: source.to_string(),
+                address: sticky_cluster::hash::node_address_text(address.ip()),
+                port: u32::from(address.port()),
+            }));
+        }
+        Err(other) => return Err(napi::Error::from_reason(other.to_string())),
+    };
+    let bound =
+        listener.local_addr().map_err(|e| napi::Error::from_reason(format!("read the listener address: {e}")))?;
+    let (stop, stop_rx) = unbounded_channel();
+    let_workers_inherit_stdio();
+    // One thread for the master's whole life: workers' PR_SET_PDEATHSIG is tied to the spawning thread.
+    std::thread::Builder::new()
+        .name("sticky-cluster-master".into())
+        .spawn(move || {
+            let outcome = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| Error::io("start the master's runtime", e))
+                .and_then(|runtime| runtime.block_on(master::run(config, listener, stop_rx)));
+            let end = match outcome {
+                Ok(outcome) => ClusterEnd {
+                    graceful: outcome.graceful,
+                    error: None,
+                    routed: outcome.stats.routed.iter().map(|&n| n.min(i64::MAX as u64) as i64).collect(),
+                    revivals: outcome.stats.revivals.min(i64::MAX as u64) as i64,
+                },
+                Err(error) => {
+                    ClusterEnd { graceful: false, error: Some(error.to_string()), routed: Vec::new(), revivals: 0 }
+                }
+            };
+            on_end.call(end, ThreadsafeFunctionCallMode::Blocking);
+            // Dropping `on_end` here releases the event loop: the primary process may now exit.
+        })
+        .map_err(|e| napi::Error::from_reason(format!("start the master thread: {e}")))?;
+    Ok(Either::A(Cluster {
+        stop,
+        address: sticky_cluster::hash::node_address_text(bound.ip()),
+        port: u32::from(bound.port()),
+    }))
+}
+
+/// Node marks fds 0-2 close-on-exec at start (libuv's `uv_disable_stdio_inheritance`), and core spawns
+/// workers with inherited stdio: without this, a worker's stdout and stderr would be `/dev/null`.
+fn let_workers_inherit_stdio() {
+    for fd in [libc::STDOUT_FILENO, libc::STDERR_FILENO] {
+        // SAFETY: fcntl on the process's own standard fds only reads and clears a descriptor flag.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 && flags & libc::FD_CLOEXEC != 0 {
+                libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+            }
+        }
+    }
+}
+
+/// Turns the JS options into a validated core [`Config`]; bad values are one clear thrown message.
+fn config_from(options: ClusterOptions) -> napi::Result<Config> {
+    let invalid = |message: String| napi::Error::new(Status::InvalidArg, message);
+    let port =
+        u16::try_from(options.port).map_err(|_| invalid(format!("port: must be 0..65535, got {}", options.port)))?;
+    if options.concurrency == 0 {
+        return Err(invalid("concurrency: must be at least 1, got 0".into()));
+    }
+    let delay = options.hard_shutdown_delay_ms;
+    if !(delay.is_finite() && delay >= 0.0) {
+        return Err(invalid(format!("hardShutdownDelay: must be a number of milliseconds >= 0, got {delay}")));
+    }
+    let config = Config {
+        port,
+        host: options.host,
+        concurrency: options.concurrency,
+        debug: options.debug,
+        prefix: options.prefix,
+        hard_shutdown_delay: Duration::from_millis(delay as u64),
+        env: options.env.into_iter().collect::<BTreeMap<_, _>>(),
+        workers: WorkerSource::Spawn { command: options.command, cwd: None },
+        ..Config::default()
+    };
+    config.apply(Overrides::default(), "sticky-cluster-native options").map_err(|e| invalid(e.to_string()))
+}

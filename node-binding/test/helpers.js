@@ -1,0 +1,205 @@
+'use strict';
+// Test support: start a fixture cluster as a real process (killed when the test ends), find free
+// loopback client addresses per worker index, and drive real socket.io clients from them.
+
+const { spawn } = require('child_process');
+const http = require('http');
+const path = require('path');
+const { io } = require('socket.io-client');
+
+const FIXTURES = path.join(__dirname, 'fixtures');
+
+/** npm string-hash over Node's remoteAddress text: the routing contract. */
+function stringHash(text) {
+  let hash = 5381;
+  for (let i = text.length - 1; i >= 0; i -= 1) hash = (hash * 33) ^ text.charCodeAt(i);
+  return hash >>> 0;
+}
+
+/** The worker index a client from `address` lands on behind a dual-stack listener. */
+function routeIndex(address, concurrency) {
+  return stringHash(`::ffff:${address}`) % concurrency;
+}
+
+/** The n-th distinct loopback client address (127.<block>.x.y), different per test file via `block`. */
+function clientAddress(block, n) {
+  return `127.${block}.${Math.floor(n / 250)}.${(n % 250) + 1}`;
+}
+
+/** A client address of `block` that routes to each index: addresses[index]. */
+function addressesPerIndex(block, concurrency) {
+  const found = new Array(concurrency).fill(null);
+  for (let n = 0; found.includes(null); n += 1) {
+    const address = clientAddress(block, n);
+    const index = routeIndex(address, concurrency);
+    if (found[index] === null) found[index] = address;
+  }
+  return found;
+}
+
+/**
+ * Starts `fixtures/<script>` with the given environment, waits for the master's
+ * `listening on [..]:PORT` line, and kills the whole tree when the test ends.
+ */
+async function startApp(t, script, env = {}, { waitForListening = true } = {}) {
+  const child = spawn(process.execPath, [path.join(FIXTURES, script)], {
+    env: { ...process.env, ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  const app = { child, stdout: '', stderr: '', port: null };
+  child.stdout.setEncoding('utf8').on('data', (chunk) => (app.stdout += chunk));
+  child.stderr.setEncoding('utf8').on('data', (chunk) => (app.stderr += chunk));
+  app.exited = new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
+  t.after(() => {
+    // Workers die with the master (PR_SET_PDEATHSIG); a leftover master is killed here.
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+  });
+  if (waitForListening) {
+    app.port = await waitFor(app, () => {
+      const match = app.stderr.match(/listening on \S*:(\d+) with \d+ workers/);
+      return match ? Number(match[1]) : null;
+    });
+  }
+  return app;
+}
+
+/** Resolves with check()'s first truthy result; rejects if the app exits first or after `ms`. */
+function waitFor(app, check, ms = 15000) {
+  return new Promise((resolve, reject) => {
+    const started = Date.now();
+    const poll = () => {
+      const value = check();
+      if (value) return resolve(value);
+      if (app.child.exitCode !== null || app.child.signalCode !== null) {
+        return reject(new Error(`the app exited (${app.child.exitCode ?? app.child.signalCode}); stderr:\n${app.stderr}`));
+      }
+      if (Date.now() - started > ms) return reject(new Error(`timed out; stderr:\n${app.stderr}`));
+      setTimeout(poll, 20);
+    };
+    poll();
+  });
+}
+
+/** Rejects if `promise` takes longer than `ms`. */
+function within(ms, promise, what) {
+  let timer;
+  return Promise.race([
+    promise,
+    new Promise((_, reject) => {
+      timer = setTimeout(() => reject(new Error(`${what}: no answer within ${ms} ms`)), ms);
+    }),
+  ]).finally(() => clearTimeout(timer));
+}
+
+/** GET `path` from the cluster with the client bound to `localAddress`; resolves with the parsed JSON. */
+function getJson(port, path_, localAddress) {
+  return new Promise((resolve, reject) => {
+    const request = http.get({ host: '127.0.0.1', port, path: path_, localAddress, agent: false }, (response) => {
+      let body = '';
+      response.setEncoding('utf8').on('data', (chunk) => (body += chunk));
+      response.on('end', () => {
+        try {
+          resolve(JSON.parse(body));
+        } catch (error) {
+          reject(new Error(`not JSON (status ${response.statusCode}): ${body}`));
+        }
+      });
+    });
+    request.on('error', reject);
+  });
+}
+
+/**
+ * One socket.io client from `localAddress`: connects, sends `messages` chat messages one after the other
+ * and waits for each echo. Resolves with what happened; never rejects (errors are counted by callers).
+ */
+function chatClient({ port, localAddress, transports, messages }) {
+  return new Promise((resolve) => {
+    const result = { localAddress, connected: false, echoed: 0, pids: new Set(), errors: [], transport: null };
+    const agent = new http.Agent({ localAddress, keepAlive: true });
+    const socket = io(`http://127.0.0.1:${port}`, {
+      transports,
+      agent,
+      forceNew: true,
+      reconnection: false,
+      timeout: 10000,
+    });
+    let finished = false;
+    const finish = () => {
+      if (finished) return;
+      finished = true;
+      clearTimeout(timer);
+      result.transport = socket.io.engine ? socket.io.engine.transport.name : null;
+      socket.disconnect();
+      agent.destroy();
+      resolve(result);
+    };
+    const timer = setTimeout(() => {
+      result.errors.push(`timeout after ${result.echoed} echoes`);
+      finish();
+    }, 20000);
+    const describe = (error) =>
+      [error.message, error.description && (error.description.message || error.description), error.context && error.context.responseText]
+        .filter(Boolean)
+        .join(' / ');
+    socket.on('connect_error', (error) => {
+      result.errors.push(`connect_error: ${describe(error)}`);
+      finish();
+    });
+    socket.on('disconnect', (reason, details) => {
+      if (!finished) {
+        result.errors.push(`disconnect: ${reason}${details ? ` (${describe(details)})` : ''}`);
+        finish();
+      }
+    });
+    socket.io.engine?.on?.('error', (error) => result.errors.push(`engine: ${describe(error)}`));
+    let sent = 0;
+    const sendNext = () => {
+      sent += 1;
+      socket.emit('chat', { from: localAddress, n: sent });
+    };
+    socket.on('chat', (echo) => {
+      if (echo.from !== localAddress || echo.n !== sent) {
+        result.errors.push(`wrong echo ${JSON.stringify(echo)} for message ${sent}`);
+      }
+      result.echoed += 1;
+      result.pids.add(echo.pid);
+      if (result.echoed === messages) finish();
+      else sendNext();
+    });
+    socket.on('connect', () => {
+      result.connected = true;
+      sendNext();
+    });
+  });
+}
+
+/** Runs `count` chat clients at once from distinct loopback addresses of `block`. */
+async function chatCrowd({ port, block, count, transports, messages }) {
+  const clients = [];
+  for (let n = 0; n < count; n += 1) {
+    clients.push(chatClient({ port, localAddress: clientAddress(block, n), transports, messages }));
+  }
+  return Promise.all(clients);
+}
+
+/** One line per failed client, for assertion messages. */
+function failures(results, messages) {
+  return results
+    .filter((r) => !r.connected || r.echoed !== messages || r.errors.length > 0)
+    .map((r) => `${r.localAddress}: connected=${r.connected} echoed=${r.echoed} ${r.errors.join('; ')}`);
+}
+
+module.exports = {
+  addressesPerIndex,
+  chatClient,
+  chatCrowd,
+  clientAddress,
+  failures,
+  getJson,
+  routeIndex,
+  startApp,
+  stringHash,
+  waitFor,
+  within,
+};
