@@ -65,9 +65,15 @@ pub fn spawn_worker(config: &Config, command: &[String], cwd: Option<&std::path:
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         process.pre_exec(move || {
-            // The channel end was made close-on-exec so no other child inherits it; this one must.
-            let flags = libc::fcntl(worker_fd, libc::F_GETFD);
-            if flags < 0 || libc::fcntl(worker_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+            // The channel end was made close-on-exec so no other child inherits it; this one must. So must
+            // stdout and stderr: some hosts (Node) mark fds 0-2 close-on-exec, which would leave workers mute.
+            for fd in [worker_fd, 1, 2] {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags >= 0 && libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::fcntl(worker_fd, libc::F_GETFD) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             // No orphaned workers if the master itself is killed.

@@ -166,6 +166,14 @@ impl Worker {
         self.next_connection(|| recv_message(self.channel.as_fd(), false))
     }
 
+    /// Stops taking connections, from any thread: a blocked or later `accept` still gets what the
+    /// channel already holds, then [`Error::ChannelClosed`]. The master queues this index's next
+    /// connections (and revives or redirects as usual).
+    pub fn stop_accepting(&self) -> Result<()> {
+        socket::shutdown(self.channel.as_raw_fd(), socket::Shutdown::Read)
+            .map_err(|e| Error::io("shut the channel's read side", e))
+    }
+
     /// Takes a connection that is already waiting, never blocking (whatever the channel fd's mode):
     /// [`Error::WouldBlock`] when none is. A worker that got SIGTERM drains its channel with this, since
     /// the master sends the shutdown message before the signal.
@@ -273,4 +281,61 @@ fn inherited_channel(fd_text: &str) -> Result<OwnedFd> {
         .map_err(|e| Error::io("set FD_CLOEXEC on the channel", e))?;
     // SAFETY: checked above; from here the Worker is its only owner.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::send_message;
+    use nix::sys::socket::socketpair;
+
+    fn worker_and_master() -> (Worker, OwnedFd) {
+        let (master, worker) =
+            socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap();
+        (Worker::with_channel(worker, 0, 1), master)
+    }
+
+    fn send_connection(master: &OwnedFd) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let message = Message::Connection { peer: client.local_addr().unwrap(), local: listener.local_addr().unwrap() };
+        send_message(master.as_fd(), &message, Some(client.as_fd()), false).unwrap();
+    }
+
+    #[test]
+    fn stop_accepting_delivers_what_waits_then_reports_the_end() {
+        let (worker, master) = worker_and_master();
+        send_connection(&master);
+        worker.stop_accepting().unwrap();
+        assert!(worker.accept_blocking().is_ok(), "the connection already in the channel still arrives");
+        assert!(matches!(worker.accept_blocking(), Err(Error::ChannelClosed)));
+    }
+
+    #[test]
+    fn shutdown_is_reported_and_sticks() {
+        let (worker, master) = worker_and_master();
+        send_message(master.as_fd(), &Message::Shutdown { deadline_ms: 1500 }, None, false).unwrap();
+        assert!(matches!(worker.accept_blocking(), Err(Error::Shutdown)));
+        assert_eq!(worker.shutdown_deadline_ms(), Some(1500));
+        assert!(matches!(worker.try_accept(), Err(Error::Shutdown)), "later calls say so at once");
+    }
+
+    #[test]
+    fn an_inherited_fd_is_checked_before_it_is_trusted() {
+        let message = |text: &str| inherited_channel(text).unwrap_err().to_string();
+        assert!(message("five").ends_with("STICKY_CLUSTER_FD=five: not a file descriptor number"));
+        assert!(message("999999").ends_with("not an open file descriptor"));
+        let file = std::fs::File::open("/dev/null").unwrap();
+        assert!(message(&file.as_raw_fd().to_string()).ends_with("not a socket"));
+        let (stream, _other) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(message(&stream.as_raw_fd().to_string()).ends_with("not a Unix SOCK_SEQPACKET channel"));
+    }
+
+    #[test]
+    fn try_accept_never_blocks() {
+        let (worker, master) = worker_and_master();
+        assert!(matches!(worker.try_accept(), Err(Error::WouldBlock)));
+        send_connection(&master);
+        assert!(worker.try_accept().is_ok());
+    }
 }

@@ -1,7 +1,7 @@
 //! The worker side inside a re-launched Node process: join the cluster from the environment, say ready,
 //! and run one plain thread that blocks on the channel and hands each routed fd to JS.
 
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -96,12 +96,8 @@ impl WorkerHandle {
     /// connections to its queue (and revives or redirects as usual).
     #[napi]
     pub fn stop(&self) {
-        let fd = self.worker.channel_fd().as_raw_fd();
-        // SAFETY: the Worker owns this fd for the whole process; shutdown(2) changes its state, never
-        // closes it, so no other code can be left holding a dangling number.
-        unsafe {
-            libc::shutdown(fd, libc::SHUT_RD);
-        }
+        // Only fails on a channel that is already gone, which is the state this asks for.
+        let _ = self.worker.stop_accepting();
     }
 }
 
