@@ -6,12 +6,10 @@ mod support;
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use support::{client_address, clients_for, expected_index, Cluster};
+use support::{client_address, clients_for, expected_index, Cluster, SteadyLoad};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -91,33 +89,16 @@ fn a_killed_worker_is_revived_under_its_index_and_queued_clients_are_served() {
     let old_pid = cluster.get(victims[0], "/").unwrap()["pid"].as_u64().unwrap();
 
     // Steady load on both workers while worker 0 dies.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (served, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let load: Vec<_> = (0..4)
-        .map(|thread| {
-            let (stop, served, failed) = (stop.clone(), served.clone(), failed.clone());
-            let clients: Vec<Ipv4Addr> = victims.iter().chain(&others).copied().skip(thread).step_by(4).collect();
-            let server = std::net::SocketAddr::from(([127, 0, 0, 1], cluster.port));
-            std::thread::spawn(move || {
-                for client in clients.iter().cycle() {
-                    if stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    match support::get(*client, server, "/") {
-                        Ok(_) => served.fetch_add(1, Ordering::SeqCst),
-                        Err(_) => failed.fetch_add(1, Ordering::SeqCst),
-                    };
-                }
-            })
-        })
-        .collect();
+    let server = std::net::SocketAddr::from(([127, 0, 0, 1], cluster.port));
+    let all: Vec<Ipv4Addr> = victims.iter().chain(&others).copied().collect();
+    let load =
+        SteadyLoad::start(server, "/", (0..4).map(|t| all.iter().copied().skip(t).step_by(4).collect()).collect());
     std::thread::sleep(Duration::from_millis(300));
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(old_pid as i32), Signal::SIGKILL).unwrap();
     cluster.wait_for_log("reviving", LONG);
     // Clients arriving while the new process initialises wait in the queue and reach it.
     let during: Vec<serde_json::Value> = victims.iter().map(|&c| cluster.get(c, "/").unwrap()).collect();
-    stop.store(true, Ordering::SeqCst);
-    load.into_iter().for_each(|t| t.join().unwrap());
+    let (served, failed) = load.stop();
 
     let log = cluster.log().join("\n");
     assert!(log.contains("signal 9 (SIGKILL)"), "exit reason logged:\n{log}");
@@ -125,9 +106,9 @@ fn a_killed_worker_is_revived_under_its_index_and_queued_clients_are_served() {
         assert_eq!(answer["worker"], 0, "same index after revival");
         assert_ne!(answer["pid"].as_u64().unwrap(), old_pid, "a new process serves index 0");
     }
-    assert!(served.load(Ordering::SeqCst) > 20, "load kept being served");
+    assert!(served > 20, "load kept being served");
     // Only connections already inside the dead worker's channel (at most one per load thread) may be lost.
-    assert!(failed.load(Ordering::SeqCst) <= 4, "lost {} connections", failed.load(Ordering::SeqCst));
+    assert!(failed <= 4, "lost {failed} connections");
     let mut cluster = cluster;
     assert!(cluster.running(), "the master never exits because a worker died");
 }

@@ -3,13 +3,10 @@
 
 mod support;
 
-use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use support::{clients_for, Cluster};
+use support::{clients_for, Cluster, SteadyLoad};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -30,36 +27,21 @@ fn a_reload_restarts_workers_one_at_a_time_and_loses_no_connection() {
     let before = answers_by_index(&cluster);
     assert_eq!(before[0]["echo"], "v1-0");
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let (served, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let server = std::net::SocketAddr::from(([127, 0, 0, 1], cluster.port));
-    let load: Vec<_> = (0..4u32)
-        .map(|thread| {
-            let (stop, served, failed) = (stop.clone(), served.clone(), failed.clone());
-            std::thread::spawn(move || {
-                let clients: Vec<Ipv4Addr> = (thread * 10..thread * 10 + 10).map(support::client_address).collect();
-                for client in clients.iter().cycle() {
-                    if stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    match support::get(*client, server, "/sleep/20") {
-                        Ok(_) => served.fetch_add(1, Ordering::SeqCst),
-                        Err(_) => failed.fetch_add(1, Ordering::SeqCst),
-                    };
-                }
-            })
-        })
-        .collect();
+    let load = SteadyLoad::start(
+        server,
+        "/sleep/20",
+        (0..4u32).map(|t| (t * 10..t * 10 + 10).map(support::client_address).collect()).collect(),
+    );
     std::thread::sleep(Duration::from_millis(200));
     cluster.rewrite_config(&config("v2"));
     cluster.signal(Signal::SIGHUP);
     cluster.wait_for_log("every worker runs the new configuration", LONG);
     std::thread::sleep(Duration::from_millis(200));
-    stop.store(true, Ordering::SeqCst);
-    load.into_iter().for_each(|t| t.join().unwrap());
+    let (served, failed) = load.stop();
 
-    assert_eq!(failed.load(Ordering::SeqCst), 0, "a rolling restart loses no connection");
-    assert!(served.load(Ordering::SeqCst) > 20);
+    assert_eq!(failed, 0, "a rolling restart loses no connection");
+    assert!(served > 20);
     let after = answers_by_index(&cluster);
     for index in 0..2 {
         assert_eq!(after[index]["worker"], index as u64);

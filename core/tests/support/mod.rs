@@ -244,3 +244,44 @@ pub fn request(client: Ipv4Addr, server: SocketAddr, raw: &str) -> std::io::Resu
         .ok_or_else(|| std::io::Error::other(format!("no HTTP answer: {response:?}")))?;
     serde_json::from_str(body.trim()).map_err(|e| std::io::Error::other(format!("{e}: {body:?}")))
 }
+
+/// Clients requesting `path` in a loop on a few threads until stopped, counting answers and failures.
+pub struct SteadyLoad {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    served: Arc<std::sync::atomic::AtomicU64>,
+    failed: Arc<std::sync::atomic::AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl SteadyLoad {
+    /// One thread per client list, each cycling through its clients.
+    pub fn start(server: SocketAddr, path: &'static str, client_lists: Vec<Vec<Ipv4Addr>>) -> SteadyLoad {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let (stop, served, failed) =
+            (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let threads = client_lists
+            .into_iter()
+            .map(|clients| {
+                let (stop, served, failed) = (stop.clone(), served.clone(), failed.clone());
+                std::thread::spawn(move || {
+                    for client in clients.iter().cycle() {
+                        if stop.load(Ordering::SeqCst) {
+                            break;
+                        }
+                        let counter = if get(*client, server, path).is_ok() { &served } else { &failed };
+                        counter.fetch_add(1, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        SteadyLoad { stop, served, failed, threads }
+    }
+
+    /// Stops the clients; returns (served, failed).
+    pub fn stop(self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::SeqCst);
+        self.threads.into_iter().for_each(|t| t.join().unwrap());
+        (self.served.load(Ordering::SeqCst), self.failed.load(Ordering::SeqCst))
+    }
+}
