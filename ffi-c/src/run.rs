@@ -354,6 +354,8 @@ unsafe fn config_from_options(opts: &sticky_options) -> Result<Config, Failure> 
         workers: WorkerSource::Spawn { command, cwd },
         queue_limit: opts.queue_limit as usize,
         queue_max_wait: Duration::from_millis(opts.queue_max_wait_ms),
+        // Options the C struct leaves to the YAML file (sticky_run_config): metrics, clientAddress.
+        ..defaults
     };
     Ok(config.apply(Overrides::default(), ORIGIN)?)
 }
