@@ -1,30 +1,67 @@
 //! The routing hash: npm `string-hash` over the client address text exactly as Node prints it.
 //! Keeping both halves identical to Node keeps every client on the same index after a move from the npm module.
 
-use std::fmt::Write as _;
+use std::fmt::Write;
 use std::net::{IpAddr, Ipv6Addr};
 
 /// npm `string-hash`: 5381, then `h = (h * 33) ^ unit` for each UTF-16 unit from the last to the first.
 pub fn string_hash(text: &str) -> u32 {
-    let units: Vec<u16> = text.encode_utf16().collect();
-    units.iter().rev().fold(5381u32, |hash, &unit| hash.wrapping_mul(33) ^ u32::from(unit))
+    let step = |hash: u32, unit: u32| hash.wrapping_mul(33) ^ unit;
+    if text.is_ascii() {
+        // Address texts are ASCII, where bytes are the UTF-16 units: no conversion on the hot path.
+        return text.bytes().rev().fold(5381, |hash, byte| step(hash, u32::from(byte)));
+    }
+    text.chars().rev().fold(5381, |hash, c| {
+        let mut units = [0u16; 2];
+        c.encode_utf16(&mut units).iter().rev().fold(hash, |hash, &unit| step(hash, u32::from(unit)))
+    })
 }
 
 /// The worker index for a client address: `string_hash(node_address_text(ip)) % concurrency`.
 pub fn route_index(ip: IpAddr, concurrency: u32) -> u32 {
-    string_hash(&node_address_text(ip)) % concurrency.max(1)
+    // Formatted on the stack: this runs once per accepted connection.
+    let mut text = AddressText { bytes: [0; 64], len: 0 };
+    write_node_address(&mut text, ip);
+    string_hash(text.as_str()) % concurrency.max(1)
 }
 
 /// The address text Node gives `socket.remoteAddress` (libuv's `inet_ntop`), which differs from Rust's
 /// `Display` for IPv4-compatible addresses such as `::1.2.3.4`.
 pub fn node_address_text(ip: IpAddr) -> String {
-    match ip {
-        IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => node_ipv6_text(v6),
+    let mut text = String::with_capacity(46);
+    write_node_address(&mut text, ip);
+    text
+}
+
+/// A fixed buffer long enough for any address text (at most 45 bytes).
+struct AddressText {
+    bytes: [u8; 64],
+    len: usize,
+}
+
+impl AddressText {
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..self.len]).expect("address text is ASCII")
     }
 }
 
-fn node_ipv6_text(ip: Ipv6Addr) -> String {
+impl Write for AddressText {
+    fn write_str(&mut self, text: &str) -> std::fmt::Result {
+        let end = self.len + text.len();
+        self.bytes.get_mut(self.len..end).ok_or(std::fmt::Error)?.copy_from_slice(text.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+fn write_node_address(out: &mut impl Write, ip: IpAddr) {
+    let _ = match ip {
+        IpAddr::V4(v4) => write!(out, "{v4}"),
+        IpAddr::V6(v6) => write_node_ipv6(out, v6),
+    };
+}
+
+fn write_node_ipv6(out: &mut impl Write, ip: Ipv6Addr) -> std::fmt::Result {
     let words = ip.segments();
     // The first longest run of two or more zero words is the one written as `::`.
     let (mut best_base, mut best_len) = (usize::MAX, 0usize);
@@ -43,29 +80,27 @@ fn node_ipv6_text(ip: Ipv6Addr) -> String {
         }
     }
     let in_best = |i: usize| best_len > 0 && i >= best_base && i < best_base + best_len;
-    let mut text = String::with_capacity(40);
     for i in 0..8 {
         if in_best(i) {
             if i == best_base {
-                text.push(':');
+                out.write_char(':')?;
             }
             continue;
         }
         if i != 0 {
-            text.push(':');
+            out.write_char(':')?;
         }
         let embeds_ipv4 = i == 6 && best_base == 0 && (best_len == 6 || (best_len == 5 && words[5] == 0xffff));
         if embeds_ipv4 {
             let octets = ip.octets();
-            let _ = write!(text, "{}.{}.{}.{}", octets[12], octets[13], octets[14], octets[15]);
-            return text;
+            return write!(out, "{}.{}.{}.{}", octets[12], octets[13], octets[14], octets[15]);
         }
-        let _ = write!(text, "{:x}", words[i]);
+        write!(out, "{:x}", words[i])?;
     }
     if best_len > 0 && best_base + best_len == 8 {
-        text.push(':');
+        out.write_char(':')?;
     }
-    text
+    Ok(())
 }
 
 #[cfg(test)]
@@ -85,6 +120,12 @@ mod tests {
         assert_eq!(string_hash("ab"), ((5381u32 * 33) ^ 98).wrapping_mul(33) ^ 97);
         // A character outside the BMP is two surrogate units, as in JavaScript.
         assert_eq!(string_hash("😀"), ((5381u32 * 33) ^ 0xDE00).wrapping_mul(33) ^ 0xD83D);
+    }
+
+    #[test]
+    fn the_longest_address_text_fits_the_stack_buffer() {
+        let ip: IpAddr = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff".parse().unwrap();
+        assert_eq!(route_index(ip, 1000), string_hash(&node_address_text(ip)) % 1000);
     }
 
     #[test]
