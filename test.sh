@@ -32,10 +32,12 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --all-targets
 
-suite rust cargo test --workspace
+# The benchmark crate's tests run in its own suite below, with its npm peers.
+suite rust cargo test --workspace --exclude sticky-cluster-bench
 suite ffi-c bash ffi-c/run-tests.sh
 suite node bash node-binding/run-tests.sh
 suite docker bash docker/run-tests.sh
+suite benchmark bash benchmark/test.sh
 
 echo
 echo "$passed passed, $failed failed"

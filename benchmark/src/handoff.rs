@@ -1,0 +1,497 @@
+//! `handoff`: the same workers with no master, behind our master, and behind the npm peers, loaded one after
+//! the other by the same generator in one invocation, so ratios within the run compare like for like.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::load::{self, LoadOptions, LoadReport, ReplyCheck};
+use crate::node;
+use crate::procs::{self, Running};
+
+/// Where the programs under test are.
+#[derive(Debug, Clone)]
+pub struct Programs {
+    /// This benchmark's own executable (its `worker` subcommand).
+    pub bench: PathBuf,
+    /// target/<profile>/sticky-cluster.
+    pub master: PathBuf,
+    /// target/<profile>/hello-worker.
+    pub hello_worker: PathBuf,
+}
+
+impl Programs {
+    /// The programs beside this executable in the target directory.
+    pub fn beside_current_exe() -> Result<Programs, String> {
+        let bench = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
+        let dir = bench.parent().ok_or("this executable has no folder")?.to_path_buf();
+        Ok(Programs { master: dir.join("sticky-cluster"), hello_worker: dir.join("hello-worker"), bench })
+    }
+}
+
+/// One way of putting workers behind a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Setup {
+    /// (a) our Rust tokio worker, each process on its own SO_REUSEPORT listener.
+    DirectTokio,
+    /// (a) the minimal blocking accept loop, each process on its own SO_REUSEPORT listener.
+    DirectBlocking,
+    /// (a) Node http workers sharing one listening socket (cluster SCHED_NONE): no master in the path.
+    DirectNode,
+    /// (b) our master with our Rust tokio worker.
+    MasterTokio,
+    /// (b) our master with the examples' hello-worker.
+    MasterHelloWorker,
+    /// (b) our master with the minimal blocking accept loop.
+    MasterBlocking,
+    /// (c) npm sticky-cluster 0.3.5 with Node http workers.
+    NpmStickyCluster,
+    /// (d) @socket.io/sticky 2.0.1 (round-robin) with Node http workers.
+    SocketIoSticky,
+    /// (e) our master through the Node binding, with Node http workers.
+    NodeBinding,
+}
+
+impl Setup {
+    /// Every setup, in the order the table shows them.
+    pub const ALL: [Setup; 9] = [
+        Setup::DirectTokio,
+        Setup::MasterTokio,
+        Setup::MasterHelloWorker,
+        Setup::DirectBlocking,
+        Setup::MasterBlocking,
+        Setup::DirectNode,
+        Setup::NpmStickyCluster,
+        Setup::SocketIoSticky,
+        Setup::NodeBinding,
+    ];
+
+    /// The letter for this setup.
+    pub fn letter(self) -> char {
+        match self {
+            Setup::DirectTokio | Setup::DirectBlocking | Setup::DirectNode => 'a',
+            Setup::MasterTokio | Setup::MasterHelloWorker | Setup::MasterBlocking => 'b',
+            Setup::NpmStickyCluster => 'c',
+            Setup::SocketIoSticky => 'd',
+            Setup::NodeBinding => 'e',
+        }
+    }
+
+    /// The table label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Setup::DirectTokio => "no master · Rust tokio worker (SO_REUSEPORT)",
+            Setup::DirectBlocking => "no master · blocking accept loop (SO_REUSEPORT)",
+            Setup::DirectNode => "no master · Node http (cluster SCHED_NONE)",
+            Setup::MasterTokio => "sticky-cluster · Rust tokio worker",
+            Setup::MasterHelloWorker => "sticky-cluster · examples hello-worker",
+            Setup::MasterBlocking => "sticky-cluster · blocking accept loop",
+            Setup::NpmStickyCluster => "npm sticky-cluster 0.3.5 · Node http",
+            Setup::SocketIoSticky => "@socket.io/sticky 2.0.1 · Node http",
+            Setup::NodeBinding => "sticky-cluster via node-binding · Node http",
+        }
+    }
+
+    /// The no-master setup with the same workers, which this one's rate is divided by.
+    pub fn baseline(self) -> Setup {
+        match self {
+            Setup::DirectTokio | Setup::MasterTokio | Setup::MasterHelloWorker => Setup::DirectTokio,
+            Setup::DirectBlocking | Setup::MasterBlocking => Setup::DirectBlocking,
+            _ => Setup::DirectNode,
+        }
+    }
+
+    /// Whether a master process sits between clients and workers (its CPU and memory are measured).
+    pub fn has_master(self) -> bool {
+        self.letter() != 'a'
+    }
+
+    /// What the replies must show: routing by our hash for the masters that promise it.
+    pub fn check(self, concurrency: u32) -> ReplyCheck {
+        match self {
+            // npm sticky-cluster hashes with string-hash too, so a client lands on the same index as with ours.
+            Setup::MasterTokio
+            | Setup::MasterHelloWorker
+            | Setup::MasterBlocking
+            | Setup::NpmStickyCluster
+            | Setup::NodeBinding => ReplyCheck::RemoteAndIndex { concurrency },
+            _ => ReplyCheck::Remote,
+        }
+    }
+
+    fn uses_node(self) -> bool {
+        matches!(self, Setup::DirectNode | Setup::NpmStickyCluster | Setup::SocketIoSticky | Setup::NodeBinding)
+    }
+
+    /// Starts the workers (and master) of this setup on `port`.
+    pub fn start(self, programs: &Programs, port: u16, concurrency: u32) -> Result<Running, String> {
+        let bench_worker = |style: &str| -> Vec<String> {
+            vec![programs.bench.display().to_string(), "worker".into(), "--style".into(), style.into()]
+        };
+        match self {
+            Setup::DirectTokio | Setup::DirectBlocking => {
+                let style = if self == Setup::DirectTokio { "tokio" } else { "blocking" };
+                let mut running: Option<Running> = None;
+                for index in 0..concurrency {
+                    let mut command = Command::new(&programs.bench);
+                    command
+                        .args(["worker", "--style", style, "--direct-port", &port.to_string()])
+                        .env("BENCH_WORKER_INDEX", index.to_string());
+                    match running.as_mut() {
+                        None => running = Some(Running::spawn(self.label(), &mut command)?),
+                        Some(running) => running.add(&mut command)?,
+                    }
+                }
+                running.ok_or_else(|| "concurrency must be at least 1".into())
+            }
+            Setup::MasterTokio => start_master(programs, port, concurrency, &bench_worker("tokio"), self.label()),
+            Setup::MasterBlocking => start_master(programs, port, concurrency, &bench_worker("blocking"), self.label()),
+            Setup::MasterHelloWorker => {
+                let command = [programs.hello_worker.display().to_string()];
+                start_master(programs, port, concurrency, &command, self.label())
+            }
+            Setup::DirectNode | Setup::NpmStickyCluster | Setup::SocketIoSticky | Setup::NodeBinding => {
+                let mode = match self {
+                    Setup::DirectNode => "direct",
+                    Setup::NpmStickyCluster => "sticky-cluster",
+                    Setup::SocketIoSticky => "socketio-sticky",
+                    _ => "native",
+                };
+                let dir = node::dir();
+                let mut command = Command::new("node");
+                command
+                    .arg(dir.join("workers.js"))
+                    .args([mode, &port.to_string(), &concurrency.to_string()])
+                    .current_dir(&dir);
+                Running::spawn(self.label(), &mut command)
+            }
+        }
+    }
+}
+
+fn start_master(
+    programs: &Programs,
+    port: u16,
+    concurrency: u32,
+    worker: &[String],
+    label: &str,
+) -> Result<Running, String> {
+    let mut command = Command::new(&programs.master);
+    command
+        .args(["--port", &port.to_string(), "--concurrency", &concurrency.to_string()])
+        .args(["--hard-shutdown-delay", "2s", "--"])
+        .args(worker);
+    Running::spawn(label, &mut command)
+}
+
+/// Options of the handoff benchmark.
+#[derive(Debug, Clone)]
+pub struct HandoffOptions {
+    /// Measured seconds per setup.
+    pub seconds: f64,
+    /// Unmeasured load before each measurement.
+    pub warmup: f64,
+    /// Workers per setup.
+    pub concurrency: u32,
+    /// Connections the generator keeps open at once.
+    pub in_flight: usize,
+    /// Distinct 127.a.b.c source addresses.
+    pub sources: u32,
+    /// Threads of the load generator.
+    pub client_threads: usize,
+    /// Only these setup letters (a–e), or all.
+    pub only: Option<String>,
+    /// Times every setup is measured; the table shows the median rate.
+    pub rounds: u32,
+}
+
+/// One setup's outcome.
+#[derive(Debug, Clone)]
+pub struct Measured {
+    /// Which setup.
+    pub setup: Setup,
+    /// The load run, or why the setup did not run.
+    pub result: Result<MeasuredRun, String>,
+}
+
+/// The figures of a setup that ran.
+#[derive(Debug, Clone)]
+pub struct MeasuredRun {
+    /// The generator's report.
+    pub load: LoadReport,
+    /// Master CPU seconds during the measured run, when there is a master.
+    pub master_cpu: Option<f64>,
+    /// Master resident memory after the run, KiB.
+    pub master_rss_kib: Option<u64>,
+    /// Connections per second of each round.
+    pub rates: Vec<f64>,
+}
+
+impl MeasuredRun {
+    /// The median of the rounds' connections per second.
+    pub fn rate(&self) -> f64 {
+        let mut rates = self.rates.clone();
+        rates.sort_by(f64::total_cmp);
+        match rates.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => rates[n / 2],
+            n => (rates[n / 2 - 1] + rates[n / 2]) / 2.0,
+        }
+    }
+
+    /// Folds another round of the same setup into this one: counts and CPU add up, latencies merge.
+    pub fn absorb(&mut self, other: MeasuredRun) {
+        self.load.completed += other.load.completed;
+        self.load.errors += other.load.errors;
+        self.load.misrouted += other.load.misrouted;
+        self.load.elapsed += other.load.elapsed;
+        self.load.latencies_us.extend(other.load.latencies_us);
+        self.load.latencies_us.sort_unstable();
+        for error in other.load.first_errors {
+            if self.load.first_errors.len() < 5 {
+                self.load.first_errors.push(error);
+            }
+        }
+        self.master_cpu = self.master_cpu.zip(other.master_cpu).map(|(a, b)| a + b);
+        self.master_rss_kib = self.master_rss_kib.max(other.master_rss_kib);
+        self.rates.extend(other.rates);
+    }
+}
+
+/// Measures one setup: start, wait for answers, warm up, measure, stop.
+pub fn measure(setup: Setup, programs: &Programs, options: &HandoffOptions) -> Result<MeasuredRun, String> {
+    if setup.uses_node() {
+        node::ensure_modules()?;
+    }
+    if setup == Setup::NodeBinding {
+        let index = node::binding_dir().join("index.js");
+        if !index.exists() {
+            return Err(format!("{} does not exist yet", index.display()));
+        }
+    }
+    let port = procs::free_port()?;
+    let target = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut running = setup.start(programs, port, options.concurrency)?;
+    let failed = |running: &mut Running, reason: String| {
+        let exited = running.exited().map(|s| format!("; exited with {s}")).unwrap_or_default();
+        format!("{reason}{exited}; stderr: {}", running.log_tail(3))
+    };
+    if let Err(reason) = load::wait_until_answering(target, Duration::from_secs(30)) {
+        return Err(failed(&mut running, reason));
+    }
+    let mut load_options = LoadOptions {
+        target,
+        duration: Duration::from_secs_f64(options.warmup),
+        max_connections: None,
+        in_flight: options.in_flight,
+        sources: options.sources,
+        threads: options.client_threads,
+        check: setup.check(options.concurrency),
+    };
+    if options.warmup > 0.0 {
+        load::run(&load_options).map_err(|e| format!("load generator failed: {e}"))?;
+    }
+    let master = setup.has_master().then(|| running.pid());
+    let cpu_before = master.and_then(procs::cpu_seconds);
+    load_options.duration = Duration::from_secs_f64(options.seconds);
+    let load = load::run(&load_options).map_err(|e| format!("load generator failed: {e}"))?;
+    let cpu_after = master.and_then(procs::cpu_seconds);
+    let master_rss_kib = master.and_then(|pid| procs::status_kib(pid, "VmRSS"));
+    if let Some(status) = running.exited() {
+        return Err(failed(&mut running, format!("the server exited during the run ({status})")));
+    }
+    running.stop();
+    let master_cpu = cpu_before.zip(cpu_after).map(|(before, after)| after - before);
+    let rates = vec![load.rate()];
+    Ok(MeasuredRun { load, master_cpu, master_rss_kib, rates })
+}
+
+/// Runs every selected setup and prints the table and the target lines.
+pub fn run(programs: &Programs, options: &HandoffOptions) -> Vec<Measured> {
+    print_header(programs, options);
+    let setups: Vec<Setup> = Setup::ALL
+        .into_iter()
+        .filter(|s| options.only.as_deref().is_none_or(|only| only.contains(s.letter())))
+        .collect();
+    let mut results: Vec<Measured> = Vec::new();
+    // Rounds go through every setup in turn, so a burst of other activity on the machine hits all of them.
+    for round in 1..=options.rounds {
+        for &setup in &setups {
+            let earlier = results.iter_mut().find(|m| m.setup == setup);
+            if earlier.as_ref().is_some_and(|m| m.result.is_err()) {
+                continue;
+            }
+            eprintln!("round {round}: ({}) {} ...", setup.letter(), setup.label());
+            let result = measure(setup, programs, options);
+            if let Err(reason) = &result {
+                eprintln!("  ({}) skipped: {reason}", setup.letter());
+            }
+            match (earlier, result) {
+                (Some(measured), Ok(run)) => {
+                    if let Ok(total) = measured.result.as_mut() {
+                        total.absorb(run);
+                    }
+                }
+                (Some(measured), Err(reason)) => measured.result = Err(reason),
+                (None, result) => results.push(Measured { setup, result }),
+            }
+        }
+    }
+    print_table(&results, options);
+    results
+}
+
+fn print_header(programs: &Programs, options: &HandoffOptions) {
+    println!(
+        "handoff: {} workers per setup, {} round(s) of {} s measured after {} s warm-up, {} connections in flight from {} source addresses, {} client thread(s)",
+        options.concurrency, options.rounds, options.seconds, options.warmup, options.in_flight, options.sources, options.client_threads
+    );
+    println!("master: {}", programs.master.display());
+    println!("load average before: {}", load_average());
+}
+
+fn rate_of(results: &[Measured], setup: Setup) -> Option<f64> {
+    results.iter().find(|m| m.setup == setup)?.result.as_ref().ok().map(MeasuredRun::rate)
+}
+
+/// Prints the results table (Markdown) and the lines comparing against the targets.
+pub fn print_table(results: &[Measured], options: &HandoffOptions) {
+    println!();
+    println!("| case | setup | conn/s (median) | rounds min–max | vs (a) same workers | p50 ms | p99 ms | errors | misrouted | master CPU s per 100k conn | master RSS MiB |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for measured in results {
+        let setup = measured.setup;
+        match &measured.result {
+            Ok(run) => {
+                let rate = run.rate();
+                let ratio = match rate_of(results, setup.baseline()) {
+                    Some(base) if setup.baseline() != setup => format!("{:.0}%", 100.0 * rate / base),
+                    _ if setup.baseline() == setup => "100%".into(),
+                    _ => "–".into(),
+                };
+                let cpu = run
+                    .master_cpu
+                    .filter(|_| run.load.completed > 0)
+                    .map(|s| format!("{:.2}", s * 100_000.0 / run.load.completed as f64))
+                    .unwrap_or_else(|| "–".into());
+                let rss = run.master_rss_kib.map(|k| format!("{:.1}", k as f64 / 1024.0)).unwrap_or_else(|| "–".into());
+                let misrouted = match setup.check(options.concurrency) {
+                    ReplyCheck::RemoteAndIndex { .. } => run.load.misrouted.to_string(),
+                    ReplyCheck::Remote => "n/a".into(),
+                };
+                let low = run.rates.iter().copied().fold(f64::INFINITY, f64::min);
+                let high = run.rates.iter().copied().fold(0.0, f64::max);
+                println!(
+                    "| ({}) | {} | {:.0} | {:.0}–{:.0} | {} | {:.2} | {:.2} | {} | {} | {} | {} |",
+                    setup.letter(),
+                    setup.label(),
+                    rate,
+                    low,
+                    high,
+                    ratio,
+                    run.load.percentile_ms(0.50),
+                    run.load.percentile_ms(0.99),
+                    run.load.errors,
+                    misrouted,
+                    cpu,
+                    rss
+                );
+            }
+            Err(reason) => {
+                println!("| ({}) | {} | skipped: {} | | | | | | | | |", setup.letter(), setup.label(), reason)
+            }
+        }
+    }
+    println!();
+    for measured in results {
+        if let Ok(run) = &measured.result {
+            for error in &run.load.first_errors {
+                println!("({}) error sample: {error}", measured.setup.letter());
+            }
+        }
+    }
+    let ratio = |a: Setup, b: Setup| rate_of(results, a).zip(rate_of(results, b)).map(|(x, y)| x / y);
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    if let Some(r) = ratio(Setup::MasterTokio, Setup::DirectTokio) {
+        println!(
+            "our master vs direct accept (Rust tokio worker): {:.0}% (target >= 80%: {})",
+            r * 100.0,
+            verdict(r >= 0.8)
+        );
+    }
+    if let Some(r) = ratio(Setup::MasterBlocking, Setup::DirectBlocking) {
+        println!(
+            "our master vs direct accept (blocking accept loop): {:.0}% (target >= 80%: {})",
+            r * 100.0,
+            verdict(r >= 0.8)
+        );
+    }
+    match results.iter().find(|m| m.setup == Setup::NodeBinding).map(|m| &m.result) {
+        Some(Err(reason)) => println!("(e) skipped: {reason}"),
+        None => println!("(e) not selected"),
+        Some(Ok(_)) => {}
+    }
+    if let Some(r) = ratio(Setup::NodeBinding, Setup::NpmStickyCluster) {
+        println!("(e) vs (c), same Node workers: {r:.2}x (target >= 5x: {})", verdict(r >= 5.0));
+    }
+    if let Some(r) = ratio(Setup::NodeBinding, Setup::SocketIoSticky) {
+        println!("(e) vs (d), same Node workers: {r:.2}x");
+    }
+    // The master's own routing capacity, independent of how fast the workers are: connections per CPU-second.
+    let capacity = |setup: Setup| {
+        let run = results.iter().find(|m| m.setup == setup)?.result.as_ref().ok()?;
+        run.master_cpu.filter(|&s| s > 0.0).map(|s| run.load.completed as f64 / s)
+    };
+    let capacities: Vec<String> = Setup::ALL
+        .into_iter()
+        .filter_map(|s| capacity(s).map(|c| format!("({}) {}: {c:.0}", s.letter(), s.label())))
+        .collect();
+    if !capacities.is_empty() {
+        println!("master routing capacity, connections per master CPU-second: {}", capacities.join("; "));
+    }
+    if let Some(r) = capacity(Setup::NodeBinding).zip(capacity(Setup::NpmStickyCluster)).map(|(x, y)| x / y) {
+        println!("(e) vs (c), connections per master CPU-second: {r:.1}x (target >= 5x: {})", verdict(r >= 5.0));
+    }
+    if let Some(r) = ratio(Setup::MasterTokio, Setup::NpmStickyCluster) {
+        println!("(b) Rust workers vs (c) Node workers (not like for like: the workers differ too): {r:.2}x");
+    }
+}
+
+/// Builds the master and hello-worker in the profile this executable was built with.
+pub fn build_programs(programs: &Programs) -> Result<(), String> {
+    let release = programs.bench.parent().and_then(Path::file_name).is_some_and(|name| name == "release");
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(cargo);
+    command.arg("build").args(["-p", "sticky-cluster", "-p", "sticky-cluster-examples"]).current_dir(workspace);
+    if release {
+        command.arg("--release");
+    }
+    let status = command.status().map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !status.success() {
+        return Err(format!("cargo build of the master and hello-worker failed ({status})"));
+    }
+    Ok(())
+}
+
+/// /proc/loadavg, to show whether something else was running on the machine.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg").map(|l| l.trim().to_string()).unwrap_or_else(|_| "unknown".into())
+}
+
+/// Under `--strict`: the first setup that was skipped (other than the optional (e)), failed connections
+/// or reached the wrong worker.
+pub fn strict_problem(results: &[Measured]) -> Option<String> {
+    results.iter().find_map(|m| match &m.result {
+        Err(reason) if m.setup != Setup::NodeBinding => Some(format!("({}) did not run: {reason}", m.setup.letter())),
+        Ok(run) if run.load.errors > 0 || run.load.misrouted > 0 => Some(format!(
+            "({}) {}: {} failed and {} misrouted connections",
+            m.setup.letter(),
+            m.setup.label(),
+            run.load.errors,
+            run.load.misrouted
+        )),
+        _ => None,
+    })
+}
