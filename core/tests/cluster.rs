@@ -368,3 +368,17 @@ fn metrics_show_routes_queues_readiness_and_revivals() {
     assert!(after.contains("sticky_cluster_worker_revivals_total 0\n"), "{after}");
     assert!(support::http_text(address, "/other").unwrap().starts_with("HTTP/1.1 404"));
 }
+
+#[test]
+fn an_ipv6_client_is_hashed_by_its_node_text() {
+    let cluster = Cluster::start("concurrency: 4\n");
+    let mut stream = std::net::TcpStream::connect(("::1", cluster.port)).unwrap();
+    use std::io::{Read, Write};
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let body: serde_json::Value = serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap().trim()).unwrap();
+    assert_eq!(body["remote"], "::1");
+    let expected = sticky_cluster::hash::route_index("::1".parse().unwrap(), 4);
+    assert_eq!(body["worker"], u64::from(expected));
+}
