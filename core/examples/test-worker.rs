@@ -5,6 +5,7 @@
 //! - `TEST_CRASH`: exit with status 3 right after joining
 //! - `TEST_IGNORE_TERM`: ignore SIGTERM and the shutdown message (for hard-shutdown tests)
 //! - `TEST_MARKER_DIR`: create `<dir>/started-<pid>` at start
+//! - `TEST_ACCEPT_PAUSE_MS`: after `ready()`, wait that long before accepting
 //! - `GET /sleep/<ms>`: answer after that many milliseconds
 
 use std::net::SocketAddr;
@@ -64,6 +65,10 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
     let mut poll = libc::pollfd { fd: worker.channel_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 };
     let early = unsafe { libc::poll(&mut poll, 1, 0) } > 0;
     worker.ready()?;
+    // Ready, but not reading the channel for a while: lets the master's channel to us fill up.
+    if let Some(pause) = std::env::var("TEST_ACCEPT_PAUSE_MS").ok().and_then(|v| v.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
     let facts = std::sync::Arc::new(Facts {
         index: worker.index(),
         ready_ms: now_ms(),

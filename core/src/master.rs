@@ -6,6 +6,7 @@ use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, OwnedFd};
 use std::process::ExitStatus;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -177,8 +178,29 @@ struct WorkerSlot {
     crashes: u32,
     /// Asked to stop for a reload: start its successor as soon as it exits.
     retiring: bool,
-    outgoing: Option<UnboundedSender<Outgoing>>,
+    /// The current worker's channel, and what its writer task still has to write.
+    channel: Option<WorkerChannel>,
     queue: VecDeque<Handoff>,
+}
+
+/// The master's side of one worker's channel. Connections are written straight from the event loop
+/// while the writer task is idle; the task takes over when the channel is full, and keeps the order.
+struct WorkerChannel {
+    socket: Arc<AsyncFd<OwnedFd>>,
+    writer: UnboundedSender<Outgoing>,
+    /// Items given to the writer task and not yet written.
+    backlog: Arc<AtomicUsize>,
+}
+
+impl WorkerChannel {
+    /// Hands an item to the writer task (behind anything it already holds).
+    fn enqueue(&self, item: Outgoing) -> std::result::Result<(), Outgoing> {
+        self.backlog.fetch_add(1, Ordering::SeqCst);
+        self.writer.send(item).map_err(|failed| {
+            self.backlog.fetch_sub(1, Ordering::SeqCst);
+            failed.0
+        })
+    }
 }
 
 struct Master {
@@ -244,7 +266,7 @@ pub async fn run(config: Config, listener: TcpListener, mut stop: UnboundedRecei
                 started: Instant::now(),
                 crashes: 0,
                 retiring: false,
-                outgoing: None,
+                channel: None,
                 queue: VecDeque::new(),
             })
             .collect(),
@@ -391,10 +413,11 @@ impl Master {
         slot.alive = true;
         slot.started = Instant::now();
         let generation = slot.generation;
-        let (outgoing, outgoing_rx) = unbounded_channel();
-        slot.outgoing = Some(outgoing);
+        let (writer, writer_rx) = unbounded_channel();
+        let backlog = Arc::new(AtomicUsize::new(0));
+        slot.channel = Some(WorkerChannel { socket: channel.clone(), writer, backlog: backlog.clone() });
         tokio::spawn(read_channel(channel.clone(), self.events.clone(), index, generation));
-        tokio::spawn(write_channel(channel, outgoing_rx, self.events.clone(), index));
+        tokio::spawn(write_channel(channel, writer_rx, backlog, self.events.clone(), index));
         Ok(generation)
     }
 
@@ -525,15 +548,37 @@ impl Master {
     }
 
     fn send_to(&mut self, index: u32, handoff: Handoff) {
-        let slot = &mut self.slots[index as usize];
         self.stats.routed[index as usize] += 1;
-        let outgoing = slot.outgoing.as_ref().expect("a ready slot has a channel");
-        if let Err(failed) = outgoing.send(Outgoing::Connection(handoff)) {
-            if let Outgoing::Connection(handoff) = failed.0 {
-                self.stats.routed[index as usize] -= 1;
-                slot.state = SlotState::Down;
-                slot.queue.push_front(handoff);
+        let channel = self.slots[index as usize].channel.as_ref().expect("a ready slot has a channel");
+        // The common case writes at once: no task hop per connection. Only when the writer task holds
+        // nothing, so the channel keeps its order (every connection before a shutdown message).
+        if channel.backlog.load(Ordering::SeqCst) == 0 {
+            let message = Message::Connection { peer: handoff.peer, local: handoff.local };
+            match send_message(channel.socket.get_ref().as_fd(), &message, Some(handoff.stream.as_fd()), true) {
+                Ok(()) => return,
+                Err(Errno::EAGAIN) => debug!("worker {index}'s channel is full: its writer waits for room"),
+                Err(errno) => return self.undelivered(index, handoff, errno),
             }
+        }
+        if let Err(Outgoing::Connection(handoff)) = channel.enqueue(Outgoing::Connection(handoff)) {
+            self.stats.routed[index as usize] -= 1;
+            let slot = &mut self.slots[index as usize];
+            slot.state = SlotState::Down;
+            slot.queue.push_front(handoff);
+        }
+    }
+
+    /// A worker's channel refused a connection (the worker died): it waits for the index's next worker.
+    fn undelivered(&mut self, index: u32, handoff: Handoff, errno: Errno) {
+        debug!("worker {index}'s channel refused a connection ({errno}); it waits for the next worker");
+        self.stats.routed[index as usize] -= 1;
+        let slot = &mut self.slots[index as usize];
+        slot.state = SlotState::Down;
+        slot.channel = None;
+        if self.shutdown_deadline.is_some() {
+            self.stats.closed += 1;
+        } else {
+            slot.queue.push_back(handoff);
         }
     }
 
@@ -588,7 +633,7 @@ impl Master {
                         signal_worker(slot.pid, Signal::SIGKILL);
                     }
                 }
-                slot.outgoing = None;
+                slot.channel = None;
                 slot.state = SlotState::Down;
                 if !spawned {
                     // An attached worker is supervised elsewhere: its index waits for the next attach.
@@ -617,18 +662,7 @@ impl Master {
                 }
             }
             Event::Exited { index, generation, status } => self.on_exit(index, generation, status),
-            Event::Undelivered { index, handoff, errno } => {
-                debug!("worker {index}'s channel refused a connection ({errno}); it waits for the next worker");
-                self.stats.routed[index as usize] -= 1;
-                let slot = &mut self.slots[index as usize];
-                slot.state = SlotState::Down;
-                slot.outgoing = None;
-                if self.shutdown_deadline.is_some() {
-                    self.stats.closed += 1;
-                } else {
-                    slot.queue.push_back(handoff);
-                }
-            }
+            Event::Undelivered { index, handoff, errno } => self.undelivered(index, handoff, errno),
             Event::Revive { index, generation } => {
                 let slot = &self.slots[index as usize];
                 if slot.generation == generation && !slot.alive && self.shutdown_deadline.is_none() {
@@ -684,7 +718,7 @@ impl Master {
         }
         slot.alive = false;
         slot.state = SlotState::Down;
-        slot.outgoing = None;
+        slot.channel = None;
         let how = match &status {
             Ok(status) => describe_exit(status),
             Err(error) => format!("unknown status ({error})"),
@@ -742,8 +776,8 @@ impl Master {
                     // SIGTERM follows the shutdown message, so a worker that drains its channel on SIGTERM
                     // finds every connection already sent to it, then the shutdown.
                     let terminate = (slot.alive && spawned).then_some(slot.pid);
-                    let sent = slot.outgoing.as_ref().is_some_and(|outgoing| {
-                        outgoing.send(Outgoing::Shutdown { deadline_ms, then_terminate: terminate }).is_ok()
+                    let sent = slot.channel.as_ref().is_some_and(|channel| {
+                        channel.enqueue(Outgoing::Shutdown { deadline_ms, then_terminate: terminate }).is_ok()
                     });
                     if let (false, Some(pid)) = (sent, terminate) {
                         signal_worker(pid, Signal::SIGTERM);
@@ -830,8 +864,8 @@ impl Master {
             // New connections for this index queue for the successor instead of reaching a draining worker.
             slot.state = SlotState::Down;
             let pid = slot.pid;
-            let sent = slot.outgoing.as_ref().is_some_and(|outgoing| {
-                outgoing.send(Outgoing::Shutdown { deadline_ms, then_terminate: Some(pid) }).is_ok()
+            let sent = slot.channel.as_ref().is_some_and(|channel| {
+                channel.enqueue(Outgoing::Shutdown { deadline_ms, then_terminate: Some(pid) }).is_ok()
             });
             if !sent {
                 signal_worker(pid, Signal::SIGTERM);
@@ -859,7 +893,7 @@ impl Master {
             } else if slot.alive {
                 // Attached workers belong to another supervisor: cut them loose instead.
                 warn!("detaching worker {} (pid {}) that did not finish in time", slot.index, slot.pid);
-                slot.outgoing = None;
+                slot.channel = None;
                 slot.alive = false;
             }
         }
@@ -948,6 +982,7 @@ async fn read_channel(channel: Arc<AsyncFd<OwnedFd>>, events: UnboundedSender<Ev
 async fn write_channel(
     channel: Arc<AsyncFd<OwnedFd>>,
     mut outgoing: UnboundedReceiver<Outgoing>,
+    backlog: Arc<AtomicUsize>,
     events: UnboundedSender<Event>,
     index: u32,
 ) {
@@ -977,5 +1012,6 @@ async fn write_channel(
             (_, Outgoing::Shutdown { then_terminate: Some(pid), .. }) => signal_worker(pid, Signal::SIGTERM),
             _ => {}
         }
+        backlog.fetch_sub(1, Ordering::SeqCst);
     }
 }

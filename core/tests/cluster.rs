@@ -382,3 +382,27 @@ fn an_ipv6_client_is_hashed_by_its_node_text() {
     let expected = sticky_cluster::hash::route_index("::1".parse().unwrap(), 4);
     assert_eq!(body["worker"], u64::from(expected));
 }
+
+#[test]
+fn a_full_channel_hands_over_to_its_writer_and_loses_nothing() {
+    // The worker says ready and then reads nothing for a while: the channel to it fills up.
+    let cluster = Cluster::start("concurrency: 1\ndebug: true\nenv:\n  TEST_ACCEPT_PAUSE_MS: '1500'\n");
+    let server = std::net::SocketAddr::from(([127, 0, 0, 1], cluster.port));
+    cluster.wait_for_log("is ready", LONG);
+    // About 2 KB of channel buffer per waiting connection is nowhere near enough for 2,000 of them.
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    let mut streams: Vec<std::net::TcpStream> = (0..2000)
+        .map(|i| {
+            let mut stream = support::connect_from(client_address(i % 200), server).unwrap();
+            std::io::Write::write_all(&mut stream, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+            stream
+        })
+        .collect();
+    cluster.wait_for_log("channel is full: its writer waits for room", LONG);
+    for stream in &mut streams {
+        let mut response = String::new();
+        std::io::Read::read_to_string(stream, &mut response).unwrap();
+        assert!(response.starts_with("HTTP/1.1 200 OK") && response.contains("\"worker\":0"), "{response:?}");
+    }
+}
