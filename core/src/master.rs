@@ -205,10 +205,8 @@ impl WorkerChannel {
 
 struct Master {
     config: Config,
-    /// Spawn mode: the worker command and directory; `None` in attach mode.
-    spawn: Option<(Vec<String>, Option<std::path::PathBuf>)>,
-    /// Attach mode: the socket workers dial.
-    attach: Option<(crate::config::AttachOptions, AsyncFd<OwnedFd>)>,
+    /// Attach mode: the socket workers dial (its options are in `config.workers`).
+    attach_socket: Option<AsyncFd<OwnedFd>>,
     slots: Vec<WorkerSlot>,
     listener: Option<AsyncFd<TcpListener>>,
     /// The Prometheus page's listener, when `metrics` is configured.
@@ -228,15 +226,15 @@ struct Master {
 /// [`Stop::Hard`] for a second signal), and reports how it ended.
 pub async fn run(config: Config, listener: TcpListener, mut stop: UnboundedReceiver<Stop>) -> Result<Outcome> {
     raise_fd_limit();
-    let (spawn, attach) = match &config.workers {
-        WorkerSource::Spawn { command, cwd } => (Some((command.clone(), cwd.clone())), None),
+    let attach_socket = match &config.workers {
+        WorkerSource::Spawn { .. } => None,
         WorkerSource::Attach(options) => {
             let socket = crate::attach::listen(options)?;
             // SAFETY: the AsyncFd owns the socket, so its fd stays open and unchanged while registered.
             let socket = unsafe { AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
                 .map_err(|e| Error::io("register the attach socket", e))?;
             info!("waiting for {} worker(s) to attach at {}", config.concurrency, options.socket.display());
-            (None, Some((options.clone(), socket)))
+            Some(socket)
         }
     };
     listener.set_nonblocking(true).map_err(|e| Error::io("set the listener non-blocking", e))?;
@@ -272,8 +270,7 @@ pub async fn run(config: Config, listener: TcpListener, mut stop: UnboundedRecei
             .collect(),
         stats: Stats { routed: vec![0; concurrency as usize], ..Stats::default() },
         config,
-        spawn,
-        attach,
+        attach_socket,
         listener: Some(listener),
         metrics,
         events,
@@ -285,7 +282,7 @@ pub async fn run(config: Config, listener: TcpListener, mut stop: UnboundedRecei
         restarting: None,
     };
     info!("listening on {address} with {concurrency} workers");
-    let spawned_workers = if master.spawn.is_some() { concurrency } else { 0 };
+    let spawned_workers = if master.spawns() { concurrency } else { 0 };
     for index in 0..spawned_workers {
         if let Err(error) = master.start_worker(index) {
             master.kill_all();
@@ -308,7 +305,7 @@ pub async fn run(config: Config, listener: TcpListener, mut stop: UnboundedRecei
             scrapes = accept_batch(master.metrics.as_ref()), if paused.is_none() && master.metrics.is_some() => {
                 master.on_scrapes(scrapes);
             }
-            dialed = accept_worker(master.attach.as_ref().map(|(_, socket)| socket)), if master.attach.is_some() => {
+            dialed = accept_worker(master.attach_socket.as_ref()), if master.attach_socket.is_some() => {
                 master.on_dialed(dialed);
             }
             request = stop.recv(), if stop_open => match request {
@@ -328,7 +325,7 @@ pub async fn run(config: Config, listener: TcpListener, mut stop: UnboundedRecei
             break;
         }
     }
-    if let Some((options, _)) = &master.attach {
+    if let WorkerSource::Attach(options) = &master.config.workers {
         let _ = std::fs::remove_file(&options.socket);
     }
     let stats = master.stats.clone();
@@ -386,8 +383,13 @@ fn raise_fd_limit() {
 }
 
 impl Master {
+    /// Whether this master starts its workers itself (spawn mode) rather than waiting for attaches.
+    fn spawns(&self) -> bool {
+        matches!(self.config.workers, WorkerSource::Spawn { .. })
+    }
+
     fn start_worker(&mut self, index: u32) -> Result<()> {
-        let (command, cwd) = self.spawn.as_ref().expect("spawn mode");
+        let WorkerSource::Spawn { command, cwd } = &self.config.workers else { unreachable!("spawn mode") };
         let spawned = spawn_worker(&self.config, command, cwd.as_deref(), index)?;
         let generation = self.connect_slot(index, spawned.pid, spawned.channel)?;
         debug!("worker {index} started (pid {}, generation {generation})", spawned.pid);
@@ -430,7 +432,7 @@ impl Master {
                 return;
             }
         };
-        let Some((options, _)) = &self.attach else { return };
+        let WorkerSource::Attach(options) = &self.config.workers else { return };
         let options = options.clone();
         let events = self.events.clone();
         tokio::spawn(async move {
@@ -621,7 +623,7 @@ impl Master {
         match event {
             Event::Message { index, generation, message } => self.on_message(index, generation, message),
             Event::ChannelClosed { index, generation, reason } => {
-                let spawned = self.spawn.is_some();
+                let spawned = self.spawns();
                 let shutting_down = self.shutdown_deadline.is_some();
                 let slot = &mut self.slots[index as usize];
                 if slot.generation != generation {
@@ -769,7 +771,7 @@ impl Master {
                 self.shutdown_deadline = Some(TokioInstant::now() + delay);
                 self.listener = None;
                 let deadline_ms = delay.as_millis().min(u64::MAX as u128) as u64;
-                let spawned = self.spawn.is_some();
+                let spawned = self.spawns();
                 for slot in &mut self.slots {
                     self.stats.closed += slot.queue.len() as u64;
                     slot.queue.clear();
@@ -836,9 +838,6 @@ impl Master {
             env: if workers_changed { new.env.clone() } else { old.env.clone() },
             ..new
         };
-        if let WorkerSource::Spawn { command, cwd } = &kept.workers {
-            self.spawn = Some((command.clone(), cwd.clone()));
-        }
         self.config = kept;
         if workers_changed {
             info!("reload: restarting {} workers one at a time", self.config.concurrency);
@@ -883,7 +882,7 @@ impl Master {
 
     fn kill_all(&mut self) {
         self.hard_killed = true;
-        let spawned = self.spawn.is_some();
+        let spawned = self.spawns();
         for slot in &mut self.slots {
             self.stats.closed += slot.queue.len() as u64;
             slot.queue.clear();
