@@ -183,6 +183,21 @@ struct WorkerSlot {
     queue: VecDeque<Handoff>,
 }
 
+impl WorkerSlot {
+    /// Forgets the channel of a worker that is gone or cut loose; its connections queue from now on.
+    fn disconnect(&mut self) {
+        self.channel = None;
+        self.state = SlotState::Down;
+    }
+
+    /// Closes the connections waiting for this index (shutdown) and returns how many there were.
+    fn close_queue(&mut self) -> u64 {
+        let closed = self.queue.len() as u64;
+        self.queue.clear();
+        closed
+    }
+}
+
 /// The master's side of one worker's channel. Connections are written straight from the event loop
 /// while the writer task is idle; the task takes over when the channel is full, and keeps the order.
 struct WorkerChannel {
@@ -565,7 +580,7 @@ impl Master {
         if let Err(Outgoing::Connection(handoff)) = channel.enqueue(Outgoing::Connection(handoff)) {
             self.stats.routed[index as usize] -= 1;
             let slot = &mut self.slots[index as usize];
-            slot.state = SlotState::Down;
+            slot.disconnect();
             slot.queue.push_front(handoff);
         }
     }
@@ -575,8 +590,7 @@ impl Master {
         debug!("worker {index}'s channel refused a connection ({errno}); it waits for the next worker");
         self.stats.routed[index as usize] -= 1;
         let slot = &mut self.slots[index as usize];
-        slot.state = SlotState::Down;
-        slot.channel = None;
+        slot.disconnect();
         if self.shutdown_deadline.is_some() {
             self.stats.closed += 1;
         } else {
@@ -635,8 +649,7 @@ impl Master {
                         signal_worker(slot.pid, Signal::SIGKILL);
                     }
                 }
-                slot.channel = None;
-                slot.state = SlotState::Down;
+                slot.disconnect();
                 if !spawned {
                     // An attached worker is supervised elsewhere: its index waits for the next attach.
                     slot.alive = false;
@@ -719,16 +732,14 @@ impl Master {
             return;
         }
         slot.alive = false;
-        slot.state = SlotState::Down;
-        slot.channel = None;
+        slot.disconnect();
         let how = match &status {
             Ok(status) => describe_exit(status),
             Err(error) => format!("unknown status ({error})"),
         };
         if shutting_down {
             debug!("worker {index} (pid {}) exited: {how}", slot.pid);
-            self.stats.closed += slot.queue.len() as u64;
-            slot.queue.clear();
+            self.stats.closed += slot.close_queue();
             return;
         }
         if std::mem::take(&mut slot.retiring) {
@@ -773,8 +784,7 @@ impl Master {
                 let deadline_ms = delay.as_millis().min(u64::MAX as u128) as u64;
                 let spawned = self.spawns();
                 for slot in &mut self.slots {
-                    self.stats.closed += slot.queue.len() as u64;
-                    slot.queue.clear();
+                    self.stats.closed += slot.close_queue();
                     // SIGTERM follows the shutdown message, so a worker that drains its channel on SIGTERM
                     // finds every connection already sent to it, then the shutdown.
                     let terminate = (slot.alive && spawned).then_some(slot.pid);
@@ -884,15 +894,15 @@ impl Master {
         self.hard_killed = true;
         let spawned = self.spawns();
         for slot in &mut self.slots {
-            self.stats.closed += slot.queue.len() as u64;
-            slot.queue.clear();
+            self.stats.closed += slot.close_queue();
             if slot.alive && spawned {
                 warn!("killing worker {} (pid {})", slot.index, slot.pid);
                 signal_worker(slot.pid, Signal::SIGKILL);
             } else if slot.alive {
                 // Attached workers belong to another supervisor: cut them loose instead.
                 warn!("detaching worker {} (pid {}) that did not finish in time", slot.index, slot.pid);
-                slot.channel = None;
+                // Down as well as channel-less: nothing may be sent to it any more.
+                slot.disconnect();
                 slot.alive = false;
             }
         }
