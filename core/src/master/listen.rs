@@ -1,0 +1,137 @@
+//! The client and metrics listeners: binding (with the dual-stack fallback), accepting in batches,
+//! and backing off when accept fails (EMFILE and the like) without blocking other events.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use tokio::io::unix::AsyncFd;
+use tokio::time::Instant as TokioInstant;
+use tracing::{info, warn};
+
+use crate::client_address::ClientAddressSource;
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+use super::*;
+
+/// Binds the client listener: the configured host, falling back from `::` to `0.0.0.0` where the
+/// machine has no IPv6. Errors name the address and the reason.
+pub fn bind(config: &Config) -> Result<TcpListener> {
+    let addresses = config.listen_addresses()?;
+    let mut last_error = None;
+    for (attempt, address) in addresses.iter().enumerate() {
+        match bind_one(*address) {
+            Ok(listener) => {
+                if attempt > 0 {
+                    info!("no IPv6 on this machine: listening on {address} instead of [{}]", config.host);
+                }
+                return Ok(listener);
+            }
+            Err(source) => {
+                let no_ipv6 = matches!(source.raw_os_error(), Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL));
+                last_error = Some(Error::Listen { address: *address, source });
+                if !(no_ipv6 && address.is_ipv6()) {
+                    break;
+                }
+            }
+        }
+    }
+    Err(last_error.expect("at least one address"))
+}
+
+pub(super) fn bind_one(address: SocketAddr) -> io::Result<TcpListener> {
+    use nix::sys::socket::{self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage};
+    let family = if address.is_ipv6() { AddressFamily::Inet6 } else { AddressFamily::Inet };
+    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)?;
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    if address.is_ipv6() && address.ip().is_unspecified() {
+        // Dual-stack like Node, whatever net.ipv6.bindv6only says.
+        socket::setsockopt(&fd, sockopt::Ipv6V6Only, &false)?;
+    }
+    socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrStorage::from(address))?;
+    socket::listen(&fd, Backlog::new(1024).unwrap_or(Backlog::MAXCONN))?;
+    Ok(TcpListener::from(fd))
+}
+
+/// Accepts what is waiting (up to a batch), so one wake-up serves a burst without starving other events.
+pub(super) async fn accept_batch(listener: Option<&AsyncFd<TcpListener>>) -> io::Result<Vec<(TcpStream, SocketAddr)>> {
+    let Some(listener) = listener else {
+        return std::future::pending().await;
+    };
+    loop {
+        let mut guard = listener.readable().await?;
+        let mut batch = Vec::new();
+        loop {
+            match guard.get_inner().accept() {
+                Ok(accepted) => {
+                    batch.push(accepted);
+                    if batch.len() == 64 {
+                        return Ok(batch);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    guard.clear_ready();
+                    if !batch.is_empty() {
+                        return Ok(batch);
+                    }
+                    break;
+                }
+                Err(e) if matches!(e.kind(), io::ErrorKind::Interrupted | io::ErrorKind::ConnectionAborted) => {}
+                // Report the error once what was accepted is routed; the next call meets it again.
+                Err(e) if batch.is_empty() => return Err(e),
+                Err(_) => return Ok(batch),
+            }
+        }
+    }
+}
+
+impl Master {
+    /// Answers metrics requests with the counters as they are now.
+    pub(super) fn on_scrapes(&mut self, scrapes: io::Result<Vec<(TcpStream, SocketAddr)>>) {
+        let scrapes = match scrapes {
+            Ok(scrapes) => scrapes,
+            Err(error) => return self.pause_accepting(error),
+        };
+        let workers: Vec<crate::metrics::WorkerGauge> = self
+            .slots
+            .iter()
+            .map(|slot| crate::metrics::WorkerGauge {
+                routed: self.stats.routed[slot.index as usize],
+                queued: slot.queue.len(),
+                ready: slot.state == SlotState::Ready,
+            })
+            .collect();
+        let page = crate::metrics::render(&workers, self.stats.redirected, self.stats.closed, self.stats.revivals);
+        for (stream, _) in scrapes {
+            tokio::spawn(crate::metrics::serve(stream, page.clone()));
+        }
+    }
+
+    pub(super) fn on_accepted(&mut self, batch: io::Result<Vec<(TcpStream, SocketAddr)>>) {
+        match batch {
+            Ok(batch) => {
+                self.accept_backoff = Duration::ZERO;
+                let source = self.config.client_address;
+                for (stream, peer) in batch {
+                    let local = stream.local_addr().unwrap_or(peer);
+                    let handoff = Handoff { stream, peer, local, arrived: Instant::now() };
+                    if source == ClientAddressSource::Peer {
+                        self.route(handoff);
+                    } else {
+                        tokio::spawn(identify_client(handoff, source, self.events.clone()));
+                    }
+                }
+            }
+            Err(error) => self.pause_accepting(error),
+        }
+    }
+
+    /// EMFILE/ENFILE/ENOBUFS/ENOMEM: stop accepting (clients and scrapes) for a growing moment so fds or
+    /// memory can free up, instead of spinning on the error.
+    pub(super) fn pause_accepting(&mut self, error: io::Error) {
+        self.accept_backoff = (self.accept_backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        warn!("accept failed: {error}; retrying in {:?}", self.accept_backoff);
+        self.accept_paused_until = Some(TokioInstant::now() + self.accept_backoff);
+    }
+}

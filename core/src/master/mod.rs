@@ -1,0 +1,385 @@
+//! The master: listen, accept, hash the client address, and hand each socket to its worker's channel;
+//! queue for workers that are not ready, revive dead ones under the same index, and shut down in order.
+
+mod handoff;
+mod listen;
+mod reload;
+mod slots;
+mod supervision;
+
+use handoff::*;
+pub use listen::bind;
+use listen::*;
+use slots::*;
+use supervision::*;
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::OwnedFd;
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::signal::Signal;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::time::{sleep_until, Instant as TokioInstant};
+use tracing::{debug, error, info, warn};
+
+use crate::config::{Config, WorkerSource};
+use crate::error::{Error, Result};
+use crate::protocol::Message;
+use crate::supervisor::signal_worker;
+
+/// What the caller asks of a running master: to stop, or to take a new configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stop {
+    /// Close the listener, let workers finish, kill them after `hardShutdownDelay`.
+    Graceful,
+    /// Kill every worker now.
+    Hard,
+    /// Take a new (already validated) configuration: restart workers one at a time when their command
+    /// or environment changed. Listener settings (`port`, `host`, `concurrency`) need a restart.
+    Reload(Box<Config>),
+}
+
+/// How a master run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Every worker exited on its own within the delay (exit status 0 for the binary).
+    pub graceful: bool,
+    /// Counters over the whole run.
+    pub stats: Stats,
+}
+
+/// Counters of one master run.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Connections handed to each worker index.
+    pub routed: Vec<u64>,
+    /// Connections that went to another worker because theirs was not ready in time.
+    pub redirected: u64,
+    /// Connections closed without being served (no ready worker in time, or shutdown).
+    pub closed: u64,
+    /// Worker processes started again after one died.
+    pub revivals: u64,
+}
+
+/// What the master's tasks report to its one event loop.
+enum Event {
+    Message {
+        index: u32,
+        generation: u64,
+        message: Message,
+    },
+    ChannelClosed {
+        index: u32,
+        generation: u64,
+        reason: Option<String>,
+    },
+    Exited {
+        index: u32,
+        generation: u64,
+        status: io::Result<ExitStatus>,
+    },
+    Undelivered {
+        index: u32,
+        handoff: Handoff,
+        errno: Errno,
+    },
+    Revive {
+        index: u32,
+        generation: u64,
+    },
+    Attached(crate::attach::Claim),
+    RetireDeadline {
+        index: u32,
+        generation: u64,
+    },
+    /// A connection whose client address was read from a proxy header (or given up on).
+    Identified(Handoff),
+    /// A connection lost while its client address was read.
+    Unidentified {
+        peer: SocketAddr,
+        error: io::Error,
+    },
+}
+
+struct Master {
+    config: Config,
+    /// Attach mode: the socket workers dial (its options are in `config.workers`).
+    attach_socket: Option<AsyncFd<OwnedFd>>,
+    slots: Vec<WorkerSlot>,
+    listener: Option<AsyncFd<TcpListener>>,
+    /// The Prometheus page's listener, when `metrics` is configured.
+    metrics: Option<AsyncFd<TcpListener>>,
+    events: UnboundedSender<Event>,
+    stats: Stats,
+    accept_paused_until: Option<TokioInstant>,
+    accept_backoff: Duration,
+    shutdown_deadline: Option<TokioInstant>,
+    hard_killed: bool,
+    /// Indexes still to restart for a reload, and the one restarting now.
+    restarts_pending: VecDeque<u32>,
+    restarting: Option<u32>,
+}
+
+/// Runs a cluster on `listener` until `stop` asks it to end (first [`Stop::Graceful`], then
+/// [`Stop::Hard`] for a second signal), and reports how it ended.
+pub async fn run(config: Config, listener: TcpListener, mut stop: UnboundedReceiver<Stop>) -> Result<Outcome> {
+    raise_fd_limit();
+    let attach_socket = match &config.workers {
+        WorkerSource::Spawn { .. } => None,
+        WorkerSource::Attach(options) => {
+            let socket = crate::attach::listen(options)?;
+            // SAFETY: the AsyncFd owns the socket, so its fd stays open and unchanged while registered.
+            let socket = unsafe { AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
+                .map_err(|e| Error::io("register the attach socket", e))?;
+            info!("waiting for {} worker(s) to attach at {}", config.concurrency, options.socket.display());
+            Some(socket)
+        }
+    };
+    listener.set_nonblocking(true).map_err(|e| Error::io("set the listener non-blocking", e))?;
+    let address = listener.local_addr().map_err(|e| Error::io("read the listener address", e))?;
+    // SAFETY: the AsyncFd owns the listener, so its fd stays open and unchanged while registered.
+    let listener = unsafe { AsyncFd::register(listener) }.map_err(|e| Error::io("register the listener", e))?;
+    let metrics = match config.metrics {
+        Some(address) => {
+            let listener = bind_one(address).map_err(|source| Error::Listen { address, source })?;
+            let bound = listener.local_addr().unwrap_or(address);
+            info!("metrics on http://{bound}/metrics");
+            // SAFETY: the AsyncFd owns the listener, so its fd stays open and unchanged while registered.
+            Some(unsafe { AsyncFd::register(listener) }.map_err(|e| Error::io("register the metrics listener", e))?)
+        }
+        None => None,
+    };
+    let (events, mut event_rx) = unbounded_channel();
+    let concurrency = config.concurrency;
+    let mut master = Master {
+        slots: (0..concurrency)
+            .map(|index| WorkerSlot {
+                index,
+                generation: 0,
+                state: SlotState::Down,
+                pid: 0,
+                alive: false,
+                started: Instant::now(),
+                crashes: 0,
+                retiring: false,
+                channel: None,
+                queue: VecDeque::new(),
+            })
+            .collect(),
+        stats: Stats { routed: vec![0; concurrency as usize], ..Stats::default() },
+        config,
+        attach_socket,
+        listener: Some(listener),
+        metrics,
+        events,
+        accept_paused_until: None,
+        accept_backoff: Duration::ZERO,
+        shutdown_deadline: None,
+        hard_killed: false,
+        restarts_pending: VecDeque::new(),
+        restarting: None,
+    };
+    info!("listening on {address} with {concurrency} workers");
+    let spawned_workers = if master.spawns() { concurrency } else { 0 };
+    for index in 0..spawned_workers {
+        if let Err(error) = master.start_worker(index) {
+            master.kill_all();
+            master.wait_for_exits(&mut event_rx).await;
+            return Err(error);
+        }
+    }
+
+    let mut stop_open = true;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let paused = master.accept_paused_until;
+        let deadline = master.shutdown_deadline;
+        tokio::select! {
+            batch = accept_batch(master.listener.as_ref()), if paused.is_none() && master.listener.is_some() => {
+                master.on_accepted(batch);
+            }
+            Some(event) = event_rx.recv() => master.on_event(event),
+            scrapes = accept_batch(master.metrics.as_ref()), if paused.is_none() && master.metrics.is_some() => {
+                master.on_scrapes(scrapes);
+            }
+            dialed = accept_worker(master.attach_socket.as_ref()), if master.attach_socket.is_some() => {
+                master.on_dialed(dialed);
+            }
+            request = stop.recv(), if stop_open => match request {
+                Some(request) => master.on_stop(request),
+                None => stop_open = false,
+            },
+            _ = tick.tick() => master.expire_queues(),
+            _ = sleep_until(paused.unwrap_or_else(TokioInstant::now)), if paused.is_some() => {
+                master.accept_paused_until = None;
+            }
+            _ = sleep_until(deadline.unwrap_or_else(TokioInstant::now)), if deadline.is_some() && !master.hard_killed => {
+                warn!("hardShutdownDelay of {:?} passed: killing the remaining workers", master.config.hard_shutdown_delay);
+                master.kill_all();
+            }
+        }
+        if master.shutdown_deadline.is_some() && master.slots.iter().all(|slot| !slot.alive) {
+            break;
+        }
+    }
+    if let WorkerSource::Attach(options) = &master.config.workers {
+        let _ = std::fs::remove_file(&options.socket);
+    }
+    let stats = master.stats.clone();
+    info!(
+        "stopped: routed {} connections {:?}, redirected {}, closed {}, revivals {}",
+        stats.routed.iter().sum::<u64>(),
+        stats.routed,
+        stats.redirected,
+        stats.closed,
+        stats.revivals
+    );
+    Ok(Outcome { graceful: !master.hard_killed, stats })
+}
+
+/// Lifts the soft open-file limit to the hard one: queued connections hold fds in the master.
+fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        }
+    }
+}
+
+impl Master {
+    /// Whether this master starts its workers itself (spawn mode) rather than waiting for attaches.
+    fn spawns(&self) -> bool {
+        matches!(self.config.workers, WorkerSource::Spawn { .. })
+    }
+
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Message { index, generation, message } => self.on_message(index, generation, message),
+            Event::ChannelClosed { index, generation, reason } => {
+                let spawned = self.spawns();
+                let shutting_down = self.shutdown_deadline.is_some();
+                let slot = &mut self.slots[index as usize];
+                if slot.generation != generation {
+                    return;
+                }
+                if let Some(reason) = &reason {
+                    error!("worker {index} (pid {}) broke the channel protocol: {reason}; dropping it", slot.pid);
+                    if spawned {
+                        signal_worker(slot.pid, Signal::SIGKILL);
+                    }
+                }
+                slot.disconnect();
+                if !spawned {
+                    // An attached worker is supervised elsewhere: its index waits for the next attach.
+                    slot.alive = false;
+                    if shutting_down {
+                        debug!("worker {index} (pid {}) detached", slot.pid);
+                    } else {
+                        warn!("worker {index} (pid {}) detached; its connections wait for a new attach", slot.pid);
+                    }
+                }
+            }
+            Event::Attached(claim) => self.on_attached(claim),
+            Event::Identified(handoff) => self.route(handoff),
+            Event::Unidentified { peer, error } => {
+                self.stats.closed += 1;
+                warn!("connection from {peer} lost while its client address was read: {error}");
+            }
+            Event::RetireDeadline { index, generation } => {
+                let slot = &self.slots[index as usize];
+                if slot.generation == generation && slot.alive && slot.retiring {
+                    warn!(
+                        "worker {index} (pid {}) did not stop within hardShutdownDelay for the reload; killing it",
+                        slot.pid
+                    );
+                    signal_worker(slot.pid, Signal::SIGKILL);
+                }
+            }
+            Event::Exited { index, generation, status } => self.on_exit(index, generation, status),
+            Event::Undelivered { index, handoff, errno } => self.undelivered(index, handoff, errno),
+            Event::Revive { index, generation } => {
+                let slot = &self.slots[index as usize];
+                if slot.generation == generation && !slot.alive && self.shutdown_deadline.is_none() {
+                    self.stats.revivals += 1;
+                    if let Err(error) = self.start_worker(index) {
+                        error!("{error}");
+                        self.schedule_revival(index);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_stop(&mut self, request: Stop) {
+        match (request, self.shutdown_deadline) {
+            (Stop::Graceful, None) => {
+                let delay = self.config.hard_shutdown_delay;
+                info!("shutting down: {} workers have {:?} to finish", self.config.concurrency, delay);
+                self.shutdown_deadline = Some(TokioInstant::now() + delay);
+                self.listener = None;
+                let deadline_ms = delay.as_millis().min(u64::MAX as u128) as u64;
+                let spawned = self.spawns();
+                for slot in &mut self.slots {
+                    self.stats.closed += slot.close_queue();
+                    // SIGTERM follows the shutdown message, so a worker that drains its channel on SIGTERM
+                    // finds every connection already sent to it, then the shutdown.
+                    let terminate = (slot.alive && spawned).then_some(slot.pid);
+                    let sent = slot.channel.as_ref().is_some_and(|channel| {
+                        channel.enqueue(Outgoing::Shutdown { deadline_ms, then_terminate: terminate }).is_ok()
+                    });
+                    if let (false, Some(pid)) = (sent, terminate) {
+                        signal_worker(pid, Signal::SIGTERM);
+                    }
+                }
+            }
+            (Stop::Graceful, Some(_)) => {}
+            (Stop::Reload(_), Some(_)) => warn!("reload ignored: the cluster is shutting down"),
+            (Stop::Reload(config), None) => self.reload(*config),
+            (Stop::Hard, _) => {
+                warn!("second signal: stopping at once");
+                if self.shutdown_deadline.is_none() {
+                    self.shutdown_deadline = Some(TokioInstant::now());
+                    self.listener = None;
+                }
+                self.kill_all();
+            }
+        }
+    }
+
+    /// Applies what can change while running; workers whose command or environment changed are
+    /// restarted one at a time, each successor ready before the next index stops.
+    fn kill_all(&mut self) {
+        self.hard_killed = true;
+        let spawned = self.spawns();
+        for slot in &mut self.slots {
+            self.stats.closed += slot.close_queue();
+            if slot.alive && spawned {
+                warn!("killing worker {} (pid {})", slot.index, slot.pid);
+                signal_worker(slot.pid, Signal::SIGKILL);
+            } else if slot.alive {
+                // Attached workers belong to another supervisor: cut them loose instead.
+                warn!("detaching worker {} (pid {}) that did not finish in time", slot.index, slot.pid);
+                // Down as well as channel-less: nothing may be sent to it any more.
+                slot.disconnect();
+                slot.alive = false;
+            }
+        }
+    }
+
+    async fn wait_for_exits(&mut self, events: &mut UnboundedReceiver<Event>) {
+        self.shutdown_deadline.get_or_insert_with(TokioInstant::now);
+        while self.slots.iter().any(|slot| slot.alive) {
+            match events.recv().await {
+                Some(event) => self.on_event(event),
+                None => break,
+            }
+        }
+    }
+}

@@ -1,0 +1,157 @@
+//! Worker processes and attached workers: starting them, noticing their exit, reviving them with
+//! back-off, and taking in workers that dial the attach socket.
+
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::process::ExitStatus;
+
+use nix::errno::Errno;
+use tokio::io::unix::AsyncFd;
+use tracing::{debug, error, info, warn};
+
+use crate::config::WorkerSource;
+use crate::error::Result;
+use crate::protocol::{send_message, Message};
+use crate::supervisor::{describe_exit, revival_delay, spawn_worker, CRASH_UPTIME};
+
+use super::*;
+
+impl Master {
+    pub(super) fn start_worker(&mut self, index: u32) -> Result<()> {
+        let WorkerSource::Spawn { command, cwd } = &self.config.workers else { unreachable!("spawn mode") };
+        let spawned = spawn_worker(&self.config, command, cwd.as_deref(), index)?;
+        let generation = self.connect_slot(index, spawned.pid, spawned.channel)?;
+        debug!("worker {index} started (pid {}, generation {generation})", spawned.pid);
+        let events = self.events.clone();
+        let mut child = spawned.child;
+        tokio::spawn(async move {
+            let status = child.wait().await;
+            let _ = events.send(Event::Exited { index, generation, status });
+        });
+        Ok(())
+    }
+
+    /// A worker dialed the attach socket: check it on its own task, so a slow one holds nobody up.
+    pub(super) fn on_dialed(&mut self, dialed: io::Result<OwnedFd>) {
+        let channel = match dialed {
+            Ok(channel) => channel,
+            Err(error) => {
+                warn!("accepting a worker on the attach socket failed: {error}");
+                return;
+            }
+        };
+        let WorkerSource::Attach(options) = &self.config.workers else { return };
+        let options = options.clone();
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            match crate::attach::handshake(channel, &options).await {
+                Ok(claim) => {
+                    let _ = events.send(Event::Attached(claim));
+                }
+                Err(reason) => warn!("refused a worker on {}: {reason}", options.socket.display()),
+            }
+        });
+    }
+
+    /// Gives a checked worker the index it claims (or the first free one), or refuses it.
+    pub(super) fn on_attached(&mut self, claim: crate::attach::Claim) {
+        use crate::protocol::ANY_INDEX;
+        let concurrency = self.config.concurrency;
+        let index = if claim.index == ANY_INDEX {
+            self.slots.iter().position(|slot| !slot.alive).map(|i| i as u32)
+        } else {
+            Some(claim.index)
+        };
+        let refusal = match index {
+            _ if self.shutdown_deadline.is_some() => Some("the cluster is shutting down".to_string()),
+            None => Some(format!("all {concurrency} indexes are attached")),
+            Some(index) if index >= concurrency => {
+                Some(format!("index {index} is out of range (concurrency {concurrency})"))
+            }
+            Some(index) if self.slots[index as usize].alive => {
+                Some(format!("index {index} is already attached (pid {})", self.slots[index as usize].pid))
+            }
+            Some(_) => None,
+        };
+        if let Some(reason) = refusal {
+            let reason = crate::attach::refuse(&claim.channel, reason);
+            warn!("refused worker pid {} (uid {}): {reason}", claim.pid, claim.uid);
+            return;
+        }
+        let index = index.expect("checked above");
+        let welcome = Message::Welcome { index, concurrency };
+        if let Err(errno) = send_message(claim.channel.as_fd(), &welcome, None, true) {
+            warn!("worker pid {} left before its welcome: {errno}", claim.pid);
+            return;
+        }
+        match self.connect_slot(index, claim.pid, claim.channel) {
+            Ok(_) => debug!("worker {index} attached (pid {}, uid {})", claim.pid, claim.uid),
+            Err(error) => error!("{error}"),
+        }
+    }
+
+    pub(super) fn on_exit(&mut self, index: u32, generation: u64, status: io::Result<ExitStatus>) {
+        let shutting_down = self.shutdown_deadline.is_some();
+        let slot = &mut self.slots[index as usize];
+        if slot.generation != generation {
+            return;
+        }
+        slot.alive = false;
+        slot.disconnect();
+        let how = match &status {
+            Ok(status) => describe_exit(status),
+            Err(error) => format!("unknown status ({error})"),
+        };
+        if shutting_down {
+            debug!("worker {index} (pid {}) exited: {how}", slot.pid);
+            self.stats.closed += slot.close_queue();
+            return;
+        }
+        if std::mem::take(&mut slot.retiring) {
+            info!("worker {index} (pid {}) stopped for the reload ({how}); starting its successor", slot.pid);
+            if let Err(error) = self.start_worker(index) {
+                error!("{error}");
+                self.schedule_revival(index);
+            }
+            return;
+        }
+        let lived = slot.started.elapsed();
+        slot.crashes = if lived < CRASH_UPTIME { slot.crashes + 1 } else { 0 };
+        let delay = revival_delay(slot.crashes);
+        warn!(
+            "worker {index} (pid {}) exited after {:.1}s: {how}; reviving in {:?} (attempt {})",
+            slot.pid,
+            lived.as_secs_f64(),
+            delay,
+            slot.crashes.max(1)
+        );
+        self.schedule_revival(index);
+    }
+
+    pub(super) fn schedule_revival(&mut self, index: u32) {
+        let slot = &self.slots[index as usize];
+        let delay = revival_delay(slot.crashes);
+        let generation = slot.generation;
+        let events = self.events.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = events.send(Event::Revive { index, generation });
+        });
+    }
+}
+
+/// Accepts the next worker dialing the attach socket.
+pub(super) async fn accept_worker(socket: Option<&AsyncFd<OwnedFd>>) -> io::Result<OwnedFd> {
+    let Some(socket) = socket else { return std::future::pending().await };
+    loop {
+        let mut guard = socket.readable().await?;
+        match nix::sys::socket::accept4(
+            socket.get_ref(),
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC | nix::sys::socket::SockFlag::SOCK_NONBLOCK,
+        ) {
+            Err(Errno::EAGAIN) => guard.clear_ready(),
+            Err(Errno::EINTR | Errno::ECONNABORTED) => {}
+            other => return other.map_err(io::Error::from),
+        }
+    }
+}
