@@ -5,7 +5,14 @@
 //! - `TEST_CRASH`: exit with status 3 right after joining
 //! - `TEST_IGNORE_TERM`: ignore SIGTERM and the shutdown message (for hard-shutdown tests)
 //! - `TEST_MARKER_DIR`: create `<dir>/started-<pid>` at start
-//! - `TEST_ACCEPT_PAUSE_MS`: after `ready()`, wait that long before accepting
+//! - `TEST_ACCEPT_PAUSE_MS`: after `ready()`, wait that long before accepting (only `TEST_SLOW_INDEX` when set)
+//! - `TEST_SERVE_INTERVAL_MS`: serve one connection at a time, pausing that long after each
+//! - `TEST_FAULT_INDEX`: the faults below happen only to that index; `TEST_ONCE_DIR`: only to the first
+//!   worker of each index (a marker in that directory remembers), so its revived successor behaves
+//! - `TEST_DIE_AFTER_READY`: shut the channel for reading, say ready, exit (an init that crashes)
+//! - `TEST_EXIT_AFTER`: exit after serving that many connections, leaving the rest in the channel
+//! - `TEST_SEND_GARBAGE`: send one malformed datagram of that class on the channel before ready
+//!   (`empty`, `oversize`, `magic`, `version`, `kind`, `short`, `hello-fd`, `ready-fds`, `ctrunc`)
 //! - `GET /sleep/<ms>`: answer after that many milliseconds
 
 use std::net::SocketAddr;
@@ -54,6 +61,22 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
     if env_flag("TEST_CRASH") {
         std::process::exit(3);
     }
+    let fault_index: Option<u32> = std::env::var("TEST_FAULT_INDEX").ok().and_then(|v| v.parse().ok());
+    let faulty = fault_index.is_none_or(|index| index == worker.index()) && first_of_index(worker.index())?;
+    if faulty {
+        if let Ok(class) = std::env::var("TEST_SEND_GARBAGE") {
+            send_garbage(&worker, &class)?;
+        }
+        if env_flag("TEST_DIE_AFTER_READY") {
+            // SAFETY: shutdown(2) on the channel fd this worker owns.
+            unsafe { libc::shutdown(worker.channel_fd().as_raw_fd(), libc::SHUT_RD) };
+            worker.ready()?;
+            std::process::exit(4);
+        }
+    }
+    let exit_after: Option<u32> =
+        if faulty { std::env::var("TEST_EXIT_AFTER").ok().and_then(|v| v.parse().ok()) } else { None };
+    let serve_interval: Option<u64> = std::env::var("TEST_SERVE_INTERVAL_MS").ok().and_then(|v| v.parse().ok());
     let ignore_term = env_flag("TEST_IGNORE_TERM");
     let mut terminate = signal(SignalKind::terminate())?;
     let slow_index: Option<u32> = std::env::var("TEST_SLOW_INDEX").ok().and_then(|v| v.parse().ok());
@@ -66,7 +89,8 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
     let early = unsafe { libc::poll(&mut poll, 1, 0) } > 0;
     worker.ready()?;
     // Ready, but not reading the channel for a while: lets the master's channel to us fill up.
-    if let Some(pause) = std::env::var("TEST_ACCEPT_PAUSE_MS").ok().and_then(|v| v.parse().ok()) {
+    let pause: Option<u64> = std::env::var("TEST_ACCEPT_PAUSE_MS").ok().and_then(|v| v.parse().ok());
+    if let Some(pause) = pause.filter(|_| slow_index.is_none_or(|slow| slow == worker.index())) {
         tokio::time::sleep(Duration::from_millis(pause)).await;
     }
     let facts = std::sync::Arc::new(Facts {
@@ -76,11 +100,24 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         echo: std::env::var("TEST_ECHO").unwrap_or_default(),
     });
     let mut requests = JoinSet::new();
+    let mut served = 0u32;
     loop {
+        if exit_after.is_some_and(|limit| served >= limit) {
+            std::process::exit(0);
+        }
         tokio::select! {
             accepted = worker.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    requests.spawn(answer(stream, peer, facts.clone()));
+                    served += 1;
+                    match serve_interval {
+                        Some(interval) => {
+                            answer(stream, peer, facts.clone()).await?;
+                            tokio::time::sleep(Duration::from_millis(interval)).await;
+                        }
+                        None => {
+                            requests.spawn(answer(stream, peer, facts.clone()));
+                        }
+                    }
                 }
                 Err(Error::Shutdown) if ignore_term => {
                     // Keep running as a worker that never finishes, until killed.
@@ -103,6 +140,47 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     while requests.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Whether this is the first worker of its index under `TEST_ONCE_DIR` (always true without it).
+fn first_of_index(index: u32) -> std::io::Result<bool> {
+    let Some(dir) = std::env::var_os("TEST_ONCE_DIR") else { return Ok(true) };
+    let marker = std::path::Path::new(&dir).join(format!("faulted-{index}"));
+    match std::fs::OpenOptions::new().write(true).create_new(true).open(marker) {
+        Ok(_) => Ok(true),
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
+/// Sends one malformed datagram of `class` on the worker's channel, as a broken or hostile worker would.
+fn send_garbage(worker: &Worker, class: &str) -> Result<(), Box<dyn std::error::Error>> {
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+    use sticky_cluster::protocol::{Message, PROTOCOL_VERSION};
+    let ready = Message::Ready.encode();
+    let hello = Message::Hello { index: worker.index(), pid: std::process::id() }.encode();
+    let (bytes, fd_count): (Vec<u8>, usize) = match class {
+        "empty" => (Vec::new(), 0),
+        "oversize" => (vec![b'S'; 4096], 0),
+        "magic" => (b"XX\x01\x02".to_vec(), 0),
+        "version" => (vec![b'S', b'C', PROTOCOL_VERSION + 1, 2], 0),
+        "kind" => (vec![b'S', b'C', PROTOCOL_VERSION, 99], 0),
+        "short" => (hello[..6].to_vec(), 0),
+        "hello-fd" => (hello, 1),
+        "ready-fds" => (ready, 2),
+        // More fds than the master's control buffer holds: it sees MSG_CTRUNC.
+        "ctrunc" => (ready, 64),
+        other => return Err(format!("unknown TEST_SEND_GARBAGE class {other}").into()),
+    };
+    // Its own executable: a file the master never opens itself, so a leaked one is easy to spot.
+    let exe = std::env::current_exe()?;
+    let files: Vec<std::fs::File> = (0..fd_count).map(|_| std::fs::File::open(&exe)).collect::<Result<_, _>>()?;
+    let fds: Vec<i32> = files.iter().map(|file| file.as_raw_fd()).collect();
+    let rights = [ControlMessage::ScmRights(&fds)];
+    let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
+    let iov = [std::io::IoSlice::new(&bytes)];
+    sendmsg::<UnixAddr>(worker.channel_fd().as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), None)?;
     Ok(())
 }
 

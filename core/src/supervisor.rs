@@ -24,6 +24,10 @@ pub struct Spawned {
     pub pid: u32,
     /// The master's end of the channel.
     pub channel: OwnedFd,
+    /// The master's copy of the worker's end: while it is open, what the worker never received stays
+    /// in the kernel, so the master can take it back when the worker dies (close-on-exec: no other
+    /// child inherits it).
+    pub worker_end: OwnedFd,
 }
 
 /// A worker that lived shorter than this counts as a crash for back-off purposes.
@@ -84,9 +88,8 @@ pub fn spawn_worker(config: &Config, command: &[String], cwd: Option<&std::path:
         });
     }
     let child = process.spawn().map_err(spawn_error)?;
-    drop(worker_end);
     let pid = child.id().unwrap_or(0);
-    Ok(Spawned { child, pid, channel: master_end })
+    Ok(Spawned { child, pid, channel: master_end, worker_end })
 }
 
 /// Sends `signal` to a worker process, ignoring one that is already gone.

@@ -3,17 +3,13 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsFd;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use nix::errno::Errno;
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, warn};
 
 use crate::client_address::ClientAddressSource;
 use crate::hash::{node_address_text, route_index};
-use crate::protocol::{send_message, Message};
 
 use super::*;
 
@@ -26,16 +22,6 @@ pub(super) struct Handoff {
     pub(super) arrived: Instant,
 }
 
-/// What a channel's sender task writes.
-pub(super) enum Outgoing {
-    Connection(Handoff),
-    /// The shutdown message, then SIGTERM to this pid (spawned workers).
-    Shutdown {
-        deadline_ms: u64,
-        then_terminate: Option<u32>,
-    },
-}
-
 impl Master {
     pub(super) fn route(&mut self, handoff: Handoff) {
         let index = route_index(handoff.peer.ip(), self.config.concurrency);
@@ -43,64 +29,41 @@ impl Master {
         self.deliver(index, handoff);
     }
 
-    /// Sends to the worker's channel when it is ready, else queues (bounded), else redirects.
+    /// Queues the connection for its worker (bounded by `queue.limit`) and writes what the worker can
+    /// take now; past the bound it goes to the next ready worker.
     pub(super) fn deliver(&mut self, index: u32, handoff: Handoff) {
         let limit = self.config.queue_limit;
-        let slot = &mut self.slots[index as usize];
-        if slot.state == SlotState::Ready && slot.queue.is_empty() {
-            self.send_to(index, handoff);
-        } else if slot.queue.len() < limit && self.shutdown_deadline.is_none() {
+        let shutting_down = self.shutdown_deadline.is_some();
+        let Some(slot) = self.slots.get_mut(index as usize) else {
+            return self.redirect(index, handoff, "no such worker");
+        };
+        if slot.queue.len() < limit && !shutting_down {
             slot.queue.push_back(handoff);
+            if slot.state == SlotState::Ready {
+                self.flush(index);
+            }
         } else {
+            self.report_stuck(index, "its queue is full; new connections go to other workers");
             self.redirect(index, handoff, "its queue is full");
         }
     }
 
-    pub(super) fn send_to(&mut self, index: u32, handoff: Handoff) {
-        self.stats.routed[index as usize] += 1;
-        let channel = self.slots[index as usize].channel.as_ref().expect("a ready slot has a channel");
-        // The common case writes at once: no task hop per connection. Only when the writer task holds
-        // nothing, so the channel keeps its order (every connection before a shutdown message).
-        if channel.backlog.load(Ordering::SeqCst) == 0 {
-            let message = Message::Connection { peer: handoff.peer, local: handoff.local };
-            match send_message(channel.socket.get_ref().as_fd(), &message, Some(handoff.stream.as_fd()), true) {
-                Ok(()) => return,
-                Err(Errno::EAGAIN) => debug!("worker {index}'s channel is full: its writer waits for room"),
-                Err(errno) => return self.undelivered(index, handoff, errno),
-            }
-        }
-        if let Err(Outgoing::Connection(handoff)) = channel.enqueue(Outgoing::Connection(handoff)) {
-            self.stats.routed[index as usize] -= 1;
-            let slot = &mut self.slots[index as usize];
-            slot.disconnect();
-            slot.queue.push_front(handoff);
-        }
-    }
-
-    /// A worker's channel refused a connection (the worker died): it waits for the index's next worker.
-    pub(super) fn undelivered(&mut self, index: u32, handoff: Handoff, errno: Errno) {
-        debug!("worker {index}'s channel refused a connection ({errno}); it waits for the next worker");
-        self.stats.routed[index as usize] -= 1;
-        let slot = &mut self.slots[index as usize];
-        slot.disconnect();
-        if self.shutdown_deadline.is_some() {
-            self.stats.closed += 1;
-        } else {
-            slot.queue.push_back(handoff);
-        }
-    }
-
-    /// Gives a connection whose own worker cannot take it to the next ready worker, or closes it.
-    pub(super) fn redirect(&mut self, from: u32, handoff: Handoff, why: &str) {
+    /// Gives a connection whose own worker cannot take it to the next ready worker with room, or closes it.
+    /// A redirected connection waits up to `queue.maxWait` again at its new worker.
+    pub(super) fn redirect(&mut self, from: u32, mut handoff: Handoff, why: &str) {
         let concurrency = self.config.concurrency;
-        let next_ready = (1..concurrency)
-            .map(|step| (from + step) % concurrency)
-            .find(|&index| self.slots[index as usize].state == SlotState::Ready);
+        let limit = self.config.queue_limit;
+        let next_ready = (1..concurrency).map(|step| (from + step) % concurrency).find(|&index| {
+            let slot = &self.slots[index as usize];
+            slot.state == SlotState::Ready && slot.queue.len() < limit
+        });
         match next_ready {
             Some(index) if self.shutdown_deadline.is_none() => {
                 self.stats.redirected += 1;
+                handoff.arrived = Instant::now();
                 debug!("connection {} for worker {from} goes to worker {index}: {why}", handoff.peer.ip());
-                self.send_to(index, handoff);
+                self.slots[index as usize].queue.push_back(handoff);
+                self.flush(index);
             }
             _ => {
                 self.stats.closed += 1;
@@ -112,14 +75,22 @@ impl Master {
         }
     }
 
+    /// Connections that waited longer than `queue.maxWait` for their worker go to the next ready one.
     pub(super) fn expire_queues(&mut self) {
         let max_wait = self.config.queue_max_wait;
         for index in 0..self.config.concurrency {
-            while let Some(front) = self.slots[index as usize].queue.front() {
-                if front.arrived.elapsed() < max_wait {
-                    break;
-                }
-                let handoff = self.slots[index as usize].queue.pop_front().expect("front exists");
+            let expired =
+                |slot: &WorkerSlot| slot.queue.front().is_some_and(|front| front.arrived.elapsed() >= max_wait);
+            if !expired(&self.slots[index as usize]) {
+                continue;
+            }
+            self.report_stuck(index, "connections waiting longer than queue.maxWait go to other workers");
+            let slot = &mut self.slots[index as usize];
+            let mut due = Vec::new();
+            while expired(slot) {
+                due.extend(slot.queue.pop_front());
+            }
+            for handoff in due {
                 self.redirect(index, handoff, "it was not ready within queue.maxWait");
             }
         }

@@ -18,14 +18,14 @@ use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
 use std::process::ExitStatus;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::sys::signal::Signal;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::time::{sleep_until, Instant as TokioInstant};
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::{Config, WorkerSource};
 use crate::error::{Error, Result};
@@ -64,6 +64,8 @@ pub struct Stats {
     pub closed: u64,
     /// Worker processes started again after one died.
     pub revivals: u64,
+    /// Connections taken back from a dead worker's channel (sent, never received) and served again.
+    pub recovered: u64,
 }
 
 /// What the master's tasks report to its one event loop.
@@ -83,10 +85,10 @@ enum Event {
         generation: u64,
         status: io::Result<ExitStatus>,
     },
-    Undelivered {
+    /// A full channel has room again.
+    Room {
         index: u32,
-        handoff: Handoff,
-        errno: Errno,
+        generation: u64,
     },
     Revive {
         index: u32,
@@ -157,20 +159,7 @@ pub async fn run(config: Config, listener: TcpListener, mut stop: UnboundedRecei
     let (events, mut event_rx) = unbounded_channel();
     let concurrency = config.concurrency;
     let mut master = Master {
-        slots: (0..concurrency)
-            .map(|index| WorkerSlot {
-                index,
-                generation: 0,
-                state: SlotState::Down,
-                pid: 0,
-                alive: false,
-                started: Instant::now(),
-                crashes: 0,
-                retiring: false,
-                channel: None,
-                queue: VecDeque::new(),
-            })
-            .collect(),
+        slots: (0..concurrency).map(WorkerSlot::new).collect(),
         stats: Stats { routed: vec![0; concurrency as usize], ..Stats::default() },
         config,
         attach_socket,
@@ -233,12 +222,13 @@ pub async fn run(config: Config, listener: TcpListener, mut stop: UnboundedRecei
     }
     let stats = master.stats.clone();
     info!(
-        "stopped: routed {} connections {:?}, redirected {}, closed {}, revivals {}",
+        "stopped: routed {} connections {:?}, redirected {}, closed {}, revivals {}, recovered {}",
         stats.routed.iter().sum::<u64>(),
         stats.routed,
         stats.redirected,
         stats.closed,
-        stats.revivals
+        stats.revivals,
+        stats.recovered
     );
     Ok(Outcome { graceful: !master.hard_killed, stats })
 }
@@ -262,30 +252,7 @@ impl Master {
     fn on_event(&mut self, event: Event) {
         match event {
             Event::Message { index, generation, message } => self.on_message(index, generation, message),
-            Event::ChannelClosed { index, generation, reason } => {
-                let spawned = self.spawns();
-                let shutting_down = self.shutdown_deadline.is_some();
-                let slot = &mut self.slots[index as usize];
-                if slot.generation != generation {
-                    return;
-                }
-                if let Some(reason) = &reason {
-                    error!("worker {index} (pid {}) broke the channel protocol: {reason}; dropping it", slot.pid);
-                    if spawned {
-                        signal_worker(slot.pid, Signal::SIGKILL);
-                    }
-                }
-                slot.disconnect();
-                if !spawned {
-                    // An attached worker is supervised elsewhere: its index waits for the next attach.
-                    slot.alive = false;
-                    if shutting_down {
-                        debug!("worker {index} (pid {}) detached", slot.pid);
-                    } else {
-                        warn!("worker {index} (pid {}) detached; its connections wait for a new attach", slot.pid);
-                    }
-                }
-            }
+            Event::ChannelClosed { index, generation, reason } => self.channel_ended(index, generation, reason),
             Event::Attached(claim) => self.on_attached(claim),
             Event::Identified(handoff) => self.route(handoff),
             Event::Unidentified { peer, error } => {
@@ -303,7 +270,7 @@ impl Master {
                 }
             }
             Event::Exited { index, generation, status } => self.on_exit(index, generation, status),
-            Event::Undelivered { index, handoff, errno } => self.undelivered(index, handoff, errno),
+            Event::Room { index, generation } => self.on_room(index, generation),
             Event::Revive { index, generation } => {
                 let slot = &self.slots[index as usize];
                 if slot.generation == generation && !slot.alive && self.shutdown_deadline.is_none() {
@@ -326,16 +293,19 @@ impl Master {
                 self.listener = None;
                 let deadline_ms = delay.as_millis().min(u64::MAX as u128) as u64;
                 let spawned = self.spawns();
-                for slot in &mut self.slots {
-                    self.stats.closed += slot.close_queue();
-                    // SIGTERM follows the shutdown message, so a worker that drains its channel on SIGTERM
-                    // finds every connection already sent to it, then the shutdown.
-                    let terminate = (slot.alive && spawned).then_some(slot.pid);
-                    let sent = slot.channel.as_ref().is_some_and(|channel| {
-                        channel.enqueue(Outgoing::Shutdown { deadline_ms, then_terminate: terminate }).is_ok()
-                    });
-                    if let (false, Some(pid)) = (sent, terminate) {
-                        signal_worker(pid, Signal::SIGTERM);
+                for index in 0..self.config.concurrency {
+                    let slot = &mut self.slots[index as usize];
+                    // A ready worker still gets what waits for room in its channel, then the shutdown;
+                    // connections waiting for a worker that never became ready are closed.
+                    if slot.state != SlotState::Ready {
+                        self.stats.closed += slot.close_queue();
+                    }
+                    let terminate = slot.alive && spawned;
+                    if slot.channel.is_some() {
+                        slot.pending_shutdown = Some(PendingShutdown { deadline_ms, terminate });
+                        self.flush(index);
+                    } else if terminate {
+                        signal_worker(slot.pid, Signal::SIGTERM);
                     }
                 }
             }
@@ -353,8 +323,6 @@ impl Master {
         }
     }
 
-    /// Applies what can change while running; workers whose command or environment changed are
-    /// restarted one at a time, each successor ready before the next index stops.
     fn kill_all(&mut self) {
         self.hard_killed = true;
         let spawned = self.spawns();

@@ -10,6 +10,8 @@ use crate::supervisor::signal_worker;
 use super::*;
 
 impl Master {
+    /// Applies what can change while running; workers whose command or environment changed are
+    /// restarted one at a time, each successor ready before the next index stops.
     pub(super) fn reload(&mut self, new: Config) {
         let old = &self.config;
         if (new.port, &new.host, new.concurrency) != (old.port, &old.host, old.concurrency) {
@@ -70,12 +72,11 @@ impl Master {
             slot.retiring = true;
             // New connections for this index queue for the successor instead of reaching a draining worker.
             slot.state = SlotState::Down;
-            let pid = slot.pid;
-            let sent = slot.channel.as_ref().is_some_and(|channel| {
-                channel.enqueue(Outgoing::Shutdown { deadline_ms, then_terminate: Some(pid) }).is_ok()
-            });
-            if !sent {
-                signal_worker(pid, Signal::SIGTERM);
+            // What waits for room in its channel stays queued for the successor.
+            if slot.channel.is_some() {
+                slot.pending_shutdown = Some(PendingShutdown { deadline_ms, terminate: true });
+            } else {
+                signal_worker(slot.pid, Signal::SIGTERM);
             }
             let (events, generation, delay) = (self.events.clone(), slot.generation, self.config.hard_shutdown_delay);
             tokio::spawn(async move {
@@ -83,6 +84,7 @@ impl Master {
                 let _ = events.send(Event::RetireDeadline { index, generation });
             });
             self.restarting = Some(index);
+            self.flush(index);
             return;
         }
         info!("reload: every worker runs the new configuration");

@@ -10,7 +10,7 @@ use tokio::io::unix::AsyncFd;
 use tracing::{debug, error, info, warn};
 
 use crate::config::WorkerSource;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::protocol::{send_message, Message};
 use crate::supervisor::{describe_exit, revival_delay, spawn_worker, CRASH_UPTIME};
 
@@ -18,9 +18,14 @@ use super::*;
 
 impl Master {
     pub(super) fn start_worker(&mut self, index: u32) -> Result<()> {
-        let WorkerSource::Spawn { command, cwd } = &self.config.workers else { unreachable!("spawn mode") };
+        let WorkerSource::Spawn { command, cwd } = &self.config.workers else {
+            return Err(Error::io(
+                format!("start worker {index}"),
+                io::Error::other("the cluster attaches its workers"),
+            ));
+        };
         let spawned = spawn_worker(&self.config, command, cwd.as_deref(), index)?;
-        let generation = self.connect_slot(index, spawned.pid, spawned.channel)?;
+        let generation = self.connect_slot(index, spawned.pid, spawned.channel, Some(spawned.worker_end))?;
         debug!("worker {index} started (pid {}, generation {generation})", spawned.pid);
         let events = self.events.clone();
         let mut child = spawned.child;
@@ -78,13 +83,13 @@ impl Master {
             warn!("refused worker pid {} (uid {}): {reason}", claim.pid, claim.uid);
             return;
         }
-        let index = index.expect("checked above");
+        let Some(index) = index else { return };
         let welcome = Message::Welcome { index, concurrency };
         if let Err(errno) = send_message(claim.channel.as_fd(), &welcome, None, true) {
             warn!("worker pid {} left before its welcome: {errno}", claim.pid);
             return;
         }
-        match self.connect_slot(index, claim.pid, claim.channel) {
+        match self.connect_slot(index, claim.pid, claim.channel, None) {
             Ok(_) => debug!("worker {index} attached (pid {}, uid {})", claim.pid, claim.uid),
             Err(error) => error!("{error}"),
         }
@@ -92,16 +97,21 @@ impl Master {
 
     pub(super) fn on_exit(&mut self, index: u32, generation: u64, status: io::Result<ExitStatus>) {
         let shutting_down = self.shutdown_deadline.is_some();
-        let slot = &mut self.slots[index as usize];
-        if slot.generation != generation {
-            return;
-        }
+        let Some(slot) = self.slot_of(index, generation) else { return };
         slot.alive = false;
         slot.disconnect();
         let how = match &status {
             Ok(status) => describe_exit(status),
             Err(error) => format!("unknown status ({error})"),
         };
+        let taken_back = self.take_back(index);
+        let slot = &mut self.slots[index as usize];
+        if taken_back > 0 {
+            info!(
+                "worker {index} (pid {}) left {taken_back} connections unread; they wait for its successor",
+                slot.pid
+            );
+        }
         if shutting_down {
             debug!("worker {index} (pid {}) exited: {how}", slot.pid);
             self.stats.closed += slot.close_queue();

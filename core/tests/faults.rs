@@ -1,0 +1,167 @@
+//! Worker faults against the real master: a worker that dies right after ready, one killed with
+//! connections waiting in its channel, one that exits by itself, one that stops reading, and every
+//! class of malformed datagram. The master must stay up and lose nothing it still holds.
+
+mod support;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use support::{clients_for, Cluster};
+
+const LONG: Duration = Duration::from_secs(30);
+
+/// One request per client, each on its own thread, all at once; the answers (or errors) in order.
+fn get_all(server: SocketAddr, clients: &[Ipv4Addr]) -> Vec<std::io::Result<serde_json::Value>> {
+    let threads: Vec<_> =
+        clients.iter().map(|&client| std::thread::spawn(move || support::get(client, server, "/"))).collect();
+    threads.into_iter().map(|thread| thread.join().unwrap()).collect()
+}
+
+fn server(cluster: &Cluster) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], cluster.port))
+}
+
+/// The counters of the master's last log line (`stopped: routed N … redirected R, closed C …`).
+fn stopped_counter(cluster: &mut Cluster, name: &str) -> u64 {
+    cluster.signal(Signal::SIGTERM);
+    cluster.wait_exit(LONG).expect("the master exits on SIGTERM");
+    let line = cluster.wait_for_log("stopped: routed", LONG);
+    let after = line.split(&format!("{name} ")).nth(1).unwrap_or_else(|| panic!("no {name} in {line}"));
+    after.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_worker_that_dies_right_after_ready_does_not_take_the_master_down() {
+    // Worker 0 initialises for 1.5 s while its clients queue, then shuts its channel for reading, says
+    // ready and exits: the master's writes fail while it drains the queue.
+    let once = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(&format!(
+        "concurrency: 2\nenv:\n  TEST_DIE_AFTER_READY: '1'\n  TEST_FAULT_INDEX: '0'\n  TEST_SLOW_INDEX: '0'\n  \
+         TEST_INIT_DELAY_MS: '1500'\n  TEST_ONCE_DIR: {:?}\n",
+        once.path().display().to_string()
+    ));
+    let victims = clients_for(0, 2, 6, 0);
+    let answers = get_all(server(&cluster), &victims);
+    for answer in &answers {
+        let answer = answer.as_ref().expect("every queued client is served");
+        assert_eq!(answer["worker"], 0, "served under its own index by the revived worker");
+    }
+    assert!(cluster.running(), "the master outlives the worker");
+    let log = cluster.log().join("\n");
+    assert!(log.contains("exit status 4"), "the exit is reported:\n{log}");
+    assert!(!log.contains("panicked"), "no panic:\n{log}");
+    assert_eq!(stopped_counter(&mut cluster, "closed"), 0);
+}
+
+#[test]
+fn kill_9_loses_no_connection_waiting_in_the_channel() {
+    // One worker serving one connection per 50 ms; 100 clients at once; the worker is killed after 1 s,
+    // with most of them still in its channel. Only the one in its hands may be lost.
+    let cluster = Cluster::start("concurrency: 1\nqueue:\n  maxWait: 30s\nenv:\n  TEST_SERVE_INTERVAL_MS: '50'\n");
+    let first = cluster.get(Ipv4Addr::new(127, 2, 0, 1), "/").unwrap();
+    let old_pid = first["pid"].as_u64().unwrap();
+    let clients: Vec<Ipv4Addr> = (0..100u8).map(|i| Ipv4Addr::new(127, 2, 1, i + 1)).collect();
+    let load = {
+        let server = server(&cluster);
+        std::thread::spawn(move || get_all(server, &clients))
+    };
+    std::thread::sleep(Duration::from_secs(1));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old_pid as i32), Signal::SIGKILL).unwrap();
+    let answers = load.join().unwrap();
+    let served: Vec<&serde_json::Value> = answers.iter().filter_map(|answer| answer.as_ref().ok()).collect();
+    let by_successor = served.iter().filter(|answer| answer["pid"].as_u64() != Some(old_pid)).count();
+    let log = cluster.log().join("\n");
+    assert!(served.len() >= 99, "{} of 100 answered; log:\n{log}", served.len());
+    assert!(served.iter().all(|answer| answer["worker"] == 0), "all on index 0");
+    assert!(by_successor >= 50, "the revived worker served what its predecessor left ({by_successor})");
+    assert!(log.contains("connections unread; they wait for its successor"), "taking back is logged:\n{log}");
+}
+
+#[test]
+fn a_worker_that_exits_by_itself_leaves_nothing_behind() {
+    // Worker 0 exits cleanly after 10 connections while 40 more wait in its channel.
+    let once = tempfile::tempdir().unwrap();
+    let mut cluster = Cluster::start(&format!(
+        "concurrency: 1\nenv:\n  TEST_EXIT_AFTER: '10'\n  TEST_SERVE_INTERVAL_MS: '20'\n  TEST_ONCE_DIR: {:?}\n",
+        once.path().display().to_string()
+    ));
+    let clients: Vec<Ipv4Addr> = (0..50).map(|i| Ipv4Addr::new(127, 3, 0, i + 1)).collect();
+    let answers = get_all(server(&cluster), &clients);
+    let failed = answers.iter().filter(|answer| answer.is_err()).count();
+    assert_eq!(failed, 0, "every connection served");
+    let pids: std::collections::BTreeSet<u64> =
+        answers.iter().filter_map(|answer| answer.as_ref().ok()?["pid"].as_u64()).collect();
+    assert_eq!(pids.len(), 2, "the first worker and its successor served them");
+    assert!(stopped_counter(&mut cluster, "recovered") > 0);
+}
+
+#[test]
+fn a_stuck_worker_is_named_and_its_connections_go_elsewhere_within_bounds() {
+    // Worker 0 says ready, then reads nothing for 6 s. Its queue holds at most 100 connections, each at
+    // most 500 ms; the rest go to worker 1. Nothing is lost, the master's queue stays bounded.
+    let mut cluster = Cluster::start(
+        "concurrency: 2\nqueue:\n  limit: 100\n  maxWait: 500ms\nmetrics:\n  port: 0\nenv:\n  TEST_ACCEPT_PAUSE_MS: '6000'\n  \
+         TEST_SLOW_INDEX: '0'\n",
+    );
+    let line = cluster.wait_for_log("metrics on http://", LONG);
+    let metrics: SocketAddr = line.split("http://").nth(1).unwrap().trim_end_matches("/metrics").parse().unwrap();
+    // More than its channel holds (about 2 KB of buffer each), fewer than worker 1 cannot take at once.
+    let victims = clients_for(0, 2, 400, 0);
+    let load = {
+        let server = server(&cluster);
+        std::thread::spawn(move || get_all(server, &victims))
+    };
+    // While worker 0 is stuck, its queue in the master never exceeds queue.limit.
+    let mut deepest = 0;
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(100));
+        let page = support::http_text(metrics, "/metrics").unwrap();
+        let depth = page.lines().find_map(|l| l.strip_prefix("sticky_cluster_queue_depth{worker=\"0\"} ")).unwrap();
+        deepest = deepest.max(depth.trim().parse::<usize>().unwrap());
+    }
+    let answers = load.join().unwrap();
+    let failed = answers.iter().filter(|answer| answer.is_err()).count();
+    let by_other = answers.iter().filter(|answer| answer.as_ref().is_ok_and(|a| a["worker"] == 1)).count();
+    let log = cluster.log().join("\n");
+    let errors: Vec<String> = answers.iter().filter_map(|a| a.as_ref().err().map(|e| e.to_string())).collect();
+    assert_eq!(failed, 0, "nothing lost: {errors:?}; log:\n{log}");
+    assert!(by_other > 0, "connections past the bound went to worker 1");
+    assert!(deepest > 0 && deepest <= 100, "queue depth {deepest} within queue.limit and visible");
+    assert!(log.contains("worker 0 (pid") && log.contains("is not reading its channel"), "stuck worker named:\n{log}");
+    assert!(stopped_counter(&mut cluster, "redirected") >= by_other as u64);
+}
+
+#[test]
+fn every_malformed_datagram_class_ends_the_worker_and_its_index_is_revived() {
+    // Each class sent by worker 0's first process before ready. The master names the fault, ends that
+    // worker, revives index 0 and keeps serving; fds that came with garbage are closed, not leaked.
+    for class in ["empty", "oversize", "magic", "version", "kind", "short", "hello-fd", "ready-fds", "ctrunc"] {
+        let once = tempfile::tempdir().unwrap();
+        let mut cluster = Cluster::start(&format!(
+            "concurrency: 2\nenv:\n  TEST_SEND_GARBAGE: {class}\n  TEST_FAULT_INDEX: '0'\n  TEST_ONCE_DIR: {:?}\n",
+            once.path().display().to_string()
+        ));
+        cluster.wait_for_log_count("reviving", 1, LONG);
+        let victim = clients_for(0, 2, 1, 0)[0];
+        let answer = cluster.get(victim, "/").unwrap_or_else(|e| panic!("{class}: index 0 serves again: {e}"));
+        assert_eq!(answer["worker"], 0, "{class}");
+        let other = cluster.get(clients_for(1, 2, 1, 0)[0], "/").unwrap();
+        assert_eq!(other["worker"], 1, "{class}: the other worker kept serving");
+        let log = cluster.log().join("\n");
+        assert!(
+            log.contains("worker 0 (pid") && log.contains("ending it, its index is revived"),
+            "{class}: the fault is named:\n{log}"
+        );
+        // The garbage came with fds of the test worker's executable: the master must hold none of them.
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", cluster.pid())).unwrap();
+        let leaked = fds
+            .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+            .filter(|target| *target == support::test_worker())
+            .count();
+        assert_eq!(leaked, 0, "{class}: fds that came with the garbage were leaked");
+        assert!(cluster.running(), "{class}: the master stays up");
+        assert_eq!(stopped_counter(&mut cluster, "closed"), 0, "{class}");
+    }
+}
