@@ -126,7 +126,7 @@ impl Message {
 
     /// Parses one datagram; anything malformed is a [`Error::Protocol`] naming what was wrong.
     pub fn decode(bytes: &[u8]) -> Result<Message> {
-        if bytes.len() < HEADER || bytes[..2] != MAGIC {
+        if bytes.len() < HEADER || bytes[..2] != MAGIC[..] {
             return Err(Error::Protocol(format!("not a sticky-cluster message ({} bytes)", bytes.len())));
         }
         if bytes[2] != PROTOCOL_VERSION {
@@ -143,9 +143,9 @@ impl Message {
                 Err(Error::Protocol(format!("{name} message has {} body bytes, expected {len}", body.len())))
             }
         };
-        let u32_at = |at: usize| u32::from_le_bytes(body[at..at + 4].try_into().unwrap());
+        let u32_at = |at: usize| field(body, at).map(u32::from_le_bytes);
         match bytes[3] {
-            1 => exact(8, "hello").map(|_| Message::Hello { index: u32_at(0), pid: u32_at(4) }),
+            1 => exact(8, "hello").and_then(|_| Ok(Message::Hello { index: u32_at(0)?, pid: u32_at(4)? })),
             2 => exact(0, "ready").map(|_| Message::Ready),
             3 => {
                 exact(2 * ADDRESS_LEN, "connection")?;
@@ -155,8 +155,8 @@ impl Message {
                 })
             }
             4 => exact(8, "shutdown")
-                .map(|_| Message::Shutdown { deadline_ms: u64::from_le_bytes(body.try_into().unwrap()) }),
-            5 => exact(8, "welcome").map(|_| Message::Welcome { index: u32_at(0), concurrency: u32_at(4) }),
+                .and_then(|_| Ok(Message::Shutdown { deadline_ms: u64::from_le_bytes(field(body, 0)?) })),
+            5 => exact(8, "welcome").and_then(|_| Ok(Message::Welcome { index: u32_at(0)?, concurrency: u32_at(4)? })),
             6 => Ok(Message::Refused { reason: String::from_utf8_lossy(body).into_owned() }),
             kind => Err(Error::Protocol(format!("unknown message kind {kind}"))),
         }
@@ -180,10 +180,18 @@ fn encode_address(bytes: &mut Vec<u8>, address: &SocketAddr) {
     bytes.extend_from_slice(&ip);
 }
 
+/// `N` bytes of `body` from `at`; a message too short for them is a protocol error, never a panic.
+fn field<const N: usize>(body: &[u8], at: usize) -> Result<[u8; N]> {
+    body.get(at..at + N)
+        .and_then(|bytes| bytes.try_into().ok())
+        .ok_or_else(|| Error::Protocol(format!("message cut short: no {N} bytes at {at}")))
+}
+
 fn decode_address(bytes: &[u8]) -> Result<SocketAddr> {
-    let port = u16::from_le_bytes([bytes[1], bytes[2]]);
-    let ip: [u8; 16] = bytes[3..19].try_into().unwrap();
-    let ip = match bytes[0] {
+    let [family] = field::<1>(bytes, 0)?;
+    let port = u16::from_le_bytes(field(bytes, 1)?);
+    let ip: [u8; 16] = field(bytes, 3)?;
+    let ip = match family {
         4 => IpAddr::V4(Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3])),
         6 => IpAddr::V6(Ipv6Addr::from(ip)),
         family => return Err(Error::Protocol(format!("unknown address family {family}"))),

@@ -37,7 +37,8 @@ pub fn bind(config: &Config) -> Result<TcpListener> {
             }
         }
     }
-    Err(last_error.expect("at least one address"))
+    Err(last_error
+        .unwrap_or_else(|| Error::io(format!("listen on {}", config.host), io::Error::from(io::ErrorKind::NotFound))))
 }
 
 pub(super) fn bind_one(address: SocketAddr) -> io::Result<TcpListener> {

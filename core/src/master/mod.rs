@@ -260,8 +260,8 @@ impl Master {
                 warn!("connection from {peer} lost while its client address was read: {error}");
             }
             Event::RetireDeadline { index, generation } => {
-                let slot = &self.slots[index as usize];
-                if slot.generation == generation && slot.alive && slot.retiring {
+                let Some(slot) = self.slot_of(index, generation) else { return };
+                if slot.alive && slot.retiring {
                     warn!(
                         "worker {index} (pid {}) did not stop within hardShutdownDelay for the reload; killing it",
                         slot.pid
@@ -272,8 +272,9 @@ impl Master {
             Event::Exited { index, generation, status } => self.on_exit(index, generation, status),
             Event::Room { index, generation } => self.on_room(index, generation),
             Event::Revive { index, generation } => {
-                let slot = &self.slots[index as usize];
-                if slot.generation == generation && !slot.alive && self.shutdown_deadline.is_none() {
+                let shutting_down = self.shutdown_deadline.is_some();
+                let Some(slot) = self.slot_of(index, generation) else { return };
+                if !slot.alive && !shutting_down {
                     self.stats.revivals += 1;
                     if let Err(error) = self.start_worker(index) {
                         error!("{error}");
