@@ -1,0 +1,358 @@
+//! Kernel routing (`routing: kernel`): one `SO_REUSEPORT` listener per worker on the client port, and a
+//! classic BPF program that makes the kernel itself put each SYN on listener `string_hash(text) % concurrency`.
+//!
+//! # The group
+//! [`bind_group`] creates `concurrency` TCP listeners on one address with `SO_REUSEADDR` + `SO_REUSEPORT`
+//! (dual-stack on `::`, as the handoff listener), attaches the program to the first one before any of them
+//! listens (so no SYN is ever spread by the kernel's default hash), then calls `listen()` in index order: the
+//! kernel's group order is the order of `listen()`, so listener `i` is socket `i` of the group. Closing a
+//! listener moves the group's last socket into its slot, so the holder must keep every listener open.
+//!
+//! Never joining someone else's group: before the group exists, a probe socket binds the address *without*
+//! `SO_REUSEPORT`, which fails with `EADDRINUSE` if anything already holds it (the same check as handoff
+//! mode's bind). The probe must be closed before our sockets can bind, which leaves a window in which a
+//! process of the same user (the kernel lets only the same uid join a group) could bind with `SO_REUSEPORT`;
+//! so once the group listens, every listening socket on the port in `/proc/net/tcp` and `/proc/net/tcp6` whose
+//! address overlaps ours must be one of our inodes, or the bind is refused. A socket of the same user that
+//! joins later takes index `concurrency` or above, which the program never returns: it receives nothing as
+//! long as our listeners stay open.
+//!
+//! # The program ([`program`])
+//! IPv4 SYNs: the four source bytes at `SKF_NET_OFF + 12`, mixed as the text `a.b.c.d` (IPv4 listener) or
+//! `::ffff:a.b.c.d` (IPv6 listener) from the last character to the first, digits by `DIV`/`MOD`. IPv6 SYNs
+//! (version nibble 6): the exact text libuv's `inet_ntop6` prints (first longest zero run of two or more words
+//! compressed, lower-case hex, `::a.b.c.d` and `::ffff:a.b.c.d` forms) and, for `fe80::/10` peers, `%ifname`
+//! from the interface table read when the program is generated: the scope Node prints is the interface the
+//! SYN arrived on (`SKF_AD_IFINDEX`). An interface created after the group (or one left out because the table
+//! did not fit in 4,096 instructions) gets no suffix, so its link-local clients may land elsewhere than Node's
+//! text says. Kernels read `skb->dev`, which differs from the scope only under VRF (l3mdev) setups.
+//!
+//! # Measured (x86_64, Linux 6.18; `cargo test -p sticky-cluster reuseport`)
+//! - Program length: IPv4 listener 118 instructions; IPv6 listener 738 with an empty interface table, plus
+//!   `4 + 2 * name length` per interface. Longest executed path: 107 (IPv4 listener), 425 (IPv6, `%lo`).
+//! - Interpreter: the 35 contract vectors, 100,000 random IPv4 and 100,000 random IPv6 addresses (zero runs,
+//!   mapped, compatible and link-local forms) give `string_hash(node text) % N` for N in 1, 2, 3, 4, 7, 64,
+//!   1000; the checker's static rules hold for every generated program.
+//! - Real kernel (`core/tests/reuseport.rs`): 300 loopback sources on `127.0.0.1` and on `[::]` with 7
+//!   listeners, `::1`, and native IPv6 and link-local peers in a network namespace, all on the predicted listener.
+
+pub mod program;
+
+#[cfg(test)]
+mod interpreter;
+
+use crate::error::{Error, Result};
+use crate::hash::{node_address_text, string_hash};
+use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+pub use program::{Program, TextForm};
+
+/// `concurrency` listeners on one port with the routing program attached, in group order.
+#[derive(Debug)]
+pub struct ReuseportGroup {
+    listeners: Vec<OwnedFd>,
+    address: SocketAddr,
+    form: TextForm,
+    program: Program,
+}
+
+impl ReuseportGroup {
+    /// The listeners: listener `i` receives the clients whose routing index is `i`.
+    pub fn listeners(&self) -> &[OwnedFd] {
+        &self.listeners
+    }
+
+    /// Listener `index`, to hand to worker `index`; `None` past the group's end.
+    pub fn listener(&self, index: u32) -> Option<BorrowedFd<'_>> {
+        self.listeners.get(index as usize).map(|fd| fd.as_fd())
+    }
+
+    /// The number of listeners (the `concurrency` the program divides by).
+    pub fn concurrency(&self) -> u32 {
+        self.listeners.len() as u32
+    }
+
+    /// The bound address, with the port the kernel chose when asked for port 0.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// Which client text the program hashes.
+    pub fn text_form(&self) -> TextForm {
+        self.form
+    }
+
+    /// The attached program (its length and the interfaces it names).
+    pub fn program(&self) -> &Program {
+        &self.program
+    }
+
+    /// Gives up the listeners; closing any of them reorders the group, so the caller keeps them all open.
+    pub fn into_listeners(self) -> Vec<OwnedFd> {
+        self.listeners
+    }
+}
+
+/// The text form a group on `address` hashes: `a.b.c.d` on an IPv4 listener, `::ffff:a.b.c.d` and IPv6
+/// text on an IPv6 one (what Node reports as `remoteAddress` on that listener).
+pub fn text_form(address: SocketAddr) -> TextForm {
+    if address.is_ipv4() {
+        TextForm::Ipv4
+    } else {
+        TextForm::Ipv6
+    }
+}
+
+/// The text Node reports for an accepted peer: [`node_address_text`] plus `%ifname` for a link-local IPv6
+/// peer with a scope, as Node's `AddressToJS` appends it (nothing when the index has no name).
+pub fn node_peer_text(peer: SocketAddr) -> String {
+    let mut text = node_address_text(peer.ip());
+    if let SocketAddr::V6(v6) = peer {
+        let link_local = v6.ip().segments()[0] & 0xffc0 == 0xfe80;
+        if link_local && v6.scope_id() > 0 {
+            if let Some(name) = interface_name(v6.scope_id()) {
+                text.push('%');
+                text.push_str(&name);
+            }
+        }
+    }
+    text
+}
+
+/// The listener index the program picks for a peer as `accept()` reports it.
+pub fn peer_index(peer: SocketAddr, concurrency: u32) -> u32 {
+    string_hash(&node_peer_text(peer)) % concurrency.max(1)
+}
+
+fn interface_name(index: u32) -> Option<String> {
+    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: the buffer has IF_NAMESIZE bytes, as if_indextoname requires.
+    let found = unsafe { libc::if_indextoname(index, name.as_mut_ptr()) };
+    if found.is_null() {
+        return None;
+    }
+    // SAFETY: on success if_indextoname wrote a NUL-terminated name into the buffer.
+    let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
+}
+
+/// The machine's interfaces (index, name), for the link-local suffix; empty if they cannot be listed.
+pub fn interfaces() -> Vec<(u32, String)> {
+    match nix::net::if_::if_nameindex() {
+        Ok(list) => list.iter().map(|i| (i.index(), i.name().to_string_lossy().into_owned())).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Creates the group: `concurrency` listeners on `address` (port 0: one port the kernel picks) with a
+/// listen backlog of `backlog`, the program attached. Refuses an address another socket already holds.
+pub fn bind_group(address: SocketAddr, concurrency: u32, backlog: i32) -> Result<ReuseportGroup> {
+    if concurrency == 0 {
+        return Err(Error::Config("concurrency: a reuseport group needs at least one listener".into()));
+    }
+    if backlog < 1 {
+        return Err(Error::Config(format!("backlog: must be at least 1, got {backlog}")));
+    }
+    let listen_error = |address: SocketAddr| move |source: io::Error| Error::Listen { address, source };
+    let form = text_form(address);
+    let interfaces = if form == TextForm::Ipv6 { interfaces() } else { Vec::new() };
+    let program = program::generate(form, concurrency, &interfaces).map_err(Error::Config)?;
+
+    // The probe: exclusive, so it fails on an address that any socket (ours or not) holds.
+    let probe = new_socket(address, false).map_err(listen_error(address))?;
+    socket::bind(probe.as_raw_fd(), &SockaddrStorage::from(address)).map_err(|e| listen_error(address)(e.into()))?;
+    let address = bound_address(&probe).map_err(listen_error(address))?;
+    drop(probe);
+
+    let mut listeners = Vec::with_capacity(concurrency as usize);
+    for index in 0..concurrency {
+        let fd = new_socket(address, true).map_err(listen_error(address))?;
+        socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(address)).map_err(|e| listen_error(address)(e.into()))?;
+        if index == 0 {
+            // Attached before the first listen(): the group is born with the program, so no SYN is ever
+            // placed by the default hash.
+            attach(&fd, &program).map_err(|e| Error::io(format!("attach the routing program on {address}"), e))?;
+        }
+        listeners.push(fd);
+    }
+    for fd in &listeners {
+        // SAFETY: fd is an open socket; listen() has no memory-safety requirements.
+        if unsafe { libc::listen(fd.as_raw_fd(), backlog) } != 0 {
+            return Err(Error::Listen { address, source: io::Error::last_os_error() });
+        }
+    }
+    let ours: Vec<u64> = listeners.iter().map(inode).collect::<io::Result<_>>().map_err(listen_error(address))?;
+    let foreign = foreign_listeners(address, &ours).map_err(|e| Error::io("read /proc/net/tcp", e))?;
+    if foreign > 0 {
+        let reason = format!("{foreign} socket(s) of another process joined the port while the group was created");
+        return Err(Error::Listen { address, source: io::Error::new(io::ErrorKind::AddrInUse, reason) });
+    }
+    Ok(ReuseportGroup { listeners, address, form, program })
+}
+
+fn new_socket(address: SocketAddr, reuse_port: bool) -> io::Result<OwnedFd> {
+    let family = if address.is_ipv6() { AddressFamily::Inet6 } else { AddressFamily::Inet };
+    // Blocking: the fd's O_NONBLOCK is shared with every process it is handed to, so each worker picks its own.
+    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    if reuse_port {
+        socket::setsockopt(&fd, sockopt::ReusePort, &true)?;
+    }
+    if address.is_ipv6() && address.ip().is_unspecified() {
+        // Dual-stack like Node, whatever net.ipv6.bindv6only says; the same on every member, as the
+        // kernel groups only sockets with equal IPV6_V6ONLY.
+        socket::setsockopt(&fd, sockopt::Ipv6V6Only, &false)?;
+    }
+    Ok(fd)
+}
+
+fn bound_address(fd: &OwnedFd) -> io::Result<SocketAddr> {
+    let bound: SockaddrStorage = socket::getsockname(fd.as_raw_fd())?;
+    if let Some(v4) = bound.as_sockaddr_in() {
+        return Ok(SocketAddr::V4((*v4).into()));
+    }
+    if let Some(v6) = bound.as_sockaddr_in6() {
+        return Ok(SocketAddr::V6((*v6).into()));
+    }
+    Err(io::Error::other("getsockname returned a non-IP address"))
+}
+
+fn attach(fd: &OwnedFd, program: &Program) -> io::Result<()> {
+    let mut instructions = program.instructions.clone();
+    let fprog = libc::sock_fprog { len: instructions.len() as libc::c_ushort, filter: instructions.as_mut_ptr() };
+    // The kernel copies the program during the call; `instructions` outlives it.
+    socket::setsockopt(fd, sockopt::AttachReusePortCbpf, &fprog)?;
+    Ok(())
+}
+
+fn inode(fd: &OwnedFd) -> io::Result<u64> {
+    let stat = nix::sys::stat::fstat(fd)?;
+    Ok(stat.st_ino)
+}
+
+/// Counts listening sockets on `address`'s port whose address overlaps it and whose inode is not ours.
+fn foreign_listeners(address: SocketAddr, ours: &[u64]) -> io::Result<usize> {
+    let mut foreign = 0;
+    for (path, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
+        let table = match std::fs::read_to_string(path) {
+            Ok(table) => table,
+            // No IPv6 in this kernel: no tcp6 table, and no IPv6 listener to meet.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && v6 => continue,
+            Err(e) => return Err(e),
+        };
+        for line in table.lines().skip(1) {
+            let Some(entry) = parse_proc_line(line, v6) else { continue };
+            if entry.listening && entry.port == address.port() && overlaps(entry.ip, address.ip()) {
+                if !ours.contains(&entry.inode) {
+                    foreign += 1;
+                }
+            }
+        }
+    }
+    Ok(foreign)
+}
+
+struct ProcEntry {
+    ip: IpAddr,
+    port: u16,
+    listening: bool,
+    inode: u64,
+}
+
+/// One row of `/proc/net/tcp{,6}`: addresses are the raw network-order words printed as host integers.
+fn parse_proc_line(line: &str, v6: bool) -> Option<ProcEntry> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (local, state, inode) = (fields.get(1)?, fields.get(3)?, fields.get(9)?);
+    let (ip_hex, port_hex) = local.split_once(':')?;
+    let words: Option<Vec<[u8; 4]>> = (0..ip_hex.len() / 8)
+        .map(|i| Some(u32::from_str_radix(ip_hex.get(8 * i..8 * i + 8)?, 16).ok()?.to_ne_bytes()))
+        .collect();
+    let bytes: Vec<u8> = words?.concat();
+    let ip = match (v6, bytes.len()) {
+        (false, 4) => IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+        (true, 16) => IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+        _ => return None,
+    };
+    Some(ProcEntry {
+        ip,
+        port: u16::from_str_radix(port_hex, 16).ok()?,
+        listening: *state == "0A",
+        inode: inode.parse().ok()?,
+    })
+}
+
+/// Whether a listener on `theirs` takes some of the connections for `ours` (same port assumed): equal
+/// addresses (an IPv4-mapped IPv6 address equals its IPv4 one), or either side a wildcard.
+fn overlaps(theirs: IpAddr, ours: IpAddr) -> bool {
+    let canonical = |ip: IpAddr| match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+        ip => ip,
+    };
+    let (theirs, ours) = (canonical(theirs), canonical(ours));
+    theirs == ours || theirs.is_unspecified() || ours.is_unspecified()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_rows_parse_to_addresses_ports_and_inodes() {
+        let v4 = "   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 12345 1";
+        let entry = parse_proc_line(v4, false).unwrap();
+        assert_eq!(entry.ip, IpAddr::from([127, 0, 0, 1]));
+        assert_eq!((entry.port, entry.listening, entry.inode), (8080, true, 12345));
+        let v6 = "   0: 00000000000000000000000001000000:0050 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 777 1";
+        let entry = parse_proc_line(v6, true).unwrap();
+        assert_eq!(entry.ip, "::1".parse::<IpAddr>().unwrap());
+        assert_eq!((entry.port, entry.inode), (80, 777));
+    }
+
+    #[test]
+    fn wildcards_and_mapped_addresses_overlap() {
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        assert!(overlaps(ip("0.0.0.0"), ip("127.0.0.1")));
+        assert!(overlaps(ip("::"), ip("127.0.0.1")));
+        assert!(overlaps(ip("::ffff:127.0.0.1"), ip("127.0.0.1")));
+        assert!(!overlaps(ip("127.0.0.2"), ip("127.0.0.1")));
+    }
+
+    #[test]
+    fn a_port_held_without_reuseport_is_refused() {
+        let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = holder.local_addr().unwrap();
+        let error = bind_group(address, 2, 16).unwrap_err();
+        assert!(matches!(&error, Error::Listen { source, .. } if source.kind() == io::ErrorKind::AddrInUse), "{error}");
+    }
+
+    #[test]
+    fn a_foreign_reuseport_group_is_never_joined() {
+        // Someone else's SO_REUSEPORT listener: joining it would be possible for us, so it must be refused.
+        let other = new_socket("127.0.0.1:0".parse().unwrap(), true).unwrap();
+        socket::bind(other.as_raw_fd(), &SockaddrStorage::from("127.0.0.1:0".parse::<SocketAddr>().unwrap())).unwrap();
+        // SAFETY: other is an open, bound socket.
+        assert_eq!(unsafe { libc::listen(other.as_raw_fd(), 8) }, 0);
+        let address = bound_address(&other).unwrap();
+        let error = bind_group(address, 2, 16).unwrap_err();
+        assert!(matches!(&error, Error::Listen { source, .. } if source.kind() == io::ErrorKind::AddrInUse), "{error}");
+    }
+
+    #[test]
+    fn the_proc_check_sees_a_listener_that_is_not_ours() {
+        let group = bind_group("127.0.0.1:0".parse().unwrap(), 3, 16).unwrap();
+        let ours: Vec<u64> = group.listeners().iter().map(|fd| inode(fd).unwrap()).collect();
+        assert_eq!(foreign_listeners(group.local_addr(), &ours).unwrap(), 0);
+        // Forgetting one of ours makes it look foreign: the check counts it.
+        assert_eq!(foreign_listeners(group.local_addr(), &ours[1..]).unwrap(), 1);
+    }
+
+    #[test]
+    fn bad_sizes_are_refused_with_the_key() {
+        let address = "127.0.0.1:0".parse().unwrap();
+        assert!(bind_group(address, 0, 16).unwrap_err().to_string().contains("concurrency"));
+        assert!(bind_group(address, 2, 0).unwrap_err().to_string().contains("backlog"));
+    }
+}
