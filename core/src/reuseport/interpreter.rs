@@ -170,13 +170,13 @@ pub fn check(program: &[sock_filter]) -> Result<(), String> {
             {
                 return Err(format!("{pc}: scratch slot {k}"));
             }
-            libc::BPF_JMP if u32::from(code & OP) == libc::BPF_JA => {
-                if k as usize >= len - pc - 1 {
-                    return Err(format!("{pc}: JA past the end"));
-                }
-            }
             libc::BPF_JMP => {
-                if pc + usize::from(instruction.jt) + 1 >= len || pc + usize::from(instruction.jf) + 1 >= len {
+                let targets = if u32::from(code & OP) == libc::BPF_JA {
+                    [k as usize, k as usize]
+                } else {
+                    [usize::from(instruction.jt), usize::from(instruction.jf)]
+                };
+                if targets.iter().any(|offset| pc + 1 + offset >= len) {
                     return Err(format!("{pc}: jump past the end"));
                 }
             }
@@ -195,10 +195,8 @@ pub fn check(program: &[sock_filter]) -> Result<(), String> {
         valid &= masks[pc];
         match class(code) {
             libc::BPF_ST | libc::BPF_STX => valid |= 1 << k,
-            libc::BPF_LD | libc::BPF_LDX if u32::from(code & MODE) == libc::BPF_MEM => {
-                if valid & (1 << k) == 0 {
-                    return Err(format!("{pc}: reads M[{k}] before every path wrote it"));
-                }
+            libc::BPF_LD | libc::BPF_LDX if u32::from(code & MODE) == libc::BPF_MEM && valid & (1 << k) == 0 => {
+                return Err(format!("{pc}: reads M[{k}] before every path wrote it"));
             }
             libc::BPF_JMP if u32::from(code & OP) == libc::BPF_JA => {
                 masks[pc + 1 + k as usize] &= valid;

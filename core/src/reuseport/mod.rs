@@ -245,10 +245,9 @@ fn foreign_listeners(address: SocketAddr, ours: &[u64]) -> io::Result<usize> {
         };
         for line in table.lines().skip(1) {
             let Some(entry) = parse_proc_line(line, v6) else { continue };
-            if entry.listening && entry.port == address.port() && overlaps(entry.ip, address.ip()) {
-                if !ours.contains(&entry.inode) {
-                    foreign += 1;
-                }
+            let same_port = entry.listening && entry.port == address.port();
+            if same_port && overlaps(entry.ip, address.ip()) && !ours.contains(&entry.inode) {
+                foreign += 1;
             }
         }
     }
