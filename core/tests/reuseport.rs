@@ -9,7 +9,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 use sticky_cluster::hash::route_index;
-use sticky_cluster::reuseport::{bind_group, node_peer_text, peer_index, ReuseportGroup, TextForm};
+use sticky_cluster::reuseport::{
+    accept_queue, bind_group, node_peer_text, peer_index, AcceptQueue, ReuseportGroup, TextForm,
+};
 
 /// Under CI every test here must run: a missing capability is a failure there, a skip elsewhere.
 fn must_run() -> bool {
@@ -267,4 +269,40 @@ fn native_ipv6_and_link_local_clients_in_a_namespace() {
             .expect("the namespace thread")
     });
     assert_eq!(counts, (240, 5, 305), "(native IPv6, link-local, all) connections on the predicted listener");
+}
+
+#[test]
+fn a_socket_joining_the_group_later_receives_no_connection() {
+    let n = 3;
+    let group = bind_group("127.0.0.1:0".parse().unwrap(), n, 512).expect("bind the group");
+    // Same user, SO_REUSEPORT, same address: the kernel lets it join, as socket n of the group.
+    let intruder = socket::socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
+    socket::setsockopt(&intruder, sockopt::ReusePort, &true).unwrap();
+    socket::bind(intruder.as_raw_fd(), &SockaddrStorage::from(group.local_addr())).expect("join the group");
+    socket::listen(&intruder, socket::Backlog::new(512).unwrap()).unwrap();
+    let target = group.local_addr();
+    let clients: Vec<_> = loopback_sources(300).into_iter().map(|ip| (SocketAddr::new(ip.into(), 0), target)).collect();
+    check_routing(&group, &clients, |peer| route_index(peer.ip(), n));
+    let intruder_queue = accept_queue(intruder.as_fd()).unwrap();
+    assert_eq!(intruder_queue.waiting, 0, "the program never returns an index past the group's own listeners");
+}
+
+#[test]
+fn accept_queue_reports_waiting_connections_and_the_backlog() {
+    let group = bind_group("127.0.0.1:0".parse().unwrap(), 1, 16).expect("bind the group");
+    let listener = group.listener(0).unwrap();
+    assert_eq!(accept_queue(listener).unwrap(), AcceptQueue { waiting: 0, limit: 16 });
+    let clients: Vec<OwnedFd> = loopback_sources(3)
+        .into_iter()
+        .map(|ip| connect_from(SocketAddr::new(ip.into(), 0), group.local_addr()).unwrap())
+        .collect();
+    assert_eq!(accept_queue(listener).unwrap().waiting, 3);
+    assert_eq!(accept_all(&group, 3).len(), 3);
+    assert_eq!(accept_queue(listener).unwrap().waiting, 0);
+    drop(clients);
+    assert!(accept_queue(not_a_listener().as_fd()).is_err());
+}
+
+fn not_a_listener() -> OwnedFd {
+    socket::socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap()
 }

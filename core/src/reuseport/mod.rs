@@ -156,15 +156,35 @@ pub fn bind_group(address: SocketAddr, concurrency: u32, backlog: i32) -> Result
     if backlog < 1 {
         return Err(Error::Config(format!("backlog: must be at least 1, got {backlog}")));
     }
-    let listen_error = |address: SocketAddr| move |source: io::Error| Error::Listen { address, source };
     let form = text_form(address);
     let interfaces = if form == TextForm::Ipv6 { interfaces() } else { Vec::new() };
     let program = program::generate(form, concurrency, &interfaces).map_err(Error::Config)?;
+    // Port 0: another process may take the port the probe found before our group binds it; try another.
+    let attempts = if address.port() == 0 { 5 } else { 1 };
+    let mut attempt = 1;
+    loop {
+        match bind_once(address, concurrency, backlog, &program) {
+            Err(Error::Listen { source, .. }) if attempt < attempts && source.kind() == io::ErrorKind::AddrInUse => {
+                attempt += 1;
+            }
+            Ok(listeners) => {
+                let first = listeners.first().ok_or_else(|| Error::Config("concurrency: no listener".into()))?;
+                let address = bound_address(first).map_err(|source| Error::Listen { address, source })?;
+                return Ok(ReuseportGroup { listeners, address, form, program });
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn bind_once(address: SocketAddr, concurrency: u32, backlog: i32, program: &Program) -> Result<Vec<OwnedFd>> {
+    let listen_error = |address: SocketAddr| move |source: io::Error| Error::Listen { address, source };
 
     // The probe: exclusive, so it fails on an address that any socket (ours or not) holds.
     let probe = new_socket(address, false).map_err(listen_error(address))?;
     socket::bind(probe.as_raw_fd(), &SockaddrStorage::from(address)).map_err(|e| listen_error(address)(e.into()))?;
     let address = bound_address(&probe).map_err(listen_error(address))?;
+    // Closed before the group binds: a socket without SO_REUSEPORT excludes every other.
     drop(probe);
 
     let mut listeners = Vec::with_capacity(concurrency as usize);
@@ -174,7 +194,7 @@ pub fn bind_group(address: SocketAddr, concurrency: u32, backlog: i32) -> Result
         if index == 0 {
             // Attached before the first listen(): the group is born with the program, so no SYN is ever
             // placed by the default hash.
-            attach(&fd, &program).map_err(|e| Error::io(format!("attach the routing program on {address}"), e))?;
+            attach(&fd, program).map_err(|e| Error::io(format!("attach the routing program on {address}"), e))?;
         }
         listeners.push(fd);
     }
@@ -190,7 +210,42 @@ pub fn bind_group(address: SocketAddr, concurrency: u32, backlog: i32) -> Result
         let reason = format!("{foreign} socket(s) of another process joined the port while the group was created");
         return Err(Error::Listen { address, source: io::Error::new(io::ErrorKind::AddrInUse, reason) });
     }
-    Ok(ReuseportGroup { listeners, address, form, program })
+    Ok(listeners)
+}
+
+/// A listener's accept queue as `TCP_INFO` reports it on a listening socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcceptQueue {
+    /// Connections the kernel completed that no `accept()` has taken yet.
+    pub waiting: u32,
+    /// The queue's limit (the backlog, capped by `net.core.somaxconn`).
+    pub limit: u32,
+}
+
+/// Reads the accept queue of a listener: the per-worker queue depth in kernel mode.
+pub fn accept_queue(listener: BorrowedFd<'_>) -> io::Result<AcceptQueue> {
+    // SAFETY: tcp_info is plain integers, valid when zeroed.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: info and len describe a writable buffer of len bytes, as getsockopt requires.
+    let status = unsafe {
+        libc::getsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if status != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    const TCP_LISTEN: u8 = 10; // include/net/tcp_states.h
+    if info.tcpi_state != TCP_LISTEN {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a listening TCP socket"));
+    }
+    // For a listener the kernel reports the queue in tcpi_unacked and its limit in tcpi_sacked.
+    Ok(AcceptQueue { waiting: info.tcpi_unacked, limit: info.tcpi_sacked })
 }
 
 fn new_socket(address: SocketAddr, reuse_port: bool) -> io::Result<OwnedFd> {
@@ -346,6 +401,19 @@ mod tests {
         assert_eq!(foreign_listeners(group.local_addr(), &ours).unwrap(), 0);
         // Forgetting one of ours makes it look foreign: the check counts it.
         assert_eq!(foreign_listeners(group.local_addr(), &ours[1..]).unwrap(), 1);
+    }
+
+    #[test]
+    fn link_local_peers_get_their_interface_name_as_node_prints_it() {
+        let scoped = SocketAddr::V6(std::net::SocketAddrV6::new("fe80::1".parse().unwrap(), 80, 0, 1));
+        let name = interface_name(1).expect("interface 1 (lo) exists");
+        assert_eq!(node_peer_text(scoped), format!("fe80::1%{name}"));
+        assert_eq!(peer_index(scoped, 7), string_hash(&format!("fe80::1%{name}")) % 7);
+        // Node appends nothing without a scope, or for an address that is not link-local.
+        let unscoped = SocketAddr::V6(std::net::SocketAddrV6::new("fe80::1".parse().unwrap(), 80, 0, 0));
+        assert_eq!(node_peer_text(unscoped), "fe80::1");
+        let global = SocketAddr::V6(std::net::SocketAddrV6::new("2001:db8::1".parse().unwrap(), 80, 0, 1));
+        assert_eq!(node_peer_text(global), "2001:db8::1");
     }
 
     #[test]

@@ -22,6 +22,19 @@ pub enum TextForm {
     Ipv6,
 }
 
+impl TextForm {
+    /// One line for `--check` and logs: what the kernel hashes for each kind of client.
+    pub fn describe(self) -> &'static str {
+        match self {
+            TextForm::Ipv4 => "kernel routing hashes IPv4 clients as a.b.c.d (Node's remoteAddress)",
+            TextForm::Ipv6 => {
+                "kernel routing hashes IPv4 clients as ::ffff:a.b.c.d and IPv6 clients as Node's remoteAddress \
+                 text (link-local with %ifname for interfaces present at start)"
+            }
+        }
+    }
+}
+
 /// A generated program and what went into it.
 #[derive(Debug, Clone)]
 pub struct Program {
