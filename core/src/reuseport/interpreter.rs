@@ -374,6 +374,7 @@ mod tests {
     #[test]
     fn edge_addresses_match_node_text() {
         let program = generate(TextForm::Ipv6, 7, &table()).unwrap();
+        let mut longest = 0;
         for text in [
             "::",
             "::1",
@@ -395,12 +396,15 @@ mod tests {
             "febf::1",
             "fec0::1",
             "fe80::1:2:3:4:5:6",
+            // The longest path: every word four digits, and the last (longest) interface of the table.
+            "febf:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
         ] {
             let ip: Ipv6Addr = text.parse().unwrap();
             for ifindex in [LOOPBACK, 7, 3] {
-                check_client(&program, TextForm::Ipv6, 7, ip.into(), ifindex);
+                longest = longest.max(check_client(&program, TextForm::Ipv6, 7, ip.into(), ifindex));
             }
         }
+        eprintln!("longest path over the edge addresses: {longest}");
     }
 
     #[test]

@@ -88,10 +88,12 @@ fn assemble(form: TextForm, concurrency: u32, interfaces: &[(u32, String)]) -> R
     let mut asm = Assembler::default();
     let quad = asm.label();
     let end = asm.label();
-    for slot in 0..SLOTS_USED {
-        asm.op(LD_IMM, if slot == HASH { 5381 } else { 0 });
+    asm.op(LD_IMM, 0);
+    for slot in (HASH + 1)..SLOTS_USED {
         asm.op(ST, slot);
     }
+    asm.op(LD_IMM, 5381);
+    asm.op(ST, HASH);
     let ipv4 = asm.label();
     if form == TextForm::Ipv6 {
         let (ipv6, to_ipv4) = (asm.label(), asm.label());
