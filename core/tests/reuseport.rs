@@ -306,3 +306,28 @@ fn accept_queue_reports_waiting_connections_and_the_backlog() {
 fn not_a_listener() -> OwnedFd {
     socket::socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap()
 }
+
+#[test]
+fn a_resized_group_routes_by_its_new_size() {
+    let mut group = bind_group("127.0.0.1:0".parse().unwrap(), 3, 512).expect("bind the group");
+    let target = group.local_addr();
+    let clients: Vec<_> = loopback_sources(300).into_iter().map(|ip| (SocketAddr::new(ip.into(), 0), target)).collect();
+    check_routing(&group, &clients, |peer| route_index(peer.ip(), 3));
+
+    assert!(group.resize(5, 512).expect("grow to 5").is_empty());
+    let per_listener = check_routing(&group, &clients, |peer| route_index(peer.ip(), 5));
+    assert!(per_listener.iter().all(|&count| count > 0), "the new listeners take their share: {per_listener:?}");
+
+    // Shrinking: the removed listeners come back last first, and the ones kept keep their indexes.
+    let kept: Vec<u64> = group.listeners()[..2].iter().map(inode).collect();
+    let removed = group.resize(2, 512).expect("shrink to 2");
+    assert_eq!(removed.len(), 3);
+    assert_eq!(accept_queue(removed[0].as_fd()).unwrap().waiting, 0);
+    drop(removed);
+    assert_eq!(group.listeners().iter().map(inode).collect::<Vec<_>>(), kept);
+    check_routing(&group, &clients, |peer| route_index(peer.ip(), 2));
+}
+
+fn inode(fd: &OwnedFd) -> u64 {
+    nix::sys::stat::fstat(fd).expect("fstat a listener").st_ino
+}

@@ -6,7 +6,8 @@
 //! (dual-stack on `::`, as the handoff listener), attaches the program to the first one before any of them
 //! listens (so no SYN is ever spread by the kernel's default hash), then calls `listen()` in index order: the
 //! kernel's group order is the order of `listen()`, so listener `i` is socket `i` of the group. Closing a
-//! listener moves the group's last socket into its slot, so the holder must keep every listener open.
+//! listener moves the group's last socket into its slot, so the holder must keep every listener open;
+//! [`ReuseportGroup::resize`] changes the size for a reload without moving any listener that stays.
 //!
 //! Never joining someone else's group: before the group exists, a probe socket binds the address *without*
 //! `SO_REUSEPORT`, which fails with `EADDRINUSE` if anything already holds it (the same check as handoff
@@ -44,7 +45,8 @@
 //! - Real kernel (`core/tests/reuseport.rs`): 300 loopback sources × N = 1, 2, 7 on `127.0.0.1`; 300 IPv4
 //!   sources plus `::1` on a dual-stack `[::]` group of 7; 305 clients in a network namespace (240 native
 //!   IPv6, 5 link-local, 60 IPv4); every connection on listener `string_hash(text) % N`. A same-user socket
-//!   joining the group afterwards received 0 of 300.
+//!   joining the group afterwards received 0 of 300; a group grown from 3 to 5 and shrunk to 2 routed 300 of
+//!   300 by its new size each time.
 
 pub mod program;
 
@@ -104,6 +106,33 @@ impl ReuseportGroup {
     pub fn into_listeners(self) -> Vec<OwnedFd> {
         self.listeners
     }
+
+    /// Changes the group to `concurrency` listeners (a reload) and attaches a program for the new size,
+    /// generated with the interfaces present now. Growing: the new listeners join at the end and receive
+    /// nothing until the new program is attached. Shrinking: the new program stops sending SYNs to the
+    /// listeners past the new size, which are returned, last index first, for their workers to drain; dropping
+    /// the returned `Vec` closes them in that order, so no remaining listener changes its index.
+    pub fn resize(&mut self, concurrency: u32, backlog: i32) -> Result<Vec<OwnedFd>> {
+        if concurrency == 0 {
+            return Err(Error::Config("concurrency: a reuseport group needs at least one listener".into()));
+        }
+        let address = self.address;
+        let program = program::generate(self.form, concurrency, &interfaces_for(self.form)).map_err(Error::Config)?;
+        let mut added = Vec::new();
+        for _ in self.concurrency()..concurrency {
+            let fd = new_socket(address, true).map_err(|source| Error::Listen { address, source })?;
+            socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(address))
+                .map_err(|e| Error::Listen { address, source: e.into() })?;
+            listen(&fd, backlog).map_err(|source| Error::Listen { address, source })?;
+            added.push(fd);
+        }
+        let first = self.listeners.first().ok_or_else(|| Error::Config("concurrency: no listener".into()))?;
+        attach(first, &program).map_err(|e| Error::io(format!("attach the routing program on {address}"), e))?;
+        self.listeners.append(&mut added);
+        self.program = program;
+        let keep = (concurrency as usize).min(self.listeners.len());
+        Ok(self.listeners.drain(keep..).rev().collect())
+    }
 }
 
 /// The text form a group on `address` hashes: `a.b.c.d` on an IPv4 listener, `::ffff:a.b.c.d` and IPv6
@@ -157,6 +186,23 @@ pub fn interfaces() -> Vec<(u32, String)> {
     }
 }
 
+/// Only IPv6 text has link-local peers to name.
+fn interfaces_for(form: TextForm) -> Vec<(u32, String)> {
+    if form == TextForm::Ipv6 {
+        interfaces()
+    } else {
+        Vec::new()
+    }
+}
+
+fn listen(fd: &OwnedFd, backlog: i32) -> io::Result<()> {
+    // SAFETY: fd is an open socket; listen() has no memory-safety requirements.
+    if unsafe { libc::listen(fd.as_raw_fd(), backlog) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Creates the group: `concurrency` listeners on `address` (port 0: one port the kernel picks) with a
 /// listen backlog of `backlog`, the program attached. Refuses an address another socket already holds.
 pub fn bind_group(address: SocketAddr, concurrency: u32, backlog: i32) -> Result<ReuseportGroup> {
@@ -167,8 +213,7 @@ pub fn bind_group(address: SocketAddr, concurrency: u32, backlog: i32) -> Result
         return Err(Error::Config(format!("backlog: must be at least 1, got {backlog}")));
     }
     let form = text_form(address);
-    let interfaces = if form == TextForm::Ipv6 { interfaces() } else { Vec::new() };
-    let program = program::generate(form, concurrency, &interfaces).map_err(Error::Config)?;
+    let program = program::generate(form, concurrency, &interfaces_for(form)).map_err(Error::Config)?;
     // Port 0: another process may take the port the probe found before our group binds it; try another.
     let attempts = if address.port() == 0 { 5 } else { 1 };
     let mut attempt = 1;
@@ -209,10 +254,7 @@ fn bind_once(address: SocketAddr, concurrency: u32, backlog: i32, program: &Prog
         listeners.push(fd);
     }
     for fd in &listeners {
-        // SAFETY: fd is an open socket; listen() has no memory-safety requirements.
-        if unsafe { libc::listen(fd.as_raw_fd(), backlog) } != 0 {
-            return Err(Error::Listen { address, source: io::Error::last_os_error() });
-        }
+        listen(fd, backlog).map_err(listen_error(address))?;
     }
     let ours: Vec<u64> = listeners.iter().map(inode).collect::<io::Result<_>>().map_err(listen_error(address))?;
     let foreign = foreign_listeners(address, &ours).map_err(|e| Error::io("read /proc/net/tcp", e))?;
