@@ -1,4 +1,4 @@
-//! Which sockets listen on a port, from `/proc/net/tcp` and `/proc/net/tcp6`: the check that the group
+//! Which sockets listen on a port, from `/proc/net/tcp` and `/proc/net/tcp6`,
 //! used to check that a new group is alone on its port: no other process's listener joined it or overlaps it.
 
 use std::io;
