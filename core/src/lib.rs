@@ -14,6 +14,8 @@ pub mod logging;
 pub mod master;
 pub mod metrics;
 pub mod protocol;
+/// Kernel routing: the `SO_REUSEPORT` group and the classic BPF program that computes the routing hash.
+pub mod reuseport;
 pub mod supervisor;
 pub mod worker;
 
