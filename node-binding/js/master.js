@@ -244,9 +244,10 @@ function startJsMaster(settings, { command, envOf, onListenError, onEnd }) {
       }, delay);
       for (const slot of slots) {
         if (!slot.alive) continue;
-        // SIGTERM as well, as the npm module sends: a user's own SIGTERM listener sees the shutdown.
         sendShutdown(slot);
-        slot.child.kill('SIGTERM');
+        // SIGTERM as well, as the npm module sends: a user's own SIGTERM listener sees the shutdown. Not on
+        // Windows, where it would be TerminateProcess: the shutdown message alone drains the worker there.
+        if (process.platform !== 'win32') slot.child.kill('SIGTERM');
       }
     }
     finishIfDone();

@@ -35,8 +35,10 @@ function spawnWorker(command, index, concurrency, extraEnv) {
     env,
     stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
     // Its own session, as the native master's process group: a terminal's Ctrl-C reaches the primary
-    // alone, which then shuts the workers down in order.
-    detached: true,
+    // alone, which then shuts the workers down in order. (On Windows it would cut the worker from the
+    // console its output goes to.)
+    detached: process.platform !== 'win32',
+    windowsHide: true,
   });
 }
 
