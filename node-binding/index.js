@@ -15,7 +15,7 @@ const PER_WORKER_ENV = 'STICKY_CLUSTER_NATIVE_ENV';
 const DEFAULT_PORT = 8080;
 const DEFAULT_HARD_SHUTDOWN_DELAY = 60 * 1000;
 const SWEEP_INTERVAL_MS = 100;
-/** Marks a worker of the JavaScript master (js/protocol.js JS_WORKER_ENV; not required here, see below). */
+/** Marks a worker of the JavaScript master: js/protocol.js's JS_WORKER_ENV, named here so js/ loads only when used. */
 const JS_WORKER_ENV = 'STICKY_CLUSTER_JS_WORKER';
 /** binding.js's code for "no addon for this platform": the one failure that falls back to JavaScript. */
 const NOT_BUILT = 'ERR_STICKY_CLUSTER_NATIVE_NOT_BUILT';
