@@ -27,17 +27,26 @@ declare namespace stickyCluster {
     errorHandler?: (error: NodeJS.ErrnoException & { address?: string; port?: number }) => void;
   }
 
+  /** Which master runs: the Rust addon, or the JavaScript fallback where no addon is built. */
+  type Implementation = 'native' | 'js';
+
   /** What the primary process gets back (the npm module returns nothing; workers get undefined). */
   interface Cluster {
-    /** The address the master listens on, as Node prints it. */
-    readonly address: string;
-    /** The port the master listens on (the real one when 0 was asked for). */
-    readonly port: number;
+    /** `'native'` or `'js'`, chosen by `STICKY_CLUSTER_NATIVE` (0: js, 1: native or throw, unset: native where built). */
+    readonly implementation: Implementation;
+    /** The address the master listens on, as Node prints it; `null` with `'js'` until the listener is bound. */
+    readonly address: string | null;
+    /** The port the master listens on (the real one when 0 was asked for); `null` with `'js'` until bound. */
+    readonly port: number | null;
     /** Stops the cluster as SIGTERM does; `hard` kills the workers at once. False once it has ended. */
     stop(hard?: boolean): boolean;
   }
 }
 
+/**
+ * Starts a sticky cluster: in the primary the master, in each worker `startFn(callback)`. Throws the
+ * `ERR_STICKY_CLUSTER_NATIVE_NOT_BUILT` error when `STICKY_CLUSTER_NATIVE=1` and no addon is built.
+ */
 declare function stickyCluster(
   startFn: stickyCluster.InitializeFn,
   options?: stickyCluster.Options

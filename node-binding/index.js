@@ -1,7 +1,8 @@
 'use strict';
 // sticky-cluster-native: the npm `sticky-cluster` API over the Rust core. The primary process runs the
 // master (listen, hash the client address, hand the socket over); each worker is this same script,
-// re-launched by the master, that serves the sockets it is handed on the user's server.
+// re-launched by the master, that serves the sockets it is handed on the user's server. Where no addon
+// is built for the platform, the same contract runs in JavaScript (js/), loaded only then.
 
 const fs = require('fs');
 const net = require('net');
@@ -14,11 +15,19 @@ const PER_WORKER_ENV = 'STICKY_CLUSTER_NATIVE_ENV';
 const DEFAULT_PORT = 8080;
 const DEFAULT_HARD_SHUTDOWN_DELAY = 60 * 1000;
 const SWEEP_INTERVAL_MS = 100;
+/** Marks a worker of the JavaScript master: js/protocol.js's JS_WORKER_ENV, named here so js/ loads only when used. */
+const JS_WORKER_ENV = 'STICKY_CLUSTER_JS_WORKER';
+/** binding.js's code for "no addon for this platform": the one failure that falls back to JavaScript. */
+const NOT_BUILT = 'ERR_STICKY_CLUSTER_NATIVE_NOT_BUILT';
 /** How long a connection that has sent nothing yet may take to send its request once draining starts. */
 const IDLE_GRACE_MS = 2000;
 
 function isWorker() {
   return process.env.STICKY_CLUSTER_FD !== undefined || process.env.STICKY_CLUSTER_SOCKET !== undefined;
+}
+
+function isJsWorker() {
+  return !isWorker() && process.env[JS_WORKER_ENV] !== undefined;
 }
 
 // A worker's own env(index) values must be in process.env before the user's code reads them, so they
@@ -34,7 +43,49 @@ function stickyCluster(startFn, options) {
     throw new TypeError('sticky-cluster-native: startFn must be a function: (callback) => callback(server)');
   }
   const settings = normalizeOptions(options);
-  return isWorker() ? runWorker(startFn, settings) : runMaster(settings);
+  if (isWorker()) return runWorker(startFn, settings);
+  // A worker follows its master's implementation whatever STICKY_CLUSTER_NATIVE says; js/ is required
+  // only on this path, so the native package works without it.
+  if (isJsWorker()) return require('./js/worker').runJsWorker(startFn, settings);
+  return runMaster(settings);
+}
+
+let selected = null;
+
+/**
+ * The primary's implementation, chosen once per process: STICKY_CLUSTER_NATIVE=0 forces JavaScript, =1
+ * requires the addon (binding.js's error is thrown), unset tries the addon and falls back to JavaScript
+ * where none is built for this platform, saying so on one line.
+ */
+function selectImplementation(settings) {
+  if (selected) return selected;
+  const wanted = process.env.STICKY_CLUSTER_NATIVE;
+  if (wanted === '0') {
+    selected = { name: 'js', why: 'STICKY_CLUSTER_NATIVE=0' };
+  } else if (wanted === '1') {
+    selected = { name: 'native', addon: load(), why: 'STICKY_CLUSTER_NATIVE=1' };
+  } else if (wanted === undefined || wanted === '') {
+    try {
+      selected = { name: 'native', addon: load(), why: 'the addon loaded' };
+    } catch (error) {
+      if (error.code !== NOT_BUILT) throw error;
+      const reason = error.message.replace(/^sticky-cluster-native: /, '');
+      logLine(
+        settings.prefix,
+        'warn',
+        `running the JavaScript implementation (slower, for development machines): ${reason}; ` +
+          'STICKY_CLUSTER_NATIVE=0 chooses it without this line, =1 makes it an error'
+      );
+      selected = { name: 'js', why: 'no addon', announced: true };
+    }
+  } else {
+    throw new TypeError(
+      `sticky-cluster-native: STICKY_CLUSTER_NATIVE must be 0 (JavaScript), 1 (native) or unset, got ${JSON.stringify(wanted)}`
+    );
+  }
+  if (settings.debug && !selected.announced) logLine(settings.prefix, 'debug', `implementation: ${selected.name} (${selected.why})`);
+  selected.announced = true;
+  return selected;
 }
 
 /** The npm module's defaults (`||`, so 0/NaN fall back as there), plus `host`; port 0 picks a free port. */
@@ -81,9 +132,8 @@ function normalizeOptions(options) {
 // Master role: the Node primary process.
 
 function runMaster(settings) {
-  const native = load();
+  const implementation = selectImplementation(settings);
   const { shared, perWorker } = splitEnvironment(settings);
-  const env = { ...shared, [PER_WORKER_ENV]: JSON.stringify(perWorker) };
   const command = [process.execPath, ...process.execArgv, ...process.argv.slice(1)];
   let signals = 0;
   let cluster = null;
@@ -94,11 +144,31 @@ function runMaster(settings) {
     if (settings.debug) logLine(settings.prefix, 'debug', `${signal}: ${signals > 1 ? 'hard' : 'graceful'} stop`);
   };
   const onEnd = (end) => {
-    process.removeListener('SIGTERM', onSignal);
-    process.removeListener('SIGINT', onSignal);
+    listenSignals(false);
     if (end.error) logLine(settings.prefix, 'error', end.error);
     process.exit(end.graceful && !end.error ? 0 : 1);
   };
+  const listenSignals = (on) => {
+    process[on ? 'on' : 'removeListener']('SIGTERM', onSignal);
+    process[on ? 'on' : 'removeListener']('SIGINT', onSignal);
+  };
+  if (implementation.name === 'js') {
+    const { startJsMaster } = require('./js/master');
+    cluster = startJsMaster(settings, {
+      command,
+      // Each worker is spawned on its own here, so its whole env(index) is in its real environment.
+      envOf: (index) => ({ ...shared, ...perWorker[index] }),
+      onListenError: (error) => {
+        listenSignals(false);
+        settings.errorHandler(error);
+      },
+      onEnd,
+    });
+    listenSignals(true);
+    return jsClusterObject(cluster);
+  }
+  const native = implementation.addon;
+  const env = { ...shared, [PER_WORKER_ENV]: JSON.stringify(perWorker) };
   let started;
   try {
     started = native.startCluster(
@@ -124,11 +194,26 @@ function runMaster(settings) {
     return undefined;
   }
   cluster = started;
-  process.on('SIGTERM', onSignal);
-  process.on('SIGINT', onSignal);
+  listenSignals(true);
   return {
+    implementation: 'native',
     address: cluster.address,
     port: cluster.port,
+    stop: (hard = false) => cluster.stop(Boolean(hard)),
+  };
+}
+
+/** What the primary gets from the JavaScript master: address and port are read once it is bound. */
+function jsClusterObject(cluster) {
+  return {
+    implementation: 'js',
+    // Null until the listener is bound (a tick after the call; the native master binds at once).
+    get address() {
+      return cluster.address;
+    },
+    get port() {
+      return cluster.port;
+    },
     stop: (hard = false) => cluster.stop(Boolean(hard)),
   };
 }

@@ -10,16 +10,35 @@ for dir in test ../examples/socketio-chat; do
     (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error) || { echo "0 passed, 1 failed"; exit 1; }
 done
 
-report="$(mktemp)"
-trap 'rm -f "$report"' EXIT
-# One file at a time: each test starts clusters of several Node processes; a 2-core machine is enough.
-node --test --test-concurrency=1 --test-reporter=tap test/*.test.js | tee "$report"
-status=${PIPESTATUS[0]}
-
-passed=$(sed -n 's/^# pass \([0-9]*\)$/\1/p' "$report" | tail -1)
-failed=$(sed -n 's/^# fail \([0-9]*\)$/\1/p' "$report" | tail -1)
-passed=${passed:-0}
-failed=${failed:-0}
-if [ "$status" -ne 0 ] && [ "$failed" -eq 0 ]; then failed=1; fi
+# The suite runs once per implementation: the native master (STICKY_CLUSTER_NATIVE=1: a missing addon
+# fails) and the JavaScript fallback (=0). The JS run leaves out what does not depend on the master:
+# installing (package.test.js) and the side-by-side checks (implementations.test.js start both).
+reports=()
+trap 'rm -f "${reports[@]}"' EXIT
+status=0
+passed=0
+failed=0
+run_suite() {
+    local implementation=$1; shift
+    local report
+    report="$(mktemp)"
+    reports+=("$report")
+    # One file at a time: each test starts clusters of several Node processes; a 2-core machine is enough.
+    STICKY_CLUSTER_NATIVE=$implementation node --test --test-concurrency=1 --test-reporter=tap "$@" | tee "$report"
+    local run_status=${PIPESTATUS[0]}
+    local run_passed run_failed
+    run_passed=$(sed -n 's/^# pass \([0-9]*\)$/\1/p' "$report" | tail -1)
+    run_failed=$(sed -n 's/^# fail \([0-9]*\)$/\1/p' "$report" | tail -1)
+    run_passed=${run_passed:-0}
+    run_failed=${run_failed:-0}
+    if [ "$run_status" -ne 0 ] && [ "$run_failed" -eq 0 ]; then run_failed=1; fi
+    if [ "$run_status" -ne 0 ]; then status=$run_status; fi
+    # Not in the 'N passed, N failed' form: test.sh adds up every such line, and the last one has both.
+    echo "# STICKY_CLUSTER_NATIVE=$implementation run: pass $run_passed, fail $run_failed"
+    passed=$((passed + run_passed))
+    failed=$((failed + run_failed))
+}
+run_suite 1 test/*.test.js
+run_suite 0 test/sticky.test.js test/options.test.js test/queue.test.js test/example.test.js
 echo "$passed passed, $failed failed"
 exit "$status"

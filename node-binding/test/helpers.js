@@ -37,11 +37,17 @@ function addressesPerIndex(block, concurrency) {
   return found;
 }
 
+/** The implementation STICKY_CLUSTER_NATIVE asks for in `env` (1: native, 0: js), or null when unset. */
+function expectedImplementation(env = process.env) {
+  return { 0: 'js', 1: 'native' }[env.STICKY_CLUSTER_NATIVE] || null;
+}
+
 /**
  * Starts `fixtures/<script>` with the given environment, waits for the master's
- * `listening on [..]:PORT` line, and kills the whole tree when the test ends.
+ * `listening on [..]:PORT` line, and kills the whole tree when the test ends. A fixture that reports
+ * its implementation (`fixture: implementation X`) must run the one STICKY_CLUSTER_NATIVE asks for.
  */
-async function startApp(t, script, env = {}, { waitForListening = true } = {}) {
+async function startApp(t, script, env = {}, { waitForListening = true, reportsImplementation = script !== 'roundrobin-app.js' } = {}) {
   const child = spawn(process.execPath, [path.join(FIXTURES, script)], {
     env: { ...process.env, ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
@@ -51,7 +57,8 @@ async function startApp(t, script, env = {}, { waitForListening = true } = {}) {
   child.stderr.setEncoding('utf8').on('data', (chunk) => (app.stderr += chunk));
   app.exited = new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
   t.after(() => {
-    // Workers die with the master (PR_SET_PDEATHSIG); a leftover master is killed here.
+    // Workers die with the master (native: PR_SET_PDEATHSIG; js: when their IPC channel closes); a
+    // leftover master is killed here.
     if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
   });
   if (waitForListening) {
@@ -59,6 +66,13 @@ async function startApp(t, script, env = {}, { waitForListening = true } = {}) {
       const match = app.stderr.match(/listening on \S*:(\d+) with \d+ workers/);
       return match ? Number(match[1]) : null;
     });
+    const expected = expectedImplementation({ ...process.env, ...env });
+    if (reportsImplementation && expected) {
+      app.implementation = await waitFor(app, () => (app.stderr.match(/^fixture: implementation (\w+)$/m) || [])[1]);
+      if (app.implementation !== expected) {
+        throw new Error(`STICKY_CLUSTER_NATIVE asks for ${expected}, but the cluster runs ${app.implementation}`);
+      }
+    }
   }
   return app;
 }
@@ -195,6 +209,7 @@ module.exports = {
   chatClient,
   chatCrowd,
   clientAddress,
+  expectedImplementation,
   failures,
   getJson,
   routeIndex,
