@@ -75,10 +75,13 @@ impl Master {
         }
     }
 
-    /// Connections that waited longer than `queue.maxWait` for their worker go to the next ready one.
+    /// Every tick: writes what waits, and connections that waited longer than `queue.maxWait` for their
+    /// worker go to the next ready one.
     pub(super) fn expire_queues(&mut self) {
         let max_wait = self.config.queue_max_wait;
         for index in 0..self.config.concurrency {
+            // Writes that failed for a passing reason of the master's own are retried here.
+            self.flush(index);
             let expired =
                 |slot: &WorkerSlot| slot.queue.front().is_some_and(|front| front.arrived.elapsed() >= max_wait);
             if !expired(&self.slots[index as usize]) {

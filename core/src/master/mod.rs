@@ -25,7 +25,7 @@ use nix::sys::signal::Signal;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::time::{sleep_until, Instant as TokioInstant};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::config::{Config, WorkerSource};
 use crate::error::{Error, Result};
@@ -277,8 +277,7 @@ impl Master {
                 if !slot.alive && !shutting_down {
                     self.stats.revivals += 1;
                     if let Err(error) = self.start_worker(index) {
-                        error!("{error}");
-                        self.schedule_revival(index);
+                        self.start_failed(index, error);
                     }
                 }
             }

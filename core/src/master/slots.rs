@@ -219,6 +219,13 @@ impl Master {
                     tokio::spawn(waiter);
                     return;
                 }
+                // The master's own resources (fds in flight are charged to its user and limited by its
+                // RLIMIT_NOFILE, memory): not the worker's fault. What waits stays queued; the next tick
+                // tries again.
+                Err(errno @ (Errno::ETOOMANYREFS | Errno::ENOBUFS | Errno::ENOMEM)) => {
+                    debug!("worker {index}'s channel cannot take more now ({errno}); retrying");
+                    return;
+                }
                 Err(errno) => {
                     if slot.pending_shutdown.is_some_and(|shutdown| shutdown.terminate) {
                         signal_worker(slot.pid, Signal::SIGTERM);

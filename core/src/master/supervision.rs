@@ -120,8 +120,7 @@ impl Master {
         if std::mem::take(&mut slot.retiring) {
             info!("worker {index} (pid {}) stopped for the reload ({how}); starting its successor", slot.pid);
             if let Err(error) = self.start_worker(index) {
-                error!("{error}");
-                self.schedule_revival(index);
+                self.start_failed(index, error);
             }
             return;
         }
@@ -135,6 +134,15 @@ impl Master {
             delay,
             slot.crashes.max(1)
         );
+        self.schedule_revival(index);
+    }
+
+    /// A worker could not be started (fds, memory, a missing program): try again with the same growing
+    /// back-off as a crash loop, so the error never spins.
+    pub(super) fn start_failed(&mut self, index: u32, error: Error) {
+        let Some(slot) = self.slots.get_mut(index as usize) else { return };
+        slot.crashes += 1;
+        error!("{error}; retrying in {:?}", revival_delay(slot.crashes));
         self.schedule_revival(index);
     }
 

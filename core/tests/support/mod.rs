@@ -58,6 +58,8 @@ pub struct Cluster {
     /// The client port the master listens on.
     pub port: u16,
     log: Arc<(Mutex<Vec<String>>, Condvar)>,
+    /// The thread reading the master's stderr: it ends at end of file, after the master's last line.
+    reader: Option<std::thread::JoinHandle<()>>,
     /// Scratch directory of this cluster (config file, markers).
     pub dir: tempfile::TempDir,
 }
@@ -88,7 +90,7 @@ impl Cluster {
         let log = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
         let stderr = child.stderr.take().unwrap();
         let sink = log.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 eprintln!("[master] {line}");
@@ -96,7 +98,7 @@ impl Cluster {
                 sink.1.notify_all();
             }
         });
-        Cluster { child: Some(child), port: 0, log, dir }
+        Cluster { child: Some(child), port: 0, log, reader: Some(reader), dir }
     }
 
     /// Waits until every worker answers (so each has installed its signal handling).
@@ -155,8 +157,14 @@ impl Cluster {
         let child = self.child.as_mut().unwrap();
         loop {
             if let Some(status) = child.try_wait().unwrap() {
-                // Let the log reader catch the last lines.
-                std::thread::sleep(Duration::from_millis(50));
+                // The reader has every line once it has seen the end of the master's stderr (workers
+                // that inherited it die with the master).
+                let reader_deadline = Instant::now() + Duration::from_secs(5);
+                while self.reader.as_ref().is_some_and(|reader| !reader.is_finished())
+                    && Instant::now() < reader_deadline
+                {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
                 return Some(status);
             }
             if Instant::now() > deadline {
