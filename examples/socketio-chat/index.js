@@ -27,11 +27,12 @@ async function useRedisAdapter(io, url) {
   const pubClient = createClient({ url });
   const subClient = pubClient.duplicate();
   for (const [name, client] of [['publish', pubClient], ['subscribe', subClient]]) {
-    // Without an 'error' listener a Redis outage would crash the worker; the client reconnects by itself,
-    // so one line per outage is enough (messages sent during it reach this worker's clients only).
+    // Without an 'error' listener a Redis outage would crash the worker; the client retries by itself
+    // (at start too: connect() waits), so one line per outage is enough (messages sent during it reach
+    // this worker's clients only).
     let down = false;
     client.on('error', (error) => {
-      if (!down) log(`redis ${name} connection lost (${error.message || error.code}); retrying`);
+      if (!down) log(`redis ${name} connection: ${error.message || error.code}; retrying`);
       down = true;
     });
     client.on('ready', () => {
@@ -69,7 +70,7 @@ require('sticky-cluster-native')(
       useRedisAdapter(io, process.env.REDIS_URL).then(
         () => callback(server),
         (error) => {
-          // The master revives the worker; the next one tries again.
+          // A bad REDIS_URL, say: the master revives the worker, which says so again.
           log(`cannot use Redis at ${process.env.REDIS_URL}: ${error.message}`);
           process.exit(1);
         }
