@@ -232,8 +232,6 @@ test('with Redis, chat messages reach every client on every worker of both hosts
   const second = await chatRound('after-kill', clients, clients, MESSAGES_PER_CLIENT);
   t.diagnostic(`redis, after SIGKILL of worker ${victim.worker} (pid ${victim.pid}, ${orphans.length} clients reconnected): ${describe(second)}`);
   assert.deepStrictEqual([second.lost, second.duplicates], [0, 0], describe(second));
-  const heardByOrphans = orphans.every((o) => clients.every((sender) => o.heard.has(`after-kill ${clients.indexOf(sender)} 0`)));
-  assert.ok(heardByOrphans, 'a reconnected client missed a message');
   assert.strictEqual(redis.child.exitCode, null, 'redis-server died during the test');
 
   await stopAll(clients, hosts);
