@@ -18,8 +18,8 @@ function log(text) {
 
 /**
  * Connects `io` to Redis at `url`: one client publishes, a duplicate subscribes (a subscribed Redis
- * connection can do nothing else). Resolves once both are connected, so no client is served before
- * broadcasts reach the other workers.
+ * connection can do nothing else). Resolves once both are connected and the adapter is in place, so the
+ * first client served already hears the other workers.
  */
 async function useRedisAdapter(io, url) {
   const { createClient } = require('redis');
@@ -28,8 +28,8 @@ async function useRedisAdapter(io, url) {
   const subClient = pubClient.duplicate();
   for (const [name, client] of [['publish', pubClient], ['subscribe', subClient]]) {
     // Without an 'error' listener a Redis outage would crash the worker; the client retries by itself
-    // (at start too: connect() waits), so one line per outage is enough (messages sent during it reach
-    // this worker's clients only).
+    // (at start too: connect() waits), so one line per outage is enough. Messages sent during it reach
+    // this worker's clients at once, the other workers late (the client queues the publish) or never.
     let down = false;
     client.on('error', (error) => {
       if (!down) log(`redis ${name} connection: ${error.message || error.code}; retrying`);
