@@ -75,7 +75,8 @@ async function startRedis(t) {
     process.once('exit', kill);
     t.after(kill);
     try {
-      await waitFor({ child, get stderr() { return redis.stdout + redis.stderr; } }, () => /Ready to accept connections/.test(redis.stdout), 10000);
+      const logs = { child, get stderr() { return redis.stdout + redis.stderr; } };
+      await waitFor(logs, () => /Ready to accept connections/.test(redis.stdout), 10000);
       return redis;
     } catch (error) {
       lastError = error.message;
@@ -131,7 +132,8 @@ const placeOf = (client) => client.welcomes[client.welcomes.length - 1];
 
 /**
  * Waits until every client has had `count` welcomes (a first connection, or one more after a reconnect);
- * rejects after 60 s (a loaded 2-core machine starts 8 workers slowly) naming the clients still waiting and what they saw, with the apps' logs.
+ * rejects after 60 s (a loaded 2-core machine starts 8 workers slowly) naming the clients still waiting and
+ * what they saw, with the apps' logs.
  */
 async function welcomed(clients, count, what, apps) {
   const started = Date.now();
@@ -162,7 +164,16 @@ async function chatRound(label, senders, listeners, perClient, { ms = 20000, exp
   const started = Date.now();
   while (expectAll && missing() && Date.now() - started < ms) await new Promise((r) => setTimeout(r, 50));
   await new Promise((r) => setTimeout(r, expectAll ? 300 : 1500));
-  const figures = { clients: listeners.length, messages: texts.length, expected: 0, delivered: 0, duplicates: 0, lost: 0, crossWorker: 0, crossHost: 0 };
+  const figures = {
+    clients: listeners.length,
+    messages: texts.length,
+    expected: 0,
+    delivered: 0,
+    duplicates: 0,
+    lost: 0,
+    crossWorker: 0,
+    crossHost: 0,
+  };
   for (const { text, sender } of texts) {
     const from = placeOf(sender);
     for (const listener of listeners) {
@@ -236,7 +247,8 @@ test('with Redis, chat messages reach every client on every worker of both hosts
   for (const other of others) assert.strictEqual(other.welcomes.length, 1, `${other.localAddress} reconnected too`);
 
   const second = await chatRound('after-kill', clients, clients, MESSAGES_PER_CLIENT);
-  t.diagnostic(`redis, after SIGKILL of worker ${victim.worker} (pid ${victim.pid}, ${orphans.length} clients reconnected within ${backAfterMs} ms): ${describe(second)}`);
+  const kill = `SIGKILL of worker ${victim.worker} (pid ${victim.pid}), ${orphans.length} clients back within ${backAfterMs} ms`;
+  t.diagnostic(`redis, after ${kill}: ${describe(second)}`);
   assert.deepStrictEqual([second.lost, second.duplicates], [0, 0], describe(second));
   assert.strictEqual(redis.child.exitCode, null, 'redis-server died during the test');
 
