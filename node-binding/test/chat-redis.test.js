@@ -193,7 +193,8 @@ async function chatRound(label, senders, listeners, perClient, { ms = 20000, exp
   return figures;
 }
 
-const describe = (f) =>
+/** One line of figures for diagnostics and assertion messages. */
+const summary = (f) =>
   `${f.clients} clients, ${f.messages} messages, ${f.expected} expected deliveries: delivered ${f.delivered} ` +
   `(${f.crossWorker} to another worker of the same host, ${f.crossHost} to the other host), ` +
   `duplicates ${f.duplicates}, lost ${f.lost}`;
@@ -227,9 +228,9 @@ test('with Redis, chat messages reach every client on every worker of both hosts
   assert.strictEqual(pids.size, 2 * WORKERS, 'every worker of both hosts has its own pid');
 
   const first = await chatRound('first', clients, clients, MESSAGES_PER_CLIENT);
-  t.diagnostic(`redis, first round: ${describe(first)}`);
-  assert.deepStrictEqual([first.lost, first.duplicates], [0, 0], describe(first));
-  assert.ok(first.crossHost > 0 && first.crossWorker > 0, describe(first));
+  t.diagnostic(`redis, first round: ${summary(first)}`);
+  assert.deepStrictEqual([first.lost, first.duplicates], [0, 0], summary(first));
+  assert.ok(first.crossHost > 0 && first.crossWorker > 0, summary(first));
 
   // SIGKILL one worker of host 0: its clients lose their connection, reconnect to the revived worker
   // (same index, new pid), and hear the next round like everyone else.
@@ -248,8 +249,8 @@ test('with Redis, chat messages reach every client on every worker of both hosts
 
   const second = await chatRound('after-kill', clients, clients, MESSAGES_PER_CLIENT);
   const kill = `SIGKILL of worker ${victim.worker} (pid ${victim.pid}), ${orphans.length} clients back within ${backAfterMs} ms`;
-  t.diagnostic(`redis, after ${kill}: ${describe(second)}`);
-  assert.deepStrictEqual([second.lost, second.duplicates], [0, 0], describe(second));
+  t.diagnostic(`redis, after ${kill}: ${summary(second)}`);
+  assert.deepStrictEqual([second.lost, second.duplicates], [0, 0], summary(second));
   assert.strictEqual(redis.child.exitCode, null, 'redis-server died during the test');
 
   await stopAll(clients, hosts);
@@ -265,13 +266,13 @@ test("without Redis, a message reaches only the clients of its sender's worker (
   }
   await welcomed(clients, 1, 'first connection', hosts);
   const round = await chatRound('alone', clients, clients, 1, { expectAll: false });
-  t.diagnostic(`no redis: ${describe(round)}`);
-  assert.strictEqual(round.duplicates, 0, describe(round));
-  assert.strictEqual(round.crossHost + round.crossWorker, 0, describe(round));
+  t.diagnostic(`no redis: ${summary(round)}`);
+  assert.strictEqual(round.duplicates, 0, summary(round));
+  assert.strictEqual(round.crossHost + round.crossWorker, 0, summary(round));
   // Each message reaches exactly the clients of the sender's own worker (sender included).
   const samePidListeners = clients.map((sender) => clients.filter((l) => placeOf(l).pid === placeOf(sender).pid).length);
-  assert.strictEqual(round.delivered, samePidListeners.reduce((a, b) => a + b, 0), describe(round));
-  assert.ok(round.lost > round.delivered, describe(round));
+  assert.strictEqual(round.delivered, samePidListeners.reduce((a, b) => a + b, 0), summary(round));
+  assert.ok(round.lost > round.delivered, summary(round));
 
   await stopAll(clients, hosts);
 });
