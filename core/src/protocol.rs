@@ -7,14 +7,17 @@
 //! | --- | --- |
 //! | 0..2 | magic `SC` |
 //! | 2 | protocol version ([`PROTOCOL_VERSION`]) |
-//! | 3 | kind: 1 hello, 2 ready, 3 connection, 4 shutdown, 5 welcome, 6 refused |
+//! | 3 | kind: 1 hello, 2 ready, 3 connection, 4 shutdown, 5 welcome, 6 refused, 9 channel |
 //! | 4.. | body |
 //!
 //! Bodies: hello `index u32, pid u32` (index `u32::MAX` = any free index, attach mode only); ready: empty;
 //! connection `peer addr, local addr` with exactly one fd attached, each addr `family u8 (4|6), port u16,
 //! ip 16 bytes` (IPv4 in the first 4); shutdown `deadline_ms u64` (time left before the hard kill);
-//! welcome `index u32, concurrency u32`; refused: UTF-8 reason. Worker→master: hello, ready.
-//! Master→worker: welcome, refused (attach mode), connection, shutdown.
+//! welcome `index u32, concurrency u32`; refused: UTF-8 reason; channel: empty, with exactly one fd (attach
+//! mode: right after the welcome, the worker's end of a fresh channel pair; the master keeps a copy, so what
+//! the worker never received survives its death, and the attach connection stays open only to tell the
+//! master when the worker is gone). Worker→master: hello, ready. Master→worker: welcome, channel, refused
+//! (attach mode), connection, shutdown.
 
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -72,6 +75,8 @@ pub enum Message {
         /// Why the master refused.
         reason: String,
     },
+    /// Master→worker (attach, after the welcome): the worker's end of its channel travels with this message.
+    Channel,
 }
 
 /// A message together with the fd that arrived with it (only [`Message::Connection`] carries one).
@@ -92,6 +97,7 @@ impl Message {
             Message::Shutdown { .. } => 4,
             Message::Welcome { .. } => 5,
             Message::Refused { .. } => 6,
+            Message::Channel => 9,
         }
     }
 
@@ -106,7 +112,7 @@ impl Message {
                 bytes.extend_from_slice(&index.to_le_bytes());
                 bytes.extend_from_slice(&pid.to_le_bytes());
             }
-            Message::Ready => {}
+            Message::Ready | Message::Channel => {}
             Message::Connection { peer, local } => {
                 encode_address(&mut bytes, peer);
                 encode_address(&mut bytes, local);
@@ -158,6 +164,7 @@ impl Message {
                 .and_then(|_| Ok(Message::Shutdown { deadline_ms: u64::from_le_bytes(field(body, 0)?) })),
             5 => exact(8, "welcome").and_then(|_| Ok(Message::Welcome { index: u32_at(0)?, concurrency: u32_at(4)? })),
             6 => Ok(Message::Refused { reason: String::from_utf8_lossy(body).into_owned() }),
+            9 => exact(0, "channel").map(|_| Message::Channel),
             kind => Err(Error::Protocol(format!("unknown message kind {kind}"))),
         }
     }
@@ -265,7 +272,7 @@ pub fn recv_message(channel: BorrowedFd<'_>, nonblocking: bool) -> Result<Receiv
         return Err(Error::Protocol(format!("datagram longer than {MAX_DATAGRAM} bytes")));
     }
     let message = Message::decode(&buffer[..bytes])?;
-    let wants_fd = matches!(message, Message::Connection { .. });
+    let wants_fd = matches!(message, Message::Connection { .. } | Message::Channel);
     match (wants_fd, fds.len()) {
         (true, 1) => Ok(Received { message, fd: fds.pop() }),
         (false, 0) => Ok(Received { message, fd: None }),
@@ -281,6 +288,7 @@ fn message_name(message: &Message) -> &'static str {
         Message::Shutdown { .. } => "shutdown",
         Message::Welcome { .. } => "welcome",
         Message::Refused { .. } => "refused",
+        Message::Channel => "channel",
     }
 }
 
@@ -344,6 +352,7 @@ mod tests {
             Message::Shutdown { deadline_ms: 60_000 },
             Message::Welcome { index: 7, concurrency: 8 },
             Message::Refused { reason: "index 2 is already attached".into() },
+            Message::Channel,
         ];
         for message in messages {
             assert_eq!(Message::decode(&message.encode()).unwrap(), message);

@@ -43,6 +43,8 @@ pub struct Worker {
     // Declared before `channel`: fields drop in order, and the reactor must let go of the fd first.
     async_channel: OnceLock<AsyncFd<ChannelFd>>,
     channel: OwnedFd,
+    /// Attach mode: the connection to the master's attach socket, held open for this process's lifetime.
+    attach_link: Option<OwnedFd>,
     ready_sent: AtomicBool,
     shutdown_deadline_ms: AtomicU64,
 }
@@ -95,7 +97,22 @@ impl Worker {
         let sent = send_message(channel.as_fd(), &hello, None, false);
         match recv_message(channel.as_fd(), sent.is_err()) {
             Ok(received) => match received.message {
-                Message::Welcome { index, concurrency } => Ok(Worker::with_channel(channel, index, concurrency)),
+                Message::Welcome { index, concurrency } => {
+                    // Then the worker's end of its own channel; the attach connection stays open so the
+                    // master learns when this process is gone.
+                    let own = recv_message(channel.as_fd(), false).map_err(|e| attach_error(e.to_string()))?;
+                    match own {
+                        crate::protocol::Received { message: Message::Channel, fd: Some(fd) } => {
+                            let mut worker = Worker::with_channel(fd, index, concurrency);
+                            worker.attach_link = Some(channel);
+                            Ok(worker)
+                        }
+                        other => Err(attach_error(format!(
+                            "expected the channel after the welcome, got {:?}",
+                            other.message
+                        ))),
+                    }
+                }
                 Message::Refused { reason } => Err(attach_error(format!("refused: {reason}"))),
                 other => Err(attach_error(format!("unexpected answer {other:?}"))),
             },
@@ -114,6 +131,7 @@ impl Worker {
             index,
             concurrency,
             channel,
+            attach_link: None,
             ready_sent: AtomicBool::new(false),
             shutdown_deadline_ms: AtomicU64::new(NOT_SHUTTING_DOWN),
             async_channel: OnceLock::new(),

@@ -156,3 +156,38 @@ fn socket_client(path: &Path) -> std::os::fd::OwnedFd {
     connect(fd.as_raw_fd(), &UnixAddr::new(path).unwrap()).unwrap();
     fd
 }
+
+#[test]
+fn a_killed_attached_worker_loses_nothing_that_waited_in_its_channel() {
+    // As for spawned workers: one attached worker serving one connection per 50 ms, 100 clients at once,
+    // killed after 1 s; the worker attached next serves everything the dead one never received.
+    let (cluster, socket) = attach_cluster(1, "queue:\n  maxWait: 30s\n");
+    let mut first = {
+        let mut command = Command::new(support::test_worker());
+        command.env("STICKY_CLUSTER_SOCKET", &socket).env("TEST_SERVE_INTERVAL_MS", "50").stdin(Stdio::null());
+        Attached(command.spawn().unwrap())
+    };
+    cluster.wait_all_ready(1);
+    let server = std::net::SocketAddr::from(([127, 0, 0, 1], cluster.port));
+    let clients: Vec<std::net::Ipv4Addr> = (0..100u8).map(|i| std::net::Ipv4Addr::new(127, 4, 1, i + 1)).collect();
+    let load = std::thread::spawn(move || {
+        let threads: Vec<_> =
+            clients.iter().map(|&client| std::thread::spawn(move || support::get(client, server, "/"))).collect();
+        threads.into_iter().map(|thread| thread.join().unwrap()).collect::<Vec<_>>()
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let old_pid = first.0.id();
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    cluster.wait_for_log("detached; its connections wait for a new attach", LONG);
+    let _second = attach_worker(&socket, Some(0));
+    let answers = load.join().unwrap();
+    let served = answers.iter().filter(|answer| answer.is_ok()).count();
+    let by_successor = answers
+        .iter()
+        .filter(|answer| answer.as_ref().is_ok_and(|a| a["pid"].as_u64() != Some(u64::from(old_pid))))
+        .count();
+    eprintln!("figures: attached kill -9: sent 100, served {served}, by the next attached worker {by_successor}");
+    assert!(served >= 99, "{served} of 100 answered:\n{}", cluster.log().join("\n"));
+    assert!(by_successor >= 50, "the next attached worker served what the dead one left ({by_successor})");
+}

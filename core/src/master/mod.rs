@@ -85,6 +85,11 @@ enum Event {
         generation: u64,
         status: io::Result<ExitStatus>,
     },
+    /// An attached worker's attach connection ended: the worker is gone.
+    Detached {
+        index: u32,
+        generation: u64,
+    },
     /// A full channel has room again.
     Room {
         index: u32,
@@ -271,6 +276,7 @@ impl Master {
             }
             Event::Exited { index, generation, status } => self.on_exit(index, generation, status),
             Event::Room { index, generation } => self.on_room(index, generation),
+            Event::Detached { index, generation } => self.on_detached(index, generation),
             Event::Revive { index, generation } => {
                 let shutting_down = self.shutdown_deadline.is_some();
                 let Some(slot) = self.slot_of(index, generation) else { return };

@@ -50,6 +50,8 @@ pub(super) struct WorkerSlot {
     pub(super) pending_shutdown: Option<PendingShutdown>,
     /// "Not reading its channel" was logged for the current episode.
     pub(super) stuck_reported: bool,
+    /// Attach mode: the task holding the worker's attach connection (aborting it closes the connection).
+    pub(super) attach_link: Option<tokio::task::AbortHandle>,
 }
 
 /// A shutdown message waiting for room in a worker's channel.
@@ -77,6 +79,7 @@ impl WorkerSlot {
             queue: VecDeque::new(),
             pending_shutdown: None,
             stuck_reported: false,
+            attach_link: None,
         }
     }
 
@@ -84,6 +87,9 @@ impl WorkerSlot {
     /// The copy of the worker's end stays until [`Master::take_back`] empties it.
     pub(super) fn disconnect(&mut self) {
         self.channel = None;
+        if let Some(link) = self.attach_link.take() {
+            link.abort();
+        }
         self.pending_shutdown = None;
         self.state = SlotState::Down;
     }
@@ -287,12 +293,18 @@ impl Master {
             }
             signal_worker(pid, Signal::SIGKILL);
         } else {
-            // An attached worker is supervised elsewhere: its index waits for the next attach.
+            // An attached worker is supervised elsewhere: cut loose, its index waits for the next attach
+            // with what it never received.
             slot.alive = false;
+            let taken_back = self.take_back(index);
             match reason {
-                Some(reason) => error!("worker {index} (pid {pid}) {reason}; released its index"),
+                Some(reason) => {
+                    error!("worker {index} (pid {pid}) {reason}; released its index ({taken_back} taken back)")
+                }
                 None if shutting_down => debug!("worker {index} (pid {pid}) detached"),
-                None => warn!("worker {index} (pid {pid}) detached; its connections wait for a new attach"),
+                None => {
+                    warn!("worker {index} (pid {pid}) closed its channel; released its index ({taken_back} taken back)")
+                }
             }
         }
     }

@@ -11,7 +11,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::WorkerSource;
 use crate::error::{Error, Result};
-use crate::protocol::{send_message, Message};
+use crate::protocol::{recv_message, send_message, Message};
 use crate::supervisor::{describe_exit, revival_delay, spawn_worker, CRASH_UPTIME};
 
 use super::*;
@@ -89,9 +89,58 @@ impl Master {
             warn!("worker pid {} left before its welcome: {errno}", claim.pid);
             return;
         }
-        match self.connect_slot(index, claim.pid, claim.channel, None) {
-            Ok(_) => debug!("worker {index} attached (pid {}, uid {})", claim.pid, claim.uid),
-            Err(error) => error!("{error}"),
+        // The worker gets its end of a fresh channel and the master keeps a copy, as for spawned workers:
+        // what it never received survives its death. The attach connection only tells when it is gone.
+        let pair = nix::sys::socket::socketpair(
+            nix::sys::socket::AddressFamily::Unix,
+            nix::sys::socket::SockType::SeqPacket,
+            None,
+            nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        )
+        .and_then(|(master_end, worker_end)| {
+            nix::fcntl::fcntl(&master_end, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))?;
+            Ok((master_end, worker_end))
+        });
+        let (master_end, worker_end) = match pair {
+            Ok(pair) => pair,
+            Err(errno) => return warn!("no channel for worker pid {}: {errno}", claim.pid),
+        };
+        if let Err(errno) = send_message(claim.channel.as_fd(), &Message::Channel, Some(worker_end.as_fd()), true) {
+            warn!("worker pid {} left before its channel: {errno}", claim.pid);
+            return;
+        }
+        let generation = match self.connect_slot(index, claim.pid, master_end, Some(worker_end)) {
+            Ok(generation) => generation,
+            Err(error) => return error!("{error}"),
+        };
+        debug!("worker {index} attached (pid {}, uid {})", claim.pid, claim.uid);
+        let watch = tokio::spawn(watch_attach_link(claim.channel, self.events.clone(), index, generation));
+        if let Some(slot) = self.slot_of(index, generation) {
+            slot.attach_link = Some(watch.abort_handle());
+        }
+    }
+
+    /// An attached worker is gone (its attach connection ended): its index waits for the next attach,
+    /// with every connection it never received.
+    pub(super) fn on_detached(&mut self, index: u32, generation: u64) {
+        let shutting_down = self.shutdown_deadline.is_some();
+        let Some(slot) = self.slot_of(index, generation) else { return };
+        if !slot.alive {
+            return;
+        }
+        slot.alive = false;
+        slot.disconnect();
+        let pid = slot.pid;
+        let taken_back = self.take_back(index);
+        let slot = &mut self.slots[index as usize];
+        if shutting_down {
+            debug!("worker {index} (pid {pid}) detached");
+            self.stats.closed += slot.close_queue();
+        } else {
+            warn!(
+                "worker {index} (pid {pid}) detached; its connections wait for a new attach ({taken_back} it never \
+                 received taken back)"
+            );
         }
     }
 
@@ -156,6 +205,24 @@ impl Master {
             let _ = events.send(Event::Revive { index, generation });
         });
     }
+}
+
+/// Holds an attached worker's attach connection until it ends (the worker is gone), then tells the loop.
+/// Aborting this task closes the connection, which tells the worker it was let go.
+async fn watch_attach_link(link: OwnedFd, events: UnboundedSender<Event>, index: u32, generation: u64) {
+    // SAFETY: the AsyncFd owns the connection, so its fd stays open and unchanged while registered.
+    if let Ok(link) = unsafe { AsyncFd::register_with_interest(link, tokio::io::Interest::READABLE) } {
+        loop {
+            let Ok(mut guard) = link.readable().await else { break };
+            match recv_message(link.get_ref().as_fd(), true) {
+                Err(Error::WouldBlock) => guard.clear_ready(),
+                // Nothing more is expected on it: anything but its end is ignored.
+                Ok(_) | Err(Error::Protocol(_)) => {}
+                Err(_) => break,
+            }
+        }
+    }
+    let _ = events.send(Event::Detached { index, generation });
 }
 
 /// Accepts the next worker dialing the attach socket.
