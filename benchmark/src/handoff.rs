@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::load::{self, LoadOptions, LoadReport, ReplyCheck};
 use crate::node;
 use crate::procs::{self, Running};
+use crate::proxy::Proxy;
 
 /// Where the programs under test are.
 #[derive(Debug, Clone)]
@@ -51,11 +52,15 @@ pub enum Setup {
     SocketIoSticky,
     /// (e) our master through the Node binding, with Node http workers.
     NodeBinding,
+    /// (f) nginx `ip_hash` (http upstream) in front of Rust tokio workers, a port each.
+    NginxIpHash,
+    /// (g) HAProxy `balance source` in TCP mode in front of Rust tokio workers, a port each.
+    HaproxySource,
 }
 
 impl Setup {
     /// Every setup, in the order the table shows them.
-    pub const ALL: [Setup; 9] = [
+    pub const ALL: [Setup; 11] = [
         Setup::DirectTokio,
         Setup::MasterTokio,
         Setup::MasterHelloWorker,
@@ -65,6 +70,8 @@ impl Setup {
         Setup::NpmStickyCluster,
         Setup::SocketIoSticky,
         Setup::NodeBinding,
+        Setup::NginxIpHash,
+        Setup::HaproxySource,
     ];
 
     /// The letter for this setup.
@@ -75,6 +82,8 @@ impl Setup {
             Setup::NpmStickyCluster => 'c',
             Setup::SocketIoSticky => 'd',
             Setup::NodeBinding => 'e',
+            Setup::NginxIpHash => 'f',
+            Setup::HaproxySource => 'g',
         }
     }
 
@@ -90,13 +99,19 @@ impl Setup {
             Setup::NpmStickyCluster => "npm sticky-cluster 0.3.5 · Node http",
             Setup::SocketIoSticky => "@socket.io/sticky 2.0.1 · Node http",
             Setup::NodeBinding => "sticky-cluster via node-binding · Node http",
+            Setup::NginxIpHash => "nginx ip_hash (http upstream) · Rust tokio worker, a port each",
+            Setup::HaproxySource => "HAProxy balance source (TCP mode) · Rust tokio worker, a port each",
         }
     }
 
     /// The no-master setup with the same workers, which this one's rate is divided by.
     pub fn baseline(self) -> Setup {
         match self {
-            Setup::DirectTokio | Setup::MasterTokio | Setup::MasterHelloWorker => Setup::DirectTokio,
+            Setup::DirectTokio
+            | Setup::MasterTokio
+            | Setup::MasterHelloWorker
+            | Setup::NginxIpHash
+            | Setup::HaproxySource => Setup::DirectTokio,
             Setup::DirectBlocking | Setup::MasterBlocking => Setup::DirectBlocking,
             _ => Setup::DirectNode,
         }
@@ -116,7 +131,29 @@ impl Setup {
             | Setup::MasterBlocking
             | Setup::NpmStickyCluster
             | Setup::NodeBinding => ReplyCheck::RemoteAndIndex { concurrency },
+            // The proxies hash by rules of their own (ip_hash: the first three octets), so stickiness is
+            // checked as "one worker per client address", not against our hash.
+            Setup::NginxIpHash | Setup::HaproxySource => ReplyCheck::Sticky,
             _ => ReplyCheck::Remote,
+        }
+    }
+
+    /// The proxy of rows (f) and (g).
+    pub fn proxy(self) -> Option<Proxy> {
+        match self {
+            Setup::NginxIpHash => Some(Proxy::NginxIpHash),
+            Setup::HaproxySource => Some(Proxy::HaproxySource),
+            _ => None,
+        }
+    }
+
+    /// The processes whose CPU and memory fill the master columns: the master alone (its workers are the same
+    /// in every row), or a proxy with its worker processes (nginx's master and workers).
+    pub fn master_pids(self, running: &Running) -> Vec<u32> {
+        match self.proxy() {
+            Some(_) => procs::tree(running.pid()),
+            None if self.has_master() => vec![running.pid()],
+            None => Vec::new(),
         }
     }
 
@@ -166,6 +203,10 @@ impl Setup {
                     .current_dir(&dir);
                 Running::spawn(self.label(), &mut command)
             }
+            Setup::NginxIpHash | Setup::HaproxySource => {
+                let proxy = self.proxy().ok_or("a proxy row without a proxy")?;
+                proxy.start(programs, port, concurrency, self.label())
+            }
         }
     }
 }
@@ -200,7 +241,7 @@ pub struct HandoffOptions {
     pub sources: u32,
     /// Threads of the load generator.
     pub client_threads: usize,
-    /// Only these setup letters (a–e), or all.
+    /// Only these setup letters (a–g), or all.
     pub only: Option<String>,
     /// Times every setup is measured; the table shows the median rate.
     pub rounds: u32,
@@ -292,17 +333,17 @@ pub fn measure(setup: Setup, programs: &Programs, options: &HandoffOptions) -> R
     if options.warmup > 0.0 {
         load::run(&load_options).map_err(|e| format!("load generator failed: {e}"))?;
     }
-    let master = setup.has_master().then(|| running.pid());
-    let cpu_before = master.and_then(procs::cpu_seconds);
+    let master = setup.master_pids(&running);
+    let cpu_before = procs::cpu_seconds_of(&master);
     load_options.duration = Duration::from_secs_f64(options.seconds);
     let load = load::run(&load_options).map_err(|e| format!("load generator failed: {e}"))?;
-    let cpu_after = master.and_then(procs::cpu_seconds);
-    let master_rss_kib = master.and_then(|pid| procs::status_kib(pid, "VmRSS"));
+    let cpu_after = procs::cpu_seconds_of(&master);
+    let master_rss_kib = procs::rss_kib_of(&master);
     if let Some(status) = running.exited() {
         return Err(failed(&mut running, format!("the server exited during the run ({status})")));
     }
     running.stop();
-    let master_cpu = cpu_before.zip(cpu_after).map(|(before, after)| after - before);
+    let master_cpu = (!master.is_empty()).then_some(cpu_after - cpu_before);
     let rates = vec![load.rate()];
     Ok(MeasuredRun { load, master_cpu, master_rss_kib, rates })
 }
@@ -348,6 +389,9 @@ fn print_header(programs: &Programs, options: &HandoffOptions) {
         options.concurrency, options.rounds, options.seconds, options.warmup, options.in_flight, options.sources, options.client_threads
     );
     println!("master: {}", programs.master.display());
+    for proxy in [Proxy::NginxIpHash, Proxy::HaproxySource] {
+        println!("{}: {}", proxy.program(), proxy.version().unwrap_or_else(|| "not installed".into()));
+    }
     println!("load average before: {}", load_average());
 }
 
@@ -377,7 +421,7 @@ pub fn print_table(results: &[Measured], options: &HandoffOptions) {
                     .unwrap_or_else(|| "–".into());
                 let rss = run.master_rss_kib.map(|k| format!("{:.1}", k as f64 / 1024.0)).unwrap_or_else(|| "–".into());
                 let misrouted = match setup.check(options.concurrency) {
-                    ReplyCheck::RemoteAndIndex { .. } => run.load.misrouted.to_string(),
+                    ReplyCheck::RemoteAndIndex { .. } | ReplyCheck::Sticky => run.load.misrouted.to_string(),
                     ReplyCheck::Remote => "n/a".into(),
                 };
                 let low = run.rates.iter().copied().fold(f64::INFINITY, f64::min);
@@ -452,6 +496,13 @@ pub fn print_table(results: &[Measured], options: &HandoffOptions) {
     }
     if let Some(r) = capacity(Setup::NodeBinding).zip(capacity(Setup::NpmStickyCluster)).map(|(x, y)| x / y) {
         println!("(e) vs (c), connections per master CPU-second: {r:.1}x (target >= 5x: {})", verdict(r >= 5.0));
+    }
+    for proxy in [Setup::NginxIpHash, Setup::HaproxySource] {
+        let (Some(r), Some(letter)) = (ratio(Setup::MasterTokio, proxy), Some(proxy.letter())) else { continue };
+        let per_cpu = capacity(Setup::MasterTokio).zip(capacity(proxy)).map(|(x, y)| x / y);
+        let per_cpu =
+            per_cpu.map(|c| format!(", {c:.1}x connections per CPU-second of master vs proxy")).unwrap_or_default();
+        println!("(b) our master vs ({letter}) {}, same Rust workers: {r:.2}x the rate{per_cpu}", proxy.label());
     }
     if let Some(r) = ratio(Setup::MasterTokio, Setup::NpmStickyCluster) {
         println!("(b) Rust workers vs (c) Node workers (not like for like: the workers differ too): {r:.2}x");

@@ -8,4 +8,5 @@ pub mod load;
 pub mod master_cost;
 pub mod node;
 pub mod procs;
+pub mod proxy;
 pub mod worker;

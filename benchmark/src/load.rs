@@ -1,10 +1,11 @@
 //! The load generator of the handoff benchmark: new TCP connections from many loopback source addresses
 //! (127.a.b.c), one small HTTP request each, the reply read to the end and checked, for a fixed time or count.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sticky_cluster::hash::string_hash;
@@ -28,6 +29,9 @@ pub enum ReplyCheck {
         /// The cluster's worker count.
         concurrency: u32,
     },
+    /// Behind a proxy that hashes by its own rule: `"remote"` is the proxy's address (127.0.0.1), and every
+    /// source address is answered by one worker throughout the run (another one counts as misrouted).
+    Sticky,
 }
 
 /// How to load a server.
@@ -91,6 +95,8 @@ struct Shared {
     options: LoadOptions,
     deadline: Instant,
     started: AtomicU64,
+    /// Under `ReplyCheck::Sticky`: the worker that first answered each source address.
+    first_worker: Mutex<HashMap<Ipv4Addr, u32>>,
 }
 
 #[derive(Default)]
@@ -111,6 +117,7 @@ pub fn run(options: &LoadOptions) -> std::io::Result<LoadReport> {
             options: options.clone(),
             deadline: started + options.duration,
             started: AtomicU64::new(0),
+            first_worker: Mutex::new(HashMap::new()),
         });
         let tasks: Vec<_> = (0..options.in_flight.max(1)).map(|_| tokio::spawn(client(shared.clone()))).collect();
         let mut report = LoadReport::default();
@@ -151,7 +158,10 @@ async fn client(shared: Arc<Shared>) -> TaskReport {
         let source = source_address((k % u64::from(options.sources.max(1))) as u32);
         let began = Instant::now();
         let outcome = match tokio::time::timeout(CONNECTION_TIMEOUT, request(source, options.target)).await {
-            Ok(Ok(reply)) => check_reply(&reply, source, options.check),
+            Ok(Ok(reply)) => check_reply(&reply, source, options.check).and_then(|right| match options.check {
+                ReplyCheck::Sticky => same_worker_as_before(&shared, &reply, source),
+                _ => Ok(right),
+            }),
             Ok(Err(error)) => Err(format!("from {source}: {error}")),
             Err(_) => Err(format!("from {source}: no reply within {CONNECTION_TIMEOUT:?}")),
         };
@@ -170,6 +180,15 @@ async fn client(shared: Arc<Shared>) -> TaskReport {
         }
     }
     report
+}
+
+/// Under `ReplyCheck::Sticky`: whether the worker that answered is the one that answered `source` first.
+fn same_worker_as_before(shared: &Shared, reply: &[u8], source: Ipv4Addr) -> Result<bool, String> {
+    let text = String::from_utf8_lossy(reply);
+    let worker = json_field(&text, "worker").and_then(|w| w.parse::<u32>().ok());
+    let worker = worker.ok_or_else(|| format!("from {source}: reply has no worker index"))?;
+    let mut first = shared.first_worker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    Ok(*first.entry(source).or_insert(worker) == worker)
 }
 
 /// One connection from `source`: connect, send the request, read the reply until the server closes.
@@ -219,12 +238,14 @@ pub fn check_reply(reply: &[u8], source: Ipv4Addr, check: ReplyCheck) -> Result<
         return Err(format!("from {source}: unexpected reply {first_line:?}"));
     }
     let remote = json_field(&text, "remote").ok_or_else(|| format!("from {source}: reply has no remote"))?;
-    let source_text = source.to_string();
-    if remote != source_text && remote.strip_prefix("::ffff:") != Some(source_text.as_str()) {
-        return Err(format!("from {source}: reply names remote {remote}"));
+    // Behind a proxy the worker's peer is the proxy, and the connection that reached it is the proxy's.
+    let expected = if check == ReplyCheck::Sticky { Ipv4Addr::LOCALHOST } else { source };
+    let expected_text = expected.to_string();
+    if remote != expected_text && remote.strip_prefix("::ffff:") != Some(expected_text.as_str()) {
+        return Err(format!("from {source}: reply names remote {remote}, not {expected}"));
     }
     match check {
-        ReplyCheck::Remote => Ok(true),
+        ReplyCheck::Remote | ReplyCheck::Sticky => Ok(true),
         ReplyCheck::RemoteAndIndex { concurrency } => {
             let worker = json_field(&text, "worker").and_then(|w| w.parse::<u32>().ok());
             let worker = worker.ok_or_else(|| format!("from {source}: reply has no worker index"))?;
@@ -284,5 +305,9 @@ mod tests {
         assert_eq!(check_reply(other.as_bytes(), source, ReplyCheck::RemoteAndIndex { concurrency: 4 }), Ok(false));
         assert!(check_reply(reply.as_bytes(), Ipv4Addr::new(127, 1, 0, 2), ReplyCheck::Remote).is_err());
         assert!(check_reply(b"HTTP/1.1 503 Busy\r\n\r\n", source, ReplyCheck::Remote).is_err());
+        // Through a proxy the worker sees the proxy, not the client.
+        assert!(check_reply(reply.as_bytes(), source, ReplyCheck::Sticky).is_err());
+        let proxied = reply.replace("127.1.0.1", "127.0.0.1");
+        assert_eq!(check_reply(proxied.as_bytes(), source, ReplyCheck::Sticky), Ok(true));
     }
 }

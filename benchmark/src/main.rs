@@ -34,7 +34,7 @@ enum Bench {
         #[arg(long)]
         no_node: bool,
     },
-    /// Connections per second and latency: no master, our master, npm sticky-cluster, @socket.io/sticky.
+    /// Connections per second and latency: no master, our master, the npm peers, nginx and HAProxy.
     Handoff {
         /// Measured seconds per setup.
         #[arg(long, default_value_t = 5.0)]
@@ -162,8 +162,8 @@ fn run(command: Bench) -> Result<(), Failure> {
                 return Err(usage("--in-flight and --client-threads must be at least 1"));
             }
             if let Some(only) = &only {
-                if only.is_empty() || !only.chars().all(|c| ('a'..='e').contains(&c)) {
-                    return Err(Failure::Usage(format!("--only takes setup letters a to e, not {only:?}")));
+                if only.is_empty() || !only.chars().all(|c| ('a'..='g').contains(&c)) {
+                    return Err(Failure::Usage(format!("--only takes setup letters a to g, not {only:?}")));
                 }
             }
             let programs = prepare(no_build)?;
