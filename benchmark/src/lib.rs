@@ -9,4 +9,5 @@ pub mod master_cost;
 pub mod node;
 pub mod procs;
 pub mod proxy;
+pub mod stream;
 pub mod worker;
