@@ -63,9 +63,10 @@ else
     only_stream=(--only ab)
 fi
 # --strict: every setup ran, and not one connection failed or reached the wrong worker (for the proxies: a
-# client address answered by two workers); the stream run also fails when a setup moved no data.
+# client address answered by two workers; 100 addresses, so that they come back within the half second); the
+# stream run also fails when a setup moved no data.
 check "handoff smoke run, every setup, strict" \
-    timeout 300 target/debug/sticky-cluster-bench handoff --seconds 0.5 --warmup 0.2 --no-build --strict \
+    timeout 300 target/debug/sticky-cluster-bench handoff --seconds 0.5 --warmup 0.2 --sources 100 --no-build --strict \
     "${only_handoff[@]}"
 check "stream smoke run, every setup, strict" \
     timeout 120 target/debug/sticky-cluster-bench stream --seconds 0.5 --warmup 0.2 --clients 16 --no-build \

@@ -286,6 +286,7 @@ impl MeasuredRun {
         self.load.completed += other.load.completed;
         self.load.errors += other.load.errors;
         self.load.misrouted += other.load.misrouted;
+        self.load.revisits += other.load.revisits;
         self.load.elapsed += other.load.elapsed;
         self.load.latencies_us.extend(other.load.latencies_us);
         self.load.latencies_us.sort_unstable();
@@ -318,7 +319,7 @@ pub fn measure(setup: Setup, programs: &Programs, options: &HandoffOptions) -> R
         let exited = running.exited().map(|s| format!("; exited with {s}")).unwrap_or_default();
         format!("{reason}{exited}; stderr: {}", running.log_tail(3))
     };
-    if let Err(reason) = load::wait_until_answering(target, Duration::from_secs(30)) {
+    if let Err(reason) = wait_for_server(&mut running, target) {
         return Err(failed(&mut running, reason));
     }
     let mut load_options = LoadOptions {
@@ -346,6 +347,21 @@ pub fn measure(setup: Setup, programs: &Programs, options: &HandoffOptions) -> R
     let master_cpu = (!master.is_empty()).then_some(cpu_after - cpu_before);
     let rates = vec![load.rate()];
     Ok(MeasuredRun { load, master_cpu, master_rss_kib, rates })
+}
+
+/// Waits up to 30 s for the server to answer, giving up at once when its first process has exited.
+pub fn wait_for_server(running: &mut Running, target: SocketAddr) -> Result<(), String> {
+    let mut last = String::new();
+    for _ in 0..30 {
+        if running.exited().is_some() {
+            return Err(format!("{target} did not answer ({last})"));
+        }
+        match load::wait_until_answering(target, Duration::from_secs(1)) {
+            Ok(()) => return Ok(()),
+            Err(reason) => last = reason,
+        }
+    }
+    Err(last)
 }
 
 /// Runs every selected setup and prints the table and the target lines.
@@ -421,7 +437,9 @@ pub fn print_table(results: &[Measured], options: &HandoffOptions) {
                     .unwrap_or_else(|| "–".into());
                 let rss = run.master_rss_kib.map(|k| format!("{:.1}", k as f64 / 1024.0)).unwrap_or_else(|| "–".into());
                 let misrouted = match setup.check(options.concurrency) {
-                    ReplyCheck::RemoteAndIndex { .. } | ReplyCheck::Sticky => run.load.misrouted.to_string(),
+                    ReplyCheck::RemoteAndIndex { .. } => run.load.misrouted.to_string(),
+                    // Behind a proxy: of the connections from an address seen before, those on another worker.
+                    ReplyCheck::Sticky => format!("{} of {} repeat", run.load.misrouted, run.load.revisits),
                     ReplyCheck::Remote => "n/a".into(),
                 };
                 let low = run.rates.iter().copied().fold(f64::INFINITY, f64::min);
@@ -542,6 +560,13 @@ pub fn strict_problem(results: &[Measured]) -> Option<String> {
             m.setup.label(),
             run.load.errors,
             run.load.misrouted
+        )),
+        // Stickiness behind a proxy is only seen when a client address comes back: a run too short for that
+        // checked nothing.
+        Ok(run) if m.setup.check(2) == ReplyCheck::Sticky && run.load.revisits == 0 => Some(format!(
+            "({}) {}: no client address connected twice, so stickiness was not checked (use fewer --sources)",
+            m.setup.letter(),
+            m.setup.label()
         )),
         _ => None,
     })

@@ -62,6 +62,9 @@ pub struct LoadReport {
     pub errors: u64,
     /// Correct replies from a worker other than the one our hash names (only with `RemoteAndIndex`).
     pub misrouted: u64,
+    /// Under `ReplyCheck::Sticky`: correct replies to a source address that had been answered before, i.e. the
+    /// connections whose stickiness was checked.
+    pub revisits: u64,
     /// From the first connection to the end of the last.
     pub elapsed: Duration,
     /// Connect-to-reply latency of each completed connection, microseconds, sorted.
@@ -86,9 +89,11 @@ impl LoadReport {
     }
 }
 
-/// The `k`-th source address: 127.a.b.c with a from 1, b from 0 and c from 1 to 250.
+/// The `k`-th source address: 127.a.b.c with a from 1, b from 0 to 249 and c from 1 to 250. Consecutive
+/// addresses differ in b, so that even a few of them lie in as many /24 networks: nginx's `ip_hash` hashes only
+/// the first three octets of an IPv4 address, and would send 250 neighbours in one /24 to one worker.
 pub fn source_address(k: u32) -> Ipv4Addr {
-    Ipv4Addr::new(127, 1 + (k / 62_500) as u8, ((k / 250) % 250) as u8, (k % 250) as u8 + 1)
+    Ipv4Addr::new(127, 1 + (k / 62_500) as u8, (k % 250) as u8, ((k / 250) % 250) as u8 + 1)
 }
 
 struct Shared {
@@ -97,6 +102,7 @@ struct Shared {
     started: AtomicU64,
     /// Under `ReplyCheck::Sticky`: the worker that first answered each source address.
     first_worker: Mutex<HashMap<Ipv4Addr, u32>>,
+    revisits: AtomicU64,
 }
 
 #[derive(Default)]
@@ -118,6 +124,7 @@ pub fn run(options: &LoadOptions) -> std::io::Result<LoadReport> {
             deadline: started + options.duration,
             started: AtomicU64::new(0),
             first_worker: Mutex::new(HashMap::new()),
+            revisits: AtomicU64::new(0),
         });
         let tasks: Vec<_> = (0..options.in_flight.max(1)).map(|_| tokio::spawn(client(shared.clone()))).collect();
         let mut report = LoadReport::default();
@@ -133,6 +140,7 @@ pub fn run(options: &LoadOptions) -> std::io::Result<LoadReport> {
                 }
             }
         }
+        report.revisits = shared.revisits.load(Ordering::Relaxed);
         report.elapsed = started.elapsed();
         report.latencies_us.sort_unstable();
         Ok(report)
@@ -188,7 +196,16 @@ fn same_worker_as_before(shared: &Shared, reply: &[u8], source: Ipv4Addr) -> Res
     let worker = json_field(&text, "worker").and_then(|w| w.parse::<u32>().ok());
     let worker = worker.ok_or_else(|| format!("from {source}: reply has no worker index"))?;
     let mut first = shared.first_worker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    Ok(*first.entry(source).or_insert(worker) == worker)
+    match first.get(&source) {
+        Some(&earlier) => {
+            shared.revisits.fetch_add(1, Ordering::Relaxed);
+            Ok(earlier == worker)
+        }
+        None => {
+            first.insert(source, worker);
+            Ok(true)
+        }
+    }
 }
 
 /// One connection from `source`: connect, send the request, read the reply until the server closes.
@@ -292,6 +309,36 @@ mod tests {
         let all: std::collections::HashSet<_> = (0..70_000).map(source_address).collect();
         assert_eq!(all.len(), 70_000);
         assert!(all.iter().all(|a| a.octets()[0] == 127 && a.octets()[3] != 0));
+        let networks: std::collections::HashSet<_> = (0..200).map(|k| source_address(k).octets()[2]).collect();
+        assert_eq!(networks.len(), 200, "the first 200 addresses lie in 200 /24 networks");
+    }
+
+    #[test]
+    fn a_client_address_answered_by_a_second_worker_counts_as_misrouted() {
+        let shared = Shared {
+            options: LoadOptions {
+                target: SocketAddr::from((Ipv4Addr::LOCALHOST, 1)),
+                duration: Duration::ZERO,
+                max_connections: None,
+                in_flight: 1,
+                sources: 2,
+                threads: 1,
+                check: ReplyCheck::Sticky,
+            },
+            deadline: Instant::now(),
+            started: AtomicU64::new(0),
+            first_worker: Mutex::new(HashMap::new()),
+            revisits: AtomicU64::new(0),
+        };
+        let from =
+            |worker: u32| format!("HTTP/1.1 200 OK\r\n\r\n{{\"worker\":{worker},\"remote\":\"::ffff:127.0.0.1\"}}\n");
+        let (a, b) = (Ipv4Addr::new(127, 1, 0, 1), Ipv4Addr::new(127, 1, 1, 1));
+        assert_eq!(same_worker_as_before(&shared, from(0).as_bytes(), a), Ok(true));
+        assert_eq!(same_worker_as_before(&shared, from(1).as_bytes(), b), Ok(true));
+        assert_eq!(same_worker_as_before(&shared, from(0).as_bytes(), a), Ok(true));
+        assert_eq!(same_worker_as_before(&shared, from(0).as_bytes(), b), Ok(false));
+        assert_eq!(shared.revisits.load(Ordering::Relaxed), 2);
+        assert!(same_worker_as_before(&shared, b"HTTP/1.1 200 OK\r\n\r\n{}", a).is_err());
     }
 
     #[test]

@@ -198,7 +198,7 @@ pub fn measure(setup: Setup, programs: &Programs, options: &StreamOptions) -> Re
     let port = procs::free_port()?;
     let target = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let mut running = setup.start(programs, port, options.concurrency)?;
-    if let Err(reason) = load::wait_until_answering(target, Duration::from_secs(30)) {
+    if let Err(reason) = crate::handoff::wait_for_server(&mut running, target) {
         let exited = running.exited().map(|s| format!("; exited with {s}")).unwrap_or_default();
         return Err(format!("{reason}{exited}; stderr: {}", running.log_tail(3)));
     }
