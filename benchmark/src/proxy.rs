@@ -56,7 +56,7 @@ impl Proxy {
                 // keepalive_timeout of 0 closes each client connection after its reply, as the workers do.
                 let _ = writeln!(text, "daemon off;\nmaster_process on;\nworker_processes auto;");
                 let _ = writeln!(text, "pid {d}/nginx.pid;\nerror_log {d}/error.log warn;");
-                let _ = writeln!(text, "events {{ worker_connections 4096; }}");
+                let _ = writeln!(text, "events {{ worker_connections 1024; }}");
                 let _ = writeln!(text, "http {{\n    access_log off;\n    keepalive_timeout 0;");
                 for kind in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
                     let _ = writeln!(text, "    {kind}_temp_path {d}/{kind};");
@@ -74,7 +74,8 @@ impl Proxy {
                 let _ = writeln!(text, "            proxy_read_timeout 600s;\n        }}\n    }}\n}}");
             }
             Proxy::HaproxySource => {
-                let _ = writeln!(text, "global\n    maxconn 4096\n");
+                // No maxconn: HAProxy derives it from the open-file limit, which a fixed figure could exceed.
+                let _ = writeln!(text, "global\n");
                 let _ = writeln!(text, "defaults\n    mode tcp\n    timeout connect 5s");
                 let _ = writeln!(text, "    timeout client 600s\n    timeout server 600s\n");
                 let _ = writeln!(text, "frontend clients\n    bind 127.0.0.1:{port}\n    default_backend workers\n");
