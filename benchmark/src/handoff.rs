@@ -343,6 +343,15 @@ pub fn measure(setup: Setup, programs: &Programs, options: &HandoffOptions) -> R
     if let Some(status) = running.exited() {
         return Err(failed(&mut running, format!("the server exited during the run ({status})")));
     }
+    if load.errors > 0 || load.misrouted > 0 {
+        eprintln!(
+            "  ({}) {} errors, {} misrouted; its log ends: {}",
+            setup.letter(),
+            load.errors,
+            load.misrouted,
+            running.log_tail(3)
+        );
+    }
     running.stop();
     let master_cpu = (!master.is_empty()).then_some(cpu_after - cpu_before);
     let rates = vec![load.rate()];

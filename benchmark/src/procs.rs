@@ -42,6 +42,13 @@ impl Running {
         Ok(())
     }
 
+    /// Starts a process that becomes the first one (whose pid `pid` reports), ahead of those already started.
+    pub fn add_first(&mut self, command: &mut Command) -> Result<(), String> {
+        self.add(command)?;
+        self.children.rotate_right(1);
+        Ok(())
+    }
+
     /// Removes `dir` (a proxy's configuration and logs) once the processes are stopped.
     pub fn remove_on_stop(&mut self, dir: PathBuf) {
         self.dirs.push(dir);

@@ -2,10 +2,13 @@
 //! upstream, as in socket.io's "Using multiple nodes" guide) and HAProxy `balance source` in TCP mode.
 
 use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use crate::handoff::Programs;
+use crate::load;
 use crate::procs::{self, Running};
 
 /// A proxy in front of workers that each listen on their own port.
@@ -55,7 +58,8 @@ impl Proxy {
                 // worker_processes auto and the rest at their defaults: what a user gets from the package. A
                 // keepalive_timeout of 0 closes each client connection after its reply, as the workers do.
                 let _ = writeln!(text, "daemon off;\nmaster_process on;\nworker_processes auto;");
-                let _ = writeln!(text, "pid {d}/nginx.pid;\nerror_log {d}/error.log warn;");
+                // The error log goes to stderr, which the guard keeps: its tail explains errors and moved clients.
+                let _ = writeln!(text, "pid {d}/nginx.pid;\nerror_log stderr warn;");
                 let _ = writeln!(text, "events {{ worker_connections 1024; }}");
                 let _ = writeln!(text, "http {{\n    access_log off;\n    keepalive_timeout 0;");
                 for kind in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
@@ -89,8 +93,8 @@ impl Proxy {
     }
 
     /// Starts the proxy on 127.0.0.1:`port` and `concurrency` Rust tokio workers (the no-master row's worker),
-    /// each on a port of its own with its index in BENCH_WORKER_INDEX. The proxy is the guard's first process,
-    /// so its CPU and memory are what the master columns show.
+    /// each on a port of its own with its index in BENCH_WORKER_INDEX. The workers answer before the proxy
+    /// starts; the proxy is the guard's first process, so its CPU and memory are what the master columns show.
     pub fn start(self, programs: &Programs, port: u16, concurrency: u32, label: &str) -> Result<Running, String> {
         let program = self.find()?;
         let dir = std::env::temp_dir().join(format!("sticky-cluster-bench-{}-{}", std::process::id(), self.program()));
@@ -102,7 +106,7 @@ impl Proxy {
                 let file = dir.join("nginx.conf");
                 let mut command = Command::new(&program);
                 // -e: the error log before the configuration is read, so nothing is opened under /var/log.
-                command.arg("-p").arg(&dir).arg("-e").arg(dir.join("error.log")).arg("-c").arg(&file);
+                command.arg("-p").arg(&dir).arg("-e").arg("stderr").arg("-c").arg(&file);
                 (file, command)
             }
             Proxy::HaproxySource => {
@@ -114,15 +118,26 @@ impl Proxy {
         };
         std::fs::write(&file, self.config(&dir, port, &workers))
             .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
-        let mut running = Running::spawn(label, &mut command)?;
-        running.remove_on_stop(dir);
+        let mut running: Option<Running> = None;
         for (index, worker_port) in workers.iter().enumerate() {
             let mut worker = Command::new(&programs.bench);
             worker
                 .args(["worker", "--style", "tokio", "--direct-port", &worker_port.to_string()])
                 .env("BENCH_WORKER_INDEX", index.to_string());
-            running.add(&mut worker)?;
+            match running.as_mut() {
+                None => running = Some(Running::spawn(label, &mut worker)?),
+                Some(running) => running.add(&mut worker)?,
+            }
         }
+        let mut running = running.ok_or("concurrency must be at least 1")?;
+        running.remove_on_stop(dir);
+        // Every worker answers before the proxy starts: a connection refused by a worker still starting makes
+        // nginx mark it down for fail_timeout (10 s) and send its clients to another one meanwhile.
+        for worker_port in &workers {
+            let address = SocketAddr::from((Ipv4Addr::LOCALHOST, *worker_port));
+            load::wait_until_answering(address, Duration::from_secs(30))?;
+        }
+        running.add_first(&mut command)?;
         Ok(running)
     }
 }
@@ -137,7 +152,7 @@ mod tests {
         assert!(text.contains("ip_hash;"));
         assert!(text.contains("server 127.0.0.1:9001;") && text.contains("server 127.0.0.1:9002;"));
         assert!(text.contains("listen 127.0.0.1:8080;"));
-        assert!(text.contains("pid /tmp/x/nginx.pid;"));
+        assert!(text.contains("pid /tmp/x/nginx.pid;") && text.contains("error_log stderr"));
         assert_eq!(text.matches('{').count(), text.matches('}').count());
     }
 
