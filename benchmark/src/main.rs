@@ -1,5 +1,5 @@
-//! The `sticky-cluster-bench` command: one subcommand per benchmark (`hash`, `handoff`, `master-cost`) and
-//! `worker`, the Rust worker those benchmarks start.
+//! The `sticky-cluster-bench` command: one subcommand per benchmark (`hash`, `handoff`, `stream`,
+//! `master-cost`) and `worker`, the Rust worker those benchmarks start.
 
 use std::process::ExitCode;
 

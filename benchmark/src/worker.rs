@@ -1,6 +1,6 @@
-//! The benchmark's own Rust workers: the hello-worker's reply either behind the sticky-cluster master or
-//! accepting directly on a shared SO_REUSEPORT port (the no-master limit), as a tokio task per connection or a
-//! minimal blocking accept loop.
+//! The benchmark's own Rust workers: the hello-worker's reply (or a push stream after an upgrade) behind the
+//! sticky-cluster master or accepting on an SO_REUSEPORT port (shared: the no-master limit; its own: behind a
+//! proxy), as a tokio task per connection or a minimal blocking accept loop.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
