@@ -2,6 +2,7 @@
 //! our master against no master, the npm peers, nginx and HAProxy, with the load generator and workers they use.
 
 pub mod handoff;
+pub mod handoff_report;
 pub mod hash_bench;
 pub mod hashing;
 pub mod load;
