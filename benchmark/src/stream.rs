@@ -60,6 +60,8 @@ pub struct StreamRun {
     pub total_cpu: f64,
     /// The first few error texts.
     pub first_errors: Vec<String>,
+    /// Streams each worker index served: how the clients fell on the workers.
+    pub per_worker: Vec<u32>,
 }
 
 impl StreamRun {
@@ -98,8 +100,8 @@ pub fn run(programs: &Programs, options: &StreamOptions) -> Vec<(Setup, Result<S
 
 fn print_table(results: &[(Setup, Result<StreamRun, String>)]) {
     println!();
-    println!("| case | setup | MB/s | vs (a) | errors | misrouted | master/proxy CPU s per GB | all processes CPU s per GB | master/proxy RSS MiB |");
-    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| case | setup | MB/s | vs (a) | streams per worker | errors | misrouted | master/proxy CPU s per GB | all processes CPU s per GB | master/proxy RSS MiB |");
+    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     let direct = results.iter().find(|(s, _)| *s == Setup::DirectTokio).and_then(|(_, r)| r.as_ref().ok());
     for (setup, result) in results {
         match result {
@@ -111,12 +113,14 @@ fn print_table(results: &[(Setup, Result<StreamRun, String>)]) {
                 };
                 let cpu = run.master_cpu.map(|c| format!("{:.2}", run.per_gb(c))).unwrap_or_else(|| "–".into());
                 let rss = run.master_rss_kib.map(|k| format!("{:.1}", k as f64 / 1024.0)).unwrap_or_else(|| "–".into());
+                let spread: Vec<String> = run.per_worker.iter().map(u32::to_string).collect();
                 println!(
-                    "| ({}) | {} | {:.0} | {} | {} | {} | {} | {:.2} | {} |",
+                    "| ({}) | {} | {:.0} | {} | {} | {} | {} | {} | {:.2} | {} |",
                     setup.letter(),
                     setup.label(),
                     run.mb_per_second(),
                     ratio.unwrap_or_else(|| "–".into()),
+                    spread.join("/"),
                     run.errors,
                     misrouted,
                     cpu,
@@ -124,10 +128,10 @@ fn print_table(results: &[(Setup, Result<StreamRun, String>)]) {
                     rss
                 );
             }
-            Err(reason) => println!("| ({}) | {} | skipped: {reason} | | | | | | |", setup.letter(), setup.label()),
+            Err(reason) => println!("| ({}) | {} | skipped: {reason} | | | | | | | |", setup.letter(), setup.label()),
         }
         if *setup == Setup::MasterTokio {
-            println!("| (b) | {KERNEL_ROUTING} | not measured: core has no kernel routing mode yet | | | | | | |");
+            println!("| (b) | {KERNEL_ROUTING} | not measured: core has no kernel routing mode yet | | | | | | | |");
         }
     }
     println!();
@@ -181,6 +185,7 @@ struct Shared {
     errors: AtomicU64,
     misrouted: AtomicU64,
     first_errors: Mutex<Vec<String>>,
+    per_worker: Mutex<Vec<u32>>,
 }
 
 impl Shared {
@@ -216,6 +221,7 @@ pub fn measure(setup: Setup, programs: &Programs, options: &StreamOptions) -> Re
         errors: AtomicU64::new(0),
         misrouted: AtomicU64::new(0),
         first_errors: Mutex::new(Vec::new()),
+        per_worker: Mutex::new(vec![0; options.concurrency as usize]),
     });
     let mut run = runtime.block_on(async {
         let clients: Vec<_> = (0..options.clients)
@@ -243,8 +249,10 @@ pub fn measure(setup: Setup, programs: &Programs, options: &StreamOptions) -> Re
             master_rss_kib: procs::rss_kib_of(&master),
             total_cpu,
             first_errors: Vec::new(),
+            per_worker: Vec::new(),
         }
     });
+    run.per_worker = std::mem::take(&mut *shared.per_worker.lock().unwrap_or_else(|e| e.into_inner()));
     run.errors = shared.errors.load(Ordering::Relaxed);
     run.misrouted = shared.misrouted.load(Ordering::Relaxed);
     run.first_errors = std::mem::take(&mut *shared.first_errors.lock().unwrap_or_else(|e| e.into_inner()));
@@ -269,6 +277,12 @@ async fn client(shared: Arc<Shared>, source: Ipv4Addr, target: SocketAddr, check
             shared.misrouted.fetch_add(1, Ordering::Relaxed);
         }
         Err(error) => return shared.error(error),
+    }
+    if let Some(worker) = json_value(&head, "worker").and_then(|w| w.parse::<usize>().ok()) {
+        let mut counts = shared.per_worker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = counts.get_mut(worker) {
+            *count += 1;
+        }
     }
     shared.bytes.fetch_add(rest as u64, Ordering::Relaxed);
     let mut buffer = vec![0u8; 256 * 1024];
@@ -324,13 +338,7 @@ pub fn check_head(head: &str, source: Ipv4Addr, check: ReplyCheck) -> Result<boo
         let first = head.lines().next().unwrap_or("(empty)");
         return Err(format!("from {source}: unexpected stream head {first:?}"));
     }
-    let line = head.rsplit("\r\n\r\n").next().unwrap_or("");
-    let field = |name: &str| {
-        let key = format!("\"{name}\":");
-        let rest = &line[line.find(&key)? + key.len()..];
-        let rest = rest.strip_prefix('"').unwrap_or(rest);
-        rest.find(['"', ',', '}']).map(|end| rest[..end].to_string())
-    };
+    let field = |name: &str| json_value(head, name);
     let remote = field("remote").ok_or_else(|| format!("from {source}: stream head has no remote"))?;
     let expected = if check == ReplyCheck::Sticky { Ipv4Addr::LOCALHOST } else { source };
     if remote != expected.to_string() && remote != format!("::ffff:{expected}") {
@@ -344,6 +352,15 @@ pub fn check_head(head: &str, source: Ipv4Addr, check: ReplyCheck) -> Result<boo
         }
         ReplyCheck::Remote | ReplyCheck::Sticky => Ok(true),
     }
+}
+
+/// The value of `"name":` in the JSON line after a stream's head, without quotes.
+fn json_value(head: &str, name: &str) -> Option<String> {
+    let line = head.rsplit("\r\n\r\n").next().unwrap_or("");
+    let key = format!("\"{name}\":");
+    let rest = &line[line.find(&key)? + key.len()..];
+    let rest = rest.strip_prefix('"').unwrap_or(rest);
+    rest.find(['"', ',', '}']).map(|end| rest[..end].to_string())
 }
 
 #[cfg(test)]
