@@ -289,6 +289,7 @@ impl MeasuredRun {
         self.load.errors += other.load.errors;
         self.load.misrouted += other.load.misrouted;
         self.load.revisits += other.load.revisits;
+        load::add_counts(&mut self.load.per_worker, &other.load.per_worker);
         self.load.elapsed += other.load.elapsed;
         self.load.latencies_us.extend(other.load.latencies_us);
         self.load.latencies_us.sort_unstable();

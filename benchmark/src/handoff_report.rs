@@ -65,6 +65,15 @@ pub fn print_table(results: &[Measured], options: &HandoffOptions) {
             }
         }
     }
+    let spread: Vec<String> = results
+        .iter()
+        .filter_map(|m| {
+            let counts = &m.result.as_ref().ok()?.load.per_worker;
+            let counts: Vec<String> = counts.iter().map(u64::to_string).collect();
+            Some(format!("({}) {}: {}", m.setup.letter(), m.setup.label(), counts.join("/")))
+        })
+        .collect();
+    println!("replies per worker index: {}", spread.join("; "));
     let ratio = |a: Setup, b: Setup| rate_of(results, a).zip(rate_of(results, b)).map(|(x, y)| x / y);
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
     if let Some(r) = ratio(Setup::MasterTokio, Setup::DirectTokio) {

@@ -71,6 +71,8 @@ pub struct LoadReport {
     pub latencies_us: Vec<u32>,
     /// The first few error texts.
     pub first_errors: Vec<String>,
+    /// Correct replies per worker index (index 0 first), from the replies' `"worker"`.
+    pub per_worker: Vec<u64>,
 }
 
 impl LoadReport {
@@ -112,6 +114,7 @@ struct TaskReport {
     misrouted: u64,
     latencies_us: Vec<u32>,
     first_errors: Vec<String>,
+    per_worker: Vec<u64>,
 }
 
 /// Runs the load and reports it; the error is a failure to start the client runtime.
@@ -134,6 +137,7 @@ pub fn run(options: &LoadOptions) -> std::io::Result<LoadReport> {
             report.errors += part.errors;
             report.misrouted += part.misrouted;
             report.latencies_us.extend(part.latencies_us);
+            add_counts(&mut report.per_worker, &part.per_worker);
             for error in part.first_errors {
                 if report.first_errors.len() < KEPT_ERRORS {
                     report.first_errors.push(error);
@@ -166,10 +170,19 @@ async fn client(shared: Arc<Shared>) -> TaskReport {
         let source = source_address((k % u64::from(options.sources.max(1))) as u32);
         let began = Instant::now();
         let outcome = match tokio::time::timeout(CONNECTION_TIMEOUT, request(source, options.target)).await {
-            Ok(Ok(reply)) => check_reply(&reply, source, options.check).and_then(|right| match options.check {
-                ReplyCheck::Sticky => same_worker_as_before(&shared, &reply, source),
-                _ => Ok(right),
-            }),
+            Ok(Ok(reply)) => {
+                let worker = json_field(&String::from_utf8_lossy(&reply), "worker").and_then(|w| w.parse().ok());
+                if let Some(worker) = worker.filter(|&w: &usize| w < 1024) {
+                    if report.per_worker.len() <= worker {
+                        report.per_worker.resize(worker + 1, 0);
+                    }
+                    report.per_worker[worker] += 1;
+                }
+                check_reply(&reply, source, options.check).and_then(|right| match options.check {
+                    ReplyCheck::Sticky => same_worker_as_before(&shared, &reply, source),
+                    _ => Ok(right),
+                })
+            }
             Ok(Err(error)) => Err(format!("from {source}: {error}")),
             Err(_) => Err(format!("from {source}: no reply within {CONNECTION_TIMEOUT:?}")),
         };
@@ -205,6 +218,16 @@ fn same_worker_as_before(shared: &Shared, reply: &[u8], source: Ipv4Addr) -> Res
             first.insert(source, worker);
             Ok(true)
         }
+    }
+}
+
+/// Adds `more` into `total` element by element, growing `total` as needed.
+pub fn add_counts(total: &mut Vec<u64>, more: &[u64]) {
+    if total.len() < more.len() {
+        total.resize(more.len(), 0);
+    }
+    for (sum, count) in total.iter_mut().zip(more) {
+        *sum += count;
     }
 }
 
