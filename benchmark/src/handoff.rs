@@ -9,6 +9,9 @@ use std::time::Duration;
 use crate::load::{self, LoadOptions, LoadReport, ReplyCheck};
 use crate::node;
 use crate::procs::{self, Running};
+use crate::proxy::Proxy;
+
+pub use crate::handoff_report::{print_table, strict_problem};
 
 /// Where the programs under test are.
 #[derive(Debug, Clone)]
@@ -51,11 +54,15 @@ pub enum Setup {
     SocketIoSticky,
     /// (e) our master through the Node binding, with Node http workers.
     NodeBinding,
+    /// (f) nginx `ip_hash` (http upstream) in front of Rust tokio workers, a port each.
+    NginxIpHash,
+    /// (g) HAProxy `balance source` in TCP mode in front of Rust tokio workers, a port each.
+    HaproxySource,
 }
 
 impl Setup {
     /// Every setup, in the order the table shows them.
-    pub const ALL: [Setup; 9] = [
+    pub const ALL: [Setup; 11] = [
         Setup::DirectTokio,
         Setup::MasterTokio,
         Setup::MasterHelloWorker,
@@ -65,6 +72,8 @@ impl Setup {
         Setup::NpmStickyCluster,
         Setup::SocketIoSticky,
         Setup::NodeBinding,
+        Setup::NginxIpHash,
+        Setup::HaproxySource,
     ];
 
     /// The letter for this setup.
@@ -75,6 +84,8 @@ impl Setup {
             Setup::NpmStickyCluster => 'c',
             Setup::SocketIoSticky => 'd',
             Setup::NodeBinding => 'e',
+            Setup::NginxIpHash => 'f',
+            Setup::HaproxySource => 'g',
         }
     }
 
@@ -90,13 +101,19 @@ impl Setup {
             Setup::NpmStickyCluster => "npm sticky-cluster 0.3.5 · Node http",
             Setup::SocketIoSticky => "@socket.io/sticky 2.0.1 · Node http",
             Setup::NodeBinding => "sticky-cluster via node-binding · Node http",
+            Setup::NginxIpHash => "nginx ip_hash (http upstream) · Rust tokio worker, a port each",
+            Setup::HaproxySource => "HAProxy balance source (TCP mode) · Rust tokio worker, a port each",
         }
     }
 
     /// The no-master setup with the same workers, which this one's rate is divided by.
     pub fn baseline(self) -> Setup {
         match self {
-            Setup::DirectTokio | Setup::MasterTokio | Setup::MasterHelloWorker => Setup::DirectTokio,
+            Setup::DirectTokio
+            | Setup::MasterTokio
+            | Setup::MasterHelloWorker
+            | Setup::NginxIpHash
+            | Setup::HaproxySource => Setup::DirectTokio,
             Setup::DirectBlocking | Setup::MasterBlocking => Setup::DirectBlocking,
             _ => Setup::DirectNode,
         }
@@ -116,7 +133,29 @@ impl Setup {
             | Setup::MasterBlocking
             | Setup::NpmStickyCluster
             | Setup::NodeBinding => ReplyCheck::RemoteAndIndex { concurrency },
+            // The proxies hash by rules of their own (ip_hash: the first three octets), so stickiness is
+            // checked as "one worker per client address", not against our hash.
+            Setup::NginxIpHash | Setup::HaproxySource => ReplyCheck::Sticky,
             _ => ReplyCheck::Remote,
+        }
+    }
+
+    /// The proxy of rows (f) and (g).
+    pub fn proxy(self) -> Option<Proxy> {
+        match self {
+            Setup::NginxIpHash => Some(Proxy::NginxIpHash),
+            Setup::HaproxySource => Some(Proxy::HaproxySource),
+            _ => None,
+        }
+    }
+
+    /// The processes whose CPU and memory fill the master columns: the master alone (its workers are the same
+    /// in every row), or a proxy with its worker processes (nginx's master and workers).
+    pub fn master_pids(self, running: &Running) -> Vec<u32> {
+        match self.proxy() {
+            Some(_) => procs::tree(running.pid()),
+            None if self.has_master() => vec![running.pid()],
+            None => Vec::new(),
         }
     }
 
@@ -166,6 +205,10 @@ impl Setup {
                     .current_dir(&dir);
                 Running::spawn(self.label(), &mut command)
             }
+            Setup::NginxIpHash | Setup::HaproxySource => {
+                let proxy = self.proxy().ok_or("a proxy row without a proxy")?;
+                proxy.start(programs, port, concurrency, self.label())
+            }
         }
     }
 }
@@ -200,7 +243,7 @@ pub struct HandoffOptions {
     pub sources: u32,
     /// Threads of the load generator.
     pub client_threads: usize,
-    /// Only these setup letters (a–e), or all.
+    /// Only these setup letters (a–g), or all.
     pub only: Option<String>,
     /// Times every setup is measured; the table shows the median rate.
     pub rounds: u32,
@@ -245,6 +288,8 @@ impl MeasuredRun {
         self.load.completed += other.load.completed;
         self.load.errors += other.load.errors;
         self.load.misrouted += other.load.misrouted;
+        self.load.revisits += other.load.revisits;
+        load::add_counts(&mut self.load.per_worker, &other.load.per_worker);
         self.load.elapsed += other.load.elapsed;
         self.load.latencies_us.extend(other.load.latencies_us);
         self.load.latencies_us.sort_unstable();
@@ -277,7 +322,7 @@ pub fn measure(setup: Setup, programs: &Programs, options: &HandoffOptions) -> R
         let exited = running.exited().map(|s| format!("; exited with {s}")).unwrap_or_default();
         format!("{reason}{exited}; stderr: {}", running.log_tail(3))
     };
-    if let Err(reason) = load::wait_until_answering(target, Duration::from_secs(30)) {
+    if let Err(reason) = wait_for_server(&mut running, target) {
         return Err(failed(&mut running, reason));
     }
     let mut load_options = LoadOptions {
@@ -292,19 +337,43 @@ pub fn measure(setup: Setup, programs: &Programs, options: &HandoffOptions) -> R
     if options.warmup > 0.0 {
         load::run(&load_options).map_err(|e| format!("load generator failed: {e}"))?;
     }
-    let master = setup.has_master().then(|| running.pid());
-    let cpu_before = master.and_then(procs::cpu_seconds);
+    let master = setup.master_pids(&running);
+    let cpu_before = procs::cpu_seconds_of(&master);
     load_options.duration = Duration::from_secs_f64(options.seconds);
     let load = load::run(&load_options).map_err(|e| format!("load generator failed: {e}"))?;
-    let cpu_after = master.and_then(procs::cpu_seconds);
-    let master_rss_kib = master.and_then(|pid| procs::status_kib(pid, "VmRSS"));
+    let cpu_after = procs::cpu_seconds_of(&master);
+    let master_rss_kib = procs::rss_kib_of(&master);
     if let Some(status) = running.exited() {
         return Err(failed(&mut running, format!("the server exited during the run ({status})")));
     }
+    if load.errors > 0 || load.misrouted > 0 {
+        eprintln!(
+            "  ({}) {} errors, {} misrouted; its log ends: {}",
+            setup.letter(),
+            load.errors,
+            load.misrouted,
+            running.log_tail(3)
+        );
+    }
     running.stop();
-    let master_cpu = cpu_before.zip(cpu_after).map(|(before, after)| after - before);
+    let master_cpu = (!master.is_empty()).then_some(cpu_after - cpu_before);
     let rates = vec![load.rate()];
     Ok(MeasuredRun { load, master_cpu, master_rss_kib, rates })
+}
+
+/// Waits up to 30 s for the server to answer, giving up at once when its first process has exited.
+pub fn wait_for_server(running: &mut Running, target: SocketAddr) -> Result<(), String> {
+    let mut last = String::new();
+    for _ in 0..30 {
+        if running.exited().is_some() {
+            return Err(format!("{target} did not answer ({last})"));
+        }
+        match load::wait_until_answering(target, Duration::from_secs(1)) {
+            Ok(()) => return Ok(()),
+            Err(reason) => last = reason,
+        }
+    }
+    Err(last)
 }
 
 /// Runs every selected setup and prints the table and the target lines.
@@ -348,114 +417,10 @@ fn print_header(programs: &Programs, options: &HandoffOptions) {
         options.concurrency, options.rounds, options.seconds, options.warmup, options.in_flight, options.sources, options.client_threads
     );
     println!("master: {}", programs.master.display());
+    for proxy in [Proxy::NginxIpHash, Proxy::HaproxySource] {
+        println!("{}: {}", proxy.program(), proxy.version().unwrap_or_else(|| "not installed".into()));
+    }
     println!("load average before: {}", load_average());
-}
-
-fn rate_of(results: &[Measured], setup: Setup) -> Option<f64> {
-    results.iter().find(|m| m.setup == setup)?.result.as_ref().ok().map(MeasuredRun::rate)
-}
-
-/// Prints the results table (Markdown) and the lines comparing against the targets.
-pub fn print_table(results: &[Measured], options: &HandoffOptions) {
-    println!();
-    println!("| case | setup | conn/s (median) | rounds min–max | vs (a) same workers | p50 ms | p99 ms | errors | misrouted | master CPU s per 100k conn | master RSS MiB |");
-    println!("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-    for measured in results {
-        let setup = measured.setup;
-        match &measured.result {
-            Ok(run) => {
-                let rate = run.rate();
-                let ratio = match rate_of(results, setup.baseline()) {
-                    Some(base) if setup.baseline() != setup => format!("{:.0}%", 100.0 * rate / base),
-                    _ if setup.baseline() == setup => "100%".into(),
-                    _ => "–".into(),
-                };
-                let cpu = run
-                    .master_cpu
-                    .filter(|_| run.load.completed > 0)
-                    .map(|s| format!("{:.2}", s * 100_000.0 / run.load.completed as f64))
-                    .unwrap_or_else(|| "–".into());
-                let rss = run.master_rss_kib.map(|k| format!("{:.1}", k as f64 / 1024.0)).unwrap_or_else(|| "–".into());
-                let misrouted = match setup.check(options.concurrency) {
-                    ReplyCheck::RemoteAndIndex { .. } => run.load.misrouted.to_string(),
-                    ReplyCheck::Remote => "n/a".into(),
-                };
-                let low = run.rates.iter().copied().fold(f64::INFINITY, f64::min);
-                let high = run.rates.iter().copied().fold(0.0, f64::max);
-                println!(
-                    "| ({}) | {} | {:.0} | {:.0}–{:.0} | {} | {:.2} | {:.2} | {} | {} | {} | {} |",
-                    setup.letter(),
-                    setup.label(),
-                    rate,
-                    low,
-                    high,
-                    ratio,
-                    run.load.percentile_ms(0.50),
-                    run.load.percentile_ms(0.99),
-                    run.load.errors,
-                    misrouted,
-                    cpu,
-                    rss
-                );
-            }
-            Err(reason) => {
-                println!("| ({}) | {} | skipped: {} | | | | | | | | |", setup.letter(), setup.label(), reason)
-            }
-        }
-    }
-    println!();
-    for measured in results {
-        if let Ok(run) = &measured.result {
-            for error in &run.load.first_errors {
-                println!("({}) error sample: {error}", measured.setup.letter());
-            }
-        }
-    }
-    let ratio = |a: Setup, b: Setup| rate_of(results, a).zip(rate_of(results, b)).map(|(x, y)| x / y);
-    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
-    if let Some(r) = ratio(Setup::MasterTokio, Setup::DirectTokio) {
-        println!(
-            "our master vs direct accept (Rust tokio worker): {:.0}% (target >= 80%: {})",
-            r * 100.0,
-            verdict(r >= 0.8)
-        );
-    }
-    if let Some(r) = ratio(Setup::MasterBlocking, Setup::DirectBlocking) {
-        println!(
-            "our master vs direct accept (blocking accept loop): {:.0}% (target >= 80%: {})",
-            r * 100.0,
-            verdict(r >= 0.8)
-        );
-    }
-    match results.iter().find(|m| m.setup == Setup::NodeBinding).map(|m| &m.result) {
-        Some(Err(reason)) => println!("(e) skipped: {reason}"),
-        None => println!("(e) not selected"),
-        Some(Ok(_)) => {}
-    }
-    if let Some(r) = ratio(Setup::NodeBinding, Setup::NpmStickyCluster) {
-        println!("(e) vs (c), same Node workers: {r:.2}x (target >= 5x: {})", verdict(r >= 5.0));
-    }
-    if let Some(r) = ratio(Setup::NodeBinding, Setup::SocketIoSticky) {
-        println!("(e) vs (d), same Node workers: {r:.2}x");
-    }
-    // The master's own routing capacity, independent of how fast the workers are: connections per CPU-second.
-    let capacity = |setup: Setup| {
-        let run = results.iter().find(|m| m.setup == setup)?.result.as_ref().ok()?;
-        run.master_cpu.filter(|&s| s > 0.0).map(|s| run.load.completed as f64 / s)
-    };
-    let capacities: Vec<String> = Setup::ALL
-        .into_iter()
-        .filter_map(|s| capacity(s).map(|c| format!("({}) {}: {c:.0}", s.letter(), s.label())))
-        .collect();
-    if !capacities.is_empty() {
-        println!("master routing capacity, connections per master CPU-second: {}", capacities.join("; "));
-    }
-    if let Some(r) = capacity(Setup::NodeBinding).zip(capacity(Setup::NpmStickyCluster)).map(|(x, y)| x / y) {
-        println!("(e) vs (c), connections per master CPU-second: {r:.1}x (target >= 5x: {})", verdict(r >= 5.0));
-    }
-    if let Some(r) = ratio(Setup::MasterTokio, Setup::NpmStickyCluster) {
-        println!("(b) Rust workers vs (c) Node workers (not like for like: the workers differ too): {r:.2}x");
-    }
 }
 
 /// Builds the master and hello-worker in the profile this executable was built with.
@@ -478,20 +443,4 @@ pub fn build_programs(programs: &Programs) -> Result<(), String> {
 /// /proc/loadavg, to show whether something else was running on the machine.
 pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg").map(|l| l.trim().to_string()).unwrap_or_else(|_| "unknown".into())
-}
-
-/// Under `--strict`: the first setup that was skipped (other than the optional (e)), failed connections
-/// or reached the wrong worker.
-pub fn strict_problem(results: &[Measured]) -> Option<String> {
-    results.iter().find_map(|m| match &m.result {
-        Err(reason) if m.setup != Setup::NodeBinding => Some(format!("({}) did not run: {reason}", m.setup.letter())),
-        Ok(run) if run.load.errors > 0 || run.load.misrouted > 0 => Some(format!(
-            "({}) {}: {} failed and {} misrouted connections",
-            m.setup.letter(),
-            m.setup.label(),
-            run.load.errors,
-            run.load.misrouted
-        )),
-        _ => None,
-    })
 }

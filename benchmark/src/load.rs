@@ -1,10 +1,11 @@
 //! The load generator of the handoff benchmark: new TCP connections from many loopback source addresses
 //! (127.a.b.c), one small HTTP request each, the reply read to the end and checked, for a fixed time or count.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sticky_cluster::hash::string_hash;
@@ -28,6 +29,9 @@ pub enum ReplyCheck {
         /// The cluster's worker count.
         concurrency: u32,
     },
+    /// Behind a proxy that hashes by its own rule: `"remote"` is the proxy's address (127.0.0.1), and every
+    /// source address is answered by one worker throughout the run (another one counts as misrouted).
+    Sticky,
 }
 
 /// How to load a server.
@@ -58,12 +62,17 @@ pub struct LoadReport {
     pub errors: u64,
     /// Correct replies from a worker other than the one our hash names (only with `RemoteAndIndex`).
     pub misrouted: u64,
+    /// Under `ReplyCheck::Sticky`: correct replies to a source address that had been answered before, i.e. the
+    /// connections whose stickiness was checked.
+    pub revisits: u64,
     /// From the first connection to the end of the last.
     pub elapsed: Duration,
     /// Connect-to-reply latency of each completed connection, microseconds, sorted.
     pub latencies_us: Vec<u32>,
     /// The first few error texts.
     pub first_errors: Vec<String>,
+    /// Correct replies per worker index (index 0 first), from the replies' `"worker"`.
+    pub per_worker: Vec<u64>,
 }
 
 impl LoadReport {
@@ -82,15 +91,20 @@ impl LoadReport {
     }
 }
 
-/// The `k`-th source address: 127.a.b.c with a from 1, b from 0 and c from 1 to 250.
+/// The `k`-th source address: 127.a.b.c with a from 1, b from 0 to 249 and c from 1 to 250. Consecutive
+/// addresses differ in b, so that even a few of them lie in as many /24 networks: nginx's `ip_hash` hashes only
+/// the first three octets of an IPv4 address, and would send 250 neighbours in one /24 to one worker.
 pub fn source_address(k: u32) -> Ipv4Addr {
-    Ipv4Addr::new(127, 1 + (k / 62_500) as u8, ((k / 250) % 250) as u8, (k % 250) as u8 + 1)
+    Ipv4Addr::new(127, 1 + (k / 62_500) as u8, (k % 250) as u8, ((k / 250) % 250) as u8 + 1)
 }
 
 struct Shared {
     options: LoadOptions,
     deadline: Instant,
     started: AtomicU64,
+    /// Under `ReplyCheck::Sticky`: the worker that first answered each source address.
+    first_worker: Mutex<HashMap<Ipv4Addr, u32>>,
+    revisits: AtomicU64,
 }
 
 #[derive(Default)]
@@ -100,6 +114,7 @@ struct TaskReport {
     misrouted: u64,
     latencies_us: Vec<u32>,
     first_errors: Vec<String>,
+    per_worker: Vec<u64>,
 }
 
 /// Runs the load and reports it; the error is a failure to start the client runtime.
@@ -111,6 +126,8 @@ pub fn run(options: &LoadOptions) -> std::io::Result<LoadReport> {
             options: options.clone(),
             deadline: started + options.duration,
             started: AtomicU64::new(0),
+            first_worker: Mutex::new(HashMap::new()),
+            revisits: AtomicU64::new(0),
         });
         let tasks: Vec<_> = (0..options.in_flight.max(1)).map(|_| tokio::spawn(client(shared.clone()))).collect();
         let mut report = LoadReport::default();
@@ -120,12 +137,14 @@ pub fn run(options: &LoadOptions) -> std::io::Result<LoadReport> {
             report.errors += part.errors;
             report.misrouted += part.misrouted;
             report.latencies_us.extend(part.latencies_us);
+            add_counts(&mut report.per_worker, &part.per_worker);
             for error in part.first_errors {
                 if report.first_errors.len() < KEPT_ERRORS {
                     report.first_errors.push(error);
                 }
             }
         }
+        report.revisits = shared.revisits.load(Ordering::Relaxed);
         report.elapsed = started.elapsed();
         report.latencies_us.sort_unstable();
         Ok(report)
@@ -151,7 +170,19 @@ async fn client(shared: Arc<Shared>) -> TaskReport {
         let source = source_address((k % u64::from(options.sources.max(1))) as u32);
         let began = Instant::now();
         let outcome = match tokio::time::timeout(CONNECTION_TIMEOUT, request(source, options.target)).await {
-            Ok(Ok(reply)) => check_reply(&reply, source, options.check),
+            Ok(Ok(reply)) => {
+                let worker = json_field(&String::from_utf8_lossy(&reply), "worker").and_then(|w| w.parse().ok());
+                if let Some(worker) = worker.filter(|&w: &usize| w < 1024) {
+                    if report.per_worker.len() <= worker {
+                        report.per_worker.resize(worker + 1, 0);
+                    }
+                    report.per_worker[worker] += 1;
+                }
+                check_reply(&reply, source, options.check).and_then(|right| match options.check {
+                    ReplyCheck::Sticky => same_worker_as_before(&shared, &reply, source),
+                    _ => Ok(right),
+                })
+            }
             Ok(Err(error)) => Err(format!("from {source}: {error}")),
             Err(_) => Err(format!("from {source}: no reply within {CONNECTION_TIMEOUT:?}")),
         };
@@ -170,6 +201,34 @@ async fn client(shared: Arc<Shared>) -> TaskReport {
         }
     }
     report
+}
+
+/// Under `ReplyCheck::Sticky`: whether the worker that answered is the one that answered `source` first.
+fn same_worker_as_before(shared: &Shared, reply: &[u8], source: Ipv4Addr) -> Result<bool, String> {
+    let text = String::from_utf8_lossy(reply);
+    let worker = json_field(&text, "worker").and_then(|w| w.parse::<u32>().ok());
+    let worker = worker.ok_or_else(|| format!("from {source}: reply has no worker index"))?;
+    let mut first = shared.first_worker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    match first.get(&source) {
+        Some(&earlier) => {
+            shared.revisits.fetch_add(1, Ordering::Relaxed);
+            Ok(earlier == worker)
+        }
+        None => {
+            first.insert(source, worker);
+            Ok(true)
+        }
+    }
+}
+
+/// Adds `more` into `total` element by element, growing `total` as needed.
+pub fn add_counts(total: &mut Vec<u64>, more: &[u64]) {
+    if total.len() < more.len() {
+        total.resize(more.len(), 0);
+    }
+    for (sum, count) in total.iter_mut().zip(more) {
+        *sum += count;
+    }
 }
 
 /// One connection from `source`: connect, send the request, read the reply until the server closes.
@@ -219,12 +278,14 @@ pub fn check_reply(reply: &[u8], source: Ipv4Addr, check: ReplyCheck) -> Result<
         return Err(format!("from {source}: unexpected reply {first_line:?}"));
     }
     let remote = json_field(&text, "remote").ok_or_else(|| format!("from {source}: reply has no remote"))?;
-    let source_text = source.to_string();
-    if remote != source_text && remote.strip_prefix("::ffff:") != Some(source_text.as_str()) {
-        return Err(format!("from {source}: reply names remote {remote}"));
+    // Behind a proxy the worker's peer is the proxy, and the connection that reached it is the proxy's.
+    let expected = if check == ReplyCheck::Sticky { Ipv4Addr::LOCALHOST } else { source };
+    let expected_text = expected.to_string();
+    if remote != expected_text && remote.strip_prefix("::ffff:") != Some(expected_text.as_str()) {
+        return Err(format!("from {source}: reply names remote {remote}, not {expected}"));
     }
     match check {
-        ReplyCheck::Remote => Ok(true),
+        ReplyCheck::Remote | ReplyCheck::Sticky => Ok(true),
         ReplyCheck::RemoteAndIndex { concurrency } => {
             let worker = json_field(&text, "worker").and_then(|w| w.parse::<u32>().ok());
             let worker = worker.ok_or_else(|| format!("from {source}: reply has no worker index"))?;
@@ -271,6 +332,36 @@ mod tests {
         let all: std::collections::HashSet<_> = (0..70_000).map(source_address).collect();
         assert_eq!(all.len(), 70_000);
         assert!(all.iter().all(|a| a.octets()[0] == 127 && a.octets()[3] != 0));
+        let networks: std::collections::HashSet<_> = (0..200).map(|k| source_address(k).octets()[2]).collect();
+        assert_eq!(networks.len(), 200, "the first 200 addresses lie in 200 /24 networks");
+    }
+
+    #[test]
+    fn a_client_address_answered_by_a_second_worker_counts_as_misrouted() {
+        let shared = Shared {
+            options: LoadOptions {
+                target: SocketAddr::from((Ipv4Addr::LOCALHOST, 1)),
+                duration: Duration::ZERO,
+                max_connections: None,
+                in_flight: 1,
+                sources: 2,
+                threads: 1,
+                check: ReplyCheck::Sticky,
+            },
+            deadline: Instant::now(),
+            started: AtomicU64::new(0),
+            first_worker: Mutex::new(HashMap::new()),
+            revisits: AtomicU64::new(0),
+        };
+        let from =
+            |worker: u32| format!("HTTP/1.1 200 OK\r\n\r\n{{\"worker\":{worker},\"remote\":\"::ffff:127.0.0.1\"}}\n");
+        let (a, b) = (Ipv4Addr::new(127, 1, 0, 1), Ipv4Addr::new(127, 1, 1, 1));
+        assert_eq!(same_worker_as_before(&shared, from(0).as_bytes(), a), Ok(true));
+        assert_eq!(same_worker_as_before(&shared, from(1).as_bytes(), b), Ok(true));
+        assert_eq!(same_worker_as_before(&shared, from(0).as_bytes(), a), Ok(true));
+        assert_eq!(same_worker_as_before(&shared, from(0).as_bytes(), b), Ok(false));
+        assert_eq!(shared.revisits.load(Ordering::Relaxed), 2);
+        assert!(same_worker_as_before(&shared, b"HTTP/1.1 200 OK\r\n\r\n{}", a).is_err());
     }
 
     #[test]
@@ -284,5 +375,9 @@ mod tests {
         assert_eq!(check_reply(other.as_bytes(), source, ReplyCheck::RemoteAndIndex { concurrency: 4 }), Ok(false));
         assert!(check_reply(reply.as_bytes(), Ipv4Addr::new(127, 1, 0, 2), ReplyCheck::Remote).is_err());
         assert!(check_reply(b"HTTP/1.1 503 Busy\r\n\r\n", source, ReplyCheck::Remote).is_err());
+        // Through a proxy the worker sees the proxy, not the client.
+        assert!(check_reply(reply.as_bytes(), source, ReplyCheck::Sticky).is_err());
+        let proxied = reply.replace("127.1.0.1", "127.0.0.1");
+        assert_eq!(check_reply(proxied.as_bytes(), source, ReplyCheck::Sticky), Ok(true));
     }
 }

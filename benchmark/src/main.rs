@@ -1,5 +1,5 @@
-//! The `sticky-cluster-bench` command: one subcommand per benchmark (`hash`, `handoff`, `master-cost`) and
-//! `worker`, the Rust worker those benchmarks start.
+//! The `sticky-cluster-bench` command: one subcommand per benchmark (`hash`, `handoff`, `stream`,
+//! `master-cost`) and `worker`, the Rust worker those benchmarks start.
 
 use std::process::ExitCode;
 
@@ -7,9 +7,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use sticky_cluster_bench::handoff::{self, HandoffOptions, Programs};
 use sticky_cluster_bench::hash_bench::{self, HashOptions};
 use sticky_cluster_bench::master_cost::{self, CostOptions};
+use sticky_cluster_bench::stream::{self, StreamOptions};
 use sticky_cluster_bench::worker::{self, Source, Style};
 
-/// Benchmarks of sticky-cluster: routing hash, connection handoff, master cost.
+/// Benchmarks of sticky-cluster: routing hash, connection handoff, streaming, master cost.
 #[derive(Debug, Parser)]
 #[command(name = "sticky-cluster-bench", version, about)]
 struct Cli {
@@ -34,7 +35,7 @@ enum Bench {
         #[arg(long)]
         no_node: bool,
     },
-    /// Connections per second and latency: no master, our master, npm sticky-cluster, @socket.io/sticky.
+    /// Connections per second and latency: no master, our master, the npm peers, nginx and HAProxy.
     Handoff {
         /// Measured seconds per setup.
         #[arg(long, default_value_t = 5.0)]
@@ -64,6 +65,30 @@ enum Bench {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
         rounds: u32,
         /// Fail (exit 1) when a setup other than (e) was skipped or any connection failed or was misrouted.
+        #[arg(long)]
+        strict: bool,
+    },
+    /// Long-lived push streams, one per client: MB/s and CPU per GB, direct, our master, nginx, HAProxy.
+    Stream {
+        /// Measured seconds per setup.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Unmeasured seconds of streaming before each measurement.
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        /// Clients, one long-lived connection each from its own 127.a.b.c address.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        clients: u32,
+        /// Workers per setup.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=256))]
+        concurrency: u32,
+        /// Only the setups with these letters: a (direct), b (our master), f (nginx), g (HAProxy).
+        #[arg(long)]
+        only: Option<String>,
+        /// Do not run `cargo build` for the master and hello-worker first.
+        #[arg(long)]
+        no_build: bool,
+        /// Fail (exit 1) when a setup did not run, moved no data, or any client failed or was misrouted.
         #[arg(long)]
         strict: bool,
     },
@@ -162,8 +187,8 @@ fn run(command: Bench) -> Result<(), Failure> {
                 return Err(usage("--in-flight and --client-threads must be at least 1"));
             }
             if let Some(only) = &only {
-                if only.is_empty() || !only.chars().all(|c| ('a'..='e').contains(&c)) {
-                    return Err(Failure::Usage(format!("--only takes setup letters a to e, not {only:?}")));
+                if only.is_empty() || !only.chars().all(|c| ('a'..='g').contains(&c)) {
+                    return Err(Failure::Usage(format!("--only takes setup letters a to g, not {only:?}")));
                 }
             }
             let programs = prepare(no_build)?;
@@ -175,6 +200,27 @@ fn run(command: Bench) -> Result<(), Failure> {
             }
             if strict {
                 if let Some(problem) = handoff::strict_problem(&results) {
+                    return Err(Failure::Run(problem));
+                }
+            }
+            Ok(())
+        }
+        Bench::Stream { seconds, warmup, clients, concurrency, only, no_build, strict } => {
+            if seconds <= 0.0 || seconds > 600.0 || seconds.is_nan() || !(0.0..=60.0).contains(&warmup) {
+                return Err(usage("--seconds must be in (0, 600] and --warmup in [0, 60]"));
+            }
+            if let Some(only) = &only {
+                if only.is_empty() || !only.chars().all(|c| "abfg".contains(c)) {
+                    return Err(Failure::Usage(format!("--only takes the stream setups a, b, f, g, not {only:?}")));
+                }
+            }
+            let programs = prepare(no_build)?;
+            let results = stream::run(&programs, &StreamOptions { seconds, warmup, clients, concurrency, only });
+            if results.iter().all(|(_, r)| r.is_err()) {
+                return Err(Failure::Run("no setup ran".into()));
+            }
+            if strict {
+                if let Some(problem) = stream::strict_problem(&results) {
                     return Err(Failure::Run(problem));
                 }
             }

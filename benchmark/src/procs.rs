@@ -11,12 +11,14 @@ pub struct Running {
     name: String,
     children: Vec<Child>,
     log: PathBuf,
+    dirs: Vec<PathBuf>,
 }
 
 impl Running {
     /// Starts `command` in a process group of its own, stderr to a log file read back on failure.
     pub fn spawn(name: &str, command: &mut Command) -> Result<Running, String> {
-        let mut running = Running { name: name.to_string(), children: Vec::new(), log: log_path(name) };
+        let mut running =
+            Running { name: name.to_string(), children: Vec::new(), log: log_path(name), dirs: Vec::new() };
         running.add(command)?;
         Ok(running)
     }
@@ -38,6 +40,23 @@ impl Running {
             .map_err(|e| format!("cannot start {}: {e}", self.name))?;
         self.children.push(child);
         Ok(())
+    }
+
+    /// Starts a process that becomes the first one (whose pid `pid` reports), ahead of those already started.
+    pub fn add_first(&mut self, command: &mut Command) -> Result<(), String> {
+        self.add(command)?;
+        self.children.rotate_right(1);
+        Ok(())
+    }
+
+    /// Removes `dir` (a proxy's configuration and logs) once the processes are stopped.
+    pub fn remove_on_stop(&mut self, dir: PathBuf) {
+        self.dirs.push(dir);
+    }
+
+    /// The pids of the processes this guard started, the first first.
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(Child::id).collect()
     }
 
     /// The pid of the first process: the master, where there is one.
@@ -76,6 +95,9 @@ impl Running {
         }
         self.children.clear();
         let _ = std::fs::remove_file(&self.log);
+        for dir in self.dirs.drain(..) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -117,6 +139,41 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     Some((utime + stime) / ticks.max(1.0))
 }
 
+/// `pid` and every process descended from it (nginx's workers under its master, a master's workers).
+pub fn tree(pid: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else { continue };
+            // The field after the parenthesised command name and the state is the parent pid.
+            let ppid = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse().ok());
+            if let Some(ppid) = ppid {
+                parents.push((child, ppid));
+            }
+        }
+    }
+    let mut found = vec![pid];
+    let mut next = 0;
+    while next < found.len() {
+        let parent = found[next];
+        found.extend(parents.iter().filter(|&&(_, p)| p == parent).map(|&(c, _)| c));
+        next += 1;
+    }
+    found
+}
+
+/// CPU seconds of several processes together (those that have exited count as 0).
+pub fn cpu_seconds_of(pids: &[u32]) -> f64 {
+    pids.iter().filter_map(|&pid| cpu_seconds(pid)).sum()
+}
+
+/// `VmRSS` of several processes added up, KiB (shared pages count once per process).
+pub fn rss_kib_of(pids: &[u32]) -> Option<u64> {
+    let all: Vec<u64> = pids.iter().filter_map(|&pid| status_kib(pid, "VmRSS")).collect();
+    (!all.is_empty()).then(|| all.iter().sum())
+}
+
 /// A `Vm…:` figure of /proc/<pid>/status in KiB (`VmRSS`, `VmHWM`).
 pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -136,6 +193,21 @@ mod tests {
         assert!(cpu_seconds(pid).is_some_and(|s| s >= 0.0));
         assert!(status_kib(pid, "VmRSS").is_some_and(|kib| kib > 100));
         assert!(status_kib(pid, "VmHWM") >= status_kib(pid, "VmRSS"));
+    }
+
+    #[test]
+    fn a_process_tree_holds_the_children() {
+        let mut running =
+            Running::spawn("shell", Command::new("sh").args(["-c", "sleep 30 & sleep 30 & wait"])).expect("sh starts");
+        let pid = running.pid();
+        let until = Instant::now() + Duration::from_secs(5);
+        while tree(pid).len() < 3 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(tree(pid).len(), 3, "sh and its two sleeps");
+        assert!(rss_kib_of(&tree(pid)).is_some_and(|kib| kib > 0));
+        assert!(cpu_seconds_of(&tree(pid)) >= 0.0);
+        running.stop();
     }
 
     #[test]

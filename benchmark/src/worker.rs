@@ -1,6 +1,6 @@
-//! The benchmark's own Rust workers: the hello-worker's reply either behind the sticky-cluster master or
-//! accepting directly on a shared SO_REUSEPORT port (the no-master limit), as a tokio task per connection or a
-//! minimal blocking accept loop.
+//! The benchmark's own Rust workers: the hello-worker's reply (or a push stream after an upgrade) behind the
+//! sticky-cluster master or accepting on an SO_REUSEPORT port (shared: the no-master limit; its own: behind a
+//! proxy), as a tokio task per connection or a minimal blocking accept loop.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -141,6 +141,28 @@ pub fn reply(index: u32, peer: SocketAddr) -> String {
     )
 }
 
+/// The `Upgrade:` value that turns a connection into a push stream (the `stream` benchmark), the way a
+/// websocket upgrades: a proxy that forwards websockets forwards this too.
+pub const STREAM_UPGRADE: &str = "bench-stream";
+
+/// Bytes per write of a push stream.
+const STREAM_CHUNK: usize = 64 * 1024;
+
+/// The reply to a stream request: 101, then one JSON line naming the worker and the peer it sees; the data
+/// follows.
+pub fn stream_head(index: u32, peer: SocketAddr) -> String {
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: {STREAM_UPGRADE}\r\nConnection: Upgrade\r\n\r\n{{\"worker\":{index},\"pid\":{},\"remote\":\"{}\"}}\n",
+        std::process::id(),
+        node_address_text(peer.ip())
+    )
+}
+
+fn wants_stream(head: &[u8]) -> bool {
+    let head = String::from_utf8_lossy(head).to_ascii_lowercase();
+    head.contains(&format!("\r\nupgrade: {STREAM_UPGRADE}\r\n"))
+}
+
 fn head_complete(head: &[u8]) -> bool {
     head.windows(4).any(|w| w == b"\r\n\r\n")
 }
@@ -154,6 +176,14 @@ async fn answer(mut stream: tokio::net::TcpStream, peer: SocketAddr, index: u32)
             return Ok(());
         }
         head.extend_from_slice(&buffer[..read]);
+    }
+    if wants_stream(&head) {
+        // Push until the client goes away: the write fails then, which ends the task.
+        stream.write_all(stream_head(index, peer).as_bytes()).await?;
+        let chunk = vec![b'x'; STREAM_CHUNK];
+        loop {
+            stream.write_all(&chunk).await?;
+        }
     }
     stream.write_all(reply(index, peer).as_bytes()).await?;
     stream.shutdown().await
