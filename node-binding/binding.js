@@ -125,7 +125,7 @@ function shippedPackages() {
   }
 }
 
-/** The packages to try on this machine: the exact one, or each libc's when the C library is unknown. */
+/** The prebuilt packages to try on this machine: the exact one, or each libc's when the C library is unknown. */
 function candidatePackages() {
   const triple = platformTriple();
   if (process.platform === 'linux' && !libcFamily()) {
@@ -171,6 +171,23 @@ function explain(problems, installed) {
   );
 }
 
+/** The name of the installed prebuilt package this machine would load, or null when none is installed. */
+function installedPackage(from = __dirname) {
+  return candidatePackages().find((name) => {
+    try {
+      require.resolve(name, { paths: [from] });
+      return true;
+    } catch {
+      return false;
+    }
+  }) || null;
+}
+
+/** The message load() throws when nothing is installed: the expected package, the lockfile pitfall, the build. */
+function missingAddonMessage() {
+  return explain([], []);
+}
+
 /**
  * Loads the addon: the one built in place, else the platform package; otherwise throws an Error with code
  * ERR_STICKY_CLUSTER_NATIVE_NOT_BUILT whose message names the expected package and what to do.
@@ -205,4 +222,16 @@ function load() {
   throw notBuilt(explain(problems, installed), firstFailure);
 }
 
-module.exports = { load, platformTriple, libcFamily, elfInterpreter, libcFromText, LOCAL_ADDON, NOT_BUILT, PACKAGE_NAME };
+module.exports = {
+  load,
+  platformTriple,
+  libcFamily,
+  candidatePackages,
+  installedPackage,
+  missingAddonMessage,
+  elfInterpreter,
+  libcFromText,
+  LOCAL_ADDON,
+  NOT_BUILT,
+  PACKAGE_NAME,
+};
