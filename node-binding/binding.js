@@ -230,6 +230,7 @@ module.exports = {
   installedPackage,
   missingAddonMessage,
   elfInterpreter,
+  libcFromReport,
   libcFromText,
   LOCAL_ADDON,
   NOT_BUILT,
