@@ -69,9 +69,15 @@ for platform in $platforms; do
         die "$main_manifest: optionalDependencies must list $name at exactly $version (found '${listed:-nothing}')"
 
     target="$(rust_target "$platform")"
+    triple="${target%%.*}"
+    if [[ "$triple" == *-musl ]]; then
+        # An addon must use the musl that Node loaded, not carry a second, static one.
+        triple_env="$(tr 'a-z-' 'A-Z_' <<<"$triple")"
+        export "CARGO_TARGET_${triple_env}_RUSTFLAGS=-C target-feature=-crt-static"
+    fi
     echo "pack.sh: cargo zigbuild --release -p sticky-cluster-node --target $target" >&2
     (cd "$repo" && cargo zigbuild --release -p sticky-cluster-node --target "$target" --target-dir "$target_dir")
-    library="$target_dir/${target%%.*}/release/libsticky_cluster_node.so"
+    library="$target_dir/$triple/release/libsticky_cluster_node.so"
     [ -f "$library" ] || die "cargo-zigbuild finished but $library is missing"
     case "$platform" in *-gnu) check_glibc_floor "$library" ;; esac
 
