@@ -8,7 +8,7 @@
 # DIR/sticky-cluster-native-<platform>-<version>.tgz per platform (default linux-x64-gnu): the addon only,
 # built once with cargo-zigbuild against glibc $GLIBC_FLOOR, and refused when `objdump -T` shows a
 # GLIBC_ symbol version above the floor or a strong undefined symbol that is neither libc's nor Node's.
-# Environment: PLATFORMS (space-separated npm/<platform> folders, default linux-x64-gnu), GLIBC_FLOOR
+# `bash pack.sh --check-glibc FILE` runs only that check. Environment: PLATFORMS (space-separated npm/<platform> folders, default linux-x64-gnu), GLIBC_FLOOR
 # (default 2.17), CARGO_TARGET_DIR. Needs cargo, `pip install ziglang cargo-zigbuild`, objdump (binutils).
 set -euo pipefail
 
@@ -22,16 +22,6 @@ die() {
     echo "pack.sh: $*" >&2
     exit 1
 }
-
-[ $# -eq 1 ] || die "usage: bash node-binding/pack.sh DIR (the folder the .tgz files go to)"
-mkdir -p "$1"
-out="$(cd "$1" && pwd)"
-command -v cargo-zigbuild >/dev/null || die "cargo-zigbuild not found: pip install ziglang cargo-zigbuild"
-command -v objdump >/dev/null || die "objdump not found: apt-get install binutils"
-
-version="$(node -p "require('$here/package.json').version")"
-stage="$(mktemp -d /tmp/sticky-native-pack.XXXXXX)"
-trap 'rm -rf "$stage"' EXIT
 
 # rust_target PLATFORM: the cargo-zigbuild --target for an npm platform folder name.
 rust_target() {
@@ -52,12 +42,31 @@ check_glibc_floor() {
     highest="$(grep -o 'GLIBC_[0-9][0-9.]*' <<<"$symbols" | sed 's/GLIBC_//' | sort -uV | tail -1)"
     [ -n "$highest" ] || die "$1 names no GLIBC_ symbol version: not a glibc build?"
     if [ "$(printf '%s\n%s\n' "$highest" "$floor" | sort -V | tail -1)" != "$floor" ]; then
-        die "$1 needs GLIBC_$highest, above the floor $floor: $(grep "GLIBC_$highest" <<<"$symbols" | head -3)"
+        die "$1 needs GLIBC_$highest, above the floor $floor, for" \
+            "$(grep "(GLIBC_$highest)" <<<"$symbols" | awk '{print $NF}' | sort -u | paste -sd, -)"
     fi
     unversioned="$(awk '$2 != "w" && /\*UND\*/ && $NF !~ /^(napi_|node_api_)/ && $0 !~ /\(GLIBC_/' <<<"$symbols")"
-    [ -z "$unversioned" ] || die "$1 has undefined symbols that glibc $floor does not provide: $unversioned"
+    [ -z "$unversioned" ] ||
+        die "$1 has undefined symbols that glibc $floor does not provide: $(awk '{print $NF}' <<<"$unversioned" | paste -sd, -)"
     echo "pack.sh: $(basename "$1") needs glibc $highest at most (floor $floor)" >&2
 }
+
+# `bash pack.sh --check-glibc FILE`: only the floor check, for the tests and for release checklists.
+if [ "${1:-}" = "--check-glibc" ] && [ $# -eq 2 ]; then
+    command -v objdump >/dev/null || die "objdump not found: apt-get install binutils"
+    check_glibc_floor "$2"
+    exit 0
+fi
+
+[ $# -eq 1 ] || die "usage: bash node-binding/pack.sh DIR (the folder the .tgz files go to)"
+mkdir -p "$1"
+out="$(cd "$1" && pwd)"
+command -v cargo-zigbuild >/dev/null || die "cargo-zigbuild not found: pip install ziglang cargo-zigbuild"
+command -v objdump >/dev/null || die "objdump not found: apt-get install binutils"
+
+version="$(node -p "require('$here/package.json').version")"
+stage="$(mktemp -d /tmp/sticky-native-pack.XXXXXX)"
+trap 'rm -rf "$stage"' EXIT
 
 main_manifest="$here/package.json"
 for platform in $platforms; do

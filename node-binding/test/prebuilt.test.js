@@ -18,6 +18,7 @@ const {
   freshAppDir,
   mappedAddons,
   npmOffline,
+  packageDir,
   packedTarballs,
   version,
 } = require('./install-helpers');
@@ -99,24 +100,29 @@ test('the platform tarball holds only the addon, with os/cpu/libc, and the main 
   assert.deepStrictEqual(mainManifest.optionalDependencies, { [PLATFORM_PACKAGE]: version });
 });
 
-test(`the prebuilt addon needs no GLIBC_ symbol version above ${GLIBC_FLOOR} (objdump -T)`, (t) => {
-  const { platform } = packedTarballs();
-  const addon = path.join(fs.mkdtempSync(path.join(require('os').tmpdir(), 'sticky-native-glibc-')), PLATFORM_ADDON);
-  t.after(() => fs.rmSync(path.dirname(addon), { recursive: true, force: true }));
-  fs.writeFileSync(addon, tarRead(platform, `package/${PLATFORM_ADDON}`, 'buffer'));
-  const objdump = spawnSync('objdump', ['-T', addon], { encoding: 'utf8', maxBuffer: 64 * 1024 * 1024 });
+/** What `objdump -T` says `file` needs from glibc: every GLIBC_ version, those above the floor, strong unversioned imports. */
+function glibcNeeds(file) {
+  const objdump = spawnSync('objdump', ['-T', file], { encoding: 'utf8', maxBuffer: 64 * 1024 * 1024 });
   assert.strictEqual(objdump.status, 0, `objdump -T failed (binutils installed?): ${objdump.error || objdump.stderr}`);
-  const versions = [...new Set(objdump.stdout.match(/GLIBC_[0-9][0-9.]*/g) || [])].map((v) => v.slice('GLIBC_'.length));
-  assert.ok(versions.length > 0, 'no GLIBC_ versions at all: this is not a glibc build');
-  const tooNew = versions.filter((v) => compareVersions(v, GLIBC_FLOOR) > 0);
-  assert.deepStrictEqual(tooNew, [], `symbols need glibc above ${GLIBC_FLOOR}`);
+  const versions = [...new Set(objdump.stdout.match(/GLIBC_[0-9][0-9.]*/g) || [])].map((v) => v.slice('GLIBC_'.length)).sort(compareVersions);
   // A libc function missing from the floor's glibc would link as a strong, unversioned undefined symbol.
   const unversioned = objdump.stdout
     .split('\n')
     .filter((line) => /\*UND\*/.test(line) && !/\(GLIBC_/.test(line) && !/\s w\s/.test(line))
     .filter((line) => !/\s(napi_|node_api_)\S*$/.test(line));
-  assert.deepStrictEqual(unversioned, []);
-  t.diagnostic(`highest GLIBC_ version needed: ${versions.sort(compareVersions).pop()}`);
+  return { versions, tooNew: versions.filter((v) => compareVersions(v, GLIBC_FLOOR) > 0), unversioned };
+}
+
+test(`the prebuilt addon needs no GLIBC_ symbol version above ${GLIBC_FLOOR} (objdump -T)`, (t) => {
+  const { platform } = packedTarballs();
+  const addon = path.join(fs.mkdtempSync(path.join(require('os').tmpdir(), 'sticky-native-glibc-')), PLATFORM_ADDON);
+  t.after(() => fs.rmSync(path.dirname(addon), { recursive: true, force: true }));
+  fs.writeFileSync(addon, tarRead(platform, `package/${PLATFORM_ADDON}`, 'buffer'));
+  const needs = glibcNeeds(addon);
+  assert.ok(needs.versions.length > 0, 'no GLIBC_ versions at all: this is not a glibc build');
+  assert.deepStrictEqual(needs.tooNew, [], `symbols need glibc above ${GLIBC_FLOOR}`);
+  assert.deepStrictEqual(needs.unversioned, []);
+  t.diagnostic(`highest GLIBC_ version needed: ${needs.versions.at(-1)}`);
 });
 
 test('both tarballs install without Rust and the app serves socket.io crowds on the prebuilt addon', { timeout: 5 * 60 * 1000 }, async (t) => {
@@ -187,4 +193,16 @@ test('where cargo exists, npm rebuild --build-from-source compiles the addon and
   const answer = await getJson(app.port, '/whoami', '127.53.0.1');
   assert.strictEqual(answer.remoteAddress, '::ffff:127.53.0.1');
   await stopApp(app);
+});
+
+test(`both floor checks (this test's and pack.sh --check-glibc) reject the addon plain cargo links against this machine's glibc`, () => {
+  // The build-from-source test above compiled it with the host's glibc (2.36 on Debian 12).
+  const plain = path.join(cacheTarget, 'release', 'libsticky_cluster_node.so');
+  assert.ok(fs.existsSync(plain), `${plain} is missing`);
+  const needs = glibcNeeds(plain);
+  assert.ok(needs.tooNew.length > 0, `a host build needs nothing above ${GLIBC_FLOOR}: ${needs.versions}`);
+  const check = spawnSync('bash', [path.join(packageDir, 'pack.sh'), '--check-glibc', plain], { encoding: 'utf8' });
+  assert.notStrictEqual(check.status, 0, 'pack.sh accepted an addon above the floor');
+  assert.match(check.stderr, new RegExp(`needs GLIBC_${needs.tooNew.at(-1).replace(/\./g, '\\.')}, above the floor ${GLIBC_FLOOR}`));
+  assert.strictEqual(check.stderr.trim().split('\n').length, 1, check.stderr);
 });
