@@ -82,3 +82,20 @@ test('the report is asked without network look-ups, and excludeNetwork is put ba
   assert.strictEqual(askedWith, true, 'getReport() ran with network look-ups on');
   assert.strictEqual(report.excludeNetwork, before);
 });
+
+test('on a platform without a published package, the error names the package it would need and says none exists', () => {
+  // A child that reports itself as arm64 Linux: the libc answer (this machine's glibc) still holds.
+  const script = `
+    Object.defineProperty(process, 'arch', { value: 'arm64' });
+    const binding = require(${JSON.stringify(path.join(__dirname, '..', 'binding.js'))});
+    const saved = require('fs').existsSync;
+    require('fs').existsSync = (file) => (file === binding.LOCAL_ADDON ? false : saved(file));
+    try { binding.load(); console.log('loaded'); } catch (error) { console.log(JSON.stringify({ code: error.code, message: error.message })); }
+  `;
+  const result = spawnSync(process.execPath, ['-e', script], { encoding: 'utf8', timeout: 10000 });
+  assert.strictEqual(result.status, 0, result.stderr);
+  const { code, message } = JSON.parse(result.stdout);
+  assert.strictEqual(code, binding.NOT_BUILT);
+  assert.match(message, /no prebuilt package exists for linux-arm64-gnu \(sticky-cluster-native-linux-arm64-gnu would be needed; published: linux-x64-gnu\)/);
+  assert.match(message, /npm rebuild sticky-cluster-native --build-from-source/);
+});
