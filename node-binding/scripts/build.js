@@ -17,9 +17,13 @@ const addon = path.join(packageDir, 'sticky-cluster-native.node');
 
 const force = process.argv.includes('--force') || /^(true|1)$/.test(process.env.npm_config_build_from_source || '');
 
+/** A build directory to delete whatever happens (the tarball's own vendor/target). */
+let cleanupDir = null;
+
 /** A build asked for by hand fails the command; one run by `npm install` warns and lets the install finish. */
 function fail(message) {
   process.stderr.write(`sticky-cluster-native: ${message}\n`);
+  if (cleanupDir) fs.rmSync(cleanupDir, { recursive: true, force: true });
   if (force) process.exit(1);
   process.stderr.write(`${missingAddonMessage()}\n`);
   process.exit(0);
@@ -53,6 +57,7 @@ function main() {
   }
   const layout = sourceLayout();
   if (!layout) fail(`no Rust sources found in ${packageDir} (neither the repository workspace nor vendor/)`);
+  cleanupDir = layout.cleanup;
   const cargo = process.env.CARGO || 'cargo';
   const profile = process.argv.includes('--debug') ? [] : ['--release'];
   const args = ['build', ...profile, '-p', 'sticky-cluster-node', '--message-format=json-render-diagnostics', ...layout.args];
