@@ -10,13 +10,14 @@ cd "$(dirname "$0")"
 export STICKY_CLUSTER_NATIVE_PACKED="${CARGO_TARGET_DIR:-$PWD/../target}/npm-packages"
 rm -rf "$STICKY_CLUSTER_NATIVE_PACKED"
 bash pack.sh "$STICKY_CLUSTER_NATIVE_PACKED" || { echo "0 passed, 1 failed"; exit 1; }
+for dir in test ../examples/socketio-chat; do
+    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error) || { echo "0 passed, 1 failed"; exit 1; }
+done
+# After the example's install, whose install script compiles this folder in place from source.
 version="$(node -p "require('./package.json').version")"
 tar -xzOf "$STICKY_CLUSTER_NATIVE_PACKED/sticky-cluster-native-linux-x64-gnu-$version.tgz" \
     package/sticky-cluster-native.linux-x64-gnu.node >sticky-cluster-native.node.new &&
     mv sticky-cluster-native.node.new sticky-cluster-native.node || { echo "0 passed, 1 failed"; exit 1; }
-for dir in test ../examples/socketio-chat; do
-    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error) || { echo "0 passed, 1 failed"; exit 1; }
-done
 
 report="$(mktemp)"
 trap 'rm -f "$report"' EXIT

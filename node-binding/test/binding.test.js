@@ -99,3 +99,17 @@ test('on a platform without a published package, the error names the package it 
   assert.match(message, /no prebuilt package exists for linux-arm64-gnu \(sticky-cluster-native-linux-arm64-gnu would be needed; published: linux-x64-gnu\)/);
   assert.match(message, /npm rebuild sticky-cluster-native --build-from-source/);
 });
+
+test('an install-time build that fails warns and lets npm install finish; --force and --build-from-source fail', () => {
+  const build = path.join(__dirname, '..', 'scripts', 'build.js');
+  const env = { ...process.env, CARGO: '/bin/false' };
+  delete env.npm_config_build_from_source;
+  const install = spawnSync(process.execPath, [build], { env, encoding: 'utf8', timeout: 30000 });
+  assert.strictEqual(install.status, 0, install.stderr);
+  assert.match(install.stderr, /cargo build failed \(exit status 1\)/);
+  assert.match(install.stderr, /ERR_STICKY_CLUSTER_NATIVE_NOT_BUILT|sticky-cluster-native-linux-x64-gnu is not installed/);
+  const forced = spawnSync(process.execPath, [build, '--force'], { env, encoding: 'utf8', timeout: 30000 });
+  assert.strictEqual(forced.status, 1, forced.stderr);
+  const fromSource = spawnSync(process.execPath, [build], { env: { ...env, npm_config_build_from_source: 'true' }, encoding: 'utf8', timeout: 30000 });
+  assert.strictEqual(fromSource.status, 1, fromSource.stderr);
+});

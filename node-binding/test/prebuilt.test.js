@@ -125,6 +125,13 @@ test(`the prebuilt addon needs no GLIBC_ symbol version above ${GLIBC_FLOOR} (ob
   t.diagnostic(`highest GLIBC_ version needed: ${needs.versions.at(-1)}`);
 });
 
+test('the in-repository tests run the published addon itself (run-tests.sh puts it in place)', { skip: !process.env.STICKY_CLUSTER_NATIVE_PACKED && 'run outside run-tests.sh' }, () => {
+  const { platform } = packedTarballs();
+  const published = tarRead(platform, `package/${PLATFORM_ADDON}`, 'buffer');
+  const inPlace = fs.readFileSync(require('../binding').LOCAL_ADDON);
+  assert.ok(inPlace.equals(published), `the in-place addon (${inPlace.length} bytes) is not the published one (${published.length} bytes)`);
+});
+
 test('both tarballs install without Rust and the app serves socket.io crowds on the prebuilt addon', { timeout: 5 * 60 * 1000 }, async (t) => {
   const { main, platform } = packedTarballs();
   const env = envWithoutRust();
