@@ -6,7 +6,7 @@
 set -uo pipefail
 cd "$(dirname "$0")"
 
-# The tarballs stay in the cargo target dir (rewritten each run) for test/package.test.js and friends.
+# The tarballs stay in the cargo target dir (rewritten each run) for test/prebuilt.test.js.
 export STICKY_CLUSTER_NATIVE_PACKED="${CARGO_TARGET_DIR:-$PWD/../target}/npm-packages"
 rm -rf "$STICKY_CLUSTER_NATIVE_PACKED"
 bash pack.sh "$STICKY_CLUSTER_NATIVE_PACKED" || { echo "0 passed, 1 failed"; exit 1; }
