@@ -21,10 +21,21 @@ target_dir="${CARGO_TARGET_DIR:-$repo/target}"
 destdir="${DESTDIR:-}"
 
 case "$profile" in
-release) cargo build --manifest-path "$repo/Cargo.toml" --release -p sticky-cluster-ffi ;;
-debug) cargo build --manifest-path "$repo/Cargo.toml" -p sticky-cluster-ffi ;;
+release) profile_flag=(--release) ;;
+debug) profile_flag=() ;;
 *) echo "error: PROFILE must be release or debug, got '$profile'" >&2; exit 2 ;;
 esac
+# `cargo rustc` rather than `cargo build` so that rustc prints the system libraries the static library
+# needs (native-static-libs) for this toolchain and target; cargo replays the note when nothing changed.
+build_log="$(mktemp)"
+trap 'rm -f "$build_log"' EXIT
+cargo rustc --manifest-path "$repo/Cargo.toml" "${profile_flag[@]}" -p sticky-cluster-ffi --lib \
+    -- --print native-static-libs 2>&1 | tee "$build_log"
+libs_private="$(sed -n 's/^note: native-static-libs: //p' "$build_log" | tail -1)"
+if [ -z "$libs_private" ]; then
+    echo "error: rustc printed no 'native-static-libs' line for libsticky_cluster.a" >&2
+    exit 1
+fi
 
 version="$(sed -n 's/^version = "\(.*\)"/\1/p' "$repo/Cargo.toml" | head -1)"
 major="${version%%.*}"
@@ -39,7 +50,7 @@ ln -sfn "libsticky_cluster.so.$abi" "$destdir$libdir/libsticky_cluster.so"
 install -m 0644 "$built/libsticky_cluster.a" "$destdir$libdir/libsticky_cluster.a"
 install -m 0644 "$here/include/sticky_cluster.h" "$destdir$includedir/sticky_cluster.h"
 
-# Libs.private: what the Rust static library needs (`--print native-static-libs`), for `--static`.
+# Libs.private: what the Rust static library needs, as rustc said above, for `pkg-config --static`.
 cat > "$destdir$libdir/pkgconfig/sticky_cluster.pc" <<PC
 prefix=$prefix
 libdir=$libdir
@@ -49,10 +60,10 @@ Name: sticky_cluster
 Description: Sticky-session connection router: run a cluster and receive sticky-routed sockets in C
 Version: $version
 Libs: -L\${libdir} -lsticky_cluster
-Libs.private: -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc
+Libs.private: $libs_private
 Cflags: -I\${includedir}
 PC
 
 echo "installed sticky_cluster $version ($profile) into ${destdir}$prefix:"
 echo "  $libdir/libsticky_cluster.so.$version (+ .so.$abi, .so), libsticky_cluster.a"
-echo "  $includedir/sticky_cluster.h, $libdir/pkgconfig/sticky_cluster.pc"
+echo "  $includedir/sticky_cluster.h, $libdir/pkgconfig/sticky_cluster.pc (Libs.private: $libs_private)"

@@ -69,6 +69,18 @@ else
     fail "pkg-config finds sticky_cluster" "$(pkg-config --modversion --cflags sticky_cluster 2>&1)"
 fi
 
+# Libs.private must be what this rustc says a static library needs (install.sh asks it the same way).
+: >"$work/empty.rs"
+expected_libs="$(rustc --crate-type staticlib --crate-name probe --edition 2021 --out-dir "$work" \
+    --print native-static-libs "$work/empty.rs" 2>&1 | sed -n 's/^note: native-static-libs: //p')"
+private_libs="$(sed -n 's/^Libs.private: //p' "$prefix/lib/pkgconfig/sticky_cluster.pc")"
+if [ -n "$expected_libs" ] && [ "$private_libs" = "$expected_libs" ]; then
+    pass "sticky_cluster.pc Libs.private is rustc's native-static-libs ($private_libs)"
+else
+    fail "sticky_cluster.pc Libs.private is rustc's native-static-libs" \
+        "pc file: '$private_libs', rustc: '$expected_libs'"
+fi
+
 # --- the installed header stands alone in strict C99 and in C++ (cpp_compat's extern "C") ----------
 printf '#include <sticky_cluster.h>\nint main(void) { sticky_options o; sticky_options_init(&o); return 0; }\n' \
     >"$work/header.c"

@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
-# Node binding tests: builds the addon (release, as `npm install` does), installs the test dependencies
-# from test/package-lock.json, runs every test/*.test.js with node's test runner (real clusters, real
-# socket.io clients from many loopback addresses), and ends with 'N passed, N failed'.
+# Node binding tests: builds the addon once, as it is published (pack.sh: cargo-zigbuild against an old
+# glibc, both npm tarballs), puts that same .node in place for the in-repo tests, installs the test
+# dependencies from test/package-lock.json, runs every test/*.test.js with node's test runner (real
+# clusters, real socket.io clients from many loopback addresses), and ends with 'N passed, N failed'.
 set -uo pipefail
 cd "$(dirname "$0")"
 
-node scripts/build.js --force || { echo "0 passed, 1 failed"; exit 1; }
+# The tarballs stay in the cargo target dir (rewritten each run) for test/prebuilt.test.js.
+export STICKY_CLUSTER_NATIVE_PACKED="${CARGO_TARGET_DIR:-$PWD/../target}/npm-packages"
+rm -rf "$STICKY_CLUSTER_NATIVE_PACKED"
+bash pack.sh "$STICKY_CLUSTER_NATIVE_PACKED" || { echo "0 passed, 1 failed"; exit 1; }
 for dir in test ../examples/socketio-chat; do
     (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error) || { echo "0 passed, 1 failed"; exit 1; }
 done
+# After the example's install, whose install script compiles this folder in place from source.
+version="$(node -p "require('./package.json').version")"
+tar -xzOf "$STICKY_CLUSTER_NATIVE_PACKED/sticky-cluster-native-linux-x64-gnu-$version.tgz" \
+    package/sticky-cluster-native.linux-x64-gnu.node >sticky-cluster-native.node.new &&
+    mv sticky-cluster-native.node.new sticky-cluster-native.node || { echo "0 passed, 1 failed"; exit 1; }
 
 # The suite runs once per implementation: the native master (STICKY_CLUSTER_NATIVE=1: a missing addon
 # fails) and the JavaScript fallback (=0). The JS run leaves out what does not depend on the master:

@@ -1,29 +1,32 @@
 'use strict';
 // Builds the addon from source with plain cargo and copies it to sticky-cluster-native.node.
-// Runs on `npm install` unless a prebuilt per-platform package is installed. Two source layouts:
+// On `npm install` it does nothing when this machine's prebuilt package (an optional dependency) is
+// installed, and a failed or impossible build (no cargo) leaves the install intact with a warning: the
+// loader then explains what is missing. `--force` (npm run build) and `npm rebuild --build-from-source`
+// always build, and fail loudly. Two source layouts:
 // the repository (this folder is a member of the Cargo workspace) and the npm tarball (vendor/, made
 // by scripts/prepack.js, holds a standalone workspace with a copy of core).
 
 const { spawnSync } = require('child_process');
 const fs = require('fs');
 const path = require('path');
-const { platformTriple } = require('../binding');
+const { installedPackage, missingAddonMessage } = require('../binding');
 
 const packageDir = path.resolve(__dirname, '..');
 const addon = path.join(packageDir, 'sticky-cluster-native.node');
 
+const force = process.argv.includes('--force') || /^(true|1)$/.test(process.env.npm_config_build_from_source || '');
+
+/** A build directory to delete whatever happens (the tarball's own vendor/target). */
+let cleanupDir = null;
+
+/** A build asked for by hand fails the command; one run by `npm install` warns and lets the install finish. */
 function fail(message) {
   process.stderr.write(`sticky-cluster-native: ${message}\n`);
-  process.exit(1);
-}
-
-function prebuiltInstalled() {
-  try {
-    require.resolve(`sticky-cluster-native-${platformTriple()}`, { paths: [packageDir] });
-    return true;
-  } catch {
-    return false;
-  }
+  if (cleanupDir) fs.rmSync(cleanupDir, { recursive: true, force: true });
+  if (force) process.exit(1);
+  process.stderr.write(`${missingAddonMessage()}\n`);
+  process.exit(0);
 }
 
 /** The repository workspace when this folder is one of its members, else the vendored one. */
@@ -47,13 +50,14 @@ function sourceLayout() {
 }
 
 function main() {
-  const force = process.argv.includes('--force');
-  if (!force && prebuiltInstalled()) {
-    console.log(`sticky-cluster-native: using the prebuilt sticky-cluster-native-${platformTriple()} package`);
+  const prebuilt = installedPackage(packageDir);
+  if (!force && prebuilt) {
+    console.log(`sticky-cluster-native: using the prebuilt ${prebuilt} package`);
     return;
   }
   const layout = sourceLayout();
   if (!layout) fail(`no Rust sources found in ${packageDir} (neither the repository workspace nor vendor/)`);
+  cleanupDir = layout.cleanup;
   const cargo = process.env.CARGO || 'cargo';
   const profile = process.argv.includes('--debug') ? [] : ['--release'];
   const args = ['build', ...profile, '-p', 'sticky-cluster-node', '--message-format=json-render-diagnostics', ...layout.args];
@@ -65,7 +69,7 @@ function main() {
     encoding: 'utf8',
   });
   if (result.error && result.error.code === 'ENOENT') {
-    fail(`\`${cargo}\` was not found: install Rust (https://rustup.rs), or a prebuilt package, and run npm rebuild`);
+    fail(`\`${cargo}\` was not found, so the addon cannot be built from source here`);
   }
   if (result.error) fail(`cannot run ${cargo}: ${result.error.message}`);
   if (result.status !== 0) fail(`cargo build failed (exit status ${result.status})`);
