@@ -60,6 +60,7 @@ fn proxy_protocol_v1_and_v2_from_a_trusted_proxy_route_by_the_real_client() {
             let body: serde_json::Value = serde_json::from_str(answer.split_once("\r\n\r\n").unwrap().1).unwrap();
             assert_eq!(body["worker"], route(IpAddr::V4(client)), "{client} round {round}");
             assert_eq!(body["remote"], client.to_string(), "the worker is told the real client");
+            assert_eq!(body["first_line"], "GET / HTTP/1.1", "the PROXY header is taken off the stream");
             indexes.insert(body["worker"].as_u64().unwrap());
         }
     }
@@ -77,6 +78,7 @@ fn an_untrusted_peer_cannot_choose_its_worker_and_its_stream_is_untouched() {
         let body: serde_json::Value = serde_json::from_str(answer.split_once("\r\n\r\n").unwrap().1).unwrap();
         assert_eq!(body["worker"], route(IpAddr::V6(direct.to_ipv6_mapped())), "{direct}: routed by its peer");
         assert_eq!(body["remote"], format!("::ffff:{direct}"), "{direct}: reported as its peer");
+        assert_eq!(body["first_line"], "PROXY TCP4 1.2.3.4 10.0.0.1 1000 80", "the worker gets every byte");
     }
 }
 
@@ -123,6 +125,7 @@ fn x_forwarded_for_takes_the_rightmost_untrusted_address() {
         let answer = support::request(PROXY, server(&cluster), &raw).unwrap();
         assert_eq!(answer["worker"], route(client), "{client}");
         assert_eq!(answer["remote"], client.to_string());
+        assert_eq!(answer["first_line"], "GET / HTTP/1.1", "X-Forwarded-For leaves the stream untouched");
     }
     // From an untrusted peer the header means nothing.
     let direct = Ipv4Addr::new(127, 0, 0, 5);
