@@ -244,7 +244,9 @@ async fn wait_for_header(
     let decision = match tokio::time::timeout(settings.max_wait, read_header(&stream, peer, settings)).await {
         Ok(Ok(decision)) => decision,
         Ok(Err(ReadEnd::Lost(error))) => return Err(Failure::lost(error)),
-        Ok(Err(ReadEnd::Closed { seen })) if proxy_protocol => {
+        // A connection closed before its first byte is a TCP health check (kubelet, HAProxy `check`): not
+        // a broken header, just closed.
+        Ok(Err(ReadEnd::Closed { seen })) if proxy_protocol && seen > 0 => {
             let reason = format!("closed after {seen} bytes, before a complete PROXY header");
             return Err(Failure { reason, rejected: true, timed_out: false });
         }
