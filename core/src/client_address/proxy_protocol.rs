@@ -203,6 +203,7 @@ mod tests {
         assert!(is_invalid(parse_proxy_header(b"GET / HTTP/1.1\r\n")));
         assert!(is_invalid(parse_proxy_header(b"PROXY TCP4 2001:db8::1 10.0.0.1 1 2\r\n")), "TCP4 with IPv6");
         assert!(is_invalid(parse_proxy_header(b"PROXY TCP6 10.0.0.2 10.0.0.1 1 2\r\n")), "TCP6 with IPv4");
+        assert!(is_invalid(parse_proxy_header(b"PROXY TCP4 10.0.0.2 ::1 1 2\r\n")), "TCP4, IPv6 destination");
         assert!(is_invalid(parse_proxy_header(b"PROXY TCP4 1.2.3.4 5.6.7.8 +1 2\r\n")), "signed port");
         assert!(is_invalid(parse_proxy_header(b"PROXY TCP4 1.2.3.4 5.6.7.8 01 2\r\n")), "leading zero");
         assert!(is_invalid(parse_proxy_header(b"PROXY TCP4 1.2.3.4 5.6.7.8 65536 2\r\n")), "port range");
