@@ -73,7 +73,7 @@ fn an_untrusted_peer_cannot_choose_its_worker_and_its_stream_is_untouched() {
     for i in 2..40u8 {
         let direct = Ipv4Addr::new(127, 0, 0, i);
         // A client that connects directly and claims to be 1.2.3.4.
-        let raw = format!("PROXY TCP4 1.2.3.4 10.0.0.1 1000 80\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n");
+        let raw = "PROXY TCP4 1.2.3.4 10.0.0.1 1000 80\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n";
         let answer = exchange(direct, server(&cluster), raw.as_bytes());
         let body: serde_json::Value = serde_json::from_str(answer.split_once("\r\n\r\n").unwrap().1).unwrap();
         assert_eq!(body["worker"], route(IpAddr::V6(direct.to_ipv6_mapped())), "{direct}: routed by its peer");
