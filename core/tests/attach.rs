@@ -308,3 +308,19 @@ fn allow_uids_changes_apply_on_sighup() {
     let line = cluster.wait_for_log("uid 65534)", LONG);
     assert!(line.contains("attached"), "{line}");
 }
+
+#[test]
+fn check_prints_the_mode_as_written_in_octal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cluster.yaml");
+    for (written, printed) in [("0o660", "\"0660\""), ("0660", "\"0660\""), ("\"0640\"", "\"0640\"")] {
+        std::fs::write(&path, format!("workers:\n  socket: /run/x.sock\n  mode: {written}\n")).unwrap();
+        let output = Command::new(support::binary()).arg("--check").arg("--config").arg(&path).output().unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(stdout.contains(&format!("  mode: {printed}\n")), "{written}: {stdout}");
+    }
+    std::fs::write(&path, "workers:\n  socket: /run/x.sock\n  mode: 660\n").unwrap();
+    let output = Command::new(support::binary()).arg("--check").arg("--config").arg(&path).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("workers.mode: \"660\" is not an octal file mode"));
+}

@@ -145,3 +145,28 @@ fn without_trusted_proxies_a_proxy_source_is_refused_at_start() {
     assert_eq!(status.code(), Some(2));
     cluster.wait_for_log("trustedProxies is required when clientAddress is x-forwarded-for", Duration::from_secs(5));
 }
+
+fn check(args: &[&str], yaml: &str) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cluster.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let output = std::process::Command::new(support::binary()).arg("--config").arg(&path).args(args).output().unwrap();
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (output.status.code().unwrap(), text(&output.stdout), text(&output.stderr))
+}
+
+#[test]
+fn trusted_proxy_flags_replace_the_file_and_bad_ones_exit_2() {
+    let yaml = "clientAddress: proxy-protocol\ntrustedProxies: [10.0.0.0/8]\nworker:\n  command: [./w]\n";
+    let (code, stdout, stderr) = check(&["--check", "--trusted-proxy", "127.0.0.1", "--trusted-proxy", "::1"], yaml);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("trustedProxies: [\"127.0.0.1/32\", \"::1/128\"]\n"), "{stdout}");
+    assert!(stdout.contains("headerWait:\n  limit: 1024\n  maxWait: 5000\n"), "{stdout}");
+    let (code, _, stderr) = check(&["--check", "--trusted-proxy", "10.1.2.3/8"], yaml);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("--trusted-proxy") && stderr.contains("has host bits set"), "{stderr}");
+    let (code, _, stderr) = check(&["--check"], "clientAddress: proxy-protocol\nworker:\n  command: [./w]\n");
+    assert_eq!(code, 2);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.starts_with("error: ") && stderr.contains("trustedProxies is required"), "{stderr}");
+}
