@@ -199,6 +199,7 @@ pub async fn handshake(channel: OwnedFd, uid: u32) -> std::result::Result<Claim,
             match recv_message(channel.as_fd(), true) {
                 Err(Error::WouldBlock) => guard.clear_ready(),
                 Ok(received) => return Ok(received.message),
+                Err(Error::ChannelClosed) => return Err("hung up before its hello".to_string()),
                 Err(error) => return Err(error.to_string()),
             }
         }
@@ -214,7 +215,21 @@ pub async fn handshake(channel: OwnedFd, uid: u32) -> std::result::Result<Claim,
 }
 
 /// Tells the worker why it is refused (best effort) and gives the reason back for the log.
+///
+/// Closing a Unix socket with unread datagrams makes the peer's next receive fail with ECONNRESET
+/// before it reaches the refusal, so the worker would never learn why. Hence: no more input from the
+/// peer (SHUT_RD), and whatever it already sent (a hello not read yet) is discarded unread
+/// (MSG_TRUNC with no buffer: not a byte is copied; fds in it are closed by the kernel).
 pub fn refuse(channel: &OwnedFd, reason: String) -> String {
     let _ = send_message(channel.as_fd(), &Message::Refused { reason: reason.clone() }, None, true);
+    let _ = socket::shutdown(channel.as_raw_fd(), socket::Shutdown::Read);
+    for _ in 0..16 {
+        // SAFETY: a zero-length receive into no buffer on a socket this function borrows.
+        let discarded =
+            unsafe { libc::recv(channel.as_raw_fd(), std::ptr::null_mut(), 0, libc::MSG_TRUNC | libc::MSG_DONTWAIT) };
+        if discarded <= 0 {
+            break;
+        }
+    }
     reason
 }
