@@ -123,3 +123,30 @@ fn two_hosts_behind_haproxy_keep_every_session_and_see_real_clients() {
         );
     }
 }
+
+/// The YAML block under `sticky-cluster.yaml: |` in a Kubernetes ConfigMap (4-space indented).
+fn config_map_yaml(manifest: &str) -> String {
+    let start = manifest.find("sticky-cluster.yaml: |\n").expect("a ConfigMap with sticky-cluster.yaml");
+    manifest[start..]
+        .lines()
+        .skip(1)
+        .take_while(|line| line.starts_with("    ") || line.is_empty())
+        .map(|line| format!("{}\n", line.get(4..).unwrap_or("")))
+        .collect()
+}
+
+#[test]
+fn the_example_configurations_for_load_balancers_are_valid() {
+    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = std::fs::read_to_string(root.join("examples/kubernetes/load-balancer.yaml")).unwrap();
+    let from_manifest = dir.path().join("k8s.yaml");
+    std::fs::write(&from_manifest, config_map_yaml(&manifest)).unwrap();
+    for config in [root.join("examples/haproxy/sticky-cluster.yaml"), from_manifest] {
+        let output = Command::new(support::binary()).arg("--check").arg("--config").arg(&config).output().unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{}: {}", config.display(), String::from_utf8_lossy(&output.stderr));
+        assert!(stdout.contains("clientAddress: proxy-protocol\n"), "{stdout}");
+        assert!(!stdout.contains("trustedProxies: []"), "{stdout}");
+    }
+}
