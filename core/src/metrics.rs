@@ -33,6 +33,7 @@ pub fn render(
     closed: u64,
     revivals: u64,
     header_wait: &HeaderWaitGauge,
+    attach_handshakes: usize,
 ) -> String {
     let mut page = String::new();
     let mut family = |name: &str, kind: &str, help: &str, values: &mut dyn Iterator<Item = (Option<usize>, String)>| {
@@ -114,6 +115,12 @@ pub fn render(
         "Connections whose header did not come within headerWait.maxWait.",
         header_wait.timed_out.to_string(),
     );
+    single(
+        "sticky_cluster_attach_handshakes",
+        "gauge",
+        "Workers that dialed the attach socket and whose hello is awaited (at most 64 at once).",
+        attach_handshakes.to_string(),
+    );
     page
 }
 
@@ -192,7 +199,7 @@ mod tests {
         let workers =
             [WorkerGauge { routed: 5, queued: 0, ready: true }, WorkerGauge { routed: 0, queued: 3, ready: false }];
         let waits = HeaderWaitGauge { waiting: 3, limit: 1024, refused: 7, rejected: 2, timed_out: 1 };
-        let page = render(&workers, 2, 1, 4, &waits);
+        let page = render(&workers, 2, 1, 4, &waits, 5);
         assert!(page.contains("sticky_cluster_connections_routed_total{worker=\"0\"} 5\n"));
         assert!(page.contains("sticky_cluster_queue_depth{worker=\"1\"} 3\n"));
         assert!(page.contains("sticky_cluster_worker_ready{worker=\"1\"} 0\n"));
@@ -203,6 +210,7 @@ mod tests {
         assert!(page.contains("sticky_cluster_header_waiting 3\n"));
         assert!(page.contains("sticky_cluster_header_wait_refused_total 7\n"));
         assert!(page.contains("sticky_cluster_proxy_header_rejected_total 2\n"));
+        assert!(page.contains("sticky_cluster_attach_handshakes 5\n"));
     }
 
     #[tokio::test(flavor = "current_thread")]

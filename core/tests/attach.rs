@@ -258,7 +258,9 @@ fn a_symlink_or_a_live_masters_socket_is_never_replaced() {
 fn handshakes_are_bounded_and_silent_dialers_do_not_block_the_rest() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("workers.sock");
-    let cluster = Cluster::start(&attach_yaml(&socket, "\"0600\"", "[]"));
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let yaml = format!("{}metrics:\n  port: {metrics}\n", attach_yaml(&socket, "\"0600\"", "[]"));
+    let cluster = Cluster::start(&yaml);
     let silent: Vec<std::os::fd::OwnedFd> =
         (0..sticky_cluster::attach::HANDSHAKE_LIMIT).map(|_| socket_client(&socket)).collect();
     // Every slot is held by a dialer that says nothing: the next one is refused with the reason.
@@ -274,6 +276,9 @@ fn handshakes_are_bounded_and_silent_dialers_do_not_block_the_rest() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(refused.is_some(), "the 65th handshake is refused");
+    let page = support::http_text(std::net::SocketAddr::from(([127, 0, 0, 1], metrics)), "/metrics").unwrap();
+    let gauge = format!("sticky_cluster_attach_handshakes {}\n", sticky_cluster::attach::HANDSHAKE_LIMIT);
+    assert!(page.contains(&gauge), "{page}");
     cluster.wait_for_log("handshakes finish", LONG);
     drop(silent);
     // Each silent dialer's hang-up ends its handshake (logged as a refusal), freeing its slot.

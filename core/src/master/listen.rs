@@ -110,6 +110,7 @@ impl Master {
             self.stats.closed,
             self.stats.revivals,
             &header_wait,
+            self.handshakes.active(),
         );
         for (stream, _) in scrapes {
             self.scrapes.serve(stream, page.clone());
