@@ -267,7 +267,11 @@ async fn wait_for_header(
     let (client, strip) = match decision {
         Decision::Route { client, strip } => (client, strip),
         Decision::Reject(reason) => return Err(Failure { reason, rejected: true, timed_out: false }),
-        Decision::NeedMore { .. } => unreachable!("read_header returns only final decisions"),
+        // read_header returns only final decisions; should one slip through, the header is incomplete.
+        Decision::NeedMore { .. } => {
+            let reason = "incomplete header".to_string();
+            return Err(Failure { reason, rejected: proxy_protocol, timed_out: false });
+        }
     };
     let fd = stream.as_raw_fd();
     // The worker reads as usual again: one byte makes the socket readable.
