@@ -184,6 +184,12 @@ fn send_garbage(worker: &Worker, class: &str) -> Result<(), Box<dyn std::error::
     Ok(())
 }
 
+/// The stream's first line as JSON-safe text: tells a test whether a proxy header reached the worker.
+fn first_line(text: &str) -> String {
+    let line = text.split("\r\n").next().unwrap_or("");
+    line.chars().map(|c| if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' { c } else { '?' }).collect()
+}
+
 async fn answer(mut stream: TcpStream, peer: SocketAddr, facts: std::sync::Arc<Facts>) -> std::io::Result<()> {
     let accepted_ms = now_ms();
     let mut head = Vec::new();
@@ -201,14 +207,15 @@ async fn answer(mut stream: TcpStream, peer: SocketAddr, facts: std::sync::Arc<F
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let body = format!(
-        "{{\"worker\":{},\"pid\":{},\"remote\":\"{}\",\"ready_ms\":{},\"accepted_ms\":{},\"early\":{},\"echo\":\"{}\"}}",
+        "{{\"worker\":{},\"pid\":{},\"remote\":\"{}\",\"ready_ms\":{},\"accepted_ms\":{},\"early\":{},\"echo\":\"{}\",\"first_line\":\"{}\"}}",
         facts.index,
         std::process::id(),
         node_address_text(peer.ip()),
         facts.ready_ms,
         accepted_ms,
         facts.early,
-        facts.echo
+        facts.echo,
+        first_line(&text)
     );
     let response = format!(
         "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",

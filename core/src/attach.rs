@@ -1,12 +1,20 @@
 //! Attach mode: the Unix socket that workers in other containers dial, and the checks a dialing worker
-//! passes (peer uid by SO_PEERCRED, protocol version, a hello within a time limit) before it gets an index.
+//! passes (peer uid by SO_PEERCRED before a byte is read, protocol version, a hello in time, a bounded
+//! number of handshakes at once) before it gets an index.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
 use nix::sys::socket::{self, sockopt, AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+use nix::sys::stat::Mode;
 use tokio::io::unix::AsyncFd;
+use tracing::warn;
 
 use crate::config::AttachOptions;
 use crate::error::{Error, Result};
@@ -27,13 +35,26 @@ pub struct Claim {
     pub uid: u32,
 }
 
-/// Creates the attach socket: removes a stale socket file, binds, sets the mode, listens (non-blocking).
+/// Dialing workers whose hello is awaited at once; more are refused until some finish.
+pub const HANDSHAKE_LIMIT: usize = 64;
+
+/// Creates the attach socket: removes a stale socket file (never one a live master answers on), binds
+/// with the mode already on the socket, fixes the mode without following symlinks, listens (non-blocking).
 pub fn listen(options: &AttachOptions) -> Result<OwnedFd> {
     let path = &options.socket;
     let fail = |reason: String| Error::Attach { path: path.clone(), reason };
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(fail("exists and is not a socket; refusing to replace it".into()));
+        }
+        match probe(path) {
+            Ok(true) => {
+                return Err(fail(
+                    "another master is listening on this socket; stop it first or choose another path".into(),
+                ))
+            }
+            Ok(false) => {}
+            Err(errno) => return Err(fail(format!("cannot tell whether the socket is in use: {}", errno.desc()))),
         }
         std::fs::remove_file(path).map_err(|e| fail(format!("cannot remove the stale socket: {e}")))?;
     }
@@ -44,13 +65,66 @@ pub fn listen(options: &AttachOptions) -> Result<OwnedFd> {
         None,
     )
     .map_err(|e| fail(format!("socket: {e}")))?;
+    let mode = Mode::from_bits_truncate(options.mode);
+    // bind(2) gives the new file the socket inode's mode less the umask: with the mode set on the fd
+    // first, the path is never more open than asked, not even between bind and chmod.
+    nix::sys::stat::fchmod(&fd, mode).map_err(|e| fail(format!("fchmod {:04o}: {}", options.mode, e.desc())))?;
     let address = UnixAddr::new(path).map_err(|e| fail(e.to_string()))?;
     socket::bind(fd.as_raw_fd(), &address).map_err(|e| fail(format!("bind: {}", e.desc())))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(options.mode))
-        .map_err(|e| fail(format!("chmod {:04o}: {e}", options.mode)))?;
+    set_mode_exactly(path, options.mode).map_err(|reason| {
+        let _ = std::fs::remove_file(path);
+        fail(reason)
+    })?;
     socket::listen(&fd, Backlog::new(128).unwrap_or(Backlog::MAXCONN))
         .map_err(|e| fail(format!("listen: {}", e.desc())))?;
     Ok(fd)
+}
+
+/// Whether a master answers on the socket at `path`: a stale file refuses the connection.
+fn probe(path: &Path) -> std::result::Result<bool, Errno> {
+    let fd = socket::socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    let address = UnixAddr::new(path)?;
+    match socket::connect(fd.as_raw_fd(), &address) {
+        // EAGAIN: a listener whose backlog is full is still a live one.
+        Ok(()) | Err(Errno::EAGAIN) => Ok(true),
+        Err(Errno::ECONNREFUSED) => Ok(false),
+        Err(errno) => Err(errno),
+    }
+}
+
+/// Adds back what the umask took from the mode, on the file bind just made, without following a
+/// symlink: opened with O_PATH|O_NOFOLLOW and checked to be our socket, then changed through
+/// `/proc/self/fd`, which names that very inode (chmod(2) on the path could be sent elsewhere by a
+/// symlink swapped in meanwhile).
+fn set_mode_exactly(path: &Path, mode: u32) -> std::result::Result<(), String> {
+    let file = nix::fcntl::open(path, OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| format!("open the new socket file: {}", e.desc()))?;
+    let stat = nix::sys::stat::fstat(&file).map_err(|e| format!("fstat the new socket file: {}", e.desc()))?;
+    let is_socket = stat.st_mode & libc::S_IFMT == libc::S_IFSOCK;
+    if !is_socket || stat.st_uid != nix::unistd::geteuid().as_raw() {
+        return Err("the path was replaced right after bind; refusing to touch it".into());
+    }
+    if stat.st_mode & 0o7777 == mode {
+        return Ok(());
+    }
+    let by_fd = format!("/proc/self/fd/{}", file.as_raw_fd());
+    nix::sys::stat::fchmodat(
+        nix::fcntl::AT_FDCWD,
+        by_fd.as_str(),
+        Mode::from_bits_truncate(mode),
+        nix::sys::stat::FchmodatFlags::FollowSymlink,
+    )
+    .map_err(|e| format!("chmod {mode:04o} through {by_fd}: {}", e.desc()))?;
+    let after = std::fs::symlink_metadata(path).map_err(|e| format!("stat after chmod: {e}"))?;
+    if after.mode() & 0o7777 != mode {
+        return Err(format!("mode is {:04o} after chmod {mode:04o}", after.mode() & 0o7777));
+    }
+    Ok(())
 }
 
 /// Whether `uid` may attach: the master's own uid, root, or one listed in `allowUids`.
@@ -58,9 +132,64 @@ pub fn uid_allowed(options: &AttachOptions, uid: u32) -> bool {
     uid == 0 || uid == nix::unistd::geteuid().as_raw() || options.allow_uids.contains(&uid)
 }
 
-/// Checks a freshly accepted worker: its hello, then its uid. A refusal is sent to the worker and
-/// returned as the reason to log.
-pub async fn handshake(channel: OwnedFd, options: &AttachOptions) -> std::result::Result<Claim, String> {
+/// The peer's uid by SO_PEERCRED, if it may attach; else the refusal is sent and returned for the log.
+/// Called at accept, before a byte from the peer is read.
+pub fn check_peer(channel: &OwnedFd, options: &AttachOptions) -> std::result::Result<u32, String> {
+    let credentials =
+        socket::getsockopt(channel, sockopt::PeerCredentials).map_err(|e| format!("SO_PEERCRED: {}", e.desc()))?;
+    let uid = credentials.uid();
+    if !uid_allowed(options, uid) {
+        return Err(refuse(channel, format!("uid {uid} (pid {}) is not in allowUids", credentials.pid())));
+    }
+    Ok(uid)
+}
+
+/// The handshakes under way, at most [`HANDSHAKE_LIMIT`] at once.
+#[derive(Debug, Default)]
+pub struct Handshakes {
+    active: Arc<AtomicUsize>,
+    logged: Arc<AtomicBool>,
+}
+
+impl Handshakes {
+    /// Checks a worker that just dialed: its uid at once, then its hello on a task; `done` gets the
+    /// claim of one that passed. Refusals are sent to the worker and logged. Needs a tokio runtime.
+    pub fn start(&self, channel: OwnedFd, options: &AttachOptions, done: impl FnOnce(Claim) + Send + 'static) {
+        let socket = options.socket.display().to_string();
+        let uid = match check_peer(&channel, options) {
+            Ok(uid) => uid,
+            Err(reason) => return warn!("refused a worker on {socket}: {reason}"),
+        };
+        if self.active.fetch_add(1, Ordering::SeqCst) >= HANDSHAKE_LIMIT {
+            self.active.fetch_sub(1, Ordering::SeqCst);
+            let reason = refuse(&channel, format!("{HANDSHAKE_LIMIT} other workers are attaching; try again"));
+            if !self.logged.swap(true, Ordering::SeqCst) {
+                warn!("refusing workers on {socket} until some of the {HANDSHAKE_LIMIT} handshakes finish: {reason}");
+            }
+            return;
+        }
+        let (active, logged) = (self.active.clone(), self.logged.clone());
+        tokio::spawn(async move {
+            let outcome = handshake(channel, uid).await;
+            if active.fetch_sub(1, Ordering::SeqCst) == 1 {
+                logged.store(false, Ordering::SeqCst);
+            }
+            match outcome {
+                Ok(claim) => done(claim),
+                Err(reason) => warn!("refused a worker on {socket}: {reason}"),
+            }
+        });
+    }
+
+    /// Handshakes under way now.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::SeqCst)
+    }
+}
+
+/// Waits for the hello of a worker whose uid passed. A refusal is sent to the worker and returned as
+/// the reason to log.
+pub async fn handshake(channel: OwnedFd, uid: u32) -> std::result::Result<Claim, String> {
     // SAFETY: the AsyncFd borrows the number only while `channel` is alive in this function.
     let waiter = unsafe { AsyncFd::register_with_interest(channel.as_raw_fd(), tokio::io::Interest::READABLE) }
         .map_err(|e| format!("register: {e}"))?;
@@ -70,6 +199,7 @@ pub async fn handshake(channel: OwnedFd, options: &AttachOptions) -> std::result
             match recv_message(channel.as_fd(), true) {
                 Err(Error::WouldBlock) => guard.clear_ready(),
                 Ok(received) => return Ok(received.message),
+                Err(Error::ChannelClosed) => return Err("hung up before its hello".to_string()),
                 Err(error) => return Err(error.to_string()),
             }
         }
@@ -79,23 +209,27 @@ pub async fn handshake(channel: OwnedFd, options: &AttachOptions) -> std::result
     match hello {
         Err(_) => Err(refuse(&channel, format!("no hello within {HELLO_TIMEOUT:?}"))),
         Ok(Err(reason)) => Err(refuse(&channel, reason)),
-        Ok(Ok(Message::Hello { index, pid })) => {
-            // Checked after the hello is read: a refusal then reaches the worker as the answer to it,
-            // instead of a reset that would hide the reason.
-            let credentials =
-                socket::getsockopt(&channel, sockopt::PeerCredentials).map_err(|e| format!("SO_PEERCRED: {e}"))?;
-            let uid = credentials.uid();
-            if !uid_allowed(options, uid) {
-                return Err(refuse(&channel, format!("uid {uid} (pid {}) is not in allowUids", credentials.pid())));
-            }
-            Ok(Claim { channel, index, pid, uid })
-        }
+        Ok(Ok(Message::Hello { index, pid })) => Ok(Claim { channel, index, pid, uid }),
         Ok(Ok(other)) => Err(refuse(&channel, format!("expected hello, got {other:?}"))),
     }
 }
 
 /// Tells the worker why it is refused (best effort) and gives the reason back for the log.
+///
+/// Closing a Unix socket with unread datagrams makes the peer's next receive fail with ECONNRESET
+/// before it reaches the refusal, so the worker would never learn why. Hence: no more input from the
+/// peer (SHUT_RD), and whatever it already sent (a hello not read yet) is discarded unread
+/// (MSG_TRUNC with no buffer: not a byte is copied; fds in it are closed by the kernel).
 pub fn refuse(channel: &OwnedFd, reason: String) -> String {
     let _ = send_message(channel.as_fd(), &Message::Refused { reason: reason.clone() }, None, true);
+    let _ = socket::shutdown(channel.as_raw_fd(), socket::Shutdown::Read);
+    for _ in 0..16 {
+        // SAFETY: a zero-length receive into no buffer on a socket this function borrows.
+        let discarded =
+            unsafe { libc::recv(channel.as_raw_fd(), std::ptr::null_mut(), 0, libc::MSG_TRUNC | libc::MSG_DONTWAIT) };
+        if discarded <= 0 {
+            break;
+        }
+    }
     reason
 }

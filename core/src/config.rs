@@ -10,7 +10,9 @@ use std::time::Duration;
 use serde::de::{self, Deserializer};
 use serde::Deserialize;
 
-use crate::client_address::ClientAddressSource;
+use crate::client_address::{
+    Cidr, ClientAddressSource, TrustedProxies, DEFAULT_HEADER_WAIT, DEFAULT_HEADER_WAIT_LIMIT,
+};
 use crate::error::Error;
 
 type Result<T, E = Error> = std::result::Result<T, E>;
@@ -42,6 +44,12 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// Where the routing hash takes the client address from (the TCP peer unless behind a proxy).
     pub client_address: ClientAddressSource,
+    /// Peers whose PROXY or `X-Forwarded-For` headers are believed; required unless `client_address` is peer.
+    pub trusted_proxies: TrustedProxies,
+    /// Connections from trusted proxies that may wait for their header at once (`headerWait.limit`).
+    pub header_wait_limit: usize,
+    /// How long one may take to send it (`headerWait.maxWait`).
+    pub header_wait_max_wait: Duration,
 }
 
 /// How the master gets its workers.
@@ -85,6 +93,9 @@ impl Default for Config {
             queue_max_wait: Duration::from_secs(10),
             metrics: None,
             client_address: ClientAddressSource::Peer,
+            trusted_proxies: TrustedProxies::default(),
+            header_wait_limit: DEFAULT_HEADER_WAIT_LIMIT,
+            header_wait_max_wait: DEFAULT_HEADER_WAIT,
         }
     }
 }
@@ -105,6 +116,25 @@ struct FileConfig {
     queue: Option<QueueSection>,
     metrics: Option<MetricsSection>,
     client_address: Option<ClientAddressSource>,
+    trusted_proxies: Option<Vec<CidrText>>,
+    header_wait: Option<HeaderWaitSection>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct HeaderWaitSection {
+    limit: Option<Concurrency>,
+    max_wait: Option<Millis>,
+}
+
+/// One `trustedProxies` entry: an address or a CIDR block.
+#[derive(Debug, Clone, Copy)]
+struct CidrText(Cidr);
+
+impl<'de> Deserialize<'de> for CidrText {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        scalar_with(deserializer, "an address block such as 10.0.0.0/8", |text| text.parse().map(CidrText))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -242,18 +272,40 @@ impl<'de> Deserialize<'de> for EnvValue {
     }
 }
 
-/// A Unix file mode written as octal text (`"0660"`) or as an integer.
+/// A Unix file mode, read as the octal it says: `0o660`, `0660` and `"0660"` all mean 0660.
 #[derive(Debug, Clone, Copy)]
 struct FileMode(u32);
 
 impl<'de> Deserialize<'de> for FileMode {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        scalar_with(deserializer, "an octal file mode such as \"0660\"", |text| {
-            match u32::from_str_radix(text.trim_start_matches("0o"), 8) {
-                Ok(mode) if mode <= 0o777 => Ok(FileMode(mode)),
-                _ => Err(format!("{text:?} is not an octal file mode such as \"0660\"")),
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = FileMode;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an octal file mode such as \"0660\"")
             }
-        })
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<FileMode, E> {
+                parse_file_mode(text).map(FileMode).map_err(E::custom)
+            }
+        }
+        // As text, the scalar exactly as written: a YAML integer would have lost `0o660` (read as 432)
+        // or a decimal `660` would pass for a mode.
+        deserializer.deserialize_str(Visitor)
+    }
+}
+
+/// `0o660`, `0660` (a leading zero marks octal, as chmod reads it) up to 0777; anything else is refused.
+pub fn parse_file_mode(text: &str) -> std::result::Result<u32, String> {
+    let bad = || format!("{text:?} is not an octal file mode: write it as \"0660\" or 0o660");
+    let digits = text.strip_prefix("0o").or_else(|| text.strip_prefix('0').filter(|rest| !rest.is_empty()));
+    match digits {
+        Some(digits) if !digits.is_empty() && digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) => {
+            match u32::from_str_radix(digits, 8) {
+                Ok(mode) if mode <= 0o777 => Ok(mode),
+                _ => Err(format!("{text:?} is more than 0777 (setuid, setgid and sticky bits are not allowed)")),
+            }
+        }
+        _ => Err(bad()),
     }
 }
 
@@ -289,6 +341,8 @@ pub struct Overrides {
     pub hard_shutdown_delay: Option<Duration>,
     /// The worker command after `--`.
     pub command: Vec<String>,
+    /// `--trusted-proxy` (repeatable): replaces the file's `trustedProxies` when given.
+    pub trusted_proxies: Vec<Cidr>,
 }
 
 impl Config {
@@ -324,6 +378,7 @@ impl Config {
             }
         };
         let queue = file.queue.unwrap_or_default();
+        let header_wait = file.header_wait.unwrap_or_default();
         Ok(Config {
             port: file.port.unwrap_or(defaults.port),
             host: file.host.unwrap_or(defaults.host),
@@ -336,6 +391,11 @@ impl Config {
             queue_limit: queue.limit.map_or(defaults.queue_limit, |l| l.0 as usize),
             queue_max_wait: queue.max_wait.map_or(defaults.queue_max_wait, |m| m.0),
             client_address: file.client_address.unwrap_or_default(),
+            trusted_proxies: TrustedProxies(
+                file.trusted_proxies.unwrap_or_default().into_iter().map(|c| c.0).collect(),
+            ),
+            header_wait_limit: header_wait.limit.map_or(defaults.header_wait_limit, |l| l.0 as usize),
+            header_wait_max_wait: header_wait.max_wait.map_or(defaults.header_wait_max_wait, |m| m.0),
             metrics: file.metrics.map(|m| SocketAddr::new(m.host.unwrap_or(IpAddr::from([127, 0, 0, 1])), m.port)),
         })
     }
@@ -368,6 +428,19 @@ impl Config {
                     )))
                 }
             }
+        }
+        if !overrides.trusted_proxies.is_empty() {
+            self.trusted_proxies = TrustedProxies(overrides.trusted_proxies);
+        }
+        if self.client_address != ClientAddressSource::Peer && self.trusted_proxies.0.is_empty() {
+            return Err(Error::Config(format!(
+                "{origin}: trustedProxies is required when clientAddress is {}: list the proxies' addresses \
+                 (CIDRs such as 10.0.0.0/8), or 0.0.0.0/0 and ::/0 when every peer is a proxy",
+                self.client_address.as_str()
+            )));
+        }
+        if self.header_wait_max_wait.is_zero() {
+            return Err(Error::Config(format!("{origin}: headerWait.maxWait must be more than 0")));
         }
         if let WorkerSource::Spawn { command, .. } = &self.workers {
             if command.is_empty() {
@@ -435,12 +508,14 @@ impl Config {
             }
         }
         out += &format!("queue:\n  limit: {}\n  maxWait: {}\n", self.queue_limit, self.queue_max_wait.as_millis());
-        let source = match self.client_address {
-            ClientAddressSource::Peer => "peer",
-            ClientAddressSource::ProxyProtocol => "proxy-protocol",
-            ClientAddressSource::XForwardedFor => "x-forwarded-for",
-        };
-        out += &format!("clientAddress: {source}\n");
+        out += &format!("clientAddress: {}\n", self.client_address.as_str());
+        let proxies: Vec<String> = self.trusted_proxies.0.iter().map(|c| quote(&c.to_string())).collect();
+        out += &format!("trustedProxies: [{}]\n", proxies.join(", "));
+        out += &format!(
+            "headerWait:\n  limit: {}\n  maxWait: {}\n",
+            self.header_wait_limit,
+            self.header_wait_max_wait.as_millis()
+        );
         if let Some(metrics) = self.metrics {
             out += &format!("metrics:\n  host: {}\n  port: {}\n", quote(&metrics.ip().to_string()), metrics.port());
         }
@@ -553,6 +628,52 @@ mod tests {
             })
         );
         assert!(error_of("workers:\n  socket: /x\n  mode: rw\n").contains("mode"));
+    }
+
+    #[test]
+    fn the_socket_mode_is_the_octal_it_says_or_refused() {
+        let mode_of = |text: &str| match Config::from_yaml(&format!("workers:\n  socket: /x\n  mode: {text}\n"), "f") {
+            Ok(Config { workers: WorkerSource::Attach(attach), .. }) => Ok(attach.mode),
+            Ok(_) => panic!("attach mode expected"),
+            Err(error) => Err(error.to_string()),
+        };
+        for text in ["0o660", "0660", "\"0660\"", "'0o660'"] {
+            assert_eq!(mode_of(text), Ok(0o660), "{text}");
+        }
+        assert_eq!(mode_of("0o600"), Ok(0o600));
+        assert_eq!(mode_of("\"0000\""), Ok(0));
+        for text in ["660", "432", "0x1b0", "\"\"", "0o", "0o1777", "04755", "0668", "-0660", "6.6"] {
+            let error = mode_of(text).unwrap_err();
+            assert!(error.starts_with("f:3: workers.mode: "), "{text}: {error}");
+        }
+        assert!(mode_of("660").unwrap_err().contains("write it as \"0660\" or 0o660"));
+    }
+
+    #[test]
+    fn trusted_proxies_are_required_behind_a_proxy_and_checked() {
+        let needs = |yaml: &str| Config::from_yaml(yaml, "c.yaml").unwrap().apply(command(), "c.yaml");
+        let error = needs("clientAddress: proxy-protocol\n").unwrap_err().to_string();
+        assert!(
+            error.starts_with("c.yaml: trustedProxies is required when clientAddress is proxy-protocol"),
+            "{error}"
+        );
+        assert!(needs("clientAddress: x-forwarded-for\n").unwrap_err().to_string().contains("trustedProxies"));
+        let config =
+            needs("clientAddress: proxy-protocol\ntrustedProxies: [10.0.0.0/8, '2001:db8::/32', 192.0.2.7]\n").unwrap();
+        assert_eq!(config.trusted_proxies.0.len(), 3);
+        assert!(config.trusted_proxies.contains("::ffff:10.9.8.7".parse().unwrap()));
+        // The flag replaces the file's list and satisfies the requirement.
+        let overrides = Overrides { trusted_proxies: vec!["127.0.0.1".parse().unwrap()], ..command() };
+        let config = Config::from_yaml("clientAddress: proxy-protocol\n", "c.yaml").unwrap().apply(overrides, "c.yaml");
+        assert_eq!(config.unwrap().trusted_proxies.0, vec!["127.0.0.1/32".parse::<Cidr>().unwrap()]);
+        let bad = error_of("trustedProxies:\n  - 10.0.0.0/8\n  - 10.1.2.3/16\n");
+        assert!(bad.starts_with("cluster.yaml:3: trustedProxies[1]: \"10.1.2.3/16\" has host bits set"), "{bad}");
+        assert!(error_of("trustedProxies: [nowhere]\n").contains("not an address block"));
+        assert!(error_of("headerWait:\n  limit: 0\n").contains("headerWait.limit: must be at least 1"));
+    }
+
+    fn command() -> Overrides {
+        Overrides { command: vec!["./w".into()], ..Overrides::default() }
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use sticky_cluster::client_address::Cidr;
 use sticky_cluster::config::{parse_duration, Config, Overrides};
 use sticky_cluster::master::{self, Stop};
 use sticky_cluster::Error;
@@ -43,6 +44,10 @@ struct Cli {
     /// Graceful shutdown limit: milliseconds or a duration such as `60s`.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     hard_shutdown_delay: Option<Duration>,
+    /// A proxy whose PROXY or X-Forwarded-For headers are believed: an address or CIDR block such as
+    /// `10.0.0.0/8`; repeat it for several. Replaces the file's `trustedProxies`.
+    #[arg(long = "trusted-proxy", value_name = "CIDR", value_parser = parse_cidr)]
+    trusted_proxies: Vec<Cidr>,
     /// Validate the configuration, print the effective one, and exit.
     #[arg(long)]
     check: bool,
@@ -83,6 +88,10 @@ fn main() -> ExitCode {
     }
 }
 
+fn parse_cidr(text: &str) -> Result<Cidr, String> {
+    text.parse()
+}
+
 /// Re-reads the configuration for SIGHUP; a bad file is logged as one line and changes nothing.
 fn reload(cli: &Cli) -> Option<Config> {
     if cli.config.is_none() {
@@ -113,6 +122,7 @@ fn load(cli: &Cli) -> sticky_cluster::Result<(Config, String)> {
         debug: cli.debug,
         hard_shutdown_delay: cli.hard_shutdown_delay,
         command: cli.command.clone(),
+        trusted_proxies: cli.trusted_proxies.clone(),
     };
     Ok((config.apply(overrides, &origin)?, origin))
 }

@@ -191,3 +191,148 @@ fn a_killed_attached_worker_loses_nothing_that_waited_in_its_channel() {
     assert!(served >= 99, "{served} of 100 answered:\n{}", cluster.log().join("\n"));
     assert!(by_successor >= 50, "the next attached worker served what the dead one left ({by_successor})");
 }
+
+fn attach_yaml(socket: &Path, mode: &str, allow_uids: &str) -> String {
+    format!(
+        "concurrency: 2\ndebug: true\nhardShutdownDelay: 5s\nworkers:\n  socket: {:?}\n  mode: {mode}\n  allowUids: {allow_uids}\n",
+        socket.display().to_string()
+    )
+}
+
+#[test]
+fn the_socket_gets_exactly_its_octal_mode_whatever_the_umask() {
+    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    for (written, expected) in [("0o660", 0o660), ("0660", 0o660), ("\"0640\"", 0o640)] {
+        let socket = dir.path().join(format!("m{expected:o}.sock"));
+        let cluster = Cluster::start_with(&attach_yaml(&socket, written, "[]"), |command| {
+            // SAFETY: umask is async-signal-safe; the child runs nothing else before exec.
+            unsafe {
+                command.pre_exec(|| {
+                    libc::umask(0o077);
+                    Ok(())
+                });
+            }
+        });
+        let mode = std::fs::symlink_metadata(&socket).unwrap().mode() & 0o7777;
+        assert_eq!(mode, expected, "{written} under umask 077 gives {mode:04o}");
+        drop(cluster);
+    }
+}
+
+#[test]
+fn a_symlink_or_a_live_masters_socket_is_never_replaced() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    // A symlink where the socket should be: refused, and its target keeps its mode.
+    let target = dir.path().join("precious");
+    std::fs::write(&target, "data").unwrap();
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let link = dir.path().join("link.sock");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let mut refused = Cluster::spawn(&attach_yaml(&link, "\"0666\"", "[]"), |_| {});
+    assert_eq!(refused.wait_exit(LONG).unwrap().code(), Some(1));
+    refused.wait_for_log("exists and is not a socket", LONG);
+    assert_eq!(std::fs::metadata(&target).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+
+    // A second master on a live master's socket: refused, and the first keeps serving attaches.
+    let socket = dir.path().join("live.sock");
+    let first = Cluster::start(&attach_yaml(&socket, "\"0600\"", "[]"));
+    let mut second = Cluster::spawn(&attach_yaml(&socket, "\"0600\"", "[]"), |_| {});
+    assert_eq!(second.wait_exit(LONG).unwrap().code(), Some(1));
+    second.wait_for_log("another master is listening on this socket", LONG);
+    let _workers: Vec<Attached> = (0..2).map(|i| attach_worker(&socket, Some(i))).collect();
+    first.wait_all_ready(2);
+
+    // A stale socket file (its master gone) is replaced.
+    drop((first, _workers));
+    assert!(socket.exists(), "a killed master leaves its socket file behind");
+    let again = Cluster::start(&attach_yaml(&socket, "\"0600\"", "[]"));
+    let _workers: Vec<Attached> = (0..2).map(|i| attach_worker(&socket, Some(i))).collect();
+    again.wait_all_ready(2);
+}
+
+#[test]
+fn handshakes_are_bounded_and_silent_dialers_do_not_block_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("workers.sock");
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let yaml = format!("{}metrics:\n  port: {metrics}\n", attach_yaml(&socket, "\"0600\"", "[]"));
+    let cluster = Cluster::start(&yaml);
+    let silent: Vec<std::os::fd::OwnedFd> =
+        (0..sticky_cluster::attach::HANDSHAKE_LIMIT).map(|_| socket_client(&socket)).collect();
+    // Every slot is held by a dialer that says nothing: the next one is refused with the reason.
+    let mut refused = None;
+    for _ in 0..50 {
+        let output = Command::new(support::test_worker()).env("STICKY_CLUSTER_SOCKET", &socket).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        if stderr.contains("other workers are attaching") {
+            refused = Some(stderr);
+            break;
+        }
+        // The master may not have accepted every silent dialer yet.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(refused.is_some(), "the 65th handshake is refused");
+    let page = support::http_text(std::net::SocketAddr::from(([127, 0, 0, 1], metrics)), "/metrics").unwrap();
+    let gauge = format!("sticky_cluster_attach_handshakes {}\n", sticky_cluster::attach::HANDSHAKE_LIMIT);
+    assert!(page.contains(&gauge), "{page}");
+    cluster.wait_for_log("handshakes finish", LONG);
+    drop(silent);
+    // Each silent dialer's hang-up ends its handshake (logged as a refusal), freeing its slot.
+    cluster.wait_for_log_count("refused a worker on", sticky_cluster::attach::HANDSHAKE_LIMIT, LONG);
+    let _workers: Vec<Attached> = (0..2).map(|i| attach_worker(&socket, Some(i))).collect();
+    cluster.wait_all_ready(2);
+}
+
+#[test]
+fn allow_uids_changes_apply_on_sighup() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("allow_uids_changes_apply_on_sighup needs root to run a worker as another uid; checked in CI");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = dir.path().join("workers.sock");
+    let worker = dir.path().join("test-worker");
+    std::fs::copy(support::test_worker(), &worker).unwrap();
+    let cluster = Cluster::start(&attach_yaml(&socket, "\"0666\"", "[]"));
+    let as_nobody = || {
+        let mut command = Command::new(&worker);
+        command.env("STICKY_CLUSTER_SOCKET", &socket).uid(65534).gid(65534);
+        command
+    };
+    // Refused at accept, before the hello is read, yet the worker always learns why (20 tries: the
+    // hello may or may not be queued when the master closes).
+    for _ in 0..20 {
+        let output = as_nobody().output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("uid 65534") && stderr.contains("not in allowUids"), "refused: {stderr}");
+    }
+    cluster.rewrite_config(&attach_yaml(&socket, "\"0666\"", "[65534]"));
+    cluster.signal(Signal::SIGHUP);
+    cluster.wait_for_log("allowUids is now [65534]", LONG);
+    let _nobody = Attached(as_nobody().stdin(Stdio::null()).spawn().unwrap());
+    cluster.wait_for_log("attached (pid", LONG);
+    let line = cluster.wait_for_log("uid 65534)", LONG);
+    assert!(line.contains("attached"), "{line}");
+}
+
+#[test]
+fn check_prints_the_mode_as_written_in_octal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cluster.yaml");
+    for (written, printed) in [("0o660", "\"0660\""), ("0660", "\"0660\""), ("\"0640\"", "\"0640\"")] {
+        std::fs::write(&path, format!("workers:\n  socket: /run/x.sock\n  mode: {written}\n")).unwrap();
+        let output = Command::new(support::binary()).arg("--check").arg("--config").arg(&path).output().unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(stdout.contains(&format!("  mode: {printed}\n")), "{written}: {stdout}");
+    }
+    std::fs::write(&path, "workers:\n  socket: /run/x.sock\n  mode: 660\n").unwrap();
+    let output = Command::new(support::binary()).arg("--check").arg("--config").arg(&path).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("workers.mode: \"660\" is not an octal file mode"));
+}

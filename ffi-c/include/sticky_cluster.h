@@ -163,6 +163,17 @@ typedef struct sticky_options {
      * (YAML `queue.maxWait`). Default 10000.
      */
     uint64_t queue_max_wait_ms;
+    /**
+     * Where the routing hash takes the client address from (YAML `clientAddress`): "peer" (the
+     * default; NULL means the same), "proxy-protocol" or "x-forwarded-for".
+     */
+    const char *client_address;
+    /**
+     * Proxies whose headers are believed (YAML `trustedProxies`): a NULL-terminated array of addresses
+     * or CIDR blocks such as "10.0.0.0/8", or NULL for none. Required when `client_address` is not
+     * "peer". Default NULL.
+     */
+    const char *const *trusted_proxies;
 } sticky_options;
 
 /**

@@ -7,6 +7,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use sticky_cluster::client_address::{Cidr, ClientAddressSource, TrustedProxies};
 use sticky_cluster::config::{Config, Overrides, WorkerSource};
 use sticky_cluster::master::{self, Stop};
 use sticky_cluster::worker::{ENV_CHANNEL_FD, ENV_SOCKET};
@@ -52,6 +53,13 @@ pub struct sticky_options {
     /// Milliseconds a connection may wait for its worker before it goes to the next ready one
     /// (YAML `queue.maxWait`). Default 10000.
     pub queue_max_wait_ms: u64,
+    /// Where the routing hash takes the client address from (YAML `clientAddress`): "peer" (the
+    /// default; NULL means the same), "proxy-protocol" or "x-forwarded-for".
+    pub client_address: *const c_char,
+    /// Proxies whose headers are believed (YAML `trustedProxies`): a NULL-terminated array of addresses
+    /// or CIDR blocks such as "10.0.0.0/8", or NULL for none. Required when `client_address` is not
+    /// "peer". Default NULL.
+    pub trusted_proxies: *const *const c_char,
 }
 
 /// The worker entry point `sticky_run` calls in each worker process.
@@ -85,6 +93,8 @@ pub unsafe extern "C" fn sticky_options_init(opts: *mut sticky_options) {
             worker_cwd: std::ptr::null(),
             queue_limit: u32::try_from(defaults.queue_limit).unwrap_or(u32::MAX),
             queue_max_wait_ms: millis(defaults.queue_max_wait),
+            client_address: c"peer".as_ptr(),
+            trusted_proxies: std::ptr::null(),
         };
         Ok(STICKY_OK)
     });
@@ -343,6 +353,20 @@ unsafe fn config_from_options(opts: &sticky_options) -> Result<Config, Failure> 
     } else {
         Some(PathBuf::from(utf8_argument(opts.worker_cwd, &format!("{ORIGIN}.worker_cwd"))?))
     };
+    let client_address = match opts.client_address.is_null() {
+        true => ClientAddressSource::Peer,
+        false => utf8_argument(opts.client_address, &format!("{ORIGIN}.client_address"))?
+            .parse()
+            .map_err(|reason| config_failure(format!("{ORIGIN}.client_address: {reason}")))?,
+    };
+    let mut trusted_proxies = Vec::new();
+    for (position, text) in string_array(opts.trusted_proxies, &format!("{ORIGIN}.trusted_proxies"))?.iter().enumerate()
+    {
+        let cidr = text
+            .parse::<Cidr>()
+            .map_err(|reason| config_failure(format!("{ORIGIN}.trusted_proxies[{position}]: {reason}")))?;
+        trusted_proxies.push(cidr);
+    }
     let config = Config {
         port: opts.port,
         host: text_or(opts.host, "host", defaults.host)?,
@@ -354,7 +378,9 @@ unsafe fn config_from_options(opts: &sticky_options) -> Result<Config, Failure> 
         workers: WorkerSource::Spawn { command, cwd },
         queue_limit: opts.queue_limit as usize,
         queue_max_wait: Duration::from_millis(opts.queue_max_wait_ms),
-        // Options the C struct leaves to the YAML file (sticky_run_config): metrics, clientAddress.
+        client_address,
+        trusted_proxies: TrustedProxies(trusted_proxies),
+        // Options the C struct leaves to the YAML file (sticky_run_config): metrics, headerWait.
         ..defaults
     };
     Ok(config.apply(Overrides::default(), ORIGIN)?)
@@ -403,6 +429,30 @@ mod tests {
         // SAFETY: as above.
         let config = unsafe { config_from_options(&opts) }.unwrap();
         assert_eq!(config.env["ROLE"], "web-{index}");
+    }
+
+    #[test]
+    fn client_address_needs_trusted_proxies_and_checks_them() {
+        let opts = sticky_options { client_address: c"proxy-protocol".as_ptr(), ..defaults() };
+        // SAFETY: static strings, NULL arrays.
+        let failure = unsafe { config_from_options(&opts) }.unwrap_err();
+        assert_eq!(failure.code, STICKY_ECONFIG);
+        assert!(failure.message.contains("trustedProxies is required"), "{}", failure.message);
+        let proxies = [c"10.0.0.0/8".as_ptr(), c"2001:db8::/32".as_ptr(), std::ptr::null()];
+        let opts = sticky_options { trusted_proxies: proxies.as_ptr(), ..opts };
+        // SAFETY: a NULL-terminated array of static strings.
+        let config = unsafe { config_from_options(&opts) }.unwrap();
+        assert_eq!(config.client_address, ClientAddressSource::ProxyProtocol);
+        assert!(config.trusted_proxies.contains("::ffff:10.1.2.3".parse().unwrap()));
+        let bad = [c"10.1.2.3/8".as_ptr(), std::ptr::null()];
+        let opts = sticky_options { trusted_proxies: bad.as_ptr(), ..opts };
+        // SAFETY: as above.
+        let failure = unsafe { config_from_options(&opts) }.unwrap_err();
+        assert!(failure.message.starts_with("sticky_options.trusted_proxies[0]: "), "{}", failure.message);
+        let opts = sticky_options { client_address: c"nginx".as_ptr(), ..defaults() };
+        // SAFETY: as above.
+        let failure = unsafe { config_from_options(&opts) }.unwrap_err();
+        assert!(failure.message.starts_with("sticky_options.client_address: \"nginx\" is not one of"));
     }
 
     #[test]

@@ -8,6 +8,7 @@ use napi::bindgen_prelude::{Either, Unknown};
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::Status;
 use napi_derive::napi;
+use sticky_cluster::client_address::{Cidr, ClientAddressSource, TrustedProxies};
 use sticky_cluster::config::Overrides;
 use sticky_cluster::master::{self, Stop};
 use sticky_cluster::{Config, Error, WorkerSource};
@@ -32,6 +33,11 @@ pub struct ClusterOptions {
     pub command: Vec<String>,
     /// Extra environment for every worker (`{index}` in a value becomes the worker's index).
     pub env: HashMap<String, String>,
+    /// Where the routing hash takes the client address from: `peer` (default), `proxy-protocol` or
+    /// `x-forwarded-for`.
+    pub client_address: Option<String>,
+    /// Proxies whose headers are believed: addresses or CIDR blocks; required unless `clientAddress` is `peer`.
+    pub trusted_proxies: Option<Vec<String>>,
 }
 
 /// Why the listener could not be opened: the OS error number and the address, for a Node-style Error.
@@ -176,6 +182,15 @@ fn config_from(options: ClusterOptions) -> napi::Result<Config> {
     if !(delay.is_finite() && delay >= 0.0) {
         return Err(invalid(format!("hardShutdownDelay: must be a number of milliseconds >= 0, got {delay}")));
     }
+    let client_address = match options.client_address.as_deref() {
+        None => ClientAddressSource::Peer,
+        Some(text) => text.parse().map_err(|reason| invalid(format!("clientAddress: {reason}")))?,
+    };
+    let mut trusted_proxies = Vec::new();
+    for (position, text) in options.trusted_proxies.unwrap_or_default().iter().enumerate() {
+        let cidr: Cidr = text.parse().map_err(|reason| invalid(format!("trustedProxies[{position}]: {reason}")))?;
+        trusted_proxies.push(cidr);
+    }
     let config = Config {
         port,
         host: options.host,
@@ -185,6 +200,8 @@ fn config_from(options: ClusterOptions) -> napi::Result<Config> {
         hard_shutdown_delay: Duration::from_millis(delay as u64),
         env: options.env.into_iter().collect::<BTreeMap<_, _>>(),
         workers: WorkerSource::Spawn { command: options.command, cwd: None },
+        client_address,
+        trusted_proxies: TrustedProxies(trusted_proxies),
         ..Config::default()
     };
     config.apply(Overrides::default(), "sticky-cluster-native options").map_err(|e| invalid(e.to_string()))

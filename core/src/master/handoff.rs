@@ -1,14 +1,11 @@
 //! Userspace routing: route each accepted connection to its worker index, then deliver it,
 //! queue it for a worker that is not ready, redirect it, or expire it after queue.maxWait.
 
-use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::time::Instant;
 
-use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, warn};
 
-use crate::client_address::ClientAddressSource;
 use crate::hash::{node_address_text, route_index};
 
 use super::*;
@@ -96,29 +93,6 @@ impl Master {
             for handoff in due {
                 self.redirect(index, handoff, "it was not ready within queue.maxWait");
             }
-        }
-    }
-}
-
-/// Reads the client address from the connection's first bytes without consuming them, then hands the
-/// connection back to the event loop for routing. On any trouble it routes by the TCP peer.
-pub(super) async fn identify_client(handoff: Handoff, source: ClientAddressSource, events: UnboundedSender<Event>) {
-    let Handoff { stream, peer, local, arrived } = handoff;
-    let peeked = async {
-        stream.set_nonblocking(true)?;
-        let stream = tokio::net::TcpStream::from_std(stream)?;
-        let client = crate::client_address::identify(&stream, source, peer).await;
-        let stream = stream.into_std()?;
-        // Workers get connections in blocking mode, as accept(2) gives them.
-        stream.set_nonblocking(false)?;
-        Ok::<_, io::Error>((stream, client))
-    };
-    match peeked.await {
-        Ok((stream, client)) => {
-            let _ = events.send(Event::Identified(Handoff { stream, peer: client, local, arrived }));
-        }
-        Err(error) => {
-            let _ = events.send(Event::Unidentified { peer, error });
         }
     }
 }

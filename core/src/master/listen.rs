@@ -9,7 +9,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::time::Instant as TokioInstant;
 use tracing::{info, warn};
 
-use crate::client_address::ClientAddressSource;
+use crate::client_address::header_wait::{Admission, Identified};
 use crate::config::Config;
 use crate::error::{Error, Result};
 
@@ -103,9 +103,17 @@ impl Master {
                 ready: slot.state == SlotState::Ready,
             })
             .collect();
-        let page = crate::metrics::render(&workers, self.stats.redirected, self.stats.closed, self.stats.revivals);
+        let header_wait = self.header_wait.gauge();
+        let page = crate::metrics::render(
+            &workers,
+            self.stats.redirected,
+            self.stats.closed,
+            self.stats.revivals,
+            &header_wait,
+            self.handshakes.active(),
+        );
         for (stream, _) in scrapes {
-            tokio::spawn(crate::metrics::serve(stream, page.clone()));
+            self.scrapes.serve(stream, page.clone());
         }
     }
 
@@ -113,14 +121,27 @@ impl Master {
         match batch {
             Ok(batch) => {
                 self.accept_backoff = Duration::ZERO;
-                let source = self.config.client_address;
                 for (stream, peer) in batch {
                     let local = stream.local_addr().unwrap_or(peer);
-                    let handoff = Handoff { stream, peer, local, arrived: Instant::now() };
-                    if source == ClientAddressSource::Peer {
-                        self.route(handoff);
-                    } else {
-                        tokio::spawn(identify_client(handoff, source, self.events.clone()));
+                    let arrived = Instant::now();
+                    let events = self.events.clone();
+                    let identified = move |outcome| {
+                        let event = match outcome {
+                            Identified::Route { stream, client } => {
+                                Event::Identified(Handoff { stream, peer: client, local, arrived })
+                            }
+                            Identified::Closed { peer, reason } => Event::Unidentified { peer, reason },
+                        };
+                        let _ = events.send(event);
+                    };
+                    // Peer mode and untrusted peers come back at once; trusted proxies' connections
+                    // wait for their header (bounded) and arrive later as Identified/Unidentified.
+                    match self.header_wait.admit(stream, peer, identified) {
+                        Admission::Route { stream, client } => {
+                            self.route(Handoff { stream, peer: client, local, arrived })
+                        }
+                        Admission::Waiting => {}
+                        Admission::Refused => self.stats.closed += 1,
                     }
                 }
             }

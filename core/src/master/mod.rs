@@ -25,7 +25,7 @@ use nix::sys::signal::Signal;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::time::{sleep_until, Instant as TokioInstant};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::{Config, WorkerSource};
 use crate::error::{Error, Result};
@@ -106,10 +106,10 @@ enum Event {
     },
     /// A connection whose client address was read from a proxy header (or given up on).
     Identified(Handoff),
-    /// A connection lost while its client address was read.
+    /// A connection closed while its client address was read (logged by `HeaderWait`).
     Unidentified {
         peer: SocketAddr,
-        error: io::Error,
+        reason: String,
     },
 }
 
@@ -130,6 +130,10 @@ struct Master {
     /// Indexes still to restart for a reload, and the one restarting now.
     restarts_pending: VecDeque<u32>,
     restarting: Option<u32>,
+    /// Connections from trusted proxies waiting for their header.
+    header_wait: crate::client_address::header_wait::HeaderWait,
+    scrapes: crate::metrics::ScrapeLimit,
+    handshakes: crate::attach::Handshakes,
 }
 
 /// Runs a cluster on `listener` until `stop` asks it to end (first [`Stop::Graceful`], then
@@ -166,6 +170,9 @@ pub async fn run(config: Config, listener: TcpListener, mut stop: UnboundedRecei
     let mut master = Master {
         slots: (0..concurrency).map(WorkerSlot::new).collect(),
         stats: Stats { routed: vec![0; concurrency as usize], ..Stats::default() },
+        header_wait: crate::client_address::header_wait::HeaderWait::new(&config),
+        scrapes: crate::metrics::ScrapeLimit::default(),
+        handshakes: crate::attach::Handshakes::default(),
         config,
         attach_socket,
         listener: Some(listener),
@@ -260,9 +267,9 @@ impl Master {
             Event::ChannelClosed { index, generation, reason } => self.channel_ended(index, generation, reason),
             Event::Attached(claim) => self.on_attached(claim),
             Event::Identified(handoff) => self.route(handoff),
-            Event::Unidentified { peer, error } => {
+            Event::Unidentified { peer, reason } => {
                 self.stats.closed += 1;
-                warn!("connection from {peer} lost while its client address was read: {error}");
+                debug!("connection from {peer} closed while its client address was read: {reason}");
             }
             Event::RetireDeadline { index, generation } => {
                 let Some(slot) = self.slot_of(index, generation) else { return };

@@ -27,9 +27,9 @@ impl Master {
             (WorkerSource::Spawn { .. }, WorkerSource::Spawn { .. }) => {
                 new.workers != old.workers || new.env != old.env
             }
-            (WorkerSource::Attach(_), WorkerSource::Attach(_)) => {
-                if new.workers != old.workers {
-                    warn!("reload: attach socket changes need a restart");
+            (WorkerSource::Attach(new_attach), WorkerSource::Attach(old_attach)) => {
+                if (&new_attach.socket, new_attach.mode) != (&old_attach.socket, old_attach.mode) {
+                    warn!("reload: attach socket and mode changes need a restart");
                 }
                 false
             }
@@ -38,17 +38,27 @@ impl Master {
                 false
             }
         };
+        // allowUids apply at once: the next worker that dials is checked against the new list.
+        let mut kept_workers = if workers_changed { new.workers.clone() } else { old.workers.clone() };
+        if let (WorkerSource::Attach(kept), WorkerSource::Attach(fresh)) = (&mut kept_workers, &new.workers) {
+            if kept.allow_uids != fresh.allow_uids {
+                info!("reload: allowUids is now {:?}", fresh.allow_uids);
+                kept.allow_uids = fresh.allow_uids.clone();
+            }
+        }
         let kept = Config {
             port: old.port,
             host: old.host.clone(),
             concurrency: old.concurrency,
             debug: old.debug,
             prefix: old.prefix.clone(),
-            workers: if workers_changed { new.workers.clone() } else { old.workers.clone() },
+            workers: kept_workers,
             env: if workers_changed { new.env.clone() } else { old.env.clone() },
             ..new
         };
         self.config = kept;
+        // clientAddress, trustedProxies and headerWait apply to connections accepted from now on.
+        self.header_wait.reconfigure(&self.config);
         if workers_changed {
             info!("reload: restarting {} workers one at a time", self.config.concurrency);
             self.restarts_pending = (0..self.config.concurrency).collect();

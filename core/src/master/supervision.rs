@@ -46,16 +46,9 @@ impl Master {
             }
         };
         let WorkerSource::Attach(options) = &self.config.workers else { return };
-        let options = options.clone();
         let events = self.events.clone();
-        tokio::spawn(async move {
-            match crate::attach::handshake(channel, &options).await {
-                Ok(claim) => {
-                    let _ = events.send(Event::Attached(claim));
-                }
-                Err(reason) => warn!("refused a worker on {}: {reason}", options.socket.display()),
-            }
-        });
+        // The uid is checked here, before a byte is read; the hello is awaited on a bounded task.
+        self.handshakes.start(channel, options, move |claim| _ = events.send(Event::Attached(claim)));
     }
 
     /// Gives a checked worker the index it claims (or the first free one), or refuses it.

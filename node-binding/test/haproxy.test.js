@@ -1,0 +1,204 @@
+'use strict';
+// Issue 10: socket.io through a real HAProxy (Debian's package; balance source, send-proxy-v2) in front of
+// two "hosts": two sticky-cluster masters (the binary, clientAddress: proxy-protocol, trustedProxies =
+// HAProxy's address) whose workers are this package's socket.io fixture. 100 clients from distinct loopback
+// addresses, long-polling only and with the websocket upgrade: every session holds (a polling handshake
+// that reaches another worker fails with "Session ID unknown"), each on one worker process.
+
+const test = require('node:test');
+const assert = require('node:assert');
+const fs = require('fs');
+const os = require('os');
+const path = require('path');
+const { spawn, spawnSync } = require('child_process');
+const http = require('http');
+const { io } = require('socket.io-client');
+const { clientAddress, failures, waitFor, within } = require('./helpers');
+
+const repo = path.resolve(__dirname, '..', '..');
+const CONCURRENCY = 2;
+const CLIENTS = 100;
+const MESSAGES = 5;
+
+/** The first executable `name` on PATH or in `extra` directories, or null. */
+function findBinary(name, extra = []) {
+  const dirs = (process.env.PATH || '').split(':').concat(extra);
+  for (const dir of dirs) {
+    const candidate = path.join(dir || '.', name);
+    try {
+      fs.accessSync(candidate, fs.constants.X_OK);
+      return candidate;
+    } catch {
+      // not here
+    }
+  }
+  return null;
+}
+
+/** A missing program fails under CI=true and skips elsewhere, with what to install. */
+function required(t, binary, what) {
+  if (binary) return true;
+  if (process.env.CI === 'true') assert.fail(`${what} not found`);
+  t.skip(`${what} not found`);
+  return false;
+}
+
+/** Starts a process killed when the test ends; collects its stderr. */
+function start(t, command, args) {
+  const child = spawn(command, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  const app = { child, stderr: '' };
+  child.stderr.setEncoding('utf8').on('data', (chunk) => (app.stderr += chunk));
+  const kill = () => child.exitCode === null && child.signalCode === null && child.kill('SIGKILL');
+  process.once('exit', kill);
+  t.after(kill);
+  return app;
+}
+
+/** One host: the sticky-cluster binary with socket.io workers, behind a trusted proxy on 127.0.0.1. */
+async function startHost(t, binary, dir, name) {
+  const config = path.join(dir, `${name}.yaml`);
+  const worker = path.join(__dirname, 'fixtures', 'chat-app.js');
+  fs.writeFileSync(
+    config,
+    `port: 0\nhost: 127.0.0.1\nconcurrency: ${CONCURRENCY}\nclientAddress: proxy-protocol\n` +
+      `trustedProxies: [127.0.0.1/32]\nworker:\n  command: ${JSON.stringify([process.execPath, worker])}\n`
+  );
+  const host = start(t, binary, ['--config', config]);
+  host.port = await waitFor(host, () => Number((host.stderr.match(/listening on \S*:(\d+) with/) || [])[1]));
+  return host;
+}
+
+test('socket.io sessions hold through HAProxy (balance source, send-proxy-v2) in front of two hosts', async (t) => {
+  const haproxy = findBinary('haproxy', ['/usr/sbin']);
+  const targetDir = process.env.CARGO_TARGET_DIR || path.join(repo, 'target');
+  const binary = [path.join(targetDir, 'debug', 'sticky-cluster'), path.join(targetDir, 'release', 'sticky-cluster')].find(
+    (candidate) => fs.existsSync(candidate)
+  );
+  if (!required(t, haproxy, 'haproxy (Debian package haproxy; .ci/run installs it)')) return;
+  if (!required(t, binary, `the sticky-cluster binary in ${targetDir} (cargo build -p sticky-cluster)`)) return;
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'haproxy-socketio-'));
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const hosts = [await startHost(t, binary, dir, 'host-a'), await startHost(t, binary, dir, 'host-b')];
+
+  const frontPort = await freePort();
+  const example = fs.readFileSync(path.join(repo, 'examples', 'haproxy', 'haproxy.cfg'), 'utf8');
+  const config = example
+    .replace('bind :80', `bind 127.0.0.1:${frontPort}`)
+    .replace('10.0.0.11:8080', `127.0.0.1:${hosts[0].port}`)
+    .replace('10.0.0.12:8080', `127.0.0.1:${hosts[1].port}`);
+  const configPath = path.join(dir, 'haproxy.cfg');
+  fs.writeFileSync(configPath, config);
+  const check = spawnSync(haproxy, ['-c', '-f', configPath], { encoding: 'utf8' });
+  assert.strictEqual(check.status, 0, check.stderr);
+  const front = start(t, haproxy, ['-db', '-f', configPath]);
+  await waitFor(front, () => probe(frontPort));
+  const hostOfPid = new Map();
+  hosts.forEach((host, index) => {
+    const children = fs.readFileSync(`/proc/${host.child.pid}/task/${host.child.pid}/children`, 'utf8');
+    for (const pid of children.split(/\s+/).filter(Boolean)) hostOfPid.set(Number(pid), index);
+  });
+  const hostsUsed = new Set();
+  const pidsUsed = new Set();
+
+  for (const [block, transports] of [
+    [31, ['polling']],
+    [32, ['polling', 'websocket']],
+  ]) {
+    const crowd = [];
+    for (let n = 0; n < CLIENTS; n += 1) crowd.push(sessionClient(frontPort, clientAddress(block, n), transports));
+    const results = await within(90000, Promise.all(crowd), `${transports} crowd`);
+    assert.deepStrictEqual(failures(results, MESSAGES), [], `${transports}`);
+    for (const r of results) {
+      assert.strictEqual(r.pids.size, 1, `${r.localAddress} was answered by ${r.pids.size} workers`);
+      const [pid] = r.pids;
+      assert.ok(hostOfPid.has(pid), `pid ${pid} is no host's worker`);
+      hostsUsed.add(hostOfPid.get(pid));
+      pidsUsed.add(pid);
+    }
+    if (transports.includes('websocket')) {
+      assert.ok(results.some((r) => r.transport === 'websocket'), 'no client upgraded to websocket');
+    }
+  }
+  assert.strictEqual(hostsUsed.size, 2, 'balance source spreads the clients over both hosts');
+  // Routed by the client address from the PROXY header, not by HAProxy's own: every worker of both hosts.
+  assert.strictEqual(pidsUsed.size, 2 * CONCURRENCY, `${pidsUsed.size} of ${2 * CONCURRENCY} workers served clients`);
+  for (const host of hosts) {
+    assert.doesNotMatch(host.stderr, /closed a connection from trusted proxy/, 'HAProxy always sent its header');
+  }
+});
+
+/**
+ * One socket.io client from `localAddress` that opens a new TCP connection for every request (no
+ * keep-alive), so each long-polling request and the websocket upgrade must find the session's worker
+ * again through HAProxy and the master. Sends MESSAGES chat messages, one after the other; never rejects.
+ */
+function sessionClient(port, localAddress, transports) {
+  return new Promise((resolve) => {
+    const result = { localAddress, connected: false, echoed: 0, pids: new Set(), errors: [], transport: null };
+    const agent = new http.Agent({ localAddress, keepAlive: false });
+    const socket = io(`http://127.0.0.1:${port}`, { transports, agent, forceNew: true, reconnection: false, timeout: 10000 });
+    const finish = () => {
+      clearTimeout(timer);
+      result.transport = socket.io.engine ? socket.io.engine.transport.name : null;
+      socket.disconnect();
+      agent.destroy();
+      resolve(result);
+    };
+    const timer = setTimeout(() => {
+      result.errors.push(`timeout after ${result.echoed} echoes`);
+      finish();
+    }, 30000);
+    const describe = (error) => [error.message, error.description && (error.description.message || error.description)].filter(Boolean).join(' / ');
+    socket.on('connect_error', (error) => {
+      result.errors.push(`connect_error: ${describe(error)}`);
+      finish();
+    });
+    socket.on('disconnect', (reason) => {
+      if (result.echoed < MESSAGES) {
+        result.errors.push(`disconnect: ${reason}`);
+        finish();
+      }
+    });
+    const send = () => socket.emit('chat', { from: localAddress, n: result.echoed + 1 });
+    socket.on('chat', (echo) => {
+      result.echoed += 1;
+      result.pids.add(echo.pid);
+      if (result.echoed === MESSAGES) finish();
+      // Spaced out, so that long-polls come and go and the upgrade (if allowed) happens meanwhile.
+      else setTimeout(send, 100);
+    });
+    socket.on('connect', () => {
+      result.connected = true;
+      send();
+    });
+  });
+}
+
+/** A loopback port nobody listens on right now. */
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const server = require('net').createServer();
+    server.once('error', reject);
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address();
+      server.close(() => resolve(port));
+    });
+  });
+}
+
+/** Whether something accepts on 127.0.0.1:port right now (HAProxy's frontend is up). */
+let probing = null;
+function probe(port) {
+  if (probing === null) {
+    probing = false;
+    const socket = require('net').connect(port, '127.0.0.1');
+    socket.once('connect', () => {
+      probing = true;
+      socket.destroy();
+    });
+    socket.once('error', () => {
+      probing = null;
+    });
+  }
+  return probing === true;
+}
