@@ -23,6 +23,10 @@ declare namespace stickyCluster {
     env?: (index: number) => Record<string, string | number | boolean | undefined>;
     /** Milliseconds a graceful shutdown may take before workers are killed. Default: 60000. */
     hardShutdownDelay?: number;
+    /** Where the routing hash takes the client address from (native master only). Default: 'peer'. */
+    clientAddress?: 'peer' | 'proxy-protocol' | 'x-forwarded-for';
+    /** Balancers whose PROXY/X-Forwarded-For headers are believed (CIDR blocks); required unless clientAddress is 'peer'. */
+    trustedProxies?: string[];
     /** Gets listen errors (a Node-style Error with `code`, e.g. EADDRINUSE). Default: log and exit 1. */
     errorHandler?: (error: NodeJS.ErrnoException & { address?: string; port?: number }) => void;
   }

@@ -100,6 +100,8 @@ function normalizeOptions(options) {
     host: options.host || '::',
     debug: Boolean(options.debug),
     hardShutdownDelay: options.hardShutdownDelay || DEFAULT_HARD_SHUTDOWN_DELAY,
+    clientAddress: options.clientAddress || 'peer',
+    trustedProxies: options.trustedProxies || [],
     env: options.env || ((index) => ({ stickycluster_worker_index: index })),
     errorHandler:
       options.errorHandler ||
@@ -122,6 +124,12 @@ function normalizeOptions(options) {
     throw problem('hardShutdownDelay', 'a number of milliseconds', options.hardShutdownDelay);
   }
   if (typeof settings.env !== 'function') throw problem('env', 'a function (index) => object', options.env);
+  if (!['peer', 'proxy-protocol', 'x-forwarded-for'].includes(settings.clientAddress)) {
+    throw problem('clientAddress', "'peer', 'proxy-protocol' or 'x-forwarded-for'", options.clientAddress);
+  }
+  if (!Array.isArray(settings.trustedProxies) || !settings.trustedProxies.every((c) => typeof c === 'string')) {
+    throw problem('trustedProxies', 'an array of address blocks such as "10.0.0.0/8"', options.trustedProxies);
+  }
   if (typeof settings.errorHandler !== 'function') {
     throw problem('errorHandler', 'a function (error) => void', options.errorHandler);
   }
@@ -152,6 +160,16 @@ function runMaster(settings) {
     process[on ? 'on' : 'removeListener']('SIGTERM', onSignal);
     process[on ? 'on' : 'removeListener']('SIGINT', onSignal);
   };
+  if (implementation.name === 'js' && settings.clientAddress !== 'peer') {
+    // Reading proxy headers is the native master's; routing by the balancer's address would break stickiness.
+    const error = new Error(
+      `sticky-cluster-native: clientAddress '${settings.clientAddress}' needs the native master; ` +
+        'the JavaScript implementation routes by the TCP peer only'
+    );
+    error.code = 'ERR_STICKY_CLUSTER_NATIVE_REQUIRED';
+    process.nextTick(settings.errorHandler, error);
+    return undefined;
+  }
   if (implementation.name === 'js') {
     const { startJsMaster } = require('./js/master');
     cluster = startJsMaster(settings, {
@@ -179,6 +197,8 @@ function runMaster(settings) {
         debug: settings.debug,
         prefix: settings.prefix,
         hardShutdownDelayMs: settings.hardShutdownDelay,
+        clientAddress: settings.clientAddress,
+        trustedProxies: settings.trustedProxies,
         command,
         env,
       },
