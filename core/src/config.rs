@@ -42,6 +42,42 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// Where the routing hash takes the client address from (the TCP peer unless behind a proxy).
     pub client_address: ClientAddressSource,
+    /// Who routes connections: the master (`handoff`) or the kernel's `SO_REUSEPORT` group (`kernel`).
+    pub routing: Routing,
+    /// Listen backlog of the client listener (of each listener of the group in kernel mode).
+    pub backlog: u32,
+}
+
+/// Who puts each connection on its worker (YAML `routing`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Routing {
+    /// The master accepts and hands each socket to its worker's channel.
+    #[default]
+    Handoff,
+    /// One `SO_REUSEPORT` listener per worker and a BPF program: the kernel routes, no process in the path.
+    Kernel,
+}
+
+impl Routing {
+    /// The YAML spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Routing::Handoff => "handoff",
+            Routing::Kernel => "kernel",
+        }
+    }
+}
+
+impl std::str::FromStr for Routing {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Routing, String> {
+        match text {
+            "handoff" => Ok(Routing::Handoff),
+            "kernel" => Ok(Routing::Kernel),
+            other => Err(format!("expected handoff or kernel, got {other:?}")),
+        }
+    }
 }
 
 /// How the master gets its workers.
@@ -85,6 +121,8 @@ impl Default for Config {
             queue_max_wait: Duration::from_secs(10),
             metrics: None,
             client_address: ClientAddressSource::Peer,
+            routing: Routing::Handoff,
+            backlog: 1024,
         }
     }
 }
@@ -105,6 +143,8 @@ struct FileConfig {
     queue: Option<QueueSection>,
     metrics: Option<MetricsSection>,
     client_address: Option<ClientAddressSource>,
+    routing: Option<Routing>,
+    backlog: Option<Concurrency>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -289,6 +329,8 @@ pub struct Overrides {
     pub hard_shutdown_delay: Option<Duration>,
     /// The worker command after `--`.
     pub command: Vec<String>,
+    /// `--routing`.
+    pub routing: Option<Routing>,
 }
 
 impl Config {
@@ -337,6 +379,8 @@ impl Config {
             queue_max_wait: queue.max_wait.map_or(defaults.queue_max_wait, |m| m.0),
             client_address: file.client_address.unwrap_or_default(),
             metrics: file.metrics.map(|m| SocketAddr::new(m.host.unwrap_or(IpAddr::from([127, 0, 0, 1])), m.port)),
+            routing: file.routing.unwrap_or_default(),
+            backlog: file.backlog.map_or(defaults.backlog, |b| b.0),
         })
     }
 
@@ -368,6 +412,15 @@ impl Config {
                     )))
                 }
             }
+        }
+        if let Some(routing) = overrides.routing {
+            self.routing = routing;
+        }
+        if self.routing == Routing::Kernel && self.client_address != ClientAddressSource::Peer {
+            return Err(Error::Config(format!(
+                "{origin}: clientAddress: only `peer` works with `routing: kernel` (the kernel routes on the SYN, \
+                 before any header is sent)"
+            )));
         }
         if let WorkerSource::Spawn { command, .. } = &self.workers {
             if command.is_empty() {
@@ -441,6 +494,7 @@ impl Config {
             ClientAddressSource::XForwardedFor => "x-forwarded-for",
         };
         out += &format!("clientAddress: {source}\n");
+        out += &format!("routing: {}\nbacklog: {}\n", self.routing.as_str(), self.backlog);
         if let Some(metrics) = self.metrics {
             out += &format!("metrics:\n  host: {}\n  port: {}\n", quote(&metrics.ip().to_string()), metrics.port());
         }

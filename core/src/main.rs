@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use sticky_cluster::config::{parse_duration, Config, Overrides};
+use sticky_cluster::config::{parse_duration, Config, Overrides, Routing};
 use sticky_cluster::master::{self, Stop};
 use sticky_cluster::Error;
 use tokio::signal::unix::{signal, SignalKind};
@@ -43,6 +43,9 @@ struct Cli {
     /// Graceful shutdown limit: milliseconds or a duration such as `60s`.
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     hard_shutdown_delay: Option<Duration>,
+    /// Who routes: `handoff` (the master, default) or `kernel` (a SO_REUSEPORT group and a BPF program).
+    #[arg(long, value_name = "MODE")]
+    routing: Option<Routing>,
     /// Validate the configuration, print the effective one, and exit.
     #[arg(long)]
     check: bool,
@@ -62,6 +65,15 @@ fn main() -> ExitCode {
     };
     if cli.check {
         print!("{}", config.to_yaml());
+        if config.routing == Routing::Kernel {
+            match kernel_program(&config) {
+                Ok(line) => println!("{line}"),
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
+        }
         eprintln!("{origin}: configuration is valid");
         return ExitCode::SUCCESS;
     }
@@ -113,8 +125,20 @@ fn load(cli: &Cli) -> sticky_cluster::Result<(Config, String)> {
         debug: cli.debug,
         hard_shutdown_delay: cli.hard_shutdown_delay,
         command: cli.command.clone(),
+        routing: cli.routing,
     };
     Ok((config.apply(overrides, &origin)?, origin))
+}
+
+/// `# kernel program: N instructions; ...`: what the kernel will run, generated as the master would.
+fn kernel_program(config: &Config) -> sticky_cluster::Result<String> {
+    use sticky_cluster::reuseport::{interfaces, program, text_form};
+    let address =
+        config.listen_addresses()?.into_iter().next().ok_or_else(|| Error::Config("host: no address".into()))?;
+    let form = text_form(address);
+    let interfaces = if form == program::TextForm::Ipv6 { interfaces() } else { Vec::new() };
+    let program = program::generate(form, config.concurrency, &interfaces).map_err(Error::Config)?;
+    Ok(format!("# kernel program: {} instructions; {}", program.instructions.len(), form.describe()))
 }
 
 /// Binds, then runs the master with SIGTERM/SIGINT as shutdown requests (the first is graceful, a

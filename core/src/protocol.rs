@@ -7,14 +7,16 @@
 //! | --- | --- |
 //! | 0..2 | magic `SC` |
 //! | 2 | protocol version ([`PROTOCOL_VERSION`]) |
-//! | 3 | kind: 1 hello, 2 ready, 3 connection, 4 shutdown, 5 welcome, 6 refused |
+//! | 3 | kind: 1 hello, 2 ready, 3 connection, 4 shutdown, 5 welcome, 6 refused, 7 listener |
 //! | 4.. | body |
 //!
 //! Bodies: hello `index u32, pid u32` (index `u32::MAX` = any free index, attach mode only); ready: empty;
 //! connection `peer addr, local addr` with exactly one fd attached, each addr `family u8 (4|6), port u16,
 //! ip 16 bytes` (IPv4 in the first 4); shutdown `deadline_ms u64` (time left before the hard kill);
-//! welcome `index u32, concurrency u32`; refused: UTF-8 reason. Worker→master: hello, ready.
-//! Master→worker: welcome, refused (attach mode), connection, shutdown.
+//! welcome `index u32, concurrency u32`; refused: UTF-8 reason; listener: empty, with exactly one fd attached
+//! (`routing: kernel`, attach mode: the worker's `SO_REUSEPORT` listener, sent just before the welcome so the
+//! worker has it when the welcome ends its handshake). Worker→master: hello, ready.
+//! Master→worker: listener, welcome, refused (attach mode), connection, shutdown.
 
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -72,9 +74,11 @@ pub enum Message {
         /// Why the master refused.
         reason: String,
     },
+    /// Master→worker (attach, `routing: kernel`): the worker's listener; its fd travels with this message.
+    Listener,
 }
 
-/// A message together with the fd that arrived with it (only [`Message::Connection`] carries one).
+/// A message together with the fd that arrived with it ([`Message::Connection`] and [`Message::Listener`]).
 #[derive(Debug)]
 pub struct Received {
     /// The decoded message.
@@ -92,6 +96,7 @@ impl Message {
             Message::Shutdown { .. } => 4,
             Message::Welcome { .. } => 5,
             Message::Refused { .. } => 6,
+            Message::Listener => 7,
         }
     }
 
@@ -106,7 +111,7 @@ impl Message {
                 bytes.extend_from_slice(&index.to_le_bytes());
                 bytes.extend_from_slice(&pid.to_le_bytes());
             }
-            Message::Ready => {}
+            Message::Ready | Message::Listener => {}
             Message::Connection { peer, local } => {
                 encode_address(&mut bytes, peer);
                 encode_address(&mut bytes, local);
@@ -158,6 +163,7 @@ impl Message {
                 .and_then(|_| Ok(Message::Shutdown { deadline_ms: u64::from_le_bytes(field(body, 0)?) })),
             5 => exact(8, "welcome").and_then(|_| Ok(Message::Welcome { index: u32_at(0)?, concurrency: u32_at(4)? })),
             6 => Ok(Message::Refused { reason: String::from_utf8_lossy(body).into_owned() }),
+            7 => exact(0, "listener").map(|_| Message::Listener),
             kind => Err(Error::Protocol(format!("unknown message kind {kind}"))),
         }
     }
@@ -265,7 +271,7 @@ pub fn recv_message(channel: BorrowedFd<'_>, nonblocking: bool) -> Result<Receiv
         return Err(Error::Protocol(format!("datagram longer than {MAX_DATAGRAM} bytes")));
     }
     let message = Message::decode(&buffer[..bytes])?;
-    let wants_fd = matches!(message, Message::Connection { .. });
+    let wants_fd = matches!(message, Message::Connection { .. } | Message::Listener);
     match (wants_fd, fds.len()) {
         (true, 1) => Ok(Received { message, fd: fds.pop() }),
         (false, 0) => Ok(Received { message, fd: None }),
@@ -281,6 +287,7 @@ fn message_name(message: &Message) -> &'static str {
         Message::Shutdown { .. } => "shutdown",
         Message::Welcome { .. } => "welcome",
         Message::Refused { .. } => "refused",
+        Message::Listener => "listener",
     }
 }
 

@@ -1,5 +1,10 @@
 //! The worker side: find the channel the master gave this process, say ready, and accept routed connections.
 //! Spawned workers inherit the channel as `STICKY_CLUSTER_FD`; attached ones dial `STICKY_CLUSTER_SOCKET`.
+//!
+//! With `routing: kernel` the worker also holds its own `SO_REUSEPORT` listener (inherited as
+//! `STICKY_CLUSTER_LISTEN_FD`, or sent before the attach welcome) and accepts from it itself, once ready; the
+//! channel still carries hello, ready and shutdown. Both are watched through one epoll fd, which is what
+//! [`Worker::channel_fd`] returns in that mode, so poll loops work unchanged.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -11,7 +16,7 @@ use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, Sockadd
 use tokio::io::unix::AsyncFd;
 
 use crate::error::{Error, Result};
-use crate::protocol::{recv_message, send_message, Message, ANY_INDEX};
+use crate::protocol::{recv_message, send_message, Message, Received, ANY_INDEX};
 
 /// Environment variable with the worker's index (0-based).
 pub const ENV_WORKER_INDEX: &str = "STICKY_CLUSTER_WORKER_INDEX";
@@ -23,6 +28,9 @@ pub const ENV_CONCURRENCY: &str = "STICKY_CLUSTER_CONCURRENCY";
 pub const ENV_CHANNEL_FD: &str = "STICKY_CLUSTER_FD";
 /// Environment variable with the master's Unix socket path for an attached worker.
 pub const ENV_SOCKET: &str = "STICKY_CLUSTER_SOCKET";
+/// Environment variable with the inherited listener fd of a spawned worker with `routing: kernel`
+/// (removed from the environment once read: the fd is close-on-exec from then on).
+pub const ENV_LISTEN_FD: &str = "STICKY_CLUSTER_LISTEN_FD";
 
 /// A routed client connection, as the blocking [`Worker::accept_blocking`] hands it over.
 #[derive(Debug)]
@@ -45,6 +53,20 @@ pub struct Worker {
     channel: OwnedFd,
     ready_sent: AtomicBool,
     shutdown_deadline_ms: AtomicU64,
+    /// `routing: kernel`: this worker's listener.
+    kernel: Option<KernelListener>,
+}
+
+/// A kernel-mode worker's listener, and the epoll fd that watches it together with the channel.
+#[derive(Debug)]
+struct KernelListener {
+    listener: OwnedFd,
+    /// Level-triggered epoll over the channel, and over the listener once ready was sent.
+    poll: OwnedFd,
+    /// The accept queue was found empty after the shutdown message: from now on only [`Error::Shutdown`].
+    drained: AtomicBool,
+    /// [`Worker::stop_accepting`] was called: take nothing more from the listener.
+    stopped: AtomicBool,
 }
 
 /// A borrowed view of the channel for tokio's reactor; the [`Worker`] keeps ownership.
@@ -68,8 +90,16 @@ impl Worker {
             let index = index_from_env()?
                 .ok_or_else(|| Error::Environment(format!("{ENV_CHANNEL_FD} is set but {ENV_WORKER_INDEX} is not")))?;
             let channel = inherited_channel(&fd_text)?;
+            let listener = match std::env::var_os(ENV_LISTEN_FD) {
+                Some(text) => Some(inherited_listener(&text.to_string_lossy())?),
+                None => None,
+            };
+            std::env::remove_var(ENV_LISTEN_FD);
             let concurrency = concurrency_from_env()?.unwrap_or(index + 1);
-            let worker = Worker::with_channel(channel, index, concurrency);
+            let mut worker = Worker::with_channel(channel, index, concurrency);
+            if let Some(listener) = listener {
+                worker.kernel = Some(KernelListener::new(listener, worker.channel.as_fd())?);
+            }
             worker.send(&Message::Hello { index, pid: std::process::id() })?;
             Ok(worker)
         } else if let Some(path) = std::env::var_os(ENV_SOCKET) {
@@ -93,19 +123,36 @@ impl Worker {
         // A master that refuses before reading the hello (a uid check) has closed its end already:
         // its refusal is still waiting to be read, and says more than the failed send.
         let sent = send_message(channel.as_fd(), &hello, None, false);
-        match recv_message(channel.as_fd(), sent.is_err()) {
-            Ok(received) => match received.message {
-                Message::Welcome { index, concurrency } => Ok(Worker::with_channel(channel, index, concurrency)),
-                Message::Refused { reason } => Err(attach_error(format!("refused: {reason}"))),
-                other => Err(attach_error(format!("unexpected answer {other:?}"))),
-            },
-            Err(error) => match sent {
-                Err(errno) => Err(attach_error(format!("send hello: {}", errno.desc()))),
-                Ok(()) if matches!(error, Error::ChannelClosed) => {
-                    Err(attach_error("the master closed the socket".into()))
+        let mut listener = None;
+        loop {
+            let received = recv_message(channel.as_fd(), sent.is_err());
+            return match received {
+                Ok(Received { message: Message::Listener, fd }) => {
+                    // Kernel routing: the listener comes just before the welcome.
+                    listener = fd;
+                    continue;
                 }
-                Ok(()) => Err(attach_error(error.to_string())),
-            },
+                Ok(received) => match received.message {
+                    Message::Welcome { index, concurrency } => {
+                        let mut worker = Worker::with_channel(channel, index, concurrency);
+                        if let Some(listener) = listener {
+                            let kernel = KernelListener::new(listener, worker.channel.as_fd())
+                                .map_err(|e| attach_error(e.to_string()))?;
+                            worker.kernel = Some(kernel);
+                        }
+                        Ok(worker)
+                    }
+                    Message::Refused { reason } => Err(attach_error(format!("refused: {reason}"))),
+                    other => Err(attach_error(format!("unexpected answer {other:?}"))),
+                },
+                Err(error) => match sent {
+                    Err(errno) => Err(attach_error(format!("send hello: {}", errno.desc()))),
+                    Ok(()) if matches!(error, Error::ChannelClosed) => {
+                        Err(attach_error("the master closed the socket".into()))
+                    }
+                    Ok(()) => Err(attach_error(error.to_string())),
+                },
+            };
         }
     }
 
@@ -117,6 +164,7 @@ impl Worker {
             ready_sent: AtomicBool::new(false),
             shutdown_deadline_ms: AtomicU64::new(NOT_SHUTTING_DOWN),
             async_channel: OnceLock::new(),
+            kernel: None,
         }
     }
 
@@ -130,9 +178,19 @@ impl Worker {
         self.concurrency
     }
 
-    /// The channel fd: readable when a connection (or shutdown) is waiting, for poll/epoll loops.
+    /// The fd to poll: readable when a connection (or shutdown) is waiting, for poll/epoll loops. With
+    /// `routing: kernel` an epoll fd watching the channel and (once ready) the listener.
     pub fn channel_fd(&self) -> BorrowedFd<'_> {
-        self.channel.as_fd()
+        match &self.kernel {
+            Some(kernel) => kernel.poll.as_fd(),
+            None => self.channel.as_fd(),
+        }
+    }
+
+    /// `routing: kernel`: this worker's own listener (the master keeps a copy), for servers that accept
+    /// natively instead of through [`Worker::accept`]; `None` in handoff mode.
+    pub fn listen_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.kernel.as_ref().map(|kernel| kernel.listener.as_fd())
     }
 
     /// Tells the master initialisation is done; connections queued for this index start to flow.
@@ -140,6 +198,10 @@ impl Worker {
     pub fn ready(&self) -> Result<()> {
         if self.ready_sent.swap(true, Ordering::SeqCst) {
             return Ok(());
+        }
+        if let Some(kernel) = &self.kernel {
+            // From now on a waiting client wakes the poll fd; until now it waited in the kernel.
+            kernel.watch(kernel.listener.as_raw_fd())?;
         }
         self.send(&Message::Ready)
     }
@@ -163,6 +225,9 @@ impl Worker {
     /// non-blocking: then [`Error::WouldBlock`] when none waits). [`Error::Shutdown`] means drain and exit;
     /// [`Error::ChannelClosed`] means the master is gone.
     pub fn accept_blocking(&self) -> Result<Connection> {
+        if let Some(kernel) = &self.kernel {
+            return self.kernel_connection(kernel, !kernel.poll_nonblocking());
+        }
         self.next_connection(|| recv_message(self.channel.as_fd(), false))
     }
 
@@ -170,6 +235,9 @@ impl Worker {
     /// channel already holds, then [`Error::ChannelClosed`]. The master queues this index's next
     /// connections (and revives or redirects as usual).
     pub fn stop_accepting(&self) -> Result<()> {
+        if let Some(kernel) = &self.kernel {
+            kernel.stopped.store(true, Ordering::SeqCst);
+        }
         socket::shutdown(self.channel.as_raw_fd(), socket::Shutdown::Read)
             .map_err(|e| Error::io("shut the channel's read side", e))
     }
@@ -178,6 +246,9 @@ impl Worker {
     /// [`Error::WouldBlock`] when none is. A worker that got SIGTERM drains its channel with this, since
     /// the master sends the shutdown message before the signal.
     pub fn try_accept(&self) -> Result<Connection> {
+        if let Some(kernel) = &self.kernel {
+            return self.kernel_connection(kernel, false);
+        }
         self.next_connection(|| recv_message(self.channel.as_fd(), true))
     }
 
@@ -187,7 +258,11 @@ impl Worker {
         let channel = self.async_channel()?;
         let connection = loop {
             let mut guard = channel.readable().await.map_err(|e| Error::io("wait on the channel", e))?;
-            match self.next_connection(|| recv_message(self.channel.as_fd(), true)) {
+            let next = match &self.kernel {
+                Some(kernel) => self.kernel_connection(kernel, false),
+                None => self.next_connection(|| recv_message(self.channel.as_fd(), true)),
+            };
+            match next {
                 Err(Error::WouldBlock) => guard.clear_ready(),
                 other => break other?,
             }
@@ -205,11 +280,62 @@ impl Worker {
         // SAFETY: the Worker owns the channel fd and outlives this AsyncFd (a field of the same Worker),
         // so the number stays open and names the same socket while registered.
         let channel = unsafe {
-            AsyncFd::register_with_interest(ChannelFd(self.channel.as_raw_fd()), tokio::io::Interest::READABLE)
+            AsyncFd::register_with_interest(ChannelFd(self.channel_fd().as_raw_fd()), tokio::io::Interest::READABLE)
         }
         .map_err(|e| Error::io("register the channel with tokio", e))?;
         let _ = self.async_channel.set(channel);
         Ok(self.async_channel.get().expect("just set"))
+    }
+
+    /// Kernel mode: the channel first (a shutdown), then the listener once ready. After the shutdown the
+    /// accept queue is drained (what the kernel completed is served), then [`Error::Shutdown`] for good.
+    fn kernel_connection(&self, kernel: &KernelListener, wait: bool) -> Result<Connection> {
+        loop {
+            if self.shutdown_deadline_ms().is_none() {
+                match recv_message(self.channel.as_fd(), true) {
+                    Ok(received) => match received.message {
+                        Message::Shutdown { deadline_ms } => {
+                            self.shutdown_deadline_ms.store(deadline_ms.min(NOT_SHUTTING_DOWN - 1), Ordering::SeqCst);
+                        }
+                        Message::Welcome { .. } => continue,
+                        other => return Err(Error::Protocol(format!("unexpected message from the master: {other:?}"))),
+                    },
+                    Err(Error::WouldBlock) => {}
+                    Err(error) => return Err(error),
+                }
+            }
+            let draining = self.shutdown_deadline_ms().is_some();
+            if kernel.drained.load(Ordering::SeqCst) {
+                return Err(Error::Shutdown);
+            }
+            if self.ready_sent.load(Ordering::SeqCst) && !kernel.stopped.load(Ordering::SeqCst) {
+                match socket::accept4(&kernel.listener, SockFlag::SOCK_CLOEXEC) {
+                    Ok(fd) => {
+                        let stream = std::net::TcpStream::from(fd);
+                        let peer = stream.peer_addr();
+                        let local = stream.local_addr();
+                        match (peer, local) {
+                            (Ok(peer), Ok(local)) => return Ok(Connection { stream, peer, local }),
+                            // Reset before we looked at it: nothing to serve.
+                            _ => continue,
+                        }
+                    }
+                    Err(nix::errno::Errno::EAGAIN) if draining => {
+                        kernel.drained.store(true, Ordering::SeqCst);
+                        return Err(Error::Shutdown);
+                    }
+                    Err(nix::errno::Errno::EAGAIN) => {}
+                    Err(nix::errno::Errno::EINTR | nix::errno::Errno::ECONNABORTED) => continue,
+                    Err(errno) => return Err(Error::io("accept from the listener", errno)),
+                }
+            } else if draining {
+                return Err(Error::Shutdown);
+            }
+            if !wait {
+                return Err(Error::WouldBlock);
+            }
+            kernel.wait()?;
+        }
     }
 
     fn next_connection(&self, mut receive: impl FnMut() -> Result<crate::protocol::Received>) -> Result<Connection> {
@@ -280,6 +406,86 @@ fn inherited_channel(fd_text: &str) -> Result<OwnedFd> {
     nix::fcntl::fcntl(borrowed, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
         .map_err(|e| Error::io("set FD_CLOEXEC on the channel", e))?;
     // SAFETY: checked above; from here the Worker is its only owner.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+impl KernelListener {
+    /// Makes the listener non-blocking and an epoll fd watching the channel (the listener joins at ready).
+    fn new(listener: OwnedFd, channel: BorrowedFd<'_>) -> Result<KernelListener> {
+        let flags = nix::fcntl::fcntl(&listener, nix::fcntl::FcntlArg::F_GETFL)
+            .map_err(|e| Error::io("read the listener's flags", e))?;
+        let flags = nix::fcntl::OFlag::from_bits_truncate(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(&listener, nix::fcntl::FcntlArg::F_SETFL(flags))
+            .map_err(|e| Error::io("make the listener non-blocking", e))?;
+        // SAFETY: epoll_create1 has no memory-safety requirements; a negative answer is an error.
+        let poll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if poll < 0 {
+            return Err(Error::io("create the worker's epoll fd", std::io::Error::last_os_error()));
+        }
+        // SAFETY: epoll_create1 just returned this descriptor; nothing else owns it.
+        let poll = unsafe { OwnedFd::from_raw_fd(poll) };
+        let kernel =
+            KernelListener { listener, poll, drained: AtomicBool::new(false), stopped: AtomicBool::new(false) };
+        kernel.watch(channel.as_raw_fd())?;
+        Ok(kernel)
+    }
+
+    /// Adds `fd` to the epoll set, level-triggered, for reading.
+    fn watch(&self, fd: RawFd) -> Result<()> {
+        let mut event = libc::epoll_event { events: libc::EPOLLIN as u32, u64: fd as u64 };
+        // SAFETY: both fds are open (owned by the Worker); `event` is a valid epoll_event for the call.
+        if unsafe { libc::epoll_ctl(self.poll.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut event) } != 0 {
+            return Err(Error::io("watch the worker's fds", std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
+    /// Whether the caller made the poll fd non-blocking (then `accept_blocking` must not block either).
+    fn poll_nonblocking(&self) -> bool {
+        nix::fcntl::fcntl(&self.poll, nix::fcntl::FcntlArg::F_GETFL)
+            .is_ok_and(|flags| nix::fcntl::OFlag::from_bits_truncate(flags).contains(nix::fcntl::OFlag::O_NONBLOCK))
+    }
+
+    /// Blocks until the channel or the listener is readable.
+    fn wait(&self) -> Result<()> {
+        let mut event = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: `event` has room for the one event asked for; the epoll fd is open.
+        if unsafe { libc::epoll_wait(self.poll.as_raw_fd(), &mut event, 1, -1) } < 0 {
+            let error = std::io::Error::last_os_error();
+            if error.kind() != std::io::ErrorKind::Interrupted {
+                return Err(Error::io("wait for a connection", error));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks that the fd number names a listening TCP socket before trusting it, then owns it (close-on-exec).
+fn inherited_listener(fd_text: &str) -> Result<OwnedFd> {
+    let wrong = |why: &str| Error::Environment(format!("{ENV_LISTEN_FD}={fd_text}: {why}"));
+    let fd: RawFd = fd_text.trim().parse().map_err(|_| wrong("not a file descriptor number"))?;
+    if fd < 0 {
+        return Err(wrong("not a file descriptor number"));
+    }
+    // SAFETY: fstat only reads the descriptor table; an unknown number answers EBADF.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut stat) } != 0 {
+        return Err(wrong("not an open file descriptor"));
+    }
+    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(wrong("not a socket"));
+    }
+    // SAFETY: the fd is open and is a socket; the master passed it to this process alone.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    if socket::getsockopt(&borrowed, sockopt::SockType) != Ok(SockType::Stream) {
+        return Err(wrong("not a SOCK_STREAM socket"));
+    }
+    if socket::getsockopt(&borrowed, sockopt::AcceptConn) != Ok(true) {
+        return Err(wrong("not a listening socket"));
+    }
+    nix::fcntl::fcntl(borrowed, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
+        .map_err(|e| Error::io("set FD_CLOEXEC on the listener", e))?;
+    // SAFETY: checked above; from here the Worker is its only owner in this process.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
