@@ -7,7 +7,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sticky_cluster::config::{Config, Overrides, WorkerSource};
+use sticky_cluster::config::{Config, Overrides, Routing, WorkerSource};
 use sticky_cluster::master::{self, Stop};
 use sticky_cluster::worker::{ENV_CHANNEL_FD, ENV_SOCKET};
 use sticky_cluster::Worker;
@@ -52,6 +52,10 @@ pub struct sticky_options {
     /// Milliseconds a connection may wait for its worker before it goes to the next ready one
     /// (YAML `queue.maxWait`). Default 10000.
     pub queue_max_wait_ms: u64,
+    /// Who routes connections (YAML `routing`): "handoff" (the master hands each socket on) or "kernel"
+    /// (each worker accepts from its own SO_REUSEPORT listener, a BPF program routes; `sticky_worker_fd`
+    /// and `sticky_worker_accept` work unchanged). NULL or the default: "handoff".
+    pub routing: *const c_char,
 }
 
 /// The worker entry point `sticky_run` calls in each worker process.
@@ -85,6 +89,7 @@ pub unsafe extern "C" fn sticky_options_init(opts: *mut sticky_options) {
             worker_cwd: std::ptr::null(),
             queue_limit: u32::try_from(defaults.queue_limit).unwrap_or(u32::MAX),
             queue_max_wait_ms: millis(defaults.queue_max_wait),
+            routing: c"handoff".as_ptr(),
         };
         Ok(STICKY_OK)
     });
@@ -343,7 +348,12 @@ unsafe fn config_from_options(opts: &sticky_options) -> Result<Config, Failure> 
     } else {
         Some(PathBuf::from(utf8_argument(opts.worker_cwd, &format!("{ORIGIN}.worker_cwd"))?))
     };
+    let routing = match text_or(opts.routing, "routing", "handoff".into())?.parse::<Routing>() {
+        Ok(routing) => routing,
+        Err(reason) => return Err(config_failure(format!("{ORIGIN}.routing: {reason}"))),
+    };
     let config = Config {
+        routing,
         port: opts.port,
         host: text_or(opts.host, "host", defaults.host)?,
         concurrency: opts.concurrency,
