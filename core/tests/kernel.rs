@@ -288,3 +288,40 @@ fn check_prints_the_mode_the_backlog_and_the_program() {
     assert_eq!(code, 0);
     assert!(stdout.contains("routing: handoff\nbacklog: 1024\n") && !stdout.contains("# kernel program"), "{stdout}");
 }
+
+fn reload_config(echo: &str) -> String {
+    format!(
+        "routing: kernel\nconcurrency: 2\nhardShutdownDelay: 10s\n\
+         env:\n  TEST_ECHO: '{echo}-{{index}}'\n  TEST_INIT_DELAY_MS: '200'\n"
+    )
+}
+
+#[test]
+fn a_rolling_restart_keeps_the_listeners_and_loses_no_connection() {
+    let cluster = Cluster::start(&reload_config("v1"));
+    cluster.wait_all_ready(2);
+    let answers = |cluster: &Cluster| -> Vec<serde_json::Value> {
+        (0..2).map(|index| cluster.get(clients_for(index, 2, 1, 0)[0], "/").unwrap()).collect()
+    };
+    let before = answers(&cluster);
+    let load = SteadyLoad::start(
+        server(&cluster),
+        "/sleep/20",
+        (0..4u32).map(|t| (t * 10..t * 10 + 10).map(client_address).collect()).collect(),
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    cluster.rewrite_config(&reload_config("v2"));
+    cluster.signal(Signal::SIGHUP);
+    cluster.wait_for_log("every worker runs the new configuration", LONG);
+    std::thread::sleep(Duration::from_millis(200));
+    let (served, failed) = load.stop();
+    assert_eq!(failed, 0, "a rolling restart loses no connection: each successor takes the same listener");
+    assert!(served > 20, "{served}");
+    let after = answers(&cluster);
+    for index in 0..2 {
+        assert_eq!(after[index]["worker"], index as u64);
+        assert_eq!(after[index]["echo"], format!("v2-{index}"), "the new environment is in effect");
+        assert_ne!(after[index]["pid"], before[index]["pid"], "worker {index} was restarted");
+    }
+    assert_sticky(&cluster, 2);
+}
