@@ -23,6 +23,9 @@ declare namespace stickyCluster {
     env?: (index: number) => Record<string, string | number | boolean | undefined>;
     /** Milliseconds a graceful shutdown may take before workers are killed. Default: 60000. */
     hardShutdownDelay?: number;
+    /** `handoff` (default: the master hands each socket on) or `kernel` (each worker accepts from its own
+     *  SO_REUSEPORT listener, routed by a BPF program; native addon only). */
+    routing?: 'handoff' | 'kernel';
     /** Gets listen errors (a Node-style Error with `code`, e.g. EADDRINUSE). Default: log and exit 1. */
     errorHandler?: (error: NodeJS.ErrnoException & { address?: string; port?: number }) => void;
   }

@@ -101,6 +101,7 @@ function normalizeOptions(options) {
     debug: Boolean(options.debug),
     hardShutdownDelay: options.hardShutdownDelay || DEFAULT_HARD_SHUTDOWN_DELAY,
     env: options.env || ((index) => ({ stickycluster_worker_index: index })),
+    routing: options.routing || 'handoff',
     errorHandler:
       options.errorHandler ||
       ((error) => {
@@ -120,6 +121,9 @@ function normalizeOptions(options) {
   if (typeof settings.prefix !== 'string') throw problem('prefix', 'a string', options.prefix);
   if (typeof settings.hardShutdownDelay !== 'number' || !(settings.hardShutdownDelay >= 0)) {
     throw problem('hardShutdownDelay', 'a number of milliseconds', options.hardShutdownDelay);
+  }
+  if (settings.routing !== 'handoff' && settings.routing !== 'kernel') {
+    throw problem('routing', "'handoff' or 'kernel'", options.routing);
   }
   if (typeof settings.env !== 'function') throw problem('env', 'a function (index) => object', options.env);
   if (typeof settings.errorHandler !== 'function') {
@@ -152,6 +156,9 @@ function runMaster(settings) {
     process[on ? 'on' : 'removeListener']('SIGTERM', onSignal);
     process[on ? 'on' : 'removeListener']('SIGINT', onSignal);
   };
+  if (implementation.name === 'js' && settings.routing === 'kernel') {
+    throw new TypeError("sticky-cluster-native: options.routing 'kernel' needs the native addon (the JavaScript implementation routes in the master)");
+  }
   if (implementation.name === 'js') {
     const { startJsMaster } = require('./js/master');
     cluster = startJsMaster(settings, {
@@ -181,6 +188,7 @@ function runMaster(settings) {
         hardShutdownDelayMs: settings.hardShutdownDelay,
         command,
         env,
+        routing: settings.routing,
       },
       onEnd
     );

@@ -63,9 +63,10 @@ struct KernelListener {
     listener: OwnedFd,
     /// Level-triggered epoll over the channel, and over the listener once ready was sent.
     poll: OwnedFd,
-    /// The accept queue was found empty after the shutdown message: from now on only [`Error::Shutdown`].
+    /// The accept queue was found empty after the shutdown message (from now on only [`Error::Shutdown`])
+    /// or after [`Worker::stop_accepting`] (only [`Error::ChannelClosed`]).
     drained: AtomicBool,
-    /// [`Worker::stop_accepting`] was called: take nothing more from the listener.
+    /// [`Worker::stop_accepting`] was called: drain the accept queue, then report the end.
     stopped: AtomicBool,
 }
 
@@ -232,8 +233,8 @@ impl Worker {
     }
 
     /// Stops taking connections, from any thread: a blocked or later `accept` still gets what the
-    /// channel already holds, then [`Error::ChannelClosed`]. The master queues this index's next
-    /// connections (and revives or redirects as usual).
+    /// channel (with `routing: kernel`, the accept queue) already holds, then [`Error::ChannelClosed`]. The
+    /// master queues this index's next connections (and revives or redirects as usual).
     pub fn stop_accepting(&self) -> Result<()> {
         if let Some(kernel) = &self.kernel {
             kernel.stopped.store(true, Ordering::SeqCst);
@@ -291,6 +292,17 @@ impl Worker {
     /// accept queue is drained (what the kernel completed is served), then [`Error::Shutdown`] for good.
     fn kernel_connection(&self, kernel: &KernelListener, wait: bool) -> Result<Connection> {
         loop {
+            if kernel.stopped.load(Ordering::SeqCst) {
+                // stop_accepting: what the accept queue already holds still arrives, then the end.
+                if !kernel.drained.load(Ordering::SeqCst) && self.ready_sent.load(Ordering::SeqCst) {
+                    match kernel.accept() {
+                        Ok(Some(connection)) => return Ok(connection),
+                        Ok(None) => kernel.drained.store(true, Ordering::SeqCst),
+                        Err(error) => return Err(error),
+                    }
+                }
+                return Err(Error::ChannelClosed);
+            }
             if self.shutdown_deadline_ms().is_none() {
                 match recv_message(self.channel.as_fd(), true) {
                     Ok(received) => match received.message {
@@ -308,25 +320,14 @@ impl Worker {
             if kernel.drained.load(Ordering::SeqCst) {
                 return Err(Error::Shutdown);
             }
-            if self.ready_sent.load(Ordering::SeqCst) && !kernel.stopped.load(Ordering::SeqCst) {
-                match socket::accept4(&kernel.listener, SockFlag::SOCK_CLOEXEC) {
-                    Ok(fd) => {
-                        let stream = std::net::TcpStream::from(fd);
-                        let peer = stream.peer_addr();
-                        let local = stream.local_addr();
-                        match (peer, local) {
-                            (Ok(peer), Ok(local)) => return Ok(Connection { stream, peer, local }),
-                            // Reset before we looked at it: nothing to serve.
-                            _ => continue,
-                        }
-                    }
-                    Err(nix::errno::Errno::EAGAIN) if draining => {
+            if self.ready_sent.load(Ordering::SeqCst) {
+                match kernel.accept()? {
+                    Some(connection) => return Ok(connection),
+                    None if draining => {
                         kernel.drained.store(true, Ordering::SeqCst);
                         return Err(Error::Shutdown);
                     }
-                    Err(nix::errno::Errno::EAGAIN) => {}
-                    Err(nix::errno::Errno::EINTR | nix::errno::Errno::ECONNABORTED) => continue,
-                    Err(errno) => return Err(Error::io("accept from the listener", errno)),
+                    None => {}
                 }
             } else if draining {
                 return Err(Error::Shutdown);
@@ -438,6 +439,25 @@ impl KernelListener {
             return Err(Error::io("watch the worker's fds", std::io::Error::last_os_error()));
         }
         Ok(())
+    }
+
+    /// One connection from the accept queue, `None` when it is empty (the listener is non-blocking).
+    fn accept(&self) -> Result<Option<Connection>> {
+        loop {
+            match socket::accept4(&self.listener, SockFlag::SOCK_CLOEXEC) {
+                Ok(fd) => {
+                    let stream = std::net::TcpStream::from(fd);
+                    match (stream.peer_addr(), stream.local_addr()) {
+                        (Ok(peer), Ok(local)) => return Ok(Some(Connection { stream, peer, local })),
+                        // Reset before we looked at it: nothing to serve.
+                        _ => continue,
+                    }
+                }
+                Err(nix::errno::Errno::EAGAIN) => return Ok(None),
+                Err(nix::errno::Errno::EINTR | nix::errno::Errno::ECONNABORTED) => continue,
+                Err(errno) => return Err(Error::io("accept from the listener", errno)),
+            }
+        }
     }
 
     /// Whether the caller made the poll fd non-blocking (then `accept_blocking` must not block either).

@@ -8,7 +8,7 @@ use napi::bindgen_prelude::{Either, Unknown};
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::Status;
 use napi_derive::napi;
-use sticky_cluster::config::Overrides;
+use sticky_cluster::config::{Overrides, Routing};
 use sticky_cluster::master::{self, Stop};
 use sticky_cluster::{Config, Error, WorkerSource};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
@@ -32,6 +32,9 @@ pub struct ClusterOptions {
     pub command: Vec<String>,
     /// Extra environment for every worker (`{index}` in a value becomes the worker's index).
     pub env: HashMap<String, String>,
+    /// `handoff` (the default: the master hands each socket on) or `kernel` (each worker accepts from its
+    /// own SO_REUSEPORT listener; a BPF program routes).
+    pub routing: Option<String>,
 }
 
 /// Why the listener could not be opened: the OS error number and the address, for a Node-style Error.
@@ -176,7 +179,12 @@ fn config_from(options: ClusterOptions) -> napi::Result<Config> {
     if !(delay.is_finite() && delay >= 0.0) {
         return Err(invalid(format!("hardShutdownDelay: must be a number of milliseconds >= 0, got {delay}")));
     }
+    let routing = match options.routing.as_deref() {
+        None => Routing::Handoff,
+        Some(text) => text.parse::<Routing>().map_err(|reason| invalid(format!("routing: {reason}")))?,
+    };
     let config = Config {
+        routing,
         port,
         host: options.host,
         concurrency: options.concurrency,
