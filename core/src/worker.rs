@@ -557,6 +557,75 @@ mod tests {
         assert!(message(&stream.as_raw_fd().to_string()).ends_with("not a Unix SOCK_SEQPACKET channel"));
     }
 
+    /// A kernel-mode worker over a real listener (standing in for one of the group's) and a channel.
+    fn kernel_worker() -> (Worker, OwnedFd, std::net::SocketAddr) {
+        let (worker, master) = worker_and_master();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut worker = worker;
+        worker.kernel = Some(KernelListener::new(OwnedFd::from(listener), worker.channel.as_fd()).unwrap());
+        (worker, master, address)
+    }
+
+    fn readable(fd: BorrowedFd<'_>) -> bool {
+        let mut poll = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd, no timeout.
+        unsafe { libc::poll(&mut poll, 1, 0) > 0 }
+    }
+
+    #[test]
+    fn a_kernel_worker_accepts_only_after_ready_and_its_fd_says_when() {
+        let (worker, _master, address) = kernel_worker();
+        let _client = std::net::TcpStream::connect(address).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!readable(worker.channel_fd()), "nothing is readable before ready");
+        assert!(matches!(worker.try_accept(), Err(Error::WouldBlock)), "the client waits in the kernel");
+        worker.ready().unwrap();
+        assert!(readable(worker.channel_fd()), "the waiting client wakes the poll fd");
+        let connection = worker.accept_blocking().unwrap();
+        assert_eq!(connection.local, address);
+        assert!(matches!(worker.try_accept(), Err(Error::WouldBlock)));
+        assert!(worker.listen_fd().is_some());
+    }
+
+    #[test]
+    fn a_kernel_worker_drains_its_accept_queue_after_shutdown() {
+        let (worker, master, address) = kernel_worker();
+        worker.ready().unwrap();
+        let _clients: Vec<_> = (0..3).map(|_| std::net::TcpStream::connect(address).unwrap()).collect();
+        send_message(master.as_fd(), &Message::Shutdown { deadline_ms: 900 }, None, false).unwrap();
+        for _ in 0..3 {
+            assert!(worker.accept_blocking().is_ok(), "completed connections are served after the shutdown");
+        }
+        assert!(matches!(worker.accept_blocking(), Err(Error::Shutdown)));
+        let _late = std::net::TcpStream::connect(address).unwrap();
+        assert!(matches!(worker.try_accept(), Err(Error::Shutdown)), "drained: the end sticks");
+        assert_eq!(worker.shutdown_deadline_ms(), Some(900));
+    }
+
+    #[test]
+    fn stop_accepting_drains_a_kernel_workers_queue_then_reports_the_end() {
+        let (worker, _master, address) = kernel_worker();
+        worker.ready().unwrap();
+        let _client = std::net::TcpStream::connect(address).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        worker.stop_accepting().unwrap();
+        assert!(worker.accept_blocking().is_ok(), "the connection already queued still arrives");
+        assert!(matches!(worker.accept_blocking(), Err(Error::ChannelClosed)));
+    }
+
+    #[test]
+    fn an_inherited_listener_is_checked_before_it_is_trusted() {
+        let message = |text: &str| inherited_listener(text).unwrap_err().to_string();
+        assert!(message("x").ends_with("STICKY_CLUSTER_LISTEN_FD=x: not a file descriptor number"));
+        let file = std::fs::File::open("/dev/null").unwrap();
+        assert!(message(&file.as_raw_fd().to_string()).ends_with("not a socket"));
+        let (stream, _other) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(message(&stream.as_raw_fd().to_string()).ends_with("not a listening socket"));
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        assert!(message(&udp.as_raw_fd().to_string()).ends_with("not a SOCK_STREAM socket"));
+    }
+
     #[test]
     fn try_accept_never_blocks() {
         let (worker, master) = worker_and_master();

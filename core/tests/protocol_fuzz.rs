@@ -34,6 +34,7 @@ fn any_message() -> impl Strategy<Value = Message> {
         any::<u64>().prop_map(|deadline_ms| Message::Shutdown { deadline_ms }),
         (any::<u32>(), any::<u32>()).prop_map(|(index, concurrency)| Message::Welcome { index, concurrency }),
         "[ -~]{0,200}".prop_map(|reason| Message::Refused { reason }),
+        Just(Message::Listener),
     ]
 }
 
@@ -114,7 +115,7 @@ proptest! {
         match &received {
             Ok(r) => {
                 prop_assert!(!oversize, "an oversize datagram is refused");
-                let wants_fd = matches!(r.message, Message::Connection { .. });
+                let wants_fd = matches!(r.message, Message::Connection { .. } | Message::Listener);
                 prop_assert_eq!(wants_fd, expect_fd);
                 prop_assert_eq!(fd_count, usize::from(wants_fd));
             }
