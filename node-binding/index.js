@@ -395,10 +395,28 @@ function runWorker(startFn, settings) {
       throw new TypeError('sticky-cluster-native: callback(server) needs a net.Server (http.Server, https.Server, ...)');
     }
     server = userServer;
+    const listenFd = worker.listenFd;
     worker.start(onConnection, onEnd);
-    // Ready only now: connections for this index waited in the master during the user's async init.
-    worker.ready();
-    debug('ready');
+    if (listenFd === null) {
+      // Ready only now: connections for this index waited in the master during the user's async init.
+      worker.ready();
+      debug('ready');
+      return;
+    }
+    // routing: 'kernel': Node accepts from this worker's own listener (clients waited in its kernel accept
+    // queue meanwhile); the accept thread only waits for the shutdown and then drains what is left.
+    server.on('connection', (socket) => {
+      if (sockets.has(socket)) return;
+      sockets.add(socket);
+      socket.once('close', () => {
+        sockets.delete(socket);
+        if (draining) exitWhenDrained();
+      });
+    });
+    server.listen({ fd: listenFd }, () => {
+      worker.ready();
+      debug('ready (accepting from its own listener)');
+    });
   });
   return undefined;
 }

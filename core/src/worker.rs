@@ -207,6 +207,25 @@ impl Worker {
         self.send(&Message::Ready)
     }
 
+    /// `routing: kernel`, for servers that accept from [`Worker::listen_fd`] themselves: blocks until the
+    /// master's shutdown message (`Ok`, then drain with [`Worker::try_accept`]) or the end of the channel
+    /// ([`Error::ChannelClosed`], also after [`Worker::stop_accepting`]). Takes nothing from the listener.
+    pub fn wait_for_shutdown(&self) -> Result<()> {
+        loop {
+            if self.shutdown_deadline_ms().is_some() {
+                return Ok(());
+            }
+            let received = recv_message(self.channel.as_fd(), false)?;
+            match received.message {
+                Message::Shutdown { deadline_ms } => {
+                    self.shutdown_deadline_ms.store(deadline_ms.min(NOT_SHUTTING_DOWN - 1), Ordering::SeqCst);
+                }
+                Message::Welcome { .. } => {}
+                other => return Err(Error::Protocol(format!("unexpected message from the master: {other:?}"))),
+            }
+        }
+    }
+
     /// Milliseconds the master granted for draining, once it has asked this worker to shut down.
     pub fn shutdown_deadline_ms(&self) -> Option<u64> {
         match self.shutdown_deadline_ms.load(Ordering::SeqCst) {

@@ -26,6 +26,8 @@ test("routing: 'kernel' puts 200 addresses x 2 rounds on their string-hash worke
     }
   }
   assert.ok(used.every((count) => count > 0), `every worker served: ${used}`);
+  const native = app.stderr.match(/ready \(accepting from its own listener\)/g) || [];
+  assert.strictEqual(native.length, concurrency, `every worker accepts natively:\n${app.stderr}`);
   app.child.kill('SIGTERM');
   assert.deepStrictEqual(await app.exited, { code: 0, signal: null }, app.stderr);
 });
