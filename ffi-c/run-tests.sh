@@ -200,7 +200,7 @@ fi
 rm -f "$work"/asan/live*
 
 no_worker_env=(env -u STICKY_CLUSTER_FD -u STICKY_CLUSTER_SOCKET -u STICKY_CLUSTER_WORKER_INDEX
-    -u stickycluster_worker_index -u STICKY_CLUSTER_CONCURRENCY)
+    -u stickycluster_worker_index -u STICKY_CLUSTER_CONCURRENCY -u STICKY_CLUSTER_LISTEN_FD)
 check "error codes: missing environment, closed channel, EAGAIN, NULLs, config, EADDRINUSE (static .a)" \
     "$work/logs/errors-static.log" timeout 60 "${no_worker_env[@]}" "$bin/errors-static"
 
@@ -220,6 +220,12 @@ for variant in plain asan; do
         "${no_worker_env[@]}" "$sticky_cluster" --port 0 --concurrency 2 --hard-shutdown-delay 10s \
         -- "$bin/epoll_worker-$variant"
     [ "$variant" = asan ] && asan_clean epoll-nonblocking
+
+    # routing: kernel: the same worker, unchanged, accepting from its own SO_REUSEPORT listener.
+    cluster_scenario epoll-kernel-routing "$variant" 2 100 "ok STICKY_ESHUTDOWN" \
+        "${no_worker_env[@]}" "$sticky_cluster" --port 0 --concurrency 2 --hard-shutdown-delay 10s \
+        --routing kernel -- "$bin/epoll_worker-$variant"
+    [ "$variant" = asan ] && asan_clean epoll-kernel-routing
 
     cluster_scenario c-server "$variant" 3 200 "c-server worker .*: STICKY_ESHUTDOWN, draining" \
         "${no_worker_env[@]}" "$bin/c-server-$variant" --port 0 --concurrency 3

@@ -27,6 +27,9 @@ declare namespace stickyCluster {
     clientAddress?: 'peer' | 'proxy-protocol' | 'x-forwarded-for';
     /** Balancers whose PROXY/X-Forwarded-For headers are believed (CIDR blocks); required unless clientAddress is 'peer'. */
     trustedProxies?: string[];
+    /** `handoff` (default: the master hands each socket on) or `kernel` (each worker accepts from its own
+     *  SO_REUSEPORT listener, routed by a BPF program; native addon only). */
+    routing?: 'handoff' | 'kernel';
     /** Gets listen errors (a Node-style Error with `code`, e.g. EADDRINUSE). Default: log and exit 1. */
     errorHandler?: (error: NodeJS.ErrnoException & { address?: string; port?: number }) => void;
   }

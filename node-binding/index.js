@@ -103,6 +103,7 @@ function normalizeOptions(options) {
     clientAddress: options.clientAddress || 'peer',
     trustedProxies: options.trustedProxies || [],
     env: options.env || ((index) => ({ stickycluster_worker_index: index })),
+    routing: options.routing || 'handoff',
     errorHandler:
       options.errorHandler ||
       ((error) => {
@@ -122,6 +123,9 @@ function normalizeOptions(options) {
   if (typeof settings.prefix !== 'string') throw problem('prefix', 'a string', options.prefix);
   if (typeof settings.hardShutdownDelay !== 'number' || !(settings.hardShutdownDelay >= 0)) {
     throw problem('hardShutdownDelay', 'a number of milliseconds', options.hardShutdownDelay);
+  }
+  if (settings.routing !== 'handoff' && settings.routing !== 'kernel') {
+    throw problem('routing', "'handoff' or 'kernel'", options.routing);
   }
   if (typeof settings.env !== 'function') throw problem('env', 'a function (index) => object', options.env);
   if (!['peer', 'proxy-protocol', 'x-forwarded-for'].includes(settings.clientAddress)) {
@@ -162,13 +166,13 @@ function runMaster(settings) {
   };
   if (implementation.name === 'js' && settings.clientAddress !== 'peer') {
     // Reading proxy headers is the native master's; routing by the balancer's address would break stickiness.
-    const error = new Error(
-      `sticky-cluster-native: clientAddress '${settings.clientAddress}' needs the native master; ` +
-        'the JavaScript implementation routes by the TCP peer only'
+    throw new TypeError(
+      `sticky-cluster-native: options.clientAddress '${settings.clientAddress}' needs the native addon ` +
+        '(the JavaScript implementation routes by the TCP peer only)'
     );
-    error.code = 'ERR_STICKY_CLUSTER_NATIVE_REQUIRED';
-    process.nextTick(settings.errorHandler, error);
-    return undefined;
+  }
+  if (implementation.name === 'js' && settings.routing === 'kernel') {
+    throw new TypeError("sticky-cluster-native: options.routing 'kernel' needs the native addon (the JavaScript implementation routes in the master)");
   }
   if (implementation.name === 'js') {
     const { startJsMaster } = require('./js/master');
@@ -201,6 +205,7 @@ function runMaster(settings) {
         trustedProxies: settings.trustedProxies,
         command,
         env,
+        routing: settings.routing,
       },
       onEnd
     );
@@ -407,10 +412,28 @@ function runWorker(startFn, settings) {
       throw new TypeError('sticky-cluster-native: callback(server) needs a net.Server (http.Server, https.Server, ...)');
     }
     server = userServer;
+    const listenFd = worker.listenFd;
     worker.start(onConnection, onEnd);
-    // Ready only now: connections for this index waited in the master during the user's async init.
-    worker.ready();
-    debug('ready');
+    if (listenFd === null) {
+      // Ready only now: connections for this index waited in the master during the user's async init.
+      worker.ready();
+      debug('ready');
+      return;
+    }
+    // routing: 'kernel': Node accepts from this worker's own listener (clients waited in its kernel accept
+    // queue meanwhile); the accept thread only waits for the shutdown and then drains what is left.
+    server.on('connection', (socket) => {
+      if (sockets.has(socket)) return;
+      sockets.add(socket);
+      socket.once('close', () => {
+        sockets.delete(socket);
+        if (draining) exitWhenDrained();
+      });
+    });
+    server.listen({ fd: listenFd }, () => {
+      worker.ready();
+      debug('ready (accepting from its own listener)');
+    });
   });
   return undefined;
 }

@@ -50,6 +50,42 @@ pub struct Config {
     pub header_wait_limit: usize,
     /// How long one may take to send it (`headerWait.maxWait`).
     pub header_wait_max_wait: Duration,
+    /// Who routes connections: the master (`handoff`) or the kernel's `SO_REUSEPORT` group (`kernel`).
+    pub routing: Routing,
+    /// Listen backlog of the client listener (of each listener of the group in kernel mode).
+    pub backlog: u32,
+}
+
+/// Who puts each connection on its worker (YAML `routing`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Routing {
+    /// The master accepts and hands each socket to its worker's channel.
+    #[default]
+    Handoff,
+    /// One `SO_REUSEPORT` listener per worker and a BPF program: the kernel routes, no process in the path.
+    Kernel,
+}
+
+impl Routing {
+    /// The YAML spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Routing::Handoff => "handoff",
+            Routing::Kernel => "kernel",
+        }
+    }
+}
+
+impl std::str::FromStr for Routing {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Routing, String> {
+        match text {
+            "handoff" => Ok(Routing::Handoff),
+            "kernel" => Ok(Routing::Kernel),
+            other => Err(format!("expected handoff or kernel, got {other:?}")),
+        }
+    }
 }
 
 /// How the master gets its workers.
@@ -96,6 +132,8 @@ impl Default for Config {
             trusted_proxies: TrustedProxies::default(),
             header_wait_limit: DEFAULT_HEADER_WAIT_LIMIT,
             header_wait_max_wait: DEFAULT_HEADER_WAIT,
+            routing: Routing::Handoff,
+            backlog: 1024,
         }
     }
 }
@@ -116,6 +154,8 @@ struct FileConfig {
     queue: Option<QueueSection>,
     metrics: Option<MetricsSection>,
     client_address: Option<ClientAddressSource>,
+    routing: Option<Routing>,
+    backlog: Option<Concurrency>,
     trusted_proxies: Option<Vec<CidrText>>,
     header_wait: Option<HeaderWaitSection>,
 }
@@ -343,6 +383,8 @@ pub struct Overrides {
     pub command: Vec<String>,
     /// `--trusted-proxy` (repeatable): replaces the file's `trustedProxies` when given.
     pub trusted_proxies: Vec<Cidr>,
+    /// `--routing`.
+    pub routing: Option<Routing>,
 }
 
 impl Config {
@@ -397,6 +439,8 @@ impl Config {
             header_wait_limit: header_wait.limit.map_or(defaults.header_wait_limit, |l| l.0 as usize),
             header_wait_max_wait: header_wait.max_wait.map_or(defaults.header_wait_max_wait, |m| m.0),
             metrics: file.metrics.map(|m| SocketAddr::new(m.host.unwrap_or(IpAddr::from([127, 0, 0, 1])), m.port)),
+            routing: file.routing.unwrap_or_default(),
+            backlog: file.backlog.map_or(defaults.backlog, |b| b.0),
         })
     }
 
@@ -428,6 +472,15 @@ impl Config {
                     )))
                 }
             }
+        }
+        if let Some(routing) = overrides.routing {
+            self.routing = routing;
+        }
+        if self.routing == Routing::Kernel && self.client_address != ClientAddressSource::Peer {
+            return Err(Error::Config(format!(
+                "{origin}: clientAddress: only `peer` works with `routing: kernel` (the kernel routes on the SYN, \
+                 before any header is sent)"
+            )));
         }
         if !overrides.trusted_proxies.is_empty() {
             self.trusted_proxies = TrustedProxies(overrides.trusted_proxies);
@@ -516,6 +569,7 @@ impl Config {
             self.header_wait_limit,
             self.header_wait_max_wait.as_millis()
         );
+        out += &format!("routing: {}\nbacklog: {}\n", self.routing.as_str(), self.backlog);
         if let Some(metrics) = self.metrics {
             out += &format!("metrics:\n  host: {}\n  port: {}\n", quote(&metrics.ip().to_string()), metrics.port());
         }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use sticky_cluster::client_address::Cidr;
-use sticky_cluster::config::{parse_duration, Config, Overrides};
+use sticky_cluster::config::{parse_duration, Config, Overrides, Routing};
 use sticky_cluster::master::{self, Stop};
 use sticky_cluster::Error;
 use tokio::signal::unix::{signal, SignalKind};
@@ -48,6 +48,9 @@ struct Cli {
     /// `10.0.0.0/8`; repeat it for several. Replaces the file's `trustedProxies`.
     #[arg(long = "trusted-proxy", value_name = "CIDR", value_parser = parse_cidr)]
     trusted_proxies: Vec<Cidr>,
+    /// Who routes: `handoff` (the master, default) or `kernel` (a SO_REUSEPORT group and a BPF program).
+    #[arg(long, value_name = "MODE")]
+    routing: Option<Routing>,
     /// Validate the configuration, print the effective one, and exit.
     #[arg(long)]
     check: bool,
@@ -67,6 +70,15 @@ fn main() -> ExitCode {
     };
     if cli.check {
         print!("{}", config.to_yaml());
+        if config.routing == Routing::Kernel {
+            match kernel_program(&config) {
+                Ok(line) => println!("{line}"),
+                Err(error) => {
+                    eprintln!("error: {error}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
+        }
         eprintln!("{origin}: configuration is valid");
         return ExitCode::SUCCESS;
     }
@@ -123,8 +135,20 @@ fn load(cli: &Cli) -> sticky_cluster::Result<(Config, String)> {
         hard_shutdown_delay: cli.hard_shutdown_delay,
         command: cli.command.clone(),
         trusted_proxies: cli.trusted_proxies.clone(),
+        routing: cli.routing,
     };
     Ok((config.apply(overrides, &origin)?, origin))
+}
+
+/// `# kernel program: N instructions; ...`: what the kernel will run, generated as the master would.
+fn kernel_program(config: &Config) -> sticky_cluster::Result<String> {
+    use sticky_cluster::reuseport::{interfaces, program, text_form};
+    let address =
+        config.listen_addresses()?.into_iter().next().ok_or_else(|| Error::Config("host: no address".into()))?;
+    let form = text_form(address);
+    let interfaces = if form == program::TextForm::Ipv6 { interfaces() } else { Vec::new() };
+    let program = program::generate(form, config.concurrency, &interfaces).map_err(Error::Config)?;
+    Ok(format!("# kernel program: {} instructions; {}", program.instructions.len(), form.describe()))
 }
 
 /// Binds, then runs the master with SIGTERM/SIGINT as shutdown requests (the first is graceful, a

@@ -32,6 +32,7 @@ pub fn render(
     redirected: u64,
     closed: u64,
     revivals: u64,
+    recovered: u64,
     header_wait: &HeaderWaitGauge,
     attach_handshakes: usize,
 ) -> String {
@@ -81,6 +82,12 @@ pub fn render(
         "counter",
         "Worker processes started again after one died.",
         &mut std::iter::once((None, revivals.to_string())),
+    );
+    family(
+        "sticky_cluster_connections_recovered_total",
+        "counter",
+        "Connections taken back from a dead worker's channel (sent, never received) and served by another.",
+        &mut std::iter::once((None, recovered.to_string())),
     );
     let mut single = |name: &str, kind: &str, help: &str, value: String| {
         family(name, kind, help, &mut std::iter::once((None, value)));
@@ -199,13 +206,14 @@ mod tests {
         let workers =
             [WorkerGauge { routed: 5, queued: 0, ready: true }, WorkerGauge { routed: 0, queued: 3, ready: false }];
         let waits = HeaderWaitGauge { waiting: 3, limit: 1024, refused: 7, rejected: 2, timed_out: 1 };
-        let page = render(&workers, 2, 1, 4, &waits, 5);
+        let page = render(&workers, 2, 1, 4, 9, &waits, 5);
         assert!(page.contains("sticky_cluster_connections_routed_total{worker=\"0\"} 5\n"));
         assert!(page.contains("sticky_cluster_queue_depth{worker=\"1\"} 3\n"));
         assert!(page.contains("sticky_cluster_worker_ready{worker=\"1\"} 0\n"));
         assert!(page.contains("sticky_cluster_connections_redirected_total 2\n"));
         assert!(page.contains("sticky_cluster_connections_closed_total 1\n"));
         assert!(page.contains("sticky_cluster_worker_revivals_total 4\n"));
+        assert!(page.contains("sticky_cluster_connections_recovered_total 9\n"));
         assert!(page.contains("# TYPE sticky_cluster_queue_depth gauge\n"));
         assert!(page.contains("sticky_cluster_header_waiting 3\n"));
         assert!(page.contains("sticky_cluster_header_wait_refused_total 7\n"));

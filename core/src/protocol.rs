@@ -7,7 +7,7 @@
 //! | --- | --- |
 //! | 0..2 | magic `SC` |
 //! | 2 | protocol version ([`PROTOCOL_VERSION`]) |
-//! | 3 | kind: 1 hello, 2 ready, 3 connection, 4 shutdown, 5 welcome, 6 refused, 9 channel |
+//! | 3 | kind: 1 hello, 2 ready, 3 connection, 4 shutdown, 5 welcome, 6 refused, 7 listener, 8 channel |
 //! | 4.. | body |
 //!
 //! Bodies: hello `index u32, pid u32` (index `u32::MAX` = any free index, attach mode only); ready: empty;
@@ -16,8 +16,10 @@
 //! welcome `index u32, concurrency u32`; refused: UTF-8 reason; channel: empty, with exactly one fd (attach
 //! mode: right after the welcome, the worker's end of a fresh channel pair; the master keeps a copy, so what
 //! the worker never received survives its death, and the attach connection stays open only to tell the
-//! master when the worker is gone). Worker→master: hello, ready. Master→worker: welcome, channel, refused
-//! (attach mode), connection, shutdown.
+//! master when the worker is gone); listener: empty, with exactly one fd (`routing: kernel`, attach mode: the
+//! worker's `SO_REUSEPORT` listener, sent just before the welcome so the worker has it when the welcome
+//! arrives). Worker→master: hello, ready. Master→worker: listener, welcome, channel, refused (attach mode),
+//! connection, shutdown.
 
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -77,9 +79,11 @@ pub enum Message {
     },
     /// Master→worker (attach, after the welcome): the worker's end of its channel travels with this message.
     Channel,
+    /// Master→worker (attach, `routing: kernel`): the worker's listener; its fd travels with this message.
+    Listener,
 }
 
-/// A message together with the fd that arrived with it (only [`Message::Connection`] carries one).
+/// A message together with the fd that arrived with it ([`Message::Connection`] and [`Message::Listener`]).
 #[derive(Debug)]
 pub struct Received {
     /// The decoded message.
@@ -97,7 +101,8 @@ impl Message {
             Message::Shutdown { .. } => 4,
             Message::Welcome { .. } => 5,
             Message::Refused { .. } => 6,
-            Message::Channel => 9,
+            Message::Channel => 8,
+            Message::Listener => 7,
         }
     }
 
@@ -112,7 +117,7 @@ impl Message {
                 bytes.extend_from_slice(&index.to_le_bytes());
                 bytes.extend_from_slice(&pid.to_le_bytes());
             }
-            Message::Ready | Message::Channel => {}
+            Message::Ready | Message::Channel | Message::Listener => {}
             Message::Connection { peer, local } => {
                 encode_address(&mut bytes, peer);
                 encode_address(&mut bytes, local);
@@ -164,7 +169,8 @@ impl Message {
                 .and_then(|_| Ok(Message::Shutdown { deadline_ms: u64::from_le_bytes(field(body, 0)?) })),
             5 => exact(8, "welcome").and_then(|_| Ok(Message::Welcome { index: u32_at(0)?, concurrency: u32_at(4)? })),
             6 => Ok(Message::Refused { reason: String::from_utf8_lossy(body).into_owned() }),
-            9 => exact(0, "channel").map(|_| Message::Channel),
+            8 => exact(0, "channel").map(|_| Message::Channel),
+            7 => exact(0, "listener").map(|_| Message::Listener),
             kind => Err(Error::Protocol(format!("unknown message kind {kind}"))),
         }
     }
@@ -272,7 +278,7 @@ pub fn recv_message(channel: BorrowedFd<'_>, nonblocking: bool) -> Result<Receiv
         return Err(Error::Protocol(format!("datagram longer than {MAX_DATAGRAM} bytes")));
     }
     let message = Message::decode(&buffer[..bytes])?;
-    let wants_fd = matches!(message, Message::Connection { .. } | Message::Channel);
+    let wants_fd = matches!(message, Message::Connection { .. } | Message::Channel | Message::Listener);
     match (wants_fd, fds.len()) {
         (true, 1) => Ok(Received { message, fd: fds.pop() }),
         (false, 0) => Ok(Received { message, fd: None }),
@@ -289,6 +295,7 @@ fn message_name(message: &Message) -> &'static str {
         Message::Welcome { .. } => "welcome",
         Message::Refused { .. } => "refused",
         Message::Channel => "channel",
+        Message::Listener => "listener",
     }
 }
 

@@ -1,7 +1,7 @@
 //! Worker processes: spawning one per index with its private channel, describing how one ended,
 //! and the back-off that keeps a crash loop from spinning a core.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
@@ -14,7 +14,7 @@ use tokio::process::{Child, Command};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::worker::{ENV_CHANNEL_FD, ENV_CONCURRENCY, ENV_WORKER_INDEX, ENV_WORKER_INDEX_COMPAT};
+use crate::worker::{ENV_CHANNEL_FD, ENV_CONCURRENCY, ENV_LISTEN_FD, ENV_WORKER_INDEX, ENV_WORKER_INDEX_COMPAT};
 
 /// A freshly started worker process and the master's end of its channel (non-blocking).
 pub struct Spawned {
@@ -43,8 +43,15 @@ pub fn revival_delay(crashes: u32) -> Duration {
     }
 }
 
-/// Starts `command` as worker `index` with one end of a fresh SEQPACKET socketpair as `STICKY_CLUSTER_FD`.
-pub fn spawn_worker(config: &Config, command: &[String], cwd: Option<&std::path::Path>, index: u32) -> Result<Spawned> {
+/// Starts `command` as worker `index` with one end of a fresh SEQPACKET socketpair as `STICKY_CLUSTER_FD`,
+/// and in kernel mode its `listener` (the master keeps its own copy) as `STICKY_CLUSTER_LISTEN_FD`.
+pub fn spawn_worker(
+    config: &Config,
+    command: &[String],
+    cwd: Option<&std::path::Path>,
+    index: u32,
+    listener: Option<BorrowedFd<'_>>,
+) -> Result<Spawned> {
     let spawn_error = |source: std::io::Error| Error::Spawn { index, program: command[0].clone(), source };
     let (master_end, worker_end) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)
         .map_err(|e| spawn_error(e.into()))?;
@@ -66,12 +73,17 @@ pub fn spawn_worker(config: &Config, command: &[String], cwd: Option<&std::path:
         .env(ENV_CHANNEL_FD, worker_fd.to_string())
         // Terminal signals (Ctrl-C) go to the master alone, which then shuts workers down in order.
         .process_group(0);
+    let listen_fd = listener.map(|fd| fd.as_raw_fd());
+    if let Some(fd) = listen_fd {
+        process.env(ENV_LISTEN_FD, fd.to_string());
+    }
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         process.pre_exec(move || {
-            // The channel end was made close-on-exec so no other child inherits it; this one must. So must
-            // stdout and stderr: some hosts (Node) mark fds 0-2 close-on-exec, which would leave workers mute.
-            for fd in [worker_fd, 1, 2] {
+            // The channel end (and the listener in kernel mode) are close-on-exec so no other child inherits
+            // them; this one must. So must stdout and stderr: some hosts (Node) mark fds 0-2 close-on-exec,
+            // which would leave workers mute.
+            for fd in [worker_fd, 1, 2].into_iter().chain(listen_fd) {
                 let flags = libc::fcntl(fd, libc::F_GETFD);
                 if flags >= 0 && libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
                     return Err(std::io::Error::last_os_error());

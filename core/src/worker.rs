@@ -1,5 +1,10 @@
 //! The worker side: find the channel the master gave this process, say ready, and accept routed connections.
 //! Spawned workers inherit the channel as `STICKY_CLUSTER_FD`; attached ones dial `STICKY_CLUSTER_SOCKET`.
+//!
+//! With `routing: kernel` the worker also holds its own `SO_REUSEPORT` listener (inherited as
+//! `STICKY_CLUSTER_LISTEN_FD`, or sent before the attach welcome) and accepts from it itself, once ready; the
+//! channel still carries hello, ready and shutdown. Both are watched through one epoll fd, which is what
+//! [`Worker::channel_fd`] returns in that mode, so poll loops work unchanged.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -11,7 +16,10 @@ use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, Sockadd
 use tokio::io::unix::AsyncFd;
 
 use crate::error::{Error, Result};
-use crate::protocol::{recv_message, send_message, Message, ANY_INDEX};
+use crate::protocol::{recv_message, send_message, Message, Received, ANY_INDEX};
+
+mod kernel;
+use kernel::{inherited_listener, KernelListener};
 
 /// Environment variable with the worker's index (0-based).
 pub const ENV_WORKER_INDEX: &str = "STICKY_CLUSTER_WORKER_INDEX";
@@ -23,6 +31,9 @@ pub const ENV_CONCURRENCY: &str = "STICKY_CLUSTER_CONCURRENCY";
 pub const ENV_CHANNEL_FD: &str = "STICKY_CLUSTER_FD";
 /// Environment variable with the master's Unix socket path for an attached worker.
 pub const ENV_SOCKET: &str = "STICKY_CLUSTER_SOCKET";
+/// Environment variable with the inherited listener fd of a spawned worker with `routing: kernel`
+/// (removed from the environment once read: the fd is close-on-exec from then on).
+pub const ENV_LISTEN_FD: &str = "STICKY_CLUSTER_LISTEN_FD";
 
 /// A routed client connection, as the blocking [`Worker::accept_blocking`] hands it over.
 #[derive(Debug)]
@@ -47,6 +58,8 @@ pub struct Worker {
     attach_link: Option<OwnedFd>,
     ready_sent: AtomicBool,
     shutdown_deadline_ms: AtomicU64,
+    /// `routing: kernel`: this worker's listener.
+    kernel: Option<KernelListener>,
 }
 
 /// A borrowed view of the channel for tokio's reactor; the [`Worker`] keeps ownership.
@@ -70,8 +83,16 @@ impl Worker {
             let index = index_from_env()?
                 .ok_or_else(|| Error::Environment(format!("{ENV_CHANNEL_FD} is set but {ENV_WORKER_INDEX} is not")))?;
             let channel = inherited_channel(&fd_text)?;
+            let listener = match std::env::var_os(ENV_LISTEN_FD) {
+                Some(text) => Some(inherited_listener(&text.to_string_lossy())?),
+                None => None,
+            };
+            std::env::remove_var(ENV_LISTEN_FD);
             let concurrency = concurrency_from_env()?.unwrap_or(index + 1);
-            let worker = Worker::with_channel(channel, index, concurrency);
+            let mut worker = Worker::with_channel(channel, index, concurrency);
+            if let Some(listener) = listener {
+                worker.kernel = Some(KernelListener::new(listener, worker.channel.as_fd())?);
+            }
             worker.send(&Message::Hello { index, pid: std::process::id() })?;
             Ok(worker)
         } else if let Some(path) = std::env::var_os(ENV_SOCKET) {
@@ -95,34 +116,47 @@ impl Worker {
         // A master that refuses before reading the hello (a uid check) has closed its end already:
         // its refusal is still waiting to be read, and says more than the failed send.
         let sent = send_message(channel.as_fd(), &hello, None, false);
-        match recv_message(channel.as_fd(), sent.is_err()) {
-            Ok(received) => match received.message {
-                Message::Welcome { index, concurrency } => {
-                    // Then the worker's end of its own channel; the attach connection stays open so the
-                    // master learns when this process is gone.
-                    let own = recv_message(channel.as_fd(), false).map_err(|e| attach_error(e.to_string()))?;
-                    match own {
-                        crate::protocol::Received { message: Message::Channel, fd: Some(fd) } => {
-                            let mut worker = Worker::with_channel(fd, index, concurrency);
-                            worker.attach_link = Some(channel);
-                            Ok(worker)
+        let mut listener = None;
+        loop {
+            let received = recv_message(channel.as_fd(), sent.is_err());
+            return match received {
+                Ok(Received { message: Message::Listener, fd }) => {
+                    // Kernel routing: the listener comes just before the welcome.
+                    listener = fd;
+                    continue;
+                }
+                Ok(received) => match received.message {
+                    Message::Welcome { index, concurrency } => {
+                        // Then the worker's end of its own channel; the attach connection stays open so
+                        // the master learns when this process is gone.
+                        let own = match recv_message(channel.as_fd(), false) {
+                            Ok(Received { message: Message::Channel, fd: Some(own) }) => own,
+                            Ok(other) => {
+                                let got = format!("{:?}", other.message);
+                                return Err(attach_error(format!("expected the channel after the welcome, got {got}")));
+                            }
+                            Err(error) => return Err(attach_error(error.to_string())),
+                        };
+                        let mut worker = Worker::with_channel(own, index, concurrency);
+                        worker.attach_link = Some(channel);
+                        if let Some(listener) = listener {
+                            let kernel = KernelListener::new(listener, worker.channel.as_fd())
+                                .map_err(|e| attach_error(e.to_string()))?;
+                            worker.kernel = Some(kernel);
                         }
-                        other => Err(attach_error(format!(
-                            "expected the channel after the welcome, got {:?}",
-                            other.message
-                        ))),
+                        Ok(worker)
                     }
-                }
-                Message::Refused { reason } => Err(attach_error(format!("refused: {reason}"))),
-                other => Err(attach_error(format!("unexpected answer {other:?}"))),
-            },
-            Err(error) => match sent {
-                Err(errno) => Err(attach_error(format!("send hello: {}", errno.desc()))),
-                Ok(()) if matches!(error, Error::ChannelClosed) => {
-                    Err(attach_error("the master closed the socket".into()))
-                }
-                Ok(()) => Err(attach_error(error.to_string())),
-            },
+                    Message::Refused { reason } => Err(attach_error(format!("refused: {reason}"))),
+                    other => Err(attach_error(format!("unexpected answer {other:?}"))),
+                },
+                Err(error) => match sent {
+                    Err(errno) => Err(attach_error(format!("send hello: {}", errno.desc()))),
+                    Ok(()) if matches!(error, Error::ChannelClosed) => {
+                        Err(attach_error("the master closed the socket".into()))
+                    }
+                    Ok(()) => Err(attach_error(error.to_string())),
+                },
+            };
         }
     }
 
@@ -135,6 +169,7 @@ impl Worker {
             ready_sent: AtomicBool::new(false),
             shutdown_deadline_ms: AtomicU64::new(NOT_SHUTTING_DOWN),
             async_channel: OnceLock::new(),
+            kernel: None,
         }
     }
 
@@ -148,9 +183,19 @@ impl Worker {
         self.concurrency
     }
 
-    /// The channel fd: readable when a connection (or shutdown) is waiting, for poll/epoll loops.
+    /// The fd to poll: readable when a connection (or shutdown) is waiting, for poll/epoll loops. With
+    /// `routing: kernel` an epoll fd watching the channel and (once ready) the listener.
     pub fn channel_fd(&self) -> BorrowedFd<'_> {
-        self.channel.as_fd()
+        match &self.kernel {
+            Some(kernel) => kernel.poll.as_fd(),
+            None => self.channel.as_fd(),
+        }
+    }
+
+    /// `routing: kernel`: this worker's own listener (the master keeps a copy), for servers that accept
+    /// natively instead of through [`Worker::accept`]; `None` in handoff mode.
+    pub fn listen_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.kernel.as_ref().map(|kernel| kernel.listener.as_fd())
     }
 
     /// Tells the master initialisation is done; connections queued for this index start to flow.
@@ -159,7 +204,30 @@ impl Worker {
         if self.ready_sent.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
+        if let Some(kernel) = &self.kernel {
+            // From now on a waiting client wakes the poll fd; until now it waited in the kernel.
+            kernel.watch(kernel.listener.as_raw_fd())?;
+        }
         self.send(&Message::Ready)
+    }
+
+    /// `routing: kernel`, for servers that accept from [`Worker::listen_fd`] themselves: blocks until the
+    /// master's shutdown message (`Ok`, then drain with [`Worker::try_accept`]) or the end of the channel
+    /// ([`Error::ChannelClosed`], also after [`Worker::stop_accepting`]). Takes nothing from the listener.
+    pub fn wait_for_shutdown(&self) -> Result<()> {
+        loop {
+            if self.shutdown_deadline_ms().is_some() {
+                return Ok(());
+            }
+            let received = recv_message(self.channel.as_fd(), false)?;
+            match received.message {
+                Message::Shutdown { deadline_ms } => {
+                    self.shutdown_deadline_ms.store(deadline_ms.min(NOT_SHUTTING_DOWN - 1), Ordering::SeqCst);
+                }
+                Message::Welcome { .. } => {}
+                other => return Err(Error::Protocol(format!("unexpected message from the master: {other:?}"))),
+            }
+        }
     }
 
     /// Milliseconds the master granted for draining, once it has asked this worker to shut down.
@@ -181,13 +249,19 @@ impl Worker {
     /// non-blocking: then [`Error::WouldBlock`] when none waits). [`Error::Shutdown`] means drain and exit;
     /// [`Error::ChannelClosed`] means the master is gone.
     pub fn accept_blocking(&self) -> Result<Connection> {
+        if let Some(kernel) = &self.kernel {
+            return self.kernel_connection(kernel, !kernel.poll_nonblocking());
+        }
         self.next_connection(|| recv_message(self.channel.as_fd(), false))
     }
 
     /// Stops taking connections, from any thread: a blocked or later `accept` still gets what the
-    /// channel already holds, then [`Error::ChannelClosed`]. The master queues this index's next
-    /// connections (and revives or redirects as usual).
+    /// channel (with `routing: kernel`, the accept queue) already holds, then [`Error::ChannelClosed`]. The
+    /// master queues this index's next connections (and revives or redirects as usual).
     pub fn stop_accepting(&self) -> Result<()> {
+        if let Some(kernel) = &self.kernel {
+            kernel.stopped.store(true, Ordering::SeqCst);
+        }
         socket::shutdown(self.channel.as_raw_fd(), socket::Shutdown::Read)
             .map_err(|e| Error::io("shut the channel's read side", e))
     }
@@ -196,6 +270,9 @@ impl Worker {
     /// [`Error::WouldBlock`] when none is. A worker that got SIGTERM drains its channel with this, since
     /// the master sends the shutdown message before the signal.
     pub fn try_accept(&self) -> Result<Connection> {
+        if let Some(kernel) = &self.kernel {
+            return self.kernel_connection(kernel, false);
+        }
         self.next_connection(|| recv_message(self.channel.as_fd(), true))
     }
 
@@ -205,7 +282,11 @@ impl Worker {
         let channel = self.async_channel()?;
         let connection = loop {
             let mut guard = channel.readable().await.map_err(|e| Error::io("wait on the channel", e))?;
-            match self.next_connection(|| recv_message(self.channel.as_fd(), true)) {
+            let next = match &self.kernel {
+                Some(kernel) => self.kernel_connection(kernel, false),
+                None => self.next_connection(|| recv_message(self.channel.as_fd(), true)),
+            };
+            match next {
                 Err(Error::WouldBlock) => guard.clear_ready(),
                 other => break other?,
             }
@@ -223,7 +304,7 @@ impl Worker {
         // SAFETY: the Worker owns the channel fd and outlives this AsyncFd (a field of the same Worker),
         // so the number stays open and names the same socket while registered.
         let channel = unsafe {
-            AsyncFd::register_with_interest(ChannelFd(self.channel.as_raw_fd()), tokio::io::Interest::READABLE)
+            AsyncFd::register_with_interest(ChannelFd(self.channel_fd().as_raw_fd()), tokio::io::Interest::READABLE)
         }
         .map_err(|e| Error::io("register the channel with tokio", e))?;
         let _ = self.async_channel.set(channel);

@@ -35,6 +35,7 @@ fn any_message() -> impl Strategy<Value = Message> {
         (any::<u32>(), any::<u32>()).prop_map(|(index, concurrency)| Message::Welcome { index, concurrency }),
         "[ -~]{0,200}".prop_map(|reason| Message::Refused { reason }),
         Just(Message::Channel),
+        Just(Message::Listener),
     ]
 }
 
@@ -115,7 +116,7 @@ proptest! {
         match &received {
             Ok(r) => {
                 prop_assert!(!oversize, "an oversize datagram is refused");
-                let wants_fd = matches!(r.message, Message::Connection { .. } | Message::Channel);
+                let wants_fd = matches!(r.message, Message::Connection { .. } | Message::Channel | Message::Listener);
                 prop_assert_eq!(wants_fd, expect_fd);
                 prop_assert_eq!(fd_count, usize::from(wants_fd));
             }

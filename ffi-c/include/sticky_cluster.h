@@ -174,6 +174,12 @@ typedef struct sticky_options {
      * "peer". Default NULL.
      */
     const char *const *trusted_proxies;
+    /**
+     * Who routes connections (YAML `routing`): "handoff" (the master hands each socket on) or "kernel"
+     * (each worker accepts from its own SO_REUSEPORT listener, a BPF program routes; `sticky_worker_fd`
+     * and `sticky_worker_accept` work unchanged). NULL or the default: "handoff".
+     */
+    const char *routing;
 } sticky_options;
 
 /**

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sticky_cluster::client_address::{Cidr, ClientAddressSource, TrustedProxies};
-use sticky_cluster::config::{Config, Overrides, WorkerSource};
+use sticky_cluster::config::{Config, Overrides, Routing, WorkerSource};
 use sticky_cluster::master::{self, Stop};
 use sticky_cluster::worker::{ENV_CHANNEL_FD, ENV_SOCKET};
 use sticky_cluster::Worker;
@@ -60,6 +60,10 @@ pub struct sticky_options {
     /// or CIDR blocks such as "10.0.0.0/8", or NULL for none. Required when `client_address` is not
     /// "peer". Default NULL.
     pub trusted_proxies: *const *const c_char,
+    /// Who routes connections (YAML `routing`): "handoff" (the master hands each socket on) or "kernel"
+    /// (each worker accepts from its own SO_REUSEPORT listener, a BPF program routes; `sticky_worker_fd`
+    /// and `sticky_worker_accept` work unchanged). NULL or the default: "handoff".
+    pub routing: *const c_char,
 }
 
 /// The worker entry point `sticky_run` calls in each worker process.
@@ -95,6 +99,7 @@ pub unsafe extern "C" fn sticky_options_init(opts: *mut sticky_options) {
             queue_max_wait_ms: millis(defaults.queue_max_wait),
             client_address: c"peer".as_ptr(),
             trusted_proxies: std::ptr::null(),
+            routing: c"handoff".as_ptr(),
         };
         Ok(STICKY_OK)
     });
@@ -367,7 +372,12 @@ unsafe fn config_from_options(opts: &sticky_options) -> Result<Config, Failure> 
             .map_err(|reason| config_failure(format!("{ORIGIN}.trusted_proxies[{position}]: {reason}")))?;
         trusted_proxies.push(cidr);
     }
+    let routing = match text_or(opts.routing, "routing", "handoff".into())?.parse::<Routing>() {
+        Ok(routing) => routing,
+        Err(reason) => return Err(config_failure(format!("{ORIGIN}.routing: {reason}"))),
+    };
     let config = Config {
+        routing,
         port: opts.port,
         host: text_or(opts.host, "host", defaults.host)?,
         concurrency: opts.concurrency,

@@ -9,7 +9,7 @@ use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::Status;
 use napi_derive::napi;
 use sticky_cluster::client_address::{Cidr, ClientAddressSource, TrustedProxies};
-use sticky_cluster::config::Overrides;
+use sticky_cluster::config::{Overrides, Routing};
 use sticky_cluster::master::{self, Stop};
 use sticky_cluster::{Config, Error, WorkerSource};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
@@ -38,6 +38,9 @@ pub struct ClusterOptions {
     pub client_address: Option<String>,
     /// Proxies whose headers are believed: addresses or CIDR blocks; required unless `clientAddress` is `peer`.
     pub trusted_proxies: Option<Vec<String>>,
+    /// `handoff` (the default: the master hands each socket on) or `kernel` (each worker accepts from its
+    /// own SO_REUSEPORT listener; a BPF program routes).
+    pub routing: Option<String>,
 }
 
 /// Why the listener could not be opened: the OS error number and the address, for a Node-style Error.
@@ -191,7 +194,12 @@ fn config_from(options: ClusterOptions) -> napi::Result<Config> {
         let cidr: Cidr = text.parse().map_err(|reason| invalid(format!("trustedProxies[{position}]: {reason}")))?;
         trusted_proxies.push(cidr);
     }
+    let routing = match options.routing.as_deref() {
+        None => Routing::Handoff,
+        Some(text) => text.parse::<Routing>().map_err(|reason| invalid(format!("routing: {reason}")))?,
+    };
     let config = Config {
+        routing,
         port,
         host: options.host,
         concurrency: options.concurrency,

@@ -70,6 +70,16 @@ impl WorkerHandle {
         self.worker.concurrency()
     }
 
+    /// `routing: kernel`: a duplicate of this worker's own listener for `server.listen({ fd })` (Node then
+    /// accepts natively and owns this copy); `null` in handoff mode.
+    #[napi(getter)]
+    pub fn listen_fd(&self) -> napi::Result<Option<i32>> {
+        let Some(listener) = self.worker.listen_fd() else { return Ok(None) };
+        let copy =
+            listener.try_clone_to_owned().map_err(|e| napi::Error::from_reason(format!("dup the listener: {e}")))?;
+        Ok(Some(copy.into_raw_fd()))
+    }
+
     /// Tells the master the server is set up; connections queued for this index start to flow.
     #[napi]
     pub fn ready(&self) -> napi::Result<()> {
@@ -104,6 +114,19 @@ impl WorkerHandle {
 /// Blocks on the channel and hands every connection to JS; ends (dropping both callbacks, so the
 /// worker can exit) at shutdown, end of channel or an error.
 fn accept_loop(worker: &Worker, on_connection: ConnectionCallback, on_end: EndCallback) {
+    if worker.listen_fd().is_some() {
+        // Kernel routing: Node accepts from the listener itself; this thread only waits for the shutdown,
+        // then takes what is still in the accept queue (JS closes its server on `onEnd`, after this).
+        if let Err(error) = worker.wait_for_shutdown() {
+            let reason = if matches!(error, Error::ChannelClosed) { "closed" } else { "error" };
+            drop(on_connection);
+            on_end.call(
+                WorkerEnd { reason: reason.into(), message: error.to_string(), deadline_ms: None },
+                ThreadsafeFunctionCallMode::Blocking,
+            );
+            return;
+        }
+    }
     let end = loop {
         match worker.accept_blocking() {
             Ok(connection) => {

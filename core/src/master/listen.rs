@@ -10,31 +10,72 @@ use tokio::time::Instant as TokioInstant;
 use tracing::{info, warn};
 
 use crate::client_address::header_wait::{Admission, Identified};
-use crate::config::Config;
+use crate::config::{Config, Routing};
 use crate::error::{Error, Result};
 
 use super::*;
 
-/// Binds the client listener: the configured host, falling back from `::` to `0.0.0.0` where the
-/// machine has no IPv6. Errors name the address and the reason.
-pub fn bind(config: &Config) -> Result<TcpListener> {
+/// What [`bind`] made: the master's one client listener (handoff) or the kernel's listener group.
+#[derive(Debug)]
+pub enum Listener {
+    /// `routing: handoff`: the master accepts every client and hands it on.
+    Handoff(TcpListener),
+    /// `routing: kernel`: one `SO_REUSEPORT` listener per worker, routed by the kernel.
+    Kernel(crate::reuseport::ReuseportGroup),
+}
+
+impl Listener {
+    /// The bound address (with the port the kernel chose for port 0).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        match self {
+            Listener::Handoff(listener) => listener.local_addr(),
+            Listener::Kernel(group) => Ok(group.local_addr()),
+        }
+    }
+}
+
+impl From<TcpListener> for Listener {
+    fn from(listener: TcpListener) -> Listener {
+        Listener::Handoff(listener)
+    }
+}
+
+/// Binds the client listener (or, with `routing: kernel`, the listener group): the configured host,
+/// falling back from `::` to `0.0.0.0` where the machine has no IPv6. Errors name the address and the reason.
+pub fn bind(config: &Config) -> Result<Listener> {
+    let backlog = config.backlog.min(i32::MAX as u32) as i32;
+    match config.routing {
+        Routing::Handoff => with_fallback(config, |address| {
+            bind_listener(address, backlog).map_err(|source| Error::Listen { address, source })
+        })
+        .map(Listener::Handoff),
+        Routing::Kernel => {
+            with_fallback(config, |address| crate::reuseport::bind_group(address, config.concurrency, backlog))
+                .map(Listener::Kernel)
+        }
+    }
+}
+
+/// Tries each of the configured addresses in turn while the failure says "no IPv6 here".
+fn with_fallback<T>(config: &Config, mut bind: impl FnMut(SocketAddr) -> Result<T>) -> Result<T> {
     let addresses = config.listen_addresses()?;
     let mut last_error = None;
     for (attempt, address) in addresses.iter().enumerate() {
-        match bind_one(*address) {
-            Ok(listener) => {
+        match bind(*address) {
+            Ok(bound) => {
                 if attempt > 0 {
                     info!("no IPv6 on this machine: listening on {address} instead of [{}]", config.host);
                 }
-                return Ok(listener);
+                return Ok(bound);
             }
-            Err(source) => {
+            Err(Error::Listen { address, source }) => {
                 let no_ipv6 = matches!(source.raw_os_error(), Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL));
-                last_error = Some(Error::Listen { address: *address, source });
+                last_error = Some(Error::Listen { address, source });
                 if !(no_ipv6 && address.is_ipv6()) {
                     break;
                 }
             }
+            Err(other) => return Err(other),
         }
     }
     Err(last_error
@@ -42,6 +83,10 @@ pub fn bind(config: &Config) -> Result<TcpListener> {
 }
 
 pub(super) fn bind_one(address: SocketAddr) -> io::Result<TcpListener> {
+    bind_listener(address, 1024)
+}
+
+fn bind_listener(address: SocketAddr, backlog: i32) -> io::Result<TcpListener> {
     use nix::sys::socket::{self, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage};
     let family = if address.is_ipv6() { AddressFamily::Inet6 } else { AddressFamily::Inet };
     let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)?;
@@ -51,7 +96,7 @@ pub(super) fn bind_one(address: SocketAddr) -> io::Result<TcpListener> {
         socket::setsockopt(&fd, sockopt::Ipv6V6Only, &false)?;
     }
     socket::bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &SockaddrStorage::from(address))?;
-    socket::listen(&fd, Backlog::new(1024).unwrap_or(Backlog::MAXCONN))?;
+    socket::listen(&fd, Backlog::new(backlog).unwrap_or(Backlog::MAXCONN))?;
     Ok(TcpListener::from(fd))
 }
 
@@ -104,14 +149,16 @@ impl Master {
             })
             .collect();
         let header_wait = self.header_wait.gauge();
-        let page = crate::metrics::render(
+        let mut page = crate::metrics::render(
             &workers,
             self.stats.redirected,
             self.stats.closed,
             self.stats.revivals,
+            self.stats.recovered,
             &header_wait,
             self.handshakes.active(),
         );
+        page += &self.accept_queue_metrics();
         for (stream, _) in scrapes {
             self.scrapes.serve(stream, page.clone());
         }

@@ -2,14 +2,15 @@
 //! queue for workers that are not ready, revive dead ones under the same index, and shut down in order.
 
 mod handoff;
+mod kernel;
 mod listen;
 mod reload;
 mod slots;
 mod supervision;
 
 use handoff::*;
-pub use listen::bind;
 use listen::*;
+pub use listen::{bind, Listener};
 use slots::*;
 use supervision::*;
 
@@ -119,6 +120,9 @@ struct Master {
     attach_socket: Option<AsyncFd<OwnedFd>>,
     slots: Vec<WorkerSlot>,
     listener: Option<AsyncFd<TcpListener>>,
+    /// Kernel routing: the `SO_REUSEPORT` group, listener i for worker i, open until `run` returns (after
+    /// every worker exited), so the group never reorders and no completed connection is dropped early.
+    group: Option<crate::reuseport::ReuseportGroup>,
     /// The Prometheus page's listener, when `metrics` is configured.
     metrics: Option<AsyncFd<TcpListener>>,
     events: UnboundedSender<Event>,
@@ -136,9 +140,9 @@ struct Master {
     handshakes: crate::attach::Handshakes,
 }
 
-/// Runs a cluster on `listener` until `stop` asks it to end (first [`Stop::Graceful`], then
-/// [`Stop::Hard`] for a second signal), and reports how it ended.
-pub async fn run(config: Config, listener: TcpListener, mut stop: UnboundedReceiver<Stop>) -> Result<Outcome> {
+/// Runs a cluster on `listener` (what [`bind`] returned) until `stop` asks it to end (first
+/// [`Stop::Graceful`], then [`Stop::Hard`] for a second signal), and reports how it ended.
+pub async fn run(config: Config, listener: impl Into<Listener>, mut stop: UnboundedReceiver<Stop>) -> Result<Outcome> {
     raise_fd_limit();
     let attach_socket = match &config.workers {
         WorkerSource::Spawn { .. } => None,
@@ -151,10 +155,23 @@ pub async fn run(config: Config, listener: TcpListener, mut stop: UnboundedRecei
             Some(socket)
         }
     };
-    listener.set_nonblocking(true).map_err(|e| Error::io("set the listener non-blocking", e))?;
-    let address = listener.local_addr().map_err(|e| Error::io("read the listener address", e))?;
-    // SAFETY: the AsyncFd owns the listener, so its fd stays open and unchanged while registered.
-    let listener = unsafe { AsyncFd::register(listener) }.map_err(|e| Error::io("register the listener", e))?;
+    let (listener, group) = match listener.into() {
+        Listener::Handoff(listener) => (Some(listener), None),
+        Listener::Kernel(group) => (None, Some(kernel::checked(group, config.concurrency)?)),
+    };
+    let address = match (&listener, &group) {
+        (Some(listener), _) => listener.local_addr().map_err(|e| Error::io("read the listener address", e))?,
+        (None, Some(group)) => group.local_addr(),
+        (None, None) => return Err(Error::io("listen", io::Error::from(io::ErrorKind::NotFound))),
+    };
+    let listener = match listener {
+        Some(listener) => {
+            listener.set_nonblocking(true).map_err(|e| Error::io("set the listener non-blocking", e))?;
+            // SAFETY: the AsyncFd owns the listener, so its fd stays open and unchanged while registered.
+            Some(unsafe { AsyncFd::register(listener) }.map_err(|e| Error::io("register the listener", e))?)
+        }
+        None => None,
+    };
     let metrics = match config.metrics {
         Some(address) => {
             let listener = bind_one(address).map_err(|source| Error::Listen { address, source })?;
@@ -175,7 +192,8 @@ pub async fn run(config: Config, listener: TcpListener, mut stop: UnboundedRecei
         handshakes: crate::attach::Handshakes::default(),
         config,
         attach_socket,
-        listener: Some(listener),
+        listener,
+        group,
         metrics,
         events,
         accept_paused_until: None,

@@ -20,6 +20,9 @@ impl Master {
                 old.host, old.port, old.concurrency
             );
         }
+        if (new.routing, new.backlog) != (old.routing, old.backlog) {
+            warn!("reload: routing and backlog changes need a restart (the listeners stay as they are)");
+        }
         if (new.debug, &new.prefix) != (old.debug, &old.prefix) {
             warn!("reload: debug and prefix changes need a restart");
         }
@@ -52,6 +55,8 @@ impl Master {
             concurrency: old.concurrency,
             debug: old.debug,
             prefix: old.prefix.clone(),
+            routing: old.routing,
+            backlog: old.backlog,
             workers: kept_workers,
             env: if workers_changed { new.env.clone() } else { old.env.clone() },
             ..new

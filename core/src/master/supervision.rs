@@ -24,7 +24,7 @@ impl Master {
                 io::Error::other("the cluster attaches its workers"),
             ));
         };
-        let spawned = spawn_worker(&self.config, command, cwd.as_deref(), index)?;
+        let spawned = spawn_worker(&self.config, command, cwd.as_deref(), index, self.kernel_listener(index))?;
         let generation = self.connect_slot(index, spawned.pid, spawned.channel, Some(spawned.worker_end))?;
         debug!("worker {index} started (pid {}, generation {generation})", spawned.pid);
         let events = self.events.clone();
@@ -77,6 +77,13 @@ impl Master {
             return;
         }
         let Some(index) = index else { return };
+        if let Some(listener) = self.kernel_listener(index) {
+            // Before the welcome, so the worker holds its listener when its handshake ends.
+            if let Err(errno) = send_message(claim.channel.as_fd(), &Message::Listener, Some(listener), true) {
+                warn!("worker pid {} left before its listener: {errno}", claim.pid);
+                return;
+            }
+        }
         let welcome = Message::Welcome { index, concurrency };
         if let Err(errno) = send_message(claim.channel.as_fd(), &welcome, None, true) {
             warn!("worker pid {} left before its welcome: {errno}", claim.pid);
