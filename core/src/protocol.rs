@@ -57,7 +57,7 @@ pub enum Message {
     Connection {
         /// The client's address.
         peer: SocketAddr,
-        /// The address the client connected to.
+        /// The master's listener address (the worker reads the connection's exact one with getsockname).
         local: SocketAddr,
     },
     /// Master→worker: stop accepting, finish what is running and exit within `deadline_ms`.

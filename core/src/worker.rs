@@ -320,6 +320,9 @@ impl Worker {
             match (received.message, received.fd) {
                 (Message::Connection { peer, local }, Some(fd)) => {
                     let stream = std::net::TcpStream::from(fd);
+                    // The master sends its listener's address (`[::]:port` on a dual-stack listener): the
+                    // connection's own local address is read here, where it costs the master nothing.
+                    let local = stream.local_addr().unwrap_or(local);
                     return Ok(Connection { stream, peer, local });
                 }
                 (Message::Shutdown { deadline_ms }, _) => {

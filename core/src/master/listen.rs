@@ -169,7 +169,7 @@ impl Master {
             Ok(batch) => {
                 self.accept_backoff = Duration::ZERO;
                 for (stream, peer) in batch {
-                    let local = stream.local_addr().unwrap_or(peer);
+                    let local = self.listen_address;
                     let arrived = Instant::now();
                     let events = self.events.clone();
                     let identified = move |outcome| {

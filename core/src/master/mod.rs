@@ -120,6 +120,9 @@ struct Master {
     attach_socket: Option<AsyncFd<OwnedFd>>,
     slots: Vec<WorkerSlot>,
     listener: Option<AsyncFd<TcpListener>>,
+    /// The client listener's own address, sent as each connection's local address: one `getsockname`
+    /// per connection fewer in the master; a worker reads its connection's exact one itself.
+    listen_address: SocketAddr,
     /// Kernel routing: the `SO_REUSEPORT` group, listener i for worker i, open until `run` returns (after
     /// every worker exited), so the group never reorders and no completed connection is dropped early.
     group: Option<crate::reuseport::ReuseportGroup>,
@@ -193,6 +196,7 @@ pub async fn run(config: Config, listener: impl Into<Listener>, mut stop: Unboun
         config,
         attach_socket,
         listener,
+        listen_address: address,
         group,
         metrics,
         events,
