@@ -92,7 +92,7 @@ enum Bench {
         #[arg(long)]
         strict: bool,
     },
-    /// Master CPU seconds per 100k routed connections and its memory with 4 and 64 workers.
+    /// Master CPU seconds per 100k routed connections and its memory with 4 and 64 workers, handoff and kernel.
     MasterCost {
         /// Worker counts, comma-separated.
         #[arg(long, default_value = "4,64", value_delimiter = ',')]
