@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The benchmark crate's checks in one command: fmt and clippy of this crate, its tests (hash vectors, int31,
 # load generator against a direct worker and through a real master), and short strict handoff and stream runs
-# of every setup (debug build, npm peers from the registry, nginx and HAProxy from Debian's packages: installed
-# here when missing). Prints 'N passed, N failed' last. Under CI=true a proxy that cannot be installed fails.
+# of every setup, kernel routing included (debug build, Node addon built when missing, npm peers from the
+# registry, nginx and HAProxy from Debian's packages: installed here when missing). Prints 'N passed, N failed'
+# last. Under CI=true a proxy that cannot be installed fails.
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here/.."
@@ -45,6 +46,12 @@ elif [ "$test_status" -ne 0 ] && [ "$tests_failed" -eq 0 ]; then
 fi
 
 check "build master, hello-worker, bench" cargo build -p sticky-cluster -p sticky-cluster-examples -p sticky-cluster-bench
+# Rows (e) and (k) via node-binding need the Node addon; a fresh checkout has none (debug build, as above).
+if [ -e node-binding/sticky-cluster-native.node ]; then
+    echo "ok: Node addon present (node-binding/sticky-cluster-native.node)"
+else
+    check "build the Node addon" node node-binding/scripts/build.js --force --debug
+fi
 check "npm ci of the peers" bash -c "cd '$here/node' && npm ci --no-audit --no-fund --loglevel=error"
 
 # Rows (f) nginx ip_hash and (g) HAProxy balance source need the two proxies. Off CI, where they cannot be
@@ -59,10 +66,11 @@ elif [ "${CI:-}" = true ]; then
     echo "FAILED: nginx and HAProxy installed (benchmark/ensure-proxies.sh)"
 else
     echo "SKIPPED (not counted): rows (f) and (g), nginx or HAProxy missing and not installable here"
-    only_handoff=(--only abcde)
-    only_stream=(--only ab)
+    only_handoff=(--only abcdek)
+    only_stream=(--only abk)
 fi
-# --strict: every setup ran, and not one connection failed or reached the wrong worker (for the proxies: a
+# --strict: every setup ran (the kernel-routing rows (k) too), and not one connection failed or reached the
+# wrong worker (by our hash for the masters, kernel routing included; for the proxies: a
 # client address answered by two workers; 100 addresses, so that they come back within the half second); the
 # stream run also fails when a setup moved no data.
 check "handoff smoke run, every setup, strict" \

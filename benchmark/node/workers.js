@@ -2,7 +2,7 @@
 // The Node side of the handoff benchmark: the same tiny HTTP worker behind each way of routing connections.
 // Every worker answers any request with {"worker":<index>,"pid":<pid>,"remote":"<address>"} and
 // `Connection: close`, byte for byte the Rust hello-worker's reply.
-// Usage: node workers.js <direct|sticky-cluster|socketio-sticky|native> <port> <concurrency>
+// Usage: node workers.js <direct|sticky-cluster|socketio-sticky|native|native-kernel> <port> <concurrency>
 
 const cluster = require('cluster');
 const http = require('http');
@@ -13,7 +13,7 @@ const [mode, portText, concurrencyText] = process.argv.slice(2);
 const port = parseInt(portText, 10);
 const concurrency = parseInt(concurrencyText, 10);
 if (!(port > 0) || !(concurrency > 0)) {
-  console.error('usage: node workers.js <direct|sticky-cluster|socketio-sticky|native> <port> <concurrency>');
+  console.error('usage: node workers.js <direct|sticky-cluster|socketio-sticky|native|native-kernel> <port> <concurrency>');
   process.exit(2);
 }
 
@@ -67,19 +67,22 @@ switch (mode) {
     break;
   }
 
-  // Our master, through the Node binding (npm package sticky-cluster-native, same API as npm sticky-cluster).
-  case 'native': {
+  // Our master, through the Node binding (npm package sticky-cluster-native, same API as npm sticky-cluster);
+  // native-kernel: the same with routing 'kernel' (each worker's server accepts on its own listener).
+  case 'native':
+  case 'native-kernel': {
     const binding = process.env.STICKY_CLUSTER_NODE_BINDING || path.join(__dirname, '..', '..', 'node-binding');
     const index = () => Number(process.env.STICKY_CLUSTER_WORKER_INDEX ?? process.env.stickycluster_worker_index);
     require(binding)((serve) => serve(http.createServer(answer(index()))), {
       concurrency,
       port,
       hardShutdownDelay: 1000,
+      routing: mode === 'native-kernel' ? 'kernel' : 'handoff',
     });
     break;
   }
 
   default:
-    console.error(`unknown mode ${mode}: expected direct, sticky-cluster, socketio-sticky or native`);
+    console.error(`unknown mode ${mode}: expected direct, sticky-cluster, socketio-sticky, native or native-kernel`);
     process.exit(2);
 }

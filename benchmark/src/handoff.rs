@@ -48,12 +48,20 @@ pub enum Setup {
     MasterHelloWorker,
     /// (b) our master with the minimal blocking accept loop.
     MasterBlocking,
+    /// (k) our master in kernel mode (`--routing kernel`) with our Rust tokio worker.
+    KernelTokio,
+    /// (k) our master in kernel mode with the examples' hello-worker.
+    KernelHelloWorker,
+    /// (k) our master in kernel mode with the minimal blocking accept loop.
+    KernelBlocking,
     /// (c) npm sticky-cluster 0.3.5 with Node http workers.
     NpmStickyCluster,
     /// (d) @socket.io/sticky 2.0.1 (round-robin) with Node http workers.
     SocketIoSticky,
     /// (e) our master through the Node binding, with Node http workers.
     NodeBinding,
+    /// (k) our master in kernel mode through the Node binding (`routing: 'kernel'`), with Node http workers.
+    KernelNodeBinding,
     /// (f) nginx `ip_hash` (http upstream) in front of Rust tokio workers, a port each.
     NginxIpHash,
     /// (g) HAProxy `balance source` in TCP mode in front of Rust tokio workers, a port each.
@@ -62,16 +70,20 @@ pub enum Setup {
 
 impl Setup {
     /// Every setup, in the order the table shows them.
-    pub const ALL: [Setup; 11] = [
+    pub const ALL: [Setup; 15] = [
         Setup::DirectTokio,
         Setup::MasterTokio,
+        Setup::KernelTokio,
         Setup::MasterHelloWorker,
+        Setup::KernelHelloWorker,
         Setup::DirectBlocking,
         Setup::MasterBlocking,
+        Setup::KernelBlocking,
         Setup::DirectNode,
         Setup::NpmStickyCluster,
         Setup::SocketIoSticky,
         Setup::NodeBinding,
+        Setup::KernelNodeBinding,
         Setup::NginxIpHash,
         Setup::HaproxySource,
     ];
@@ -84,6 +96,7 @@ impl Setup {
             Setup::NpmStickyCluster => 'c',
             Setup::SocketIoSticky => 'd',
             Setup::NodeBinding => 'e',
+            Setup::KernelTokio | Setup::KernelHelloWorker | Setup::KernelBlocking | Setup::KernelNodeBinding => 'k',
             Setup::NginxIpHash => 'f',
             Setup::HaproxySource => 'g',
         }
@@ -101,6 +114,10 @@ impl Setup {
             Setup::NpmStickyCluster => "npm sticky-cluster 0.3.5 · Node http",
             Setup::SocketIoSticky => "@socket.io/sticky 2.0.1 · Node http",
             Setup::NodeBinding => "sticky-cluster via node-binding · Node http",
+            Setup::KernelTokio => "sticky-cluster kernel routing · Rust tokio worker",
+            Setup::KernelHelloWorker => "sticky-cluster kernel routing · examples hello-worker",
+            Setup::KernelBlocking => "sticky-cluster kernel routing · blocking accept loop",
+            Setup::KernelNodeBinding => "sticky-cluster kernel routing via node-binding · Node http",
             Setup::NginxIpHash => "nginx ip_hash (http upstream) · Rust tokio worker, a port each",
             Setup::HaproxySource => "HAProxy balance source (TCP mode) · Rust tokio worker, a port each",
         }
@@ -112,9 +129,11 @@ impl Setup {
             Setup::DirectTokio
             | Setup::MasterTokio
             | Setup::MasterHelloWorker
+            | Setup::KernelTokio
+            | Setup::KernelHelloWorker
             | Setup::NginxIpHash
             | Setup::HaproxySource => Setup::DirectTokio,
-            Setup::DirectBlocking | Setup::MasterBlocking => Setup::DirectBlocking,
+            Setup::DirectBlocking | Setup::MasterBlocking | Setup::KernelBlocking => Setup::DirectBlocking,
             _ => Setup::DirectNode,
         }
     }
@@ -132,7 +151,11 @@ impl Setup {
             | Setup::MasterHelloWorker
             | Setup::MasterBlocking
             | Setup::NpmStickyCluster
-            | Setup::NodeBinding => ReplyCheck::RemoteAndIndex { concurrency },
+            | Setup::NodeBinding
+            | Setup::KernelTokio
+            | Setup::KernelHelloWorker
+            | Setup::KernelBlocking
+            | Setup::KernelNodeBinding => ReplyCheck::RemoteAndIndex { concurrency },
             // The proxies hash by rules of their own (ip_hash: the first three octets), so stickiness is
             // checked as "one worker per client address", not against our hash.
             Setup::NginxIpHash | Setup::HaproxySource => ReplyCheck::Sticky,
@@ -160,7 +183,24 @@ impl Setup {
     }
 
     fn uses_node(self) -> bool {
-        matches!(self, Setup::DirectNode | Setup::NpmStickyCluster | Setup::SocketIoSticky | Setup::NodeBinding)
+        matches!(
+            self,
+            Setup::DirectNode
+                | Setup::NpmStickyCluster
+                | Setup::SocketIoSticky
+                | Setup::NodeBinding
+                | Setup::KernelNodeBinding
+        )
+    }
+
+    /// Whether our master routes this setup's connections in the kernel (`routing: kernel`).
+    pub fn is_kernel(self) -> bool {
+        matches!(self, Setup::KernelTokio | Setup::KernelHelloWorker | Setup::KernelBlocking | Setup::KernelNodeBinding)
+    }
+
+    /// Whether this setup needs the Node binding's addon.
+    pub fn uses_binding(self) -> bool {
+        matches!(self, Setup::NodeBinding | Setup::KernelNodeBinding)
     }
 
     /// Starts the workers (and master) of this setup on `port`.
@@ -184,17 +224,26 @@ impl Setup {
                 }
                 running.ok_or_else(|| "concurrency must be at least 1".into())
             }
-            Setup::MasterTokio => start_master(programs, port, concurrency, &bench_worker("tokio"), self.label()),
-            Setup::MasterBlocking => start_master(programs, port, concurrency, &bench_worker("blocking"), self.label()),
-            Setup::MasterHelloWorker => {
-                let command = [programs.hello_worker.display().to_string()];
-                start_master(programs, port, concurrency, &command, self.label())
+            Setup::MasterTokio | Setup::KernelTokio => {
+                start_master(programs, port, concurrency, &bench_worker("tokio"), self)
             }
-            Setup::DirectNode | Setup::NpmStickyCluster | Setup::SocketIoSticky | Setup::NodeBinding => {
+            Setup::MasterBlocking | Setup::KernelBlocking => {
+                start_master(programs, port, concurrency, &bench_worker("blocking"), self)
+            }
+            Setup::MasterHelloWorker | Setup::KernelHelloWorker => {
+                let command = [programs.hello_worker.display().to_string()];
+                start_master(programs, port, concurrency, &command, self)
+            }
+            Setup::DirectNode
+            | Setup::NpmStickyCluster
+            | Setup::SocketIoSticky
+            | Setup::NodeBinding
+            | Setup::KernelNodeBinding => {
                 let mode = match self {
                     Setup::DirectNode => "direct",
                     Setup::NpmStickyCluster => "sticky-cluster",
                     Setup::SocketIoSticky => "socketio-sticky",
+                    Setup::KernelNodeBinding => "native-kernel",
                     _ => "native",
                 };
                 let dir = node::dir();
@@ -218,14 +267,15 @@ fn start_master(
     port: u16,
     concurrency: u32,
     worker: &[String],
-    label: &str,
+    setup: Setup,
 ) -> Result<Running, String> {
+    let routing = if setup.is_kernel() { "kernel" } else { "handoff" };
     let mut command = Command::new(&programs.master);
     command
         .args(["--port", &port.to_string(), "--concurrency", &concurrency.to_string()])
-        .args(["--hard-shutdown-delay", "2s", "--"])
+        .args(["--routing", routing, "--hard-shutdown-delay", "2s", "--"])
         .args(worker);
-    Running::spawn(label, &mut command)
+    Running::spawn(setup.label(), &mut command)
 }
 
 /// Options of the handoff benchmark.
@@ -243,7 +293,7 @@ pub struct HandoffOptions {
     pub sources: u32,
     /// Threads of the load generator.
     pub client_threads: usize,
-    /// Only these setup letters (a–g), or all.
+    /// Only these setup letters (a–g, k for the kernel-routing rows), or all.
     pub only: Option<String>,
     /// Times every setup is measured; the table shows the median rate.
     pub rounds: u32,
@@ -309,7 +359,7 @@ pub fn measure(setup: Setup, programs: &Programs, options: &HandoffOptions) -> R
     if setup.uses_node() {
         node::ensure_modules()?;
     }
-    if setup == Setup::NodeBinding {
+    if setup.uses_binding() {
         let index = node::binding_dir().join("index.js");
         if !index.exists() {
             return Err(format!("{} does not exist yet", index.display()));

@@ -55,7 +55,7 @@ enum Bench {
         /// Threads of the load generator.
         #[arg(long, default_value_t = 1)]
         client_threads: usize,
-        /// Only the setups with these letters, e.g. `ab` or `ace`.
+        /// Only the setups with these letters, e.g. `ab` or `ace` (k: the kernel-routing rows).
         #[arg(long)]
         only: Option<String>,
         /// Do not run `cargo build` for the master and hello-worker first.
@@ -64,7 +64,7 @@ enum Bench {
         /// Measure every setup this many times (in turn) and show the median rate.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=20))]
         rounds: u32,
-        /// Fail (exit 1) when a setup other than (e) was skipped or any connection failed or was misrouted.
+        /// Fail (exit 1) when a setup was skipped or any connection failed or was misrouted.
         #[arg(long)]
         strict: bool,
     },
@@ -82,7 +82,7 @@ enum Bench {
         /// Workers per setup.
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=256))]
         concurrency: u32,
-        /// Only the setups with these letters: a (direct), b (our master), f (nginx), g (HAProxy).
+        /// Only the setups with these letters: a (direct), b (our master), k (kernel routing), f (nginx), g (HAProxy).
         #[arg(long)]
         only: Option<String>,
         /// Do not run `cargo build` for the master and hello-worker first.
@@ -92,7 +92,7 @@ enum Bench {
         #[arg(long)]
         strict: bool,
     },
-    /// Master CPU seconds per 100k routed connections and its memory with 4 and 64 workers.
+    /// Master CPU seconds per 100k routed connections and its memory with 4 and 64 workers, handoff and kernel.
     MasterCost {
         /// Worker counts, comma-separated.
         #[arg(long, default_value = "4,64", value_delimiter = ',')]
@@ -187,8 +187,8 @@ fn run(command: Bench) -> Result<(), Failure> {
                 return Err(usage("--in-flight and --client-threads must be at least 1"));
             }
             if let Some(only) = &only {
-                if only.is_empty() || !only.chars().all(|c| ('a'..='g').contains(&c)) {
-                    return Err(Failure::Usage(format!("--only takes setup letters a to g, not {only:?}")));
+                if only.is_empty() || !only.chars().all(|c| ('a'..='g').contains(&c) || c == 'k') {
+                    return Err(Failure::Usage(format!("--only takes setup letters a to g and k, not {only:?}")));
                 }
             }
             let programs = prepare(no_build)?;
@@ -210,8 +210,8 @@ fn run(command: Bench) -> Result<(), Failure> {
                 return Err(usage("--seconds must be in (0, 600] and --warmup in [0, 60]"));
             }
             if let Some(only) = &only {
-                if only.is_empty() || !only.chars().all(|c| "abfg".contains(c)) {
-                    return Err(Failure::Usage(format!("--only takes the stream setups a, b, f, g, not {only:?}")));
+                if only.is_empty() || !only.chars().all(|c| "abkfg".contains(c)) {
+                    return Err(Failure::Usage(format!("--only takes the stream setups a, b, k, f, g, not {only:?}")));
                 }
             }
             let programs = prepare(no_build)?;

@@ -1,5 +1,5 @@
-//! `master-cost`: what the master itself costs: CPU seconds per 100k routed connections (read from
-//! /proc/<pid>/stat around a count-bounded load) and resident memory with 4 and 64 hello-workers.
+//! `master-cost`: what the master itself costs, in handoff and kernel routing: CPU seconds per 100k routed
+//! connections (read from /proc/<pid>/stat around a count-bounded load) and resident memory with N hello-workers.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -21,15 +21,19 @@ pub struct CostOptions {
     pub client_threads: usize,
 }
 
-/// One worker count's figures.
+/// One worker count's figures in one routing mode.
 #[derive(Debug, Clone)]
 pub struct Cost {
+    /// `handoff` or `kernel`.
+    pub routing: &'static str,
     /// Workers behind the master.
     pub workers: u32,
     /// Connections answered.
     pub completed: u64,
     /// Connections that failed.
     pub errors: u64,
+    /// Connections answered by another worker than `string_hash(remote) % workers`.
+    pub misrouted: u64,
     /// Answered connections per second.
     pub rate: f64,
     /// Master CPU seconds (user + system) while routing them.
@@ -47,23 +51,29 @@ pub fn run(programs: &Programs, options: &CostOptions) -> Result<Vec<Cost>, Stri
     println!("load average before: {}", crate::handoff::load_average());
     let mut costs = Vec::new();
     for &workers in &options.workers {
-        eprintln!("master cost with {workers} hello-workers ...");
-        costs.push(measure(programs, options, workers)?);
+        // Handoff and kernel routing alternate per worker count, so a burst of other load hits both.
+        for setup in [Setup::MasterHelloWorker, Setup::KernelHelloWorker] {
+            let routing = if setup.is_kernel() { "kernel" } else { "handoff" };
+            eprintln!("master cost with {workers} hello-workers, routing {routing} ...");
+            costs.push(measure(programs, options, workers, setup)?);
+        }
     }
     println!(
         "master cost: sticky-cluster with N examples hello-workers, {} connections per row, {} in flight",
         options.connections, options.in_flight
     );
     println!();
-    println!("| workers | connections | errors | conn/s | master CPU s | master CPU s per 100k conn | RSS idle MiB | RSS after MiB | peak RSS MiB |");
-    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| routing | workers | connections | errors | misrouted | conn/s | master CPU s | master CPU s per 100k conn | RSS idle MiB | RSS after MiB | peak RSS MiB |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for cost in &costs {
         let mib = |kib: u64| kib as f64 / 1024.0;
         println!(
-            "| {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} |",
+            "| {} | {} | {} | {} | {} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} | {:.1} |",
+            cost.routing,
             cost.workers,
             cost.completed,
             cost.errors,
+            cost.misrouted,
             cost.rate,
             cost.cpu_seconds,
             cost.cpu_seconds * 100_000.0 / cost.completed.max(1) as f64,
@@ -72,13 +82,22 @@ pub fn run(programs: &Programs, options: &CostOptions) -> Result<Vec<Cost>, Stri
             mib(cost.rss_peak_kib)
         );
     }
+    println!();
+    for cost in &costs {
+        let us = cost.cpu_seconds * 1e6 / cost.completed.max(1) as f64;
+        let target = if cost.routing == "kernel" { " (issue 11's target: ≈ 0)" } else { "" };
+        println!(
+            "{} routing, {} workers: master CPU {us:.2} µs per connection{target}, {} errors, {} misrouted",
+            cost.routing, cost.workers, cost.errors, cost.misrouted
+        );
+    }
     Ok(costs)
 }
 
-fn measure(programs: &Programs, options: &CostOptions, workers: u32) -> Result<Cost, String> {
+fn measure(programs: &Programs, options: &CostOptions, workers: u32, setup: Setup) -> Result<Cost, String> {
     let port = procs::free_port()?;
     let target = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut running = Setup::MasterHelloWorker.start(programs, port, workers)?;
+    let mut running = setup.start(programs, port, workers)?;
     let pid = running.pid();
     load::wait_until_answering(target, Duration::from_secs(60))
         .map_err(|reason| format!("{reason}; stderr: {}", running.log_tail(3)))?;
@@ -89,7 +108,7 @@ fn measure(programs: &Programs, options: &CostOptions, workers: u32) -> Result<C
         in_flight: options.in_flight,
         sources: 4096,
         threads: options.client_threads,
-        check: Setup::MasterHelloWorker.check(workers),
+        check: setup.check(workers),
     };
     // A short warm-up so that every worker has said ready and taken connections before memory is read.
     load::run(&load_options).map_err(|e| format!("load generator failed: {e}"))?;
@@ -106,9 +125,11 @@ fn measure(programs: &Programs, options: &CostOptions, workers: u32) -> Result<C
     }
     running.stop();
     Ok(Cost {
+        routing: if setup.is_kernel() { "kernel" } else { "handoff" },
         workers,
         completed: report.completed,
         errors: report.errors,
+        misrouted: report.misrouted,
         rate: report.rate(),
         cpu_seconds: cpu_after - cpu_before,
         rss_idle_kib,

@@ -15,13 +15,11 @@ use crate::load::{self, ReplyCheck};
 use crate::procs;
 use crate::worker::STREAM_UPGRADE;
 
-/// The setups measured, in table order. Kernel routing (SO_REUSEPORT steered by a BPF program, no handoff at
-/// all) belongs between our master and the proxies once core has it: see `KERNEL_ROUTING`.
-pub const SETUPS: [Setup; 4] = [Setup::DirectTokio, Setup::MasterTokio, Setup::NginxIpHash, Setup::HaproxySource];
-
-/// KERNEL ROUTING: the row kept for core's planned `kernel` routing mode. When it exists, add its setup to
-/// `SETUPS` (its workers are the same Rust tokio workers) and delete this placeholder.
-pub const KERNEL_ROUTING: &str = "sticky-cluster · kernel routing (SO_REUSEPORT + BPF)";
+/// The setups measured, in table order: the same Rust tokio workers with no master, behind our master in
+/// handoff and in kernel routing (SO_REUSEPORT steered by a BPF program, no process in the path), and behind
+/// the proxies.
+pub const SETUPS: [Setup; 5] =
+    [Setup::DirectTokio, Setup::MasterTokio, Setup::KernelTokio, Setup::NginxIpHash, Setup::HaproxySource];
 
 /// Longest a client may take to connect and read the stream's head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,7 +35,7 @@ pub struct StreamOptions {
     pub clients: u32,
     /// Workers per setup.
     pub concurrency: u32,
-    /// Only the setups with these letters (a, b, f, g).
+    /// Only the setups with these letters (a, b, k, f, g).
     pub only: Option<String>,
 }
 
@@ -130,9 +128,6 @@ fn print_table(results: &[(Setup, Result<StreamRun, String>)]) {
             }
             Err(reason) => println!("| ({}) | {} | skipped: {reason} | | | | | | | |", setup.letter(), setup.label()),
         }
-        if *setup == Setup::MasterTokio {
-            println!("| (b) | {KERNEL_ROUTING} | not measured: core has no kernel routing mode yet | | | | | | | |");
-        }
     }
     println!();
     for (setup, result) in results {
@@ -147,6 +142,12 @@ fn print_table(results: &[(Setup, Result<StreamRun, String>)]) {
         println!(
             "our master vs direct, streaming: {:.0}% of the MB/s (the master is out of the data path after the handoff)",
             100.0 * ours.mb_per_second() / direct.mb_per_second()
+        );
+    }
+    if let (Some(kernel), Some(direct)) = (rate(Setup::KernelTokio), direct) {
+        println!(
+            "kernel routing vs direct, streaming: {:.0}% of the MB/s (no process but the worker ever touches a connection)",
+            100.0 * kernel.mb_per_second() / direct.mb_per_second()
         );
     }
     for proxy in [Setup::NginxIpHash, Setup::HaproxySource] {
