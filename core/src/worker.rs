@@ -359,7 +359,25 @@ fn concurrency_from_env() -> Result<Option<u32>> {
 
 /// Checks that the fd number names an AF_UNIX SOCK_SEQPACKET socket before trusting it, then owns it.
 fn inherited_channel(fd_text: &str) -> Result<OwnedFd> {
-    let wrong = |why: &str| Error::Environment(format!("{ENV_CHANNEL_FD}={fd_text}: {why}"));
+    inherited_socket(ENV_CHANNEL_FD, fd_text, "the channel", |fd| {
+        let kind = socket::getsockopt(&fd, sockopt::SockType).map_err(|_| "not a socket")?;
+        let family = socket::getsockname::<UnixAddr>(fd.as_raw_fd()).ok().and_then(|a| a.family());
+        if kind != SockType::SeqPacket || family != Some(AddressFamily::Unix) {
+            return Err("not a Unix SOCK_SEQPACKET channel");
+        }
+        Ok(())
+    })
+}
+
+/// The listenfd way for an fd number named by `variable`: an open socket that passes `check` (the kind
+/// of socket expected), made close-on-exec, then owned. Every refusal names the variable and its value.
+fn inherited_socket(
+    variable: &str,
+    fd_text: &str,
+    what: &str,
+    check: impl FnOnce(BorrowedFd<'_>) -> std::result::Result<(), &'static str>,
+) -> Result<OwnedFd> {
+    let wrong = |why: &str| Error::Environment(format!("{variable}={fd_text}: {why}"));
     let fd: RawFd = fd_text.trim().parse().map_err(|_| wrong("not a file descriptor number"))?;
     if fd < 0 {
         return Err(wrong("not a file descriptor number"));
@@ -374,13 +392,9 @@ fn inherited_channel(fd_text: &str) -> Result<OwnedFd> {
     }
     // SAFETY: the fd is open and is a socket; it was inherited for us alone (the master made it for this process).
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    let kind = socket::getsockopt(&borrowed, sockopt::SockType).map_err(|_| wrong("not a socket"))?;
-    let family = socket::getsockname::<UnixAddr>(fd).ok().and_then(|a| a.family());
-    if kind != SockType::SeqPacket || family != Some(AddressFamily::Unix) {
-        return Err(wrong("not a Unix SOCK_SEQPACKET channel"));
-    }
+    check(borrowed).map_err(wrong)?;
     nix::fcntl::fcntl(borrowed, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
-        .map_err(|e| Error::io("set FD_CLOEXEC on the channel", e))?;
+        .map_err(|e| Error::io(format!("set FD_CLOEXEC on {what}"), e))?;
     // SAFETY: checked above; from here the Worker is its only owner.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }

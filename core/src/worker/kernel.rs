@@ -148,31 +148,15 @@ impl KernelListener {
 
 /// Checks that the fd number names a listening TCP socket before trusting it, then owns it (close-on-exec).
 pub(super) fn inherited_listener(fd_text: &str) -> Result<OwnedFd> {
-    let wrong = |why: &str| Error::Environment(format!("{ENV_LISTEN_FD}={fd_text}: {why}"));
-    let fd: RawFd = fd_text.trim().parse().map_err(|_| wrong("not a file descriptor number"))?;
-    if fd < 0 {
-        return Err(wrong("not a file descriptor number"));
-    }
-    // SAFETY: fstat only reads the descriptor table; an unknown number answers EBADF.
-    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstat(fd, &mut stat) } != 0 {
-        return Err(wrong("not an open file descriptor"));
-    }
-    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
-        return Err(wrong("not a socket"));
-    }
-    // SAFETY: the fd is open and is a socket; the master passed it to this process alone.
-    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
-    if socket::getsockopt(&borrowed, sockopt::SockType) != Ok(SockType::Stream) {
-        return Err(wrong("not a SOCK_STREAM socket"));
-    }
-    if socket::getsockopt(&borrowed, sockopt::AcceptConn) != Ok(true) {
-        return Err(wrong("not a listening socket"));
-    }
-    nix::fcntl::fcntl(borrowed, nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
-        .map_err(|e| Error::io("set FD_CLOEXEC on the listener", e))?;
-    // SAFETY: checked above; from here the Worker is its only owner in this process.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    super::inherited_socket(ENV_LISTEN_FD, fd_text, "the listener", |fd| {
+        if socket::getsockopt(&fd, sockopt::SockType) != Ok(SockType::Stream) {
+            return Err("not a SOCK_STREAM socket");
+        }
+        if socket::getsockopt(&fd, sockopt::AcceptConn) != Ok(true) {
+            return Err("not a listening socket");
+        }
+        Ok(())
+    })
 }
 
 #[cfg(test)]
