@@ -293,19 +293,32 @@ impl Master {
             }
             signal_worker(pid, Signal::SIGKILL);
         } else {
-            // An attached worker is supervised elsewhere: cut loose, its index waits for the next attach
-            // with what it never received.
-            slot.alive = false;
-            let taken_back = self.take_back(index);
-            match reason {
-                Some(reason) => {
-                    error!("worker {index} (pid {pid}) {reason}; released its index ({taken_back} taken back)")
-                }
-                None if shutting_down => debug!("worker {index} (pid {pid}) detached"),
-                None => {
-                    warn!("worker {index} (pid {pid}) closed its channel; released its index ({taken_back} taken back)")
-                }
-            }
+            let broke = reason.is_some();
+            let why = match reason {
+                Some(reason) => format!("{reason}; released its index"),
+                None => "closed its channel; released its index".into(),
+            };
+            self.release_attached(index, &why, broke);
+        }
+    }
+
+    /// An attached worker is gone or cut loose (it is supervised elsewhere): its index waits for the next
+    /// attach with what it never received, or, during shutdown, those connections are closed and counted.
+    /// A worker that `broke` the protocol is logged as an error.
+    pub(super) fn release_attached(&mut self, index: u32, why: &str, broke: bool) {
+        let shutting_down = self.shutdown_deadline.is_some();
+        let Some(slot) = self.slots.get_mut(index as usize) else { return };
+        slot.alive = false;
+        slot.disconnect();
+        let pid = slot.pid;
+        let taken_back = self.take_back(index);
+        if shutting_down {
+            debug!("worker {index} (pid {pid}) {why}");
+            self.stats.closed += self.slots[index as usize].close_queue();
+        } else if broke {
+            error!("worker {index} (pid {pid}) {why} ({taken_back} it never received taken back)");
+        } else {
+            warn!("worker {index} (pid {pid}) {why} ({taken_back} it never received taken back)");
         }
     }
 

@@ -123,24 +123,8 @@ impl Master {
     /// An attached worker is gone (its attach connection ended): its index waits for the next attach,
     /// with every connection it never received.
     pub(super) fn on_detached(&mut self, index: u32, generation: u64) {
-        let shutting_down = self.shutdown_deadline.is_some();
-        let Some(slot) = self.slot_of(index, generation) else { return };
-        if !slot.alive {
-            return;
-        }
-        slot.alive = false;
-        slot.disconnect();
-        let pid = slot.pid;
-        let taken_back = self.take_back(index);
-        let slot = &mut self.slots[index as usize];
-        if shutting_down {
-            debug!("worker {index} (pid {pid}) detached");
-            self.stats.closed += slot.close_queue();
-        } else {
-            warn!(
-                "worker {index} (pid {pid}) detached; its connections wait for a new attach ({taken_back} it never \
-                 received taken back)"
-            );
+        if self.slot_of(index, generation).is_some_and(|slot| slot.alive) {
+            self.release_attached(index, "detached; its connections wait for a new attach", false);
         }
     }
 
