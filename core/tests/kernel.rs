@@ -170,7 +170,8 @@ fn connections_completed_before_sigterm_are_all_served() {
 }
 
 /// What happened to the connections a load thread made: answered, refused at connect (no listener: the
-/// kernel never completed them), or completed by the kernel and then reset or closed without an answer.
+/// kernel never completed them), or reset (at connect, by a listener closing mid-handshake, or after the
+/// kernel completed them) or closed without an answer.
 #[derive(Debug, Default, Clone, Copy)]
 struct Tally {
     served: u64,
@@ -195,6 +196,8 @@ fn sigterm_under_load_resets_few_and_the_figure_is_printed() {
                     }
                     match support::connect_from(client_address(i % 200), address) {
                         Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => tally.refused += 1,
+                        // A SYN that reached a listener as it closed: the kernel answers the handshake with RST.
+                        Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => tally.reset += 1,
                         Err(e) => panic!("connect: {e}"),
                         Ok(mut stream) => {
                             use std::io::{Read, Write};
