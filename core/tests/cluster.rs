@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::time::Duration;
@@ -18,39 +17,12 @@ fn every_client_address_sticks_to_its_string_hash_worker() {
     let concurrency = 4;
     let cluster = Cluster::start(&format!("concurrency: {concurrency}\nenv:\n  TEST_ECHO: 'w{{index}}'\n"));
     let clients: Vec<Ipv4Addr> = (0..200).map(client_address).collect();
-    let answers: Vec<(Ipv4Addr, serde_json::Value)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = clients
-            .chunks(25)
-            .map(|chunk| {
-                let cluster = &cluster;
-                scope.spawn(move || {
-                    let mut answers = Vec::new();
-                    for round in 0..3 {
-                        for &client in chunk {
-                            let answer =
-                                cluster.get(client, "/").unwrap_or_else(|e| panic!("{client} round {round}: {e}"));
-                            answers.push((client, answer));
-                        }
-                    }
-                    answers
-                })
-            })
-            .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
-    });
+    let answers = support::ask_all(&cluster, &clients, 25, 3);
     assert_eq!(answers.len(), 600);
-    let mut pid_of_client: HashMap<Ipv4Addr, u64> = HashMap::new();
-    let mut used = [0u32; 4];
-    for (client, answer) in &answers {
-        let index = answer["worker"].as_u64().unwrap() as u32;
-        assert_eq!(index, expected_index(*client, concurrency), "{client} reached the wrong worker");
-        assert_eq!(answer["remote"], format!("::ffff:{client}"), "Node-style remote address text");
-        assert_eq!(answer["echo"], format!("w{index}"), "env value with {{index}} substituted");
-        let pid = answer["pid"].as_u64().unwrap();
-        assert_eq!(*pid_of_client.entry(*client).or_insert(pid), pid, "{client} changed worker process");
-        used[index as usize] += 1;
+    support::assert_sticky(&answers, concurrency);
+    for (_, answer) in &answers {
+        assert_eq!(answer["echo"], format!("w{}", answer["worker"]), "env value with {{index}} substituted");
     }
-    assert!(used.iter().all(|&n| n > 0), "200 addresses should reach all 4 workers: {used:?}");
 }
 
 #[test]

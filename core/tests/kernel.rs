@@ -3,14 +3,13 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use support::{client_address, clients_for, expected_index, Cluster, SteadyLoad};
+use support::{client_address, clients_for, Cluster, SteadyLoad};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -22,38 +21,9 @@ fn server(cluster: &Cluster) -> SocketAddr {
 /// from the same process, Node's text of the client address.
 fn assert_sticky(cluster: &Cluster, concurrency: u32) {
     let clients: Vec<Ipv4Addr> = (0..220).map(client_address).collect();
-    let answers: Vec<(Ipv4Addr, serde_json::Value)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = clients
-            .chunks(22)
-            .map(|chunk| {
-                scope.spawn(move || {
-                    let mut answers = Vec::new();
-                    for round in 0..2 {
-                        for &client in chunk {
-                            let answer =
-                                cluster.get(client, "/").unwrap_or_else(|e| panic!("{client} round {round}: {e}"));
-                            answers.push((client, answer));
-                        }
-                    }
-                    answers
-                })
-            })
-            .collect();
-        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
-    });
+    let answers = support::ask_all(cluster, &clients, 22, 2);
     assert_eq!(answers.len(), 440);
-    let mut pid_of_client: HashMap<Ipv4Addr, u64> = HashMap::new();
-    let mut used = vec![0u32; concurrency as usize];
-    for (client, answer) in &answers {
-        let index = answer["worker"].as_u64().unwrap() as u32;
-        assert_eq!(index, expected_index(*client, concurrency), "{client} reached the wrong worker");
-        assert_eq!(answer["remote"], format!("::ffff:{client}"), "Node-style remote address text");
-        assert_eq!(answer["early"], false, "a connection was readable before ready");
-        let pid = answer["pid"].as_u64().unwrap();
-        assert_eq!(*pid_of_client.entry(*client).or_insert(pid), pid, "{client} changed worker process");
-        used[index as usize] += 1;
-    }
-    assert!(used.iter().all(|&n| n > 0), "220 addresses should reach every worker: {used:?}");
+    support::assert_sticky(&answers, concurrency);
 }
 
 #[test]

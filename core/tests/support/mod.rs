@@ -253,6 +253,46 @@ pub fn request(client: Ipv4Addr, server: SocketAddr, raw: &str) -> std::io::Resu
     serde_json::from_str(body.trim()).map_err(|e| std::io::Error::other(format!("{e}: {body:?}")))
 }
 
+/// Every client asks `GET /` `rounds` times, `per_thread` clients to a thread; each answer with its client.
+pub fn ask_all(cluster: &Cluster, clients: &[Ipv4Addr], per_thread: usize, rounds: u32) -> Vec<(Ipv4Addr, Value)> {
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = clients
+            .chunks(per_thread)
+            .map(|chunk| {
+                scope.spawn(move || {
+                    let mut answers = Vec::new();
+                    for round in 0..rounds {
+                        for &client in chunk {
+                            let answer =
+                                cluster.get(client, "/").unwrap_or_else(|e| panic!("{client} round {round}: {e}"));
+                            answers.push((client, answer));
+                        }
+                    }
+                    answers
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    })
+}
+
+/// Sticky routing, answer by answer: from the client's contract index, always from the same process, with
+/// Node's text of the client address, before-ready connections none, and every worker used.
+pub fn assert_sticky(answers: &[(Ipv4Addr, Value)], concurrency: u32) {
+    let mut pid_of_client: std::collections::HashMap<Ipv4Addr, u64> = std::collections::HashMap::new();
+    let mut used = vec![0u32; concurrency as usize];
+    for (client, answer) in answers {
+        let index = answer["worker"].as_u64().unwrap() as u32;
+        assert_eq!(index, expected_index(*client, concurrency), "{client} reached the wrong worker");
+        assert_eq!(answer["remote"], format!("::ffff:{client}"), "Node-style remote address text");
+        assert_eq!(answer["early"], false, "a connection was readable before ready");
+        let pid = answer["pid"].as_u64().unwrap();
+        assert_eq!(*pid_of_client.entry(*client).or_insert(pid), pid, "{client} changed worker process");
+        used[index as usize] += 1;
+    }
+    assert!(used.iter().all(|&n| n > 0), "{} answers should come from every worker: {used:?}", answers.len());
+}
+
 /// Clients requesting `path` in a loop on a few threads until stopped, counting answers and failures.
 pub struct SteadyLoad {
     stop: Arc<std::sync::atomic::AtomicBool>,
