@@ -14,13 +14,10 @@ const { load } = require('./binding');
 const PER_WORKER_ENV = 'STICKY_CLUSTER_NATIVE_ENV';
 const DEFAULT_PORT = 8080;
 const DEFAULT_HARD_SHUTDOWN_DELAY = 60 * 1000;
-const SWEEP_INTERVAL_MS = 100;
 /** Marks a worker of the JavaScript master: js/protocol.js's JS_WORKER_ENV, named here so js/ loads only when used. */
 const JS_WORKER_ENV = 'STICKY_CLUSTER_JS_WORKER';
 /** binding.js's code for "no addon for this platform": the one failure that falls back to JavaScript. */
 const NOT_BUILT = 'ERR_STICKY_CLUSTER_NATIVE_NOT_BUILT';
-/** How long a connection that has sent nothing yet may take to send its request once draining starts. */
-const IDLE_GRACE_MS = 2000;
 
 function isWorker() {
   return process.env.STICKY_CLUSTER_FD !== undefined || process.env.STICKY_CLUSTER_SOCKET !== undefined;
@@ -315,20 +312,17 @@ function runWorker(startFn, settings) {
   const debug = settings.debug
     ? (message) => logLine(settings.prefix, 'debug', `worker ${worker.index} (pid ${process.pid}) ${message}`)
     : () => {};
-  const sockets = new Set();
-  let server = null;
-  let draining = false;
-  let drainStarted = 0;
-  let channelEnded = false;
-  let sweeper = null;
-
-  const onSigterm = () => drain('SIGTERM');
-  process.on('SIGTERM', onSigterm);
-  // A user who listens for SIGTERM themselves decides when the worker exits; otherwise it exits once
-  // every connection has ended, as an npm sticky-cluster worker dies on the master's SIGTERM.
-  const exitIsOurs = () => process.listeners('SIGTERM').every((listener) => listener === onSigterm);
+  // The shutdown (SIGTERM or the channel's end) is the JavaScript worker's too: js/drain.js. Without a
+  // server the accept thread never started, so nothing is left to wait for.
+  const drain = require('./js/drain').createDrain({
+    debug,
+    // Shuts the channel's read side: what is already queued still arrives, then the accept thread ends.
+    stopRouting: () => worker.stop(),
+    waitForChannelWithoutServer: false,
+  });
 
   function onConnection(routed) {
+    const server = drain.server;
     let socket;
     try {
       socket = new net.Socket({
@@ -342,11 +336,7 @@ function runWorker(startFn, settings) {
       logLine(settings.prefix, 'error', `worker ${worker.index}: cannot open routed connection: ${error.message}`);
       return;
     }
-    sockets.add(socket);
-    socket.once('close', () => {
-      sockets.delete(socket);
-      if (draining) exitWhenDrained();
-    });
+    drain.track(socket);
     debug(`connection from ${routed.remoteAddress}:${routed.remotePort}`);
     // Served even while draining: the master routed it before it stopped, and nothing is dropped.
 
@@ -357,63 +347,16 @@ function runWorker(startFn, settings) {
     server.emit('connection', socket);
   }
 
-  function onEnd(end) {
-    // Every connection routed before the end has been handed over by now (the calls keep their order).
-    channelEnded = true;
-    debug(`channel: ${end.message}`);
-    drain(end.reason);
-    exitWhenDrained();
-  }
-
-  /**
-   * Ends HTTP keep-alive connections that wait for nothing (they have read a request and hold no
-   * response); responses in progress are sent with `Connection: close`. A connection that has sent
-   * nothing yet gets a grace period to send its request.
-   */
-  function sweep() {
-    const graceOver = Date.now() - drainStarted > IDLE_GRACE_MS;
-    for (const socket of sockets) {
-      const response = socket._httpMessage;
-      // destroySoon: FIN after what is queued, then close, even on an allowHalfOpen (http) socket.
-      if (socket.parser && !response && (socket.bytesRead > 0 || graceOver)) socket.destroySoon();
-      else if (response && !response.headersSent) response.shouldKeepAlive = false;
-    }
-  }
-
-  function exitWhenDrained() {
-    if (!draining || !channelEnded || sockets.size > 0) return;
-    if (sweeper) clearInterval(sweeper);
-    sweeper = null;
-    debug('drained');
-    if (exitIsOurs()) process.exit(0);
-  }
-
-  function drain(reason) {
-    if (draining) return;
-    draining = true;
-    drainStarted = Date.now();
-    debug(`draining (${reason})`);
-    // Shuts the channel's read side: what is already queued still arrives, then the accept thread ends.
-    worker.stop();
-    if (!server) {
-      if (exitIsOurs()) process.exit(0);
-      return;
-    }
-    // 'close' is what tells socket.io (engine.io) to close its clients.
-    server.close(() => {});
-    setImmediate(sweep);
-    sweeper = setInterval(sweep, SWEEP_INTERVAL_MS);
-    exitWhenDrained();
-  }
-
   startFn(function callback(userServer) {
-    if (server || draining) return;
+    if (drain.server || drain.draining) return;
     if (!(userServer instanceof net.Server)) {
       throw new TypeError('sticky-cluster-native: callback(server) needs a net.Server (http.Server, https.Server, ...)');
     }
-    server = userServer;
+    drain.serve(userServer);
+    const server = userServer;
     const listenFd = worker.listenFd;
-    worker.start(onConnection, onEnd);
+    // Every connection routed before the end has been handed over by then (the calls keep their order).
+    worker.start(onConnection, (end) => drain.channelEnded(end.message, end.reason));
     if (listenFd === null) {
       // Ready only now: connections for this index waited in the master during the user's async init.
       worker.ready();
@@ -422,14 +365,7 @@ function runWorker(startFn, settings) {
     }
     // routing: 'kernel': Node accepts from this worker's own listener (clients waited in its kernel accept
     // queue meanwhile); the accept thread only waits for the shutdown and then drains what is left.
-    server.on('connection', (socket) => {
-      if (sockets.has(socket)) return;
-      sockets.add(socket);
-      socket.once('close', () => {
-        sockets.delete(socket);
-        if (draining) exitWhenDrained();
-      });
-    });
+    server.on('connection', (socket) => drain.track(socket));
     server.listen({ fd: listenFd }, () => {
       worker.ready();
       debug('ready (accepting from its own listener)');

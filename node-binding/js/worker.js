@@ -1,15 +1,11 @@
 'use strict';
 // A worker of the JavaScript master: this same script, started with an IPC channel, serving the client
-// sockets the master passes over it on the user's server. Shutdown follows the native worker: close the
-// server, end idle keep-alive connections, finish responses in progress, exit once the last one ends.
+// sockets the master passes over it on the user's server. Shutdown is the native worker's (drain.js).
 
 const net = require('net');
 const protocol = require('./protocol');
 const { createLogger } = require('./log');
-
-const SWEEP_INTERVAL_MS = 100;
-/** How long a connection that has sent nothing yet may take to send its request once draining starts. */
-const IDLE_GRACE_MS = 2000;
+const { createDrain } = require('./drain');
 
 /** Runs `startFn(callback)` in a worker started by the JavaScript master. */
 function runJsWorker(startFn, settings) {
@@ -23,22 +19,20 @@ function runJsWorker(startFn, settings) {
   delete process.env[protocol.JS_WORKER_ENV];
   const log = createLogger(settings.prefix, settings.debug);
   const debug = (message) => log.debug(`worker ${index} (pid ${process.pid}) ${message}`);
-  const sockets = new Set();
-  let server = null;
-  let draining = false;
-  let drainStarted = 0;
-  let channelEnded = false;
-  let sweeper = null;
-
-  const onSigterm = () => drain('SIGTERM');
-  process.on('SIGTERM', onSigterm);
-  // A user who listens for SIGTERM themselves decides when the worker exits.
-  const exitIsOurs = () => process.listeners('SIGTERM').every((listener) => listener === onSigterm);
+  const drain = createDrain({
+    debug,
+    // A SIGTERM from elsewhere: the master stops routing here and answers with the shutdown message.
+    stopRouting: (channelEnded) => {
+      if (!channelEnded && process.connected) process.send(protocol.message(protocol.DRAINING), () => {});
+    },
+    waitForChannelWithoutServer: true,
+  });
 
   process.on('message', (message, handle) => {
     const kind = protocol.kindOf(message);
     if (kind === protocol.CONNECTION) onConnection(handle);
-    else if (kind === protocol.SHUTDOWN) onChannelEnd('the master says shut down');
+    // Node's IPC keeps order: every connection sent before the shutdown message has arrived by now.
+    else if (kind === protocol.SHUTDOWN) drain.channelEnded('the master says shut down', 'shutdown');
   });
   // The master is gone (killed, crashed): die with it, as native workers do through PR_SET_PDEATHSIG.
   // A master exits only after its workers, so a disconnect here never cuts a graceful shutdown short.
@@ -49,16 +43,13 @@ function runJsWorker(startFn, settings) {
 
   function onConnection(socket) {
     if (!(socket instanceof net.Socket)) return;
+    const server = drain.server;
     if (!server) {
       // The master sends only after 'ready'; a socket without a server cannot be served.
       socket.destroy();
       return;
     }
-    sockets.add(socket);
-    socket.once('close', () => {
-      sockets.delete(socket);
-      if (draining) exitWhenDrained();
-    });
+    drain.track(socket);
     debug(`connection from ${socket.remoteAddress}:${socket.remotePort}`);
     // What net.Server's own accept path would apply to its sockets (http.Server wants half-open ones).
     socket.allowHalfOpen = Boolean(server.allowHalfOpen);
@@ -68,56 +59,12 @@ function runJsWorker(startFn, settings) {
     if (server.pauseOnConnect) socket.pause();
   }
 
-  function onChannelEnd(why) {
-    // Node's IPC keeps order: every connection sent before the shutdown message has arrived by now.
-    channelEnded = true;
-    debug(`channel: ${why}`);
-    drain('shutdown');
-    exitWhenDrained();
-  }
-
-  /** Ends keep-alive connections that wait for nothing; responses in progress get `Connection: close`. */
-  function sweep() {
-    const graceOver = Date.now() - drainStarted > IDLE_GRACE_MS;
-    for (const socket of sockets) {
-      const response = socket._httpMessage;
-      if (socket.parser && !response && (socket.bytesRead > 0 || graceOver)) socket.destroySoon();
-      else if (response && !response.headersSent) response.shouldKeepAlive = false;
-    }
-  }
-
-  function exitWhenDrained() {
-    if (!draining || !channelEnded || sockets.size > 0) return;
-    if (sweeper) clearInterval(sweeper);
-    sweeper = null;
-    debug('drained');
-    if (exitIsOurs()) process.exit(0);
-  }
-
-  function drain(reason) {
-    if (draining) return;
-    draining = true;
-    drainStarted = Date.now();
-    debug(`draining (${reason})`);
-    // A SIGTERM from elsewhere: the master stops routing here and answers with the shutdown message.
-    if (!channelEnded && process.connected) process.send(protocol.message(protocol.DRAINING), () => {});
-    if (!server) {
-      if (channelEnded && exitIsOurs()) process.exit(0);
-      return;
-    }
-    // 'close' is what tells socket.io (engine.io) to close its clients.
-    server.close(() => {});
-    setImmediate(sweep);
-    sweeper = setInterval(sweep, SWEEP_INTERVAL_MS);
-    exitWhenDrained();
-  }
-
   startFn(function callback(userServer) {
-    if (server || draining) return;
+    if (drain.server || drain.draining) return;
     if (!(userServer instanceof net.Server)) {
       throw new TypeError('sticky-cluster-native: callback(server) needs a net.Server (http.Server, https.Server, ...)');
     }
-    server = userServer;
+    drain.serve(userServer);
     // Ready only now: connections for this index waited in the master during the user's async init.
     process.send(protocol.message(protocol.READY), () => {});
     debug('ready');
