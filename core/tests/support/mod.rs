@@ -184,6 +184,35 @@ impl Cluster {
         std::fs::read_dir(format!("/proc/{}/fd", self.pid())).unwrap().count()
     }
 
+    /// The master's open fds once it has settled: a connection's fd may outlive its answer by a moment
+    /// (the worker can serve it before the master's thread runs the close after `sendmsg`), so this waits
+    /// up to `timeout` for `expected` (or, without one, for two equal counts 100 ms apart) and returns the
+    /// last count and what the fds were.
+    pub fn settled_fds(&self, expected: Option<usize>, timeout: Duration) -> (usize, Vec<String>) {
+        let deadline = Instant::now() + timeout;
+        let mut last = self.open_fds();
+        loop {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = self.open_fds();
+            let done = match expected {
+                Some(expected) => now == expected,
+                None => now == last,
+            };
+            if done || Instant::now() >= deadline {
+                let targets = std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+                    .map(|entries| {
+                        entries
+                            .flatten()
+                            .map(|e| std::fs::read_link(e.path()).map_or("?".into(), |t| t.display().to_string()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                return (now, targets);
+            }
+            last = now;
+        }
+    }
+
     /// Pids of the master's worker processes (its children).
     pub fn worker_pids(&self) -> Vec<u32> {
         let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.pid())).unwrap_or_default();
