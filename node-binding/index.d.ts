@@ -30,6 +30,8 @@ declare namespace stickyCluster {
     /** `handoff` (default: the master hands each socket on) or `kernel` (each worker accepts from its own
      *  SO_REUSEPORT listener, routed by a BPF program; native addon only). */
     routing?: 'handoff' | 'kernel';
+    /** Listen backlog of the client listener (each worker's with routing 'kernel'). Default: 1024. */
+    backlog?: number;
     /** Gets listen errors (a Node-style Error with `code`, e.g. EADDRINUSE). Default: log and exit 1. */
     errorHandler?: (error: NodeJS.ErrnoException & { address?: string; port?: number }) => void;
   }

@@ -14,6 +14,8 @@ const { load } = require('./binding');
 const PER_WORKER_ENV = 'STICKY_CLUSTER_NATIVE_ENV';
 const DEFAULT_PORT = 8080;
 const DEFAULT_HARD_SHUTDOWN_DELAY = 60 * 1000;
+/** The YAML's default: Node's own listen default (511) is smaller. */
+const DEFAULT_BACKLOG = 1024;
 /** Marks a worker of the JavaScript master: js/protocol.js's JS_WORKER_ENV, named here so js/ loads only when used. */
 const JS_WORKER_ENV = 'STICKY_CLUSTER_JS_WORKER';
 /** binding.js's code for "no addon for this platform": the one failure that falls back to JavaScript. */
@@ -101,6 +103,7 @@ function normalizeOptions(options) {
     trustedProxies: options.trustedProxies || [],
     env: options.env || ((index) => ({ stickycluster_worker_index: index })),
     routing: options.routing || 'handoff',
+    backlog: options.backlog || DEFAULT_BACKLOG,
     errorHandler:
       options.errorHandler ||
       ((error) => {
@@ -123,6 +126,9 @@ function normalizeOptions(options) {
   }
   if (settings.routing !== 'handoff' && settings.routing !== 'kernel') {
     throw problem('routing', "'handoff' or 'kernel'", options.routing);
+  }
+  if (!Number.isInteger(settings.backlog) || settings.backlog < 1) {
+    throw problem('backlog', 'a positive integer', options.backlog);
   }
   if (typeof settings.env !== 'function') throw problem('env', 'a function (index) => object', options.env);
   if (!['peer', 'proxy-protocol', 'x-forwarded-for'].includes(settings.clientAddress)) {
@@ -203,6 +209,7 @@ function runMaster(settings) {
         command,
         env,
         routing: settings.routing,
+        backlog: settings.backlog,
       },
       onEnd
     );
@@ -366,7 +373,8 @@ function runWorker(startFn, settings) {
     // routing: 'kernel': Node accepts from this worker's own listener (clients waited in its kernel accept
     // queue meanwhile); the accept thread only waits for the shutdown and then drains what is left.
     server.on('connection', (socket) => drain.track(socket));
-    server.listen({ fd: listenFd }, () => {
+    // Node listens again on a handle it is given: with the master's backlog, not its own default of 511.
+    server.listen({ fd: listenFd }, worker.listenBacklog, () => {
       worker.ready();
       debug('ready (accepting from its own listener)');
     });

@@ -198,6 +198,13 @@ impl Worker {
         self.kernel.as_ref().map(|kernel| kernel.listener.as_fd())
     }
 
+    /// `routing: kernel`: the backlog the master listened with (as the kernel holds it, `somaxconn` applied),
+    /// for runtimes that call `listen` again on an inherited listener (Node does, with 511 unless told);
+    /// `None` in handoff mode.
+    pub fn listen_backlog(&self) -> Result<Option<u32>> {
+        self.kernel.as_ref().map(|kernel| kernel.backlog()).transpose()
+    }
+
     /// Tells the master initialisation is done; connections queued for this index start to flow.
     /// Calling it again does nothing.
     pub fn ready(&self) -> Result<()> {

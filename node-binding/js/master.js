@@ -73,7 +73,7 @@ function startJsMaster(settings, { command, envOf, onListenError, onEnd }) {
     };
     server.once('error', onError);
     server.once('listening', onListening);
-    server.listen({ host, port: settings.port, backlog: 1024 });
+    server.listen({ host, port: settings.port, backlog: settings.backlog });
   }
 
   function startWorker(index) {

@@ -41,6 +41,8 @@ pub struct ClusterOptions {
     /// `handoff` (the default: the master hands each socket on) or `kernel` (each worker accepts from its
     /// own SO_REUSEPORT listener; a BPF program routes).
     pub routing: Option<String>,
+    /// Listen backlog of the client listener (of each worker's listener with `routing: kernel`).
+    pub backlog: Option<u32>,
 }
 
 /// Why the listener could not be opened: the OS error number and the address, for a Node-style Error.
@@ -198,8 +200,13 @@ fn config_from(options: ClusterOptions) -> napi::Result<Config> {
         None => Routing::Handoff,
         Some(text) => text.parse::<Routing>().map_err(|reason| invalid(format!("routing: {reason}")))?,
     };
+    if options.backlog == Some(0) {
+        return Err(invalid("backlog: must be at least 1, got 0".into()));
+    }
+    let defaults = Config::default();
     let config = Config {
         routing,
+        backlog: options.backlog.unwrap_or(defaults.backlog),
         port,
         host: options.host,
         concurrency: options.concurrency,
@@ -210,7 +217,7 @@ fn config_from(options: ClusterOptions) -> napi::Result<Config> {
         workers: WorkerSource::Spawn { command: options.command, cwd: None },
         client_address,
         trusted_proxies: TrustedProxies(trusted_proxies),
-        ..Config::default()
+        ..defaults
     };
     config.apply(Overrides::default(), "sticky-cluster-native options").map_err(|e| invalid(e.to_string()))
 }

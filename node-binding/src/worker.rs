@@ -80,6 +80,13 @@ impl WorkerHandle {
         Ok(Some(copy.into_raw_fd()))
     }
 
+    /// `routing: kernel`: the backlog the master listened with, for `server.listen({ fd }, backlog)` (Node
+    /// would listen again with 511); `null` in handoff mode.
+    #[napi(getter)]
+    pub fn listen_backlog(&self) -> napi::Result<Option<u32>> {
+        self.worker.listen_backlog().map_err(|e| napi::Error::from_reason(e.to_string()))
+    }
+
     /// Tells the master the server is set up; connections queued for this index start to flow.
     #[napi]
     pub fn ready(&self) -> napi::Result<()> {

@@ -2,7 +2,7 @@
 // Test support: start a fixture cluster as a real process (killed when the test ends), find free
 // loopback client addresses per worker index, and drive real socket.io clients from them.
 
-const { spawn } = require('child_process');
+const { execFileSync, spawn } = require('child_process');
 const http = require('http');
 const path = require('path');
 const { io } = require('socket.io-client');
@@ -75,6 +75,16 @@ async function startApp(t, script, env = {}, { waitForListening = true, reportsI
     }
   }
   return app;
+}
+
+/** The backlog (ss's Send-Q of a listening socket) of every TCP listener on `port`. */
+function listenBacklogs(port) {
+  const text = execFileSync('ss', ['-Hltn', `sport = :${port}`], { encoding: 'utf8' });
+  return text
+    .trim()
+    .split('\n')
+    .filter(Boolean)
+    .map((line) => Number(line.trim().split(/\s+/)[2]));
 }
 
 /** Resolves with check()'s first truthy result; rejects if the app exits first or after `ms`. */
@@ -216,5 +226,6 @@ module.exports = {
   startApp,
   stringHash,
   waitFor,
+  listenBacklogs,
   within,
 };

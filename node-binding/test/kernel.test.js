@@ -4,7 +4,7 @@
 
 const test = require('node:test');
 const assert = require('node:assert');
-const { clientAddress, getJson, routeIndex, startApp } = require('./helpers');
+const { clientAddress, getJson, listenBacklogs, routeIndex, startApp, waitFor } = require('./helpers');
 
 const options = (values) => ({ FIXTURE_OPTIONS: JSON.stringify({ port: 0, ...values }), STICKY_CLUSTER_NATIVE: '1' });
 
@@ -32,9 +32,25 @@ test("routing: 'kernel' puts 200 addresses x 2 rounds on their string-hash worke
   assert.deepStrictEqual(await app.exited, { code: 0, signal: null }, app.stderr);
 });
 
+test('the backlog option reaches every worker\'s listener (Node listens again, and not with its 511)', async (t) => {
+  const concurrency = 2;
+  const app = await startApp(t, 'plain-app.js', options({ concurrency, routing: 'kernel', backlog: 64, debug: true }));
+  await waitFor(app, () => (app.stderr.match(/\) ready/g) || []).length === concurrency);
+  assert.deepStrictEqual(listenBacklogs(app.port), [64, 64]);
+  app.child.kill('SIGTERM');
+  assert.deepStrictEqual(await app.exited, { code: 0, signal: null }, app.stderr);
+});
+
 test("an unknown routing is refused with the option's name", async (t) => {
   const app = await startApp(t, 'plain-app.js', options({ routing: 'bpf' }), { waitForListening: false });
   const { code } = await app.exited;
   assert.strictEqual(code, 4, app.stderr);
   assert.match(app.stdout, /options\.routing must be 'handoff' or 'kernel', got 'bpf'/);
+});
+
+test('a backlog that is not a positive integer is refused with the option\'s name', async (t) => {
+  const app = await startApp(t, 'plain-app.js', options({ backlog: -5 }), { waitForListening: false });
+  const { code } = await app.exited;
+  assert.strictEqual(code, 4, app.stderr);
+  assert.match(app.stdout, /options\.backlog must be a positive integer, got -5/);
 });

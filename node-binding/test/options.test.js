@@ -12,7 +12,7 @@ const os = require('os');
 const path = require('path');
 const { spawnSync } = require('child_process');
 const { io } = require('socket.io-client');
-const { addressesPerIndex, clientAddress, getJson, routeIndex, startApp, waitFor, within } = require('./helpers');
+const { addressesPerIndex, clientAddress, getJson, listenBacklogs, routeIndex, startApp, waitFor, within } = require('./helpers');
 
 const options = (values) => ({ FIXTURE_OPTIONS: JSON.stringify({ port: 0, ...values }) });
 
@@ -194,6 +194,17 @@ test('connections made during an async init wait for callback(server); none is l
     const address = clientAddress(27, n);
     assert.strictEqual(seen.index, routeIndex(address, 2), address);
     assert.strictEqual(seen.remoteAddress, `::ffff:${address}`);
+  }
+});
+
+test('backlog sets the listen backlog of the master\'s listener (default 1024, not Node\'s 511)', async (t) => {
+  // The kernel clamps a backlog to net.core.somaxconn (4096 by default since Linux 5.4).
+  const somaxconn = Number(fs.readFileSync('/proc/sys/net/core/somaxconn', 'utf8'));
+  for (const [values, expected] of [[{ backlog: 64 }, 64], [{}, Math.min(1024, somaxconn)]]) {
+    const app = await startApp(t, 'plain-app.js', options({ concurrency: 1, ...values }));
+    assert.deepStrictEqual(listenBacklogs(app.port), [expected], JSON.stringify(values));
+    app.child.kill('SIGTERM');
+    assert.deepStrictEqual(await app.exited, { code: 0, signal: null }, app.stderr);
   }
 });
 

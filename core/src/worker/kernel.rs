@@ -107,6 +107,27 @@ impl KernelListener {
         Ok(())
     }
 
+    /// The listener's backlog: for a listening socket, `TCP_INFO` reports it in `tcpi_sacked`.
+    pub(super) fn backlog(&self) -> Result<u32> {
+        // SAFETY: tcp_info is plain integers, for which all zeroes is a valid value.
+        let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+        let mut length = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        // SAFETY: the listener is open; `info` is writable for `length` bytes, which the kernel does not exceed.
+        let status = unsafe {
+            libc::getsockopt(
+                self.listener.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&mut info as *mut libc::tcp_info).cast(),
+                &mut length,
+            )
+        };
+        if status != 0 {
+            return Err(Error::io("read the listener's backlog (TCP_INFO)", std::io::Error::last_os_error()));
+        }
+        Ok(info.tcpi_sacked)
+    }
+
     /// One connection from the accept queue, `None` when it is empty (the listener is non-blocking).
     fn accept(&self) -> Result<Option<Connection>> {
         loop {
@@ -185,6 +206,17 @@ mod tests {
         let mut poll = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd, no timeout.
         unsafe { libc::poll(&mut poll, 1, 0) > 0 }
+    }
+
+    #[test]
+    fn the_backlog_the_master_listened_with_is_read_back() {
+        let (mut worker, _master) = worker_and_master();
+        assert!(matches!(worker.listen_backlog(), Ok(None)), "handoff mode has no listener");
+        let fd = socket::socket(socket::AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
+        socket::bind(fd.as_raw_fd(), &socket::SockaddrIn::new(127, 0, 0, 1, 0)).unwrap();
+        socket::listen(&fd, socket::Backlog::new(77).unwrap()).unwrap();
+        worker.kernel = Some(KernelListener::new(fd, worker.channel.as_fd()).unwrap());
+        assert_eq!(worker.listen_backlog().unwrap(), Some(77));
     }
 
     #[test]
