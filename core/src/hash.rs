@@ -2,7 +2,7 @@
 //! Keeping both halves identical to Node keeps every client on the same index after a move from the npm module.
 
 use std::fmt::Write;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 /// npm `string-hash`: 5381, then `h = (h * 33) ^ unit` for each UTF-16 unit from the last to the first.
 pub fn string_hash(text: &str) -> u32 {
@@ -31,6 +31,46 @@ pub fn node_address_text(ip: IpAddr) -> String {
     let mut text = String::with_capacity(46);
     write_node_address(&mut text, ip);
     text
+}
+
+/// The text Node reports for an accepted peer: [`node_address_text`] plus `%ifname` for a link-local IPv6
+/// peer with a scope, as Node's `AddressToJS` appends it (nothing when the index has no name).
+pub fn node_peer_text(peer: SocketAddr) -> String {
+    let mut text = node_address_text(peer.ip());
+    if let SocketAddr::V6(v6) = peer {
+        if is_scoped_link_local(v6) {
+            if let Some(name) = interface_name(v6.scope_id()) {
+                text.push('%');
+                text.push_str(&name);
+            }
+        }
+    }
+    text
+}
+
+/// The worker index of a peer as `accept()` reports it: [`route_index`], or for a scoped link-local IPv6
+/// peer the hash of its text with `%ifname`, as Node's `remoteAddress` gives it (the kernel program's too).
+pub fn peer_index(peer: SocketAddr, concurrency: u32) -> u32 {
+    match peer {
+        SocketAddr::V6(v6) if is_scoped_link_local(v6) => string_hash(&node_peer_text(peer)) % concurrency.max(1),
+        _ => route_index(peer.ip(), concurrency),
+    }
+}
+
+fn is_scoped_link_local(peer: std::net::SocketAddrV6) -> bool {
+    peer.ip().segments()[0] & 0xffc0 == 0xfe80 && peer.scope_id() > 0
+}
+
+fn interface_name(index: u32) -> Option<String> {
+    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: the buffer has IF_NAMESIZE bytes, as if_indextoname requires.
+    let found = unsafe { libc::if_indextoname(index, name.as_mut_ptr()) };
+    if found.is_null() {
+        return None;
+    }
+    // SAFETY: on success if_indextoname wrote a NUL-terminated name into the buffer.
+    let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
+    Some(name.to_string_lossy().into_owned())
 }
 
 /// A fixed buffer long enough for any address text (at most 45 bytes).
@@ -126,6 +166,19 @@ mod tests {
     fn the_longest_address_text_fits_the_stack_buffer() {
         let ip: IpAddr = "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff".parse().unwrap();
         assert_eq!(route_index(ip, 1000), string_hash(&node_address_text(ip)) % 1000);
+    }
+
+    #[test]
+    fn link_local_peers_get_their_interface_name_as_node_prints_it() {
+        let scoped = SocketAddr::V6(std::net::SocketAddrV6::new("fe80::1".parse().unwrap(), 80, 0, 1));
+        let name = interface_name(1).expect("interface 1 (lo) exists");
+        assert_eq!(node_peer_text(scoped), format!("fe80::1%{name}"));
+        assert_eq!(peer_index(scoped, 7), string_hash(&format!("fe80::1%{name}")) % 7);
+        // Node appends nothing without a scope, or for an address that is not link-local.
+        let unscoped = SocketAddr::V6(std::net::SocketAddrV6::new("fe80::1".parse().unwrap(), 80, 0, 0));
+        assert_eq!(node_peer_text(unscoped), "fe80::1");
+        let global = SocketAddr::V6(std::net::SocketAddrV6::new("2001:db8::1".parse().unwrap(), 80, 0, 1));
+        assert_eq!(node_peer_text(global), "2001:db8::1");
     }
 
     #[test]

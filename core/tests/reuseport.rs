@@ -1,5 +1,8 @@
 //! The reuseport group in the real kernel: connections from many source addresses land on the listener the
-//! routing hash names (IPv4 and dual-stack listeners on loopback; native IPv6 and link-local in a namespace).
+//! routing hash names (IPv4 and dual-stack listeners on loopback; native IPv6 and link-local in a namespace),
+//! and the real master puts link-local clients on Node's index in both routing modes.
+
+mod support;
 
 use nix::poll::{poll, PollFd, PollFlags};
 use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
@@ -269,6 +272,82 @@ fn native_ipv6_and_link_local_clients_in_a_namespace() {
             .expect("the namespace thread")
     });
     assert_eq!(counts, (240, 5, 305), "(native IPv6, link-local, all) connections on the predicted listener");
+}
+
+/// `GET /` over `fd`, a connected client; the test worker's JSON answer.
+fn worker_answer(fd: OwnedFd) -> serde_json::Value {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::from(fd);
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).expect("a read timeout");
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").expect("send the request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read the answer");
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    serde_json::from_str(body.trim()).unwrap_or_else(|e| panic!("{e}: {response:?}"))
+}
+
+#[test]
+fn the_master_routes_link_local_clients_by_node_text_in_both_modes() {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let have_ip = Command::new("ip").arg("-V").output().is_ok_and(|out| out.status.success());
+    if !(root && have_ip) {
+        assert!(!must_run(), "CI=true: this test needs root and iproute2 (root: {root}, ip: {have_ip})");
+        eprintln!("skipped: needs root and iproute2");
+        return;
+    }
+    let id = std::process::id();
+    let (server_if, client_if) = (format!("shs{id}"), format!("shc{id}"));
+    let server = Namespace::create(format!("sticky-ll-srv-{id}"));
+    let client = Namespace::create(format!("sticky-ll-cli-{id}"));
+    let sources: Vec<Ipv6Addr> = (1..=30u16).map(|i| Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0x100, i, i * 7)).collect();
+    let mut client_setup = format!("link set lo up\nlink set {client_if} up\n");
+    for source in &sources {
+        client_setup += &format!("addr add {source}/64 dev {client_if} nodad\n");
+    }
+    run_ip(
+        &["-n", &server.0, "-batch", "-"],
+        &format!(
+            "link add {server_if} type veth peer name {client_if} netns {}\nlink set lo up\nlink set {server_if} up\n\
+             addr add fe80::1/64 dev {server_if} nodad\n",
+            client.0
+        ),
+    );
+    run_ip(&["-n", &client.0, "-batch", "-"], &client_setup);
+    let concurrency = 5;
+    // What Node's remoteAddress says in the server's namespace: the address, `%`, the server's interface.
+    let expected: Vec<u32> = sources
+        .iter()
+        .map(|source| sticky_cluster::hash::string_hash(&format!("{source}%{server_if}")) % concurrency)
+        .collect();
+    for routing in ["handoff", "kernel"] {
+        let answers: Vec<u32> = std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    // The master, and the workers it spawns, live in the server's namespace.
+                    server.enter();
+                    let cluster = support::Cluster::start(&format!("routing: {routing}\nconcurrency: {concurrency}\n"));
+                    client.enter();
+                    let client_index = interface_index(&client_if);
+                    let scoped = |ip: Ipv6Addr, port| SocketAddr::V6(SocketAddrV6::new(ip, port, 0, client_index));
+                    let target = scoped(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1), cluster.port);
+                    sources
+                        .iter()
+                        .map(|source| {
+                            let fd = connect_from(scoped(*source, 0), target)
+                                .unwrap_or_else(|e| panic!("{routing}: {source} -> {target}: {e}"));
+                            let answer = worker_answer(fd);
+                            answer["worker"].as_u64().unwrap_or_else(|| panic!("{answer}")) as u32
+                        })
+                        .collect()
+                })
+                .join()
+                .expect("the namespace thread")
+        });
+        assert_eq!(answers, expected, "{routing}: workers of {sources:?}");
+    }
+    let spread: std::collections::BTreeSet<u32> = expected.iter().copied().collect();
+    assert!(spread.len() >= 3, "30 link-local clients spread over the workers: {expected:?}");
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use tracing::{debug, warn};
 
-use crate::hash::{node_address_text, route_index};
+use crate::hash::{node_peer_text, peer_index};
 
 use super::*;
 
@@ -21,8 +21,8 @@ pub(super) struct Handoff {
 
 impl Master {
     pub(super) fn route(&mut self, handoff: Handoff) {
-        let index = route_index(handoff.peer.ip(), self.config.concurrency);
-        debug!("connection {} -> worker {index}", node_address_text(handoff.peer.ip()));
+        let index = peer_index(handoff.peer, self.config.concurrency);
+        debug!("connection {} -> worker {index}", node_peer_text(handoff.peer));
         self.deliver(index, handoff);
     }
 

@@ -55,13 +55,13 @@ pub mod program;
 mod interpreter;
 
 use crate::error::{Error, Result};
-use crate::hash::{node_address_text, string_hash};
 use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
 use proc_net::foreign_listeners;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
+pub use crate::hash::{node_peer_text, peer_index};
 pub use program::{Program, TextForm};
 
 /// `concurrency` listeners on one port with the routing program attached, in group order.
@@ -145,39 +145,6 @@ pub fn text_form(address: SocketAddr) -> TextForm {
     } else {
         TextForm::Ipv6
     }
-}
-
-/// The text Node reports for an accepted peer: [`node_address_text`] plus `%ifname` for a link-local IPv6
-/// peer with a scope, as Node's `AddressToJS` appends it (nothing when the index has no name).
-pub fn node_peer_text(peer: SocketAddr) -> String {
-    let mut text = node_address_text(peer.ip());
-    if let SocketAddr::V6(v6) = peer {
-        let link_local = v6.ip().segments()[0] & 0xffc0 == 0xfe80;
-        if link_local && v6.scope_id() > 0 {
-            if let Some(name) = interface_name(v6.scope_id()) {
-                text.push('%');
-                text.push_str(&name);
-            }
-        }
-    }
-    text
-}
-
-/// The listener index the program picks for a peer as `accept()` reports it.
-pub fn peer_index(peer: SocketAddr, concurrency: u32) -> u32 {
-    string_hash(&node_peer_text(peer)) % concurrency.max(1)
-}
-
-fn interface_name(index: u32) -> Option<String> {
-    let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: the buffer has IF_NAMESIZE bytes, as if_indextoname requires.
-    let found = unsafe { libc::if_indextoname(index, name.as_mut_ptr()) };
-    if found.is_null() {
-        return None;
-    }
-    // SAFETY: on success if_indextoname wrote a NUL-terminated name into the buffer.
-    let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
-    Some(name.to_string_lossy().into_owned())
 }
 
 /// The machine's interfaces (index, name), for the link-local suffix; empty if they cannot be listed.
@@ -373,19 +340,6 @@ mod tests {
         assert_eq!(foreign_listeners(group.local_addr(), &ours).unwrap(), 0);
         // Forgetting one of ours makes it look foreign: the check counts it.
         assert_eq!(foreign_listeners(group.local_addr(), &ours[1..]).unwrap(), 1);
-    }
-
-    #[test]
-    fn link_local_peers_get_their_interface_name_as_node_prints_it() {
-        let scoped = SocketAddr::V6(std::net::SocketAddrV6::new("fe80::1".parse().unwrap(), 80, 0, 1));
-        let name = interface_name(1).expect("interface 1 (lo) exists");
-        assert_eq!(node_peer_text(scoped), format!("fe80::1%{name}"));
-        assert_eq!(peer_index(scoped, 7), string_hash(&format!("fe80::1%{name}")) % 7);
-        // Node appends nothing without a scope, or for an address that is not link-local.
-        let unscoped = SocketAddr::V6(std::net::SocketAddrV6::new("fe80::1".parse().unwrap(), 80, 0, 0));
-        assert_eq!(node_peer_text(unscoped), "fe80::1");
-        let global = SocketAddr::V6(std::net::SocketAddrV6::new("2001:db8::1".parse().unwrap(), 80, 0, 1));
-        assert_eq!(node_peer_text(global), "2001:db8::1");
     }
 
     fn reuseport_socket() -> OwnedFd {
