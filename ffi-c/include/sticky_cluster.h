@@ -180,6 +180,11 @@ typedef struct sticky_options {
      * and `sticky_worker_accept` work unchanged). NULL or the default: "handoff".
      */
     const char *routing;
+    /**
+     * Listen backlog of the client listener, of each worker's listener with `routing` "kernel" (YAML
+     * `backlog`), at least 1; the kernel caps it at `net.core.somaxconn`. Default 1024.
+     */
+    uint32_t backlog;
 } sticky_options;
 
 /**

@@ -64,6 +64,9 @@ pub struct sticky_options {
     /// (each worker accepts from its own SO_REUSEPORT listener, a BPF program routes; `sticky_worker_fd`
     /// and `sticky_worker_accept` work unchanged). NULL or the default: "handoff".
     pub routing: *const c_char,
+    /// Listen backlog of the client listener, of each worker's listener with `routing` "kernel" (YAML
+    /// `backlog`), at least 1; the kernel caps it at `net.core.somaxconn`. Default 1024.
+    pub backlog: u32,
 }
 
 /// The worker entry point `sticky_run` calls in each worker process.
@@ -100,6 +103,7 @@ pub unsafe extern "C" fn sticky_options_init(opts: *mut sticky_options) {
             client_address: c"peer".as_ptr(),
             trusted_proxies: std::ptr::null(),
             routing: c"handoff".as_ptr(),
+            backlog: defaults.backlog,
         };
         Ok(STICKY_OK)
     });
@@ -329,6 +333,9 @@ unsafe fn config_from_options(opts: &sticky_options) -> Result<Config, Failure> 
     if opts.queue_limit == 0 {
         return Err(config_failure(format!("{ORIGIN}: queue_limit must be at least 1, got 0")));
     }
+    if opts.backlog == 0 {
+        return Err(config_failure(format!("{ORIGIN}: backlog must be at least 1, got 0")));
+    }
     let text_or = |text: *const c_char, what: &str, default: String| {
         if text.is_null() {
             Ok(default)
@@ -378,6 +385,7 @@ unsafe fn config_from_options(opts: &sticky_options) -> Result<Config, Failure> 
     };
     let config = Config {
         routing,
+        backlog: opts.backlog,
         port: opts.port,
         host: text_or(opts.host, "host", defaults.host)?,
         concurrency: opts.concurrency,
@@ -420,6 +428,7 @@ mod tests {
         assert_eq!(config.hard_shutdown_delay, from_yaml.hard_shutdown_delay);
         assert_eq!(config.queue_limit, from_yaml.queue_limit);
         assert_eq!(config.queue_max_wait, from_yaml.queue_max_wait);
+        assert_eq!(config.backlog, from_yaml.backlog);
         let WorkerSource::Spawn { command, .. } = &config.workers else {
             panic!("spawn mode expected");
         };
@@ -463,6 +472,18 @@ mod tests {
         // SAFETY: as above.
         let failure = unsafe { config_from_options(&opts) }.unwrap_err();
         assert!(failure.message.starts_with("sticky_options.client_address: \"nginx\" is not one of"));
+    }
+
+    #[test]
+    fn backlog_is_taken_and_zero_is_refused() {
+        let opts = sticky_options { backlog: 64, ..defaults() };
+        // SAFETY: defaults hold static strings.
+        assert_eq!(unsafe { config_from_options(&opts) }.unwrap().backlog, 64);
+        let opts = sticky_options { backlog: 0, ..defaults() };
+        // SAFETY: as above.
+        let failure = unsafe { config_from_options(&opts) }.unwrap_err();
+        assert_eq!(failure.code, STICKY_ECONFIG);
+        assert_eq!(failure.message, "sticky_options: backlog must be at least 1, got 0");
     }
 
     #[test]

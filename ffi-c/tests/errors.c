@@ -181,8 +181,12 @@ static void bad_configuration(void) {
     CHECK(options.port == 8080 && options.concurrency >= 1 && strcmp(options.host, "::") == 0 &&
               strcmp(options.prefix, "sticky-cluster:") == 0 && options.hard_shutdown_delay_ms == 60000 &&
               options.queue_limit == 1024 && options.queue_max_wait_ms == 10000 && options.env == NULL &&
-              options.worker_command == NULL && !options.debug,
+              options.worker_command == NULL && !options.debug && options.backlog == 1024,
           "defaults");
+    options.backlog = 0;
+    CHECK(sticky_run(&options, never_serve, NULL) == STICKY_ECONFIG, "backlog 0");
+    CHECK(strstr(sticky_last_error_message(), "backlog must be at least 1") != NULL, "%s", sticky_last_error_message());
+    options.backlog = 1024;
     options.concurrency = 0;
     CHECK(sticky_run(&options, never_serve, NULL) == STICKY_ECONFIG, "concurrency 0");
     CHECK(strstr(sticky_last_error_message(), "concurrency must be at least 1") != NULL, "%s",
