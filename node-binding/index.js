@@ -347,6 +347,15 @@ function runWorker(startFn, settings) {
     debug(`connection from ${routed.remoteAddress}:${routed.remotePort}`);
     // Served even while draining: the master routed it before it stopped, and nothing is dropped.
 
+    if (routed.proxied) {
+      // The client's address came from a trusted balancer (PROXY protocol, X-Forwarded-For): the app sees
+      // the client, not the balancer, as behind nginx's real_ip (socket.io's handshake.address, req.ip).
+      Object.defineProperties(socket, {
+        remoteAddress: { value: routed.remoteAddress, configurable: true },
+        remotePort: { value: routed.remotePort, configurable: true },
+        remoteFamily: { value: net.isIPv6(routed.remoteAddress) ? 'IPv6' : 'IPv4', configurable: true },
+      });
+    }
     // What net.Server's own accept path would apply to its sockets.
     if (server.noDelay) socket.setNoDelay(true);
     if (server.keepAlive) socket.setKeepAlive(true, server.keepAliveInitialDelay);

@@ -1,6 +1,7 @@
 //! The worker side inside a re-launched Node process: join the cluster from the environment, say ready,
 //! and run one plain thread that blocks on the channel and hands each routed fd to JS.
 
+use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -25,6 +26,9 @@ pub struct RoutedConnection {
     pub local_address: String,
     /// The port the client connected to.
     pub local_port: u32,
+    /// The client's address came from a trusted balancer's PROXY header or `X-Forwarded-For`, so the
+    /// socket's own peer is the balancer.
+    pub proxied: bool,
 }
 
 /// Why the accept thread ended, handed to `onEnd` once.
@@ -137,12 +141,16 @@ fn accept_loop(worker: &Worker, on_connection: ConnectionCallback, on_end: EndCa
     let end = loop {
         match worker.accept_blocking() {
             Ok(connection) => {
+                let canonical = |address: SocketAddr| (address.ip().to_canonical(), address.port());
+                let proxied =
+                    connection.stream.peer_addr().is_ok_and(|tcp| canonical(tcp) != canonical(connection.peer));
                 let routed = RoutedConnection {
                     fd: connection.stream.into_raw_fd(),
                     remote_address: node_address_text(connection.peer.ip()),
                     remote_port: u32::from(connection.peer.port()),
                     local_address: node_address_text(connection.local.ip()),
                     local_port: u32::from(connection.local.port()),
+                    proxied,
                 };
                 let fd = routed.fd;
                 if on_connection.call(routed, ThreadsafeFunctionCallMode::Blocking) != Status::Ok {

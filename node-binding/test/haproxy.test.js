@@ -110,6 +110,8 @@ test('socket.io sessions hold through HAProxy (balance source, send-proxy-v2) in
     assert.deepStrictEqual(failures(results, MESSAGES), [], `${transports}`);
     for (const r of results) {
       assert.strictEqual(r.pids.size, 1, `${r.localAddress} was answered by ${r.pids.size} workers`);
+      // The worker sees the client's address from the PROXY header, not HAProxy's.
+      assert.deepStrictEqual([...r.addresses], [r.localAddress], `socket.handshake.address of ${r.localAddress}`);
       const [pid] = r.pids;
       assert.ok(hostOfPid.has(pid), `pid ${pid} is no host's worker`);
       hostsUsed.add(hostOfPid.get(pid));
@@ -134,7 +136,7 @@ test('socket.io sessions hold through HAProxy (balance source, send-proxy-v2) in
  */
 function sessionClient(port, localAddress, transports) {
   return new Promise((resolve) => {
-    const result = { localAddress, connected: false, echoed: 0, pids: new Set(), errors: [], transport: null };
+    const result = { localAddress, connected: false, echoed: 0, pids: new Set(), addresses: new Set(), errors: [], transport: null };
     const agent = new http.Agent({ localAddress, keepAlive: false });
     const socket = io(`http://127.0.0.1:${port}`, { transports, agent, forceNew: true, reconnection: false, timeout: 10000 });
     const finish = () => {
@@ -163,6 +165,7 @@ function sessionClient(port, localAddress, transports) {
     socket.on('chat', (echo) => {
       result.echoed += 1;
       result.pids.add(echo.pid);
+      result.addresses.add(echo.address);
       if (result.echoed === MESSAGES) finish();
       // Spaced out, so that long-polls come and go and the upgrade (if allowed) happens meanwhile.
       else setTimeout(send, 100);
