@@ -350,10 +350,11 @@ function runWorker(startFn, settings) {
     if (routed.proxied) {
       // The client's address came from a trusted balancer (PROXY protocol, X-Forwarded-For): the app sees
       // the client, not the balancer, as behind nginx's real_ip (socket.io's handshake.address, req.ip).
+      // X-Forwarded-For carries no port (0 here): remotePort then stays the socket's own.
       Object.defineProperties(socket, {
         remoteAddress: { value: routed.remoteAddress, configurable: true },
-        remotePort: { value: routed.remotePort, configurable: true },
         remoteFamily: { value: net.isIPv6(routed.remoteAddress) ? 'IPv6' : 'IPv4', configurable: true },
+        ...(routed.remotePort ? { remotePort: { value: routed.remotePort, configurable: true } } : {}),
       });
     }
     // What net.Server's own accept path would apply to its sockets.
