@@ -3,7 +3,8 @@
 // two "hosts": two sticky-cluster masters (the binary, clientAddress: proxy-protocol, trustedProxies =
 // HAProxy's address) whose workers are this package's socket.io fixture. 100 clients from distinct loopback
 // addresses, long-polling only and with the websocket upgrade: every session holds (a polling handshake
-// that reaches another worker fails with "Session ID unknown"), each on one worker process.
+// that reaches another worker fails with "Session ID unknown"), each on one worker process, which sees the
+// client's address. And the Node master with x-forwarded-for behind a trusted proxy.
 
 const test = require('node:test');
 const assert = require('node:assert');
@@ -13,7 +14,7 @@ const path = require('path');
 const { spawn, spawnSync } = require('child_process');
 const http = require('http');
 const { io } = require('socket.io-client');
-const { clientAddress, failures, waitFor, within } = require('./helpers');
+const { clientAddress, failures, getJson, stringHash, startApp, waitFor, within } = require('./helpers');
 
 const repo = path.resolve(__dirname, '..', '..');
 const CONCURRENCY = 2;
@@ -127,6 +128,27 @@ test('socket.io sessions hold through HAProxy (balance source, send-proxy-v2) in
   for (const host of hosts) {
     assert.doesNotMatch(host.stderr, /closed a connection from trusted proxy/, 'HAProxy always sent its header');
   }
+});
+
+test('x-forwarded-for from a trusted proxy chooses the worker, and the worker sees that client', async (t) => {
+  const concurrency = 3;
+  const options = { port: 0, concurrency, clientAddress: 'x-forwarded-for', trustedProxies: ['127.0.0.1/32'] };
+  const app = await startApp(t, 'chat-app.js', { FIXTURE_OPTIONS: JSON.stringify(options), STICKY_CLUSTER_NATIVE: '1' });
+  const seen = async (from, forwarded) => {
+    const answer = await getJson(app.port, '/whoami', from, { 'x-forwarded-for': forwarded });
+    return { index: answer.index, remoteAddress: answer.remoteAddress };
+  };
+  // The rightmost address that is not a trusted proxy is the client.
+  for (const client of ['10.1.2.3', '203.0.113.77', '2001:db8::5']) {
+    const expected = { index: stringHash(client) % concurrency, remoteAddress: client };
+    assert.deepStrictEqual(await seen('127.0.0.1', `198.51.100.9, ${client}, 127.0.0.1`), expected, client);
+  }
+  // From a peer that is not trusted the header is ignored: routed and seen by its own address.
+  const untrusted = clientAddress(33, 7);
+  const own = `::ffff:${untrusted}`;
+  assert.deepStrictEqual(await seen(untrusted, '10.1.2.3'), { index: stringHash(own) % concurrency, remoteAddress: own });
+  app.child.kill('SIGTERM');
+  assert.deepStrictEqual(await app.exited, { code: 0, signal: null }, app.stderr);
 });
 
 /**

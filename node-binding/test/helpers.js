@@ -116,9 +116,9 @@ function within(ms, promise, what) {
 }
 
 /** GET `path` from the cluster with the client bound to `localAddress`; resolves with the parsed JSON. */
-function getJson(port, path_, localAddress) {
+function getJson(port, path_, localAddress, headers = {}) {
   return new Promise((resolve, reject) => {
-    const request = http.get({ host: '127.0.0.1', port, path: path_, localAddress, agent: false }, (response) => {
+    const request = http.get({ host: '127.0.0.1', port, path: path_, localAddress, headers, agent: false }, (response) => {
       let body = '';
       response.setEncoding('utf8').on('data', (chunk) => (body += chunk));
       response.on('end', () => {
