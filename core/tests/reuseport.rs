@@ -166,32 +166,53 @@ fn run_ip(args: &[&str], stdin: &str) {
     assert!(status.success(), "ip {args:?} failed: {status}");
 }
 
+/// Two namespaces joined by a veth pair (`server_if` in the server's, `client_if` in the client's), every
+/// link up; deleted when dropped. None without root and iproute2 (a skip, and a failure under CI).
+struct VethPair {
+    server: Namespace,
+    client: Namespace,
+    server_if: String,
+    client_if: String,
+}
+
+impl VethPair {
+    /// `tag` keeps the names of concurrent tests apart.
+    fn create(tag: char) -> Option<VethPair> {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let have_ip = Command::new("ip").arg("-V").output().is_ok_and(|out| out.status.success());
+        if !(root && have_ip) {
+            assert!(!must_run(), "CI=true: this test needs root and iproute2 (root: {root}, ip: {have_ip})");
+            eprintln!("skipped: needs root and iproute2");
+            return None;
+        }
+        let id = std::process::id();
+        let (server_if, client_if) = (format!("s{tag}s{id}"), format!("s{tag}c{id}"));
+        let server = Namespace::create(format!("sticky-{tag}-srv-{id}"));
+        let client = Namespace::create(format!("sticky-{tag}-cli-{id}"));
+        run_ip(
+            &["-n", &server.0, "-batch", "-"],
+            &format!(
+                "link add {server_if} type veth peer name {client_if} netns {}\nlink set lo up\nlink set {server_if} up\n",
+                client.0
+            ),
+        );
+        run_ip(&["-n", &client.0, "-batch", "-"], &format!("link set lo up\nlink set {client_if} up\n"));
+        Some(VethPair { server, client, server_if, client_if })
+    }
+}
+
 fn interface_index(name: &str) -> u32 {
     nix::net::if_::if_nametoindex(name).unwrap_or_else(|e| panic!("index of {name}: {e}"))
 }
 
 #[test]
 fn native_ipv6_and_link_local_clients_in_a_namespace() {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let have_ip = Command::new("ip").arg("-V").output().is_ok_and(|out| out.status.success());
-    if !(root && have_ip) {
-        assert!(!must_run(), "CI=true: this test needs root and iproute2 (root: {root}, ip: {have_ip})");
-        eprintln!("skipped: needs root and iproute2");
-        return;
-    }
-    let id = std::process::id();
-    let (server_if, client_if) = (format!("scs{id}"), format!("scc{id}"));
-    let server = Namespace::create(format!("sticky-rp-srv-{id}"));
-    let client = Namespace::create(format!("sticky-rp-cli-{id}"));
+    let Some(VethPair { server, client, server_if, client_if }) = VethPair::create('c') else { return };
     let prefixes = ["2001:db8:5:0", "fd12:3456:789a:1"];
-    let mut server_setup = format!(
-        "link add {server_if} type veth peer name {client_if} netns {}\nlink set lo up\nlink set {server_if} up\n\
-         addr add 10.200.0.1/24 dev {server_if}\naddr add fe80::1/64 dev {server_if} nodad\n",
-        client.0
-    );
-    let mut client_setup =
-        format!("link set lo up\nlink set {client_if} up\naddr add fe80::1:1/64 dev {client_if} nodad\n");
+    let mut server_setup =
+        format!("addr add 10.200.0.1/24 dev {server_if}\naddr add fe80::1/64 dev {server_if} nodad\n");
+    let mut client_setup = format!("addr add fe80::1:1/64 dev {client_if} nodad\n");
     let mut sources: Vec<(IpAddr, IpAddr)> = Vec::new(); // (client source, server address)
     for prefix in prefixes {
         server_setup += &format!("addr add {prefix}::1/64 dev {server_if} nodad\n");
@@ -288,31 +309,13 @@ fn worker_answer(fd: OwnedFd) -> serde_json::Value {
 
 #[test]
 fn the_master_routes_link_local_clients_by_node_text_in_both_modes() {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let have_ip = Command::new("ip").arg("-V").output().is_ok_and(|out| out.status.success());
-    if !(root && have_ip) {
-        assert!(!must_run(), "CI=true: this test needs root and iproute2 (root: {root}, ip: {have_ip})");
-        eprintln!("skipped: needs root and iproute2");
-        return;
-    }
-    let id = std::process::id();
-    let (server_if, client_if) = (format!("shs{id}"), format!("shc{id}"));
-    let server = Namespace::create(format!("sticky-ll-srv-{id}"));
-    let client = Namespace::create(format!("sticky-ll-cli-{id}"));
+    let Some(VethPair { server, client, server_if, client_if }) = VethPair::create('h') else { return };
     let sources: Vec<Ipv6Addr> = (1..=30u16).map(|i| Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0x100, i, i * 7)).collect();
-    let mut client_setup = format!("link set lo up\nlink set {client_if} up\n");
+    let mut client_setup = String::new();
     for source in &sources {
         client_setup += &format!("addr add {source}/64 dev {client_if} nodad\n");
     }
-    run_ip(
-        &["-n", &server.0, "-batch", "-"],
-        &format!(
-            "link add {server_if} type veth peer name {client_if} netns {}\nlink set lo up\nlink set {server_if} up\n\
-             addr add fe80::1/64 dev {server_if} nodad\n",
-            client.0
-        ),
-    );
+    run_ip(&["-n", &server.0, "-batch", "-"], &format!("addr add fe80::1/64 dev {server_if} nodad\n"));
     run_ip(&["-n", &client.0, "-batch", "-"], &client_setup);
     let concurrency = 5;
     // What Node's remoteAddress says in the server's namespace: the address, `%`, the server's interface.
