@@ -114,6 +114,9 @@ fn a_stuck_worker_is_named_and_its_connections_go_elsewhere_within_bounds() {
     );
     let line = cluster.wait_for_log("metrics on http://", LONG);
     let metrics: SocketAddr = line.split("http://").nth(1).unwrap().trim_end_matches("/metrics").parse().unwrap();
+    // Worker 1 ready first (on a loaded machine it may start slowly): what worker 0 cannot take has to
+    // find a ready worker, or it is closed.
+    cluster.get(clients_for(1, 2, 1, 1000)[0], "/").expect("worker 1 answers");
     // More than its channel holds (about 2 KB of buffer each), fewer than worker 1 cannot take at once.
     let victims = clients_for(0, 2, 400, 0);
     let load = {
