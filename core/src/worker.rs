@@ -412,7 +412,8 @@ mod tests {
     use crate::protocol::send_message;
     use nix::sys::socket::socketpair;
 
-    fn worker_and_master() -> (Worker, OwnedFd) {
+    /// A handoff-mode worker of index 0 and the master's end of its channel (also for `kernel`'s tests).
+    pub(super) fn worker_and_master() -> (Worker, OwnedFd) {
         let (master, worker) =
             socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap();
         (Worker::with_channel(worker, 0, 1), master)

@@ -184,13 +184,7 @@ pub(super) fn inherited_listener(fd_text: &str) -> Result<OwnedFd> {
 mod tests {
     use super::*;
     use crate::protocol::send_message;
-    use nix::sys::socket::{socketpair, AddressFamily};
-
-    fn worker_and_master() -> (Worker, OwnedFd) {
-        let (master, worker) =
-            socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC).unwrap();
-        (Worker::with_channel(worker, 0, 1), master)
-    }
+    use crate::worker::tests::worker_and_master;
 
     /// A kernel-mode worker over a real listener (standing in for one of the group's) and a channel.
     fn kernel_worker() -> (Worker, OwnedFd, std::net::SocketAddr) {
