@@ -12,9 +12,7 @@ const fs = require('fs');
 const os = require('os');
 const path = require('path');
 const { spawn, spawnSync } = require('child_process');
-const http = require('http');
-const { io } = require('socket.io-client');
-const { clientAddress, failures, getJson, stringHash, startApp, waitFor, within } = require('./helpers');
+const { chatClient, clientAddress, failures, getJson, stringHash, startApp, waitFor, within } = require('./helpers');
 
 const repo = path.resolve(__dirname, '..', '..');
 const CONCURRENCY = 2;
@@ -105,8 +103,16 @@ test('socket.io sessions hold through HAProxy (balance source, send-proxy-v2) in
     [31, ['polling']],
     [32, ['polling', 'websocket']],
   ]) {
+    // A new TCP connection for every request (no keep-alive), so each long-polling request and the websocket
+    // upgrade must find the session's worker again through HAProxy and the master; messages spaced out so
+    // that long-polls come and go and the upgrade (if allowed) happens meanwhile.
     const crowd = [];
-    for (let n = 0; n < CLIENTS; n += 1) crowd.push(sessionClient(frontPort, clientAddress(block, n), transports));
+    for (let n = 0; n < CLIENTS; n += 1) {
+      const localAddress = clientAddress(block, n);
+      crowd.push(
+        chatClient({ port: frontPort, localAddress, transports, messages: MESSAGES, keepAlive: false, pauseMs: 100, timeoutMs: 30000 })
+      );
+    }
     const results = await within(90000, Promise.all(crowd), `${transports} crowd`);
     assert.deepStrictEqual(failures(results, MESSAGES), [], `${transports}`);
     for (const r of results) {
@@ -150,54 +156,6 @@ test('x-forwarded-for from a trusted proxy chooses the worker, and the worker se
   app.child.kill('SIGTERM');
   assert.deepStrictEqual(await app.exited, { code: 0, signal: null }, app.stderr);
 });
-
-/**
- * One socket.io client from `localAddress` that opens a new TCP connection for every request (no
- * keep-alive), so each long-polling request and the websocket upgrade must find the session's worker
- * again through HAProxy and the master. Sends MESSAGES chat messages, one after the other; never rejects.
- */
-function sessionClient(port, localAddress, transports) {
-  return new Promise((resolve) => {
-    const result = { localAddress, connected: false, echoed: 0, pids: new Set(), addresses: new Set(), errors: [], transport: null };
-    const agent = new http.Agent({ localAddress, keepAlive: false });
-    const socket = io(`http://127.0.0.1:${port}`, { transports, agent, forceNew: true, reconnection: false, timeout: 10000 });
-    const finish = () => {
-      clearTimeout(timer);
-      result.transport = socket.io.engine ? socket.io.engine.transport.name : null;
-      socket.disconnect();
-      agent.destroy();
-      resolve(result);
-    };
-    const timer = setTimeout(() => {
-      result.errors.push(`timeout after ${result.echoed} echoes`);
-      finish();
-    }, 30000);
-    const describe = (error) => [error.message, error.description && (error.description.message || error.description)].filter(Boolean).join(' / ');
-    socket.on('connect_error', (error) => {
-      result.errors.push(`connect_error: ${describe(error)}`);
-      finish();
-    });
-    socket.on('disconnect', (reason) => {
-      if (result.echoed < MESSAGES) {
-        result.errors.push(`disconnect: ${reason}`);
-        finish();
-      }
-    });
-    const send = () => socket.emit('chat', { from: localAddress, n: result.echoed + 1 });
-    socket.on('chat', (echo) => {
-      result.echoed += 1;
-      result.pids.add(echo.pid);
-      result.addresses.add(echo.address);
-      if (result.echoed === MESSAGES) finish();
-      // Spaced out, so that long-polls come and go and the upgrade (if allowed) happens meanwhile.
-      else setTimeout(send, 100);
-    });
-    socket.on('connect', () => {
-      result.connected = true;
-      send();
-    });
-  });
-}
 
 /** A loopback port nobody listens on right now. */
 function freePort() {

@@ -136,11 +136,13 @@ function getJson(port, path_, localAddress, headers = {}) {
 /**
  * One socket.io client from `localAddress`: connects, sends `messages` chat messages one after the other
  * and waits for each echo. Resolves with what happened; never rejects (errors are counted by callers).
+ * `keepAlive: false` opens a new TCP connection for every request; `pauseMs` spaces the messages out;
+ * `addresses` collects the client address each echo says the worker saw.
  */
-function chatClient({ port, localAddress, transports, messages }) {
+function chatClient({ port, localAddress, transports, messages, keepAlive = true, pauseMs = 0, timeoutMs = 20000 }) {
   return new Promise((resolve) => {
-    const result = { localAddress, connected: false, echoed: 0, pids: new Set(), errors: [], transport: null };
-    const agent = new http.Agent({ localAddress, keepAlive: true });
+    const result = { localAddress, connected: false, echoed: 0, pids: new Set(), addresses: new Set(), errors: [], transport: null };
+    const agent = new http.Agent({ localAddress, keepAlive });
     const socket = io(`http://127.0.0.1:${port}`, {
       transports,
       agent,
@@ -161,7 +163,7 @@ function chatClient({ port, localAddress, transports, messages }) {
     const timer = setTimeout(() => {
       result.errors.push(`timeout after ${result.echoed} echoes`);
       finish();
-    }, 20000);
+    }, timeoutMs);
     const describe = (error) =>
       [error.message, error.description && (error.description.message || error.description), error.context && error.context.responseText]
         .filter(Boolean)
@@ -176,7 +178,10 @@ function chatClient({ port, localAddress, transports, messages }) {
         finish();
       }
     });
-    socket.io.engine?.on?.('error', (error) => result.errors.push(`engine: ${describe(error)}`));
+    // After finish() the client tears its own requests down (agent.destroy()): those errors are not failures.
+    socket.io.engine?.on?.('error', (error) => {
+      if (!finished) result.errors.push(`engine: ${describe(error)}`);
+    });
     let sent = 0;
     const sendNext = () => {
       sent += 1;
@@ -188,7 +193,9 @@ function chatClient({ port, localAddress, transports, messages }) {
       }
       result.echoed += 1;
       result.pids.add(echo.pid);
+      result.addresses.add(echo.address);
       if (result.echoed === messages) finish();
+      else if (pauseMs > 0) setTimeout(sendNext, pauseMs);
       else sendNext();
     });
     socket.on('connect', () => {
