@@ -32,6 +32,12 @@ declare namespace stickyCluster {
     routing?: 'handoff' | 'kernel';
     /** Listen backlog of the client listener (each worker's with routing 'kernel'). Default: 1024. */
     backlog?: number;
+    /** Connections that wait for one worker that does not take them (starting, or its event loop blocked):
+     *  at most `limit` (default 1024) for at most `maxWait` ms (default 10000), then the next ready worker. */
+    queue?: { limit?: number; maxWait?: number };
+    /** Serve Prometheus metrics (`GET /metrics`: routed, queue depth, readiness, redirected, closed, revivals,
+     *  recovered) on `host` (default 127.0.0.1) and `port` (0 picks a free one, logged as `metrics on ...`). */
+    metrics?: { port: number; host?: string };
     /** Gets listen errors (a Node-style Error with `code`, e.g. EADDRINUSE). Default: log and exit 1. */
     errorHandler?: (error: NodeJS.ErrnoException & { address?: string; port?: number }) => void;
   }

@@ -16,6 +16,9 @@ const DEFAULT_PORT = 8080;
 const DEFAULT_HARD_SHUTDOWN_DELAY = 60 * 1000;
 /** The YAML's default: Node's own listen default (511) is smaller. */
 const DEFAULT_BACKLOG = 1024;
+const DEFAULT_QUEUE_LIMIT = 1024;
+const DEFAULT_QUEUE_MAX_WAIT = 10 * 1000;
+const DEFAULT_METRICS_HOST = '127.0.0.1';
 /** Marks a worker of the JavaScript master: js/protocol.js's JS_WORKER_ENV, named here so js/ loads only when used. */
 const JS_WORKER_ENV = 'STICKY_CLUSTER_JS_WORKER';
 /** binding.js's code for "no addon for this platform": the one failure that falls back to JavaScript. */
@@ -104,6 +107,8 @@ function normalizeOptions(options) {
     env: options.env || ((index) => ({ stickycluster_worker_index: index })),
     routing: options.routing || 'handoff',
     backlog: options.backlog || DEFAULT_BACKLOG,
+    queue: normalizeQueue(options.queue),
+    metrics: normalizeMetrics(options.metrics),
     errorHandler:
       options.errorHandler ||
       ((error) => {
@@ -139,6 +144,38 @@ function normalizeOptions(options) {
   }
   if (typeof settings.errorHandler !== 'function') {
     throw problem('errorHandler', 'a function (error) => void', options.errorHandler);
+  }
+  return settings;
+}
+
+/** `queue: { limit, maxWait }`: how many connections may wait for one worker, and for how long (ms). */
+function normalizeQueue(queue) {
+  if (queue === undefined || queue === null) queue = {};
+  if (typeof queue !== 'object') {
+    throw new TypeError(`sticky-cluster-native: options.queue must be an object { limit, maxWait }, got ${util.inspect(queue)}`);
+  }
+  const settings = { limit: queue.limit || DEFAULT_QUEUE_LIMIT, maxWait: queue.maxWait || DEFAULT_QUEUE_MAX_WAIT };
+  if (!Number.isInteger(settings.limit) || settings.limit < 1) {
+    throw new TypeError(`sticky-cluster-native: options.queue.limit must be a positive integer, got ${util.inspect(queue.limit)}`);
+  }
+  if (typeof settings.maxWait !== 'number' || !Number.isFinite(settings.maxWait) || settings.maxWait < 0) {
+    throw new TypeError(`sticky-cluster-native: options.queue.maxWait must be a number of milliseconds, got ${util.inspect(queue.maxWait)}`);
+  }
+  return settings;
+}
+
+/** `metrics: { port, host }`: where the master serves its Prometheus page; null (the default) for none. */
+function normalizeMetrics(metrics) {
+  if (metrics === undefined || metrics === null || metrics === false) return null;
+  if (typeof metrics !== 'object') {
+    throw new TypeError(`sticky-cluster-native: options.metrics must be an object { port, host }, got ${util.inspect(metrics)}`);
+  }
+  const settings = { port: metrics.port, host: metrics.host || DEFAULT_METRICS_HOST };
+  if (!Number.isInteger(settings.port) || settings.port < 0 || settings.port > 65535) {
+    throw new TypeError(`sticky-cluster-native: options.metrics.port must be an integer from 0 to 65535, got ${util.inspect(metrics.port)}`);
+  }
+  if (typeof settings.host !== 'string' || net.isIP(settings.host) === 0) {
+    throw new TypeError(`sticky-cluster-native: options.metrics.host must be an IP address, got ${util.inspect(metrics.host)}`);
   }
   return settings;
 }
@@ -210,6 +247,10 @@ function runMaster(settings) {
         env,
         routing: settings.routing,
         backlog: settings.backlog,
+        queueLimit: settings.queue.limit,
+        queueMaxWaitMs: settings.queue.maxWait,
+        metricsHost: settings.metrics ? settings.metrics.host : undefined,
+        metricsPort: settings.metrics ? settings.metrics.port : undefined,
       },
       onEnd
     );

@@ -2,6 +2,7 @@
 //! synchronously), then run core's master on one dedicated thread until JS asks it to stop.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use napi::bindgen_prelude::{Either, Unknown};
@@ -43,6 +44,14 @@ pub struct ClusterOptions {
     pub routing: Option<String>,
     /// Listen backlog of the client listener (of each worker's listener with `routing: kernel`).
     pub backlog: Option<u32>,
+    /// `queue.limit`: connections that may wait for one worker that is not taking them.
+    pub queue_limit: Option<u32>,
+    /// `queue.maxWait`: milliseconds a connection may wait for its worker before it goes to the next one.
+    pub queue_max_wait_ms: Option<f64>,
+    /// The IP address of the Prometheus page (with `metricsPort`).
+    pub metrics_host: Option<String>,
+    /// The port of the Prometheus page (`GET /metrics`); none when absent.
+    pub metrics_port: Option<u32>,
 }
 
 /// Why the listener could not be opened: the OS error number and the address, for a Node-style Error.
@@ -203,10 +212,32 @@ fn config_from(options: ClusterOptions) -> napi::Result<Config> {
     if options.backlog == Some(0) {
         return Err(invalid("backlog: must be at least 1, got 0".into()));
     }
+    if options.queue_limit == Some(0) {
+        return Err(invalid("queue.limit: must be at least 1, got 0".into()));
+    }
     let defaults = Config::default();
+    let queue_max_wait = match options.queue_max_wait_ms {
+        None => defaults.queue_max_wait,
+        Some(ms) if ms.is_finite() && ms >= 0.0 => Duration::from_millis(ms as u64),
+        Some(ms) => return Err(invalid(format!("queue.maxWait: must be a number of milliseconds >= 0, got {ms}"))),
+    };
+    let metrics = match options.metrics_port {
+        None => None,
+        Some(port) => {
+            let port =
+                u16::try_from(port).map_err(|_| invalid(format!("metrics.port: must be 0..65535, got {port}")))?;
+            let host = options.metrics_host.as_deref().unwrap_or("127.0.0.1");
+            let ip: IpAddr =
+                host.parse().map_err(|_| invalid(format!("metrics.host: not an IP address: {host:?}")))?;
+            Some(SocketAddr::new(ip, port))
+        }
+    };
     let config = Config {
         routing,
         backlog: options.backlog.unwrap_or(defaults.backlog),
+        queue_limit: options.queue_limit.map_or(defaults.queue_limit, |limit| limit as usize),
+        queue_max_wait,
+        metrics,
         port,
         host: options.host,
         concurrency: options.concurrency,
