@@ -19,6 +19,8 @@ const DEFAULT_BACKLOG = 1024;
 const DEFAULT_QUEUE_LIMIT = 1024;
 const DEFAULT_QUEUE_MAX_WAIT = 10 * 1000;
 const DEFAULT_METRICS_HOST = '127.0.0.1';
+/** Connections a native worker takes from its channel per event-loop turn before it lets I/O run. */
+const TAKE_BATCH = 64;
 /** Marks a worker of the JavaScript master: js/protocol.js's JS_WORKER_ENV, named here so js/ loads only when used. */
 const JS_WORKER_ENV = 'STICKY_CLUSTER_JS_WORKER';
 /** binding.js's code for "no addon for this platform": the one failure that falls back to JavaScript. */
@@ -413,8 +415,22 @@ function runWorker(startFn, settings) {
     drain.serve(userServer);
     const server = userServer;
     const listenFd = worker.listenFd;
-    // Every connection routed before the end has been handed over by then (the calls keep their order).
-    worker.start(onConnection, (end) => drain.channelEnded(end.message, end.reason));
+    // The watcher thread only says when something waits; this event loop takes it, a batch per turn, so
+    // a worker whose loop is blocked leaves its connections in the channel, where the master sees them.
+    const takeWaiting = () => {
+      for (let n = 0; n < TAKE_BATCH; n += 1) {
+        const taken = worker.take();
+        if (taken === null) return;
+        if (taken.end) {
+          // Every connection routed before the end has been taken by now: the channel keeps their order.
+          drain.channelEnded(taken.end.message, taken.end.reason);
+          return;
+        }
+        onConnection(taken.connection);
+      }
+      setImmediate(takeWaiting);
+    };
+    worker.start(takeWaiting);
     if (listenFd === null) {
       // Ready only now: connections for this index waited in the master during the user's async init.
       worker.ready();

@@ -7,4 +7,4 @@ mod master;
 mod worker;
 
 pub use master::{start_cluster, Cluster, ClusterEnd, ClusterOptions, ListenFailure, StartResult};
-pub use worker::{open_worker, RoutedConnection, WorkerEnd, WorkerHandle};
+pub use worker::{open_worker, RoutedConnection, Taken, WorkerEnd, WorkerHandle};

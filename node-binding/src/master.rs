@@ -227,8 +227,7 @@ fn config_from(options: ClusterOptions) -> napi::Result<Config> {
             let port =
                 u16::try_from(port).map_err(|_| invalid(format!("metrics.port: must be 0..65535, got {port}")))?;
             let host = options.metrics_host.as_deref().unwrap_or("127.0.0.1");
-            let ip: IpAddr =
-                host.parse().map_err(|_| invalid(format!("metrics.host: not an IP address: {host:?}")))?;
+            let ip: IpAddr = host.parse().map_err(|_| invalid(format!("metrics.host: not an IP address: {host:?}")))?;
             Some(SocketAddr::new(ip, port))
         }
     };
