@@ -2,19 +2,29 @@
 // The JavaScript master, for machines without the native addon: listens, hashes each client address,
 // and passes the socket to that index's worker over Node's IPC channel (as the npm sticky-cluster module
 // does); queues connections for a worker that is not ready, revives dead workers, shuts down in order.
-// It follows core/src/master.rs step for step, with the same log lines.
+// It follows core's master step for step, with the same log lines and metrics.
+//
+// At most IN_FLIGHT_LIMIT connections per worker are on their way (in Node's IPC, which passes one handle
+// at a time until the worker acknowledges it): the rest wait in this master's bounded queue, where they
+// are visible, expire after queue.maxWait and are redirected, instead of in Node's unbounded handle queue.
+// The master keeps its copy of each socket on its way until the worker says it took it, so when a worker
+// dies first those connections are taken back and served by the index's next worker, as core takes back
+// what a dead worker's channel holds.
 
 const net = require('net');
 const { routeIndex } = require('./hash');
 const { createLogger, describeExit, formatDuration, formatSocketAddress } = require('./log');
+const { render, serveMetrics } = require('./metrics');
 const protocol = require('./protocol');
 const { CRASH_UPTIME_MS, revivalDelay, spawnWorker } = require('./spawn');
 
-/** Connections one index may hold while its worker starts (core's queue.limit default). */
-const QUEUE_LIMIT = 1024;
-/** How long a queued connection waits for its worker before it goes elsewhere (core's queue.maxWait). */
-const QUEUE_MAX_WAIT_MS = 10000;
 const TICK_MS = 100;
+/** Connections sent to one worker and not yet acknowledged: the JavaScript master's channel capacity. */
+const IN_FLIGHT_LIMIT = 64;
+/** Scrapes of the metrics page answered at once (core's SCRAPE_LIMIT). */
+const SCRAPE_LIMIT = 8;
+/** How long a dead worker's channel may stay open after its exit before what it never took is taken back. */
+const CHANNEL_CLOSE_GRACE_MS = 1000;
 
 /**
  * Starts the master. `envOf(index)` gives a worker's extra environment; `onListenError(error)` gets a
@@ -34,15 +44,22 @@ function startJsMaster(settings, { command, envOf, onListenError, onEnd }) {
     started: 0,
     crashes: 0,
     shutdownSent: false,
+    // Send the shutdown once the queue is in the worker (a graceful stop), then SIGTERM when `terminate`.
+    pendingShutdown: null,
+    // Connections sent and not yet acknowledged, oldest first; this master keeps its copies until then.
+    inFlight: [],
+    stuckReported: false,
     queue: [],
   }));
-  const stats = { routed: new Array(concurrency).fill(0), redirected: 0, closed: 0, revivals: 0 };
+  const { limit: queueLimit, maxWait: queueMaxWait } = settings.queue;
+  const stats = { routed: new Array(concurrency).fill(0), redirected: 0, closed: 0, revivals: 0, recovered: 0 };
   let bound = null;
   let shuttingDown = false;
   let hardKilled = false;
   let ended = false;
   let deadlineTimer = null;
   const ticker = setInterval(expireQueues, TICK_MS);
+  let metricsServer = null;
 
   const server = net.createServer({ pauseOnConnect: true }, route);
   server.on('error', (error) => {
@@ -67,26 +84,67 @@ function startJsMaster(settings, { command, envOf, onListenError, onEnd }) {
       server.removeListener('error', onError);
       const address = server.address();
       bound = { address: address.address, port: address.port };
-      log.info(`listening on ${formatSocketAddress(bound.address, bound.port)} with ${concurrency} workers`);
-      if (!shuttingDown) slots.forEach((slot) => startWorker(slot.index));
-      finishIfDone();
+      if (settings.metrics) {
+        startMetrics();
+        return;
+      }
+      listening();
     };
     server.once('error', onError);
     server.once('listening', onListening);
     server.listen({ host, port: settings.port, backlog: settings.backlog });
   }
 
+  function listening() {
+    log.info(`listening on ${formatSocketAddress(bound.address, bound.port)} with ${concurrency} workers`);
+    if (!shuttingDown) slots.forEach((slot) => startWorker(slot.index));
+    finishIfDone();
+  }
+
+  /** The metrics page, bound before the workers start (a bind error is a listen error, as in core). */
+  function startMetrics() {
+    metricsServer = serveMetrics({
+      ...settings.metrics,
+      limit: SCRAPE_LIMIT,
+      snapshot: () =>
+        render(
+          slots.map((slot) => ({ routed: stats.routed[slot.index], queued: slot.queue.length, ready: slot.state === 'ready' })),
+          stats
+        ),
+      onListening: (address, port) => {
+        log.info(`metrics on http://${formatSocketAddress(address, port)}/metrics`);
+        listening();
+      },
+      onError: (error) => {
+        server.close();
+        clearInterval(ticker);
+        ended = true;
+        onListenError(error);
+      },
+    });
+  }
+
   function startWorker(index) {
     const slot = slots[index];
     const child = spawnWorker(command, index, concurrency, envOf(index));
     slot.generation += 1;
-    Object.assign(slot, { state: 'starting', child, pid: child.pid || 0, alive: true, started: Date.now(), shutdownSent: false });
+    Object.assign(slot, {
+      state: 'starting',
+      child,
+      pid: child.pid || 0,
+      alive: true,
+      started: Date.now(),
+      shutdownSent: false,
+      pendingShutdown: null,
+      stuckReported: false,
+    });
     const generation = slot.generation;
     const current = () => slot.generation === generation;
     child.on('message', (message) => {
       if (!current()) return;
       const kind = protocol.kindOf(message);
-      if (kind === protocol.READY) onReady(slot);
+      if (kind === protocol.TAKEN) onTaken(slot);
+      else if (kind === protocol.READY) onReady(slot);
       else if (kind === protocol.DRAINING) retire(slot);
     });
     // A worker that could not be started at all (send errors go to their callbacks instead).
@@ -96,7 +154,16 @@ function startJsMaster(settings, { command, envOf, onListenError, onEnd }) {
         onExit(slot, generation, 1, null);
       }
     });
-    child.on('exit', (code, signal) => onExit(slot, generation, code, signal));
+    // What the worker took is known only once its channel is read to the end: act on its exit then
+    // (a channel some other process still holds gets CHANNEL_CLOSE_GRACE_MS).
+    child.on('exit', (code, signal) => {
+      if (!child.connected) return onExit(slot, generation, code, signal);
+      const grace = setTimeout(() => onExit(slot, generation, code, signal), CHANNEL_CLOSE_GRACE_MS);
+      child.once('disconnect', () => {
+        clearTimeout(grace);
+        onExit(slot, generation, code, signal);
+      });
+    });
     log.debug(`worker ${index} started (pid ${slot.pid}, generation ${generation})`);
   }
 
@@ -108,42 +175,79 @@ function startJsMaster(settings, { command, envOf, onListenError, onEnd }) {
     deliver(index, socket);
   }
 
-  /** Sends to the worker when it is ready, else queues (bounded), else redirects. */
+  /** Queues the connection for its worker (bounded by queue.limit) and sends what the worker can take now;
+   * past the bound it goes to the next ready worker. */
   function deliver(index, socket) {
     const slot = slots[index];
-    if (slot.state === 'ready' && slot.queue.length === 0) sendTo(index, socket);
-    else if (slot.queue.length < QUEUE_LIMIT && !shuttingDown) slot.queue.push({ socket, arrived: Date.now() });
-    else redirect(index, socket, 'its queue is full');
+    if (slot.queue.length < queueLimit && !shuttingDown) {
+      slot.queue.push({ socket, arrived: Date.now() });
+      flush(slot);
+    } else {
+      reportStuck(slot, 'its queue is full; new connections go to other workers');
+      redirect(index, socket, 'its queue is full');
+    }
   }
 
-  function sendTo(index, socket) {
-    const slot = slots[index];
-    stats.routed[index] += 1;
-    slot.child.send(protocol.message(protocol.CONNECTION), socket, (error) => {
-      if (!error) return;
-      // The channel is closed (the worker died): the socket waits for the index's next worker.
-      log.debug(`worker ${index}'s channel refused a connection (${error.code || error.message}); it waits for the next worker`);
-      stats.routed[index] -= 1;
-      if (shuttingDown || socket.destroyed) {
+  /** Sends the head of the queue when the worker is ready and took the last one, then a pending shutdown. */
+  function flush(slot) {
+    while (slot.state === 'ready' && slot.inFlight.length < IN_FLIGHT_LIMIT && slot.queue.length > 0) {
+      const { socket } = slot.queue.shift();
+      if (socket.destroyed) {
+        // The client gave up while it waited.
         stats.closed += 1;
-        socket.destroy();
-      } else {
-        slot.queue.push({ socket, arrived: Date.now() });
+        continue;
       }
+      send(slot, socket);
+    }
+    if (slot.queue.length === 0) slot.stuckReported = false;
+    if (slot.pendingShutdown && (slot.state !== 'ready' || slot.queue.length === 0)) {
+      const { terminate } = slot.pendingShutdown;
+      slot.pendingShutdown = null;
+      sendShutdown(slot);
+      // SIGTERM follows the message, as in core: a user's own SIGTERM listener sees the shutdown. Not on
+      // Windows, where it would be TerminateProcess: the shutdown message alone drains the worker there.
+      if (terminate && slot.alive && process.platform !== 'win32') slot.child.kill('SIGTERM');
+    }
+  }
+
+  function send(slot, socket) {
+    slot.inFlight.push(socket);
+    stats.routed[slot.index] += 1;
+    // keepOpen: this copy stays open until the worker's TAKEN, so a worker that dies first loses nothing.
+    slot.child.send(protocol.message(protocol.CONNECTION), socket, { keepOpen: true }, (error) => {
+      // The channel is closed (the worker is dying): its exit takes the connection back.
+      if (error) log.debug(`worker ${slot.index}'s channel refused a connection (${error.code || error.message})`);
     });
   }
 
-  /** Gives a connection whose own worker cannot take it to the next ready worker, or closes it. */
+  /** The worker has its own copy of the oldest connection on its way (IPC keeps the order): close ours. */
+  function onTaken(slot) {
+    const socket = slot.inFlight.shift();
+    if (socket === undefined) return;
+    socket.destroy();
+    flush(slot);
+  }
+
+  /** Logs once per episode that a ready worker does not take what it is sent. */
+  function reportStuck(slot, what) {
+    if (slot.state !== 'ready' || slot.stuckReported) return;
+    slot.stuckReported = true;
+    log.warn(`worker ${slot.index} (pid ${slot.pid}) is not reading its channel (${slot.queue.length} connections wait): ${what}`);
+  }
+
+  /** Gives a connection whose own worker cannot take it to the next ready worker with room, or closes it.
+   * A redirected connection waits up to queue.maxWait again at its new worker. */
   function redirect(from, socket, why) {
     let next = null;
     for (let step = 1; step < concurrency && next === null; step += 1) {
       const index = (from + step) % concurrency;
-      if (slots[index].state === 'ready') next = index;
+      if (slots[index].state === 'ready' && slots[index].queue.length < queueLimit) next = index;
     }
     if (next !== null && !shuttingDown) {
       stats.redirected += 1;
       log.debug(`connection ${socket.remoteAddress} for worker ${from} goes to worker ${next}: ${why}`);
-      sendTo(next, socket);
+      slots[next].queue.push({ socket, arrived: Date.now() });
+      flush(slots[next]);
     } else {
       stats.closed += 1;
       log.warn(`closing connection from ${socket.remoteAddress} for worker ${from}: ${why} and no other worker is ready`);
@@ -151,12 +255,16 @@ function startJsMaster(settings, { command, envOf, onListenError, onEnd }) {
     }
   }
 
+  /** Every tick: connections that waited longer than queue.maxWait for their worker go to the next ready one. */
   function expireQueues() {
     const now = Date.now();
     for (const slot of slots) {
-      while (slot.queue.length > 0 && now - slot.queue[0].arrived >= QUEUE_MAX_WAIT_MS) {
-        redirect(slot.index, slot.queue.shift().socket, 'it was not ready within queue.maxWait');
-      }
+      const expired = () => slot.queue.length > 0 && now - slot.queue[0].arrived >= queueMaxWait;
+      if (!expired()) continue;
+      reportStuck(slot, 'connections waiting longer than queue.maxWait go to other workers');
+      const due = [];
+      while (expired()) due.push(slot.queue.shift().socket);
+      for (const socket of due) redirect(slot.index, socket, 'it was not ready within queue.maxWait');
     }
   }
 
@@ -166,13 +274,25 @@ function startJsMaster(settings, { command, envOf, onListenError, onEnd }) {
     slot.queue = [];
   }
 
+  /** After worker `slot` died: what it never acknowledged goes back, in order, to the head of its queue. */
+  function takeBack(slot) {
+    const unreceived = slot.inFlight;
+    slot.inFlight = [];
+    const arrived = Date.now();
+    const alive = unreceived.filter((socket) => !socket.destroyed);
+    // A client that gave up meanwhile is not served again: counted as closed.
+    stats.closed += unreceived.length - alive.length;
+    stats.routed[slot.index] -= unreceived.length;
+    stats.recovered += alive.length;
+    slot.queue.unshift(...alive.map((socket) => ({ socket, arrived })));
+    return alive.length;
+  }
+
   function onReady(slot) {
     if (slot.state !== 'starting') return;
     log.debug(`worker ${slot.index} (pid ${slot.pid}) is ready; ${slot.queue.length} queued connections follow`);
     slot.state = 'ready';
-    const queued = slot.queue;
-    slot.queue = [];
-    for (const { socket } of queued) sendTo(slot.index, socket);
+    flush(slot);
   }
 
   /** Routes nothing more to a worker that stops (SIGTERM from outside); its index waits for the revival. */
@@ -194,7 +314,10 @@ function startJsMaster(settings, { command, envOf, onListenError, onEnd }) {
     if (slot.generation !== generation || !slot.alive) return;
     slot.alive = false;
     slot.state = 'down';
+    slot.pendingShutdown = null;
     const how = describeExit(code, signal);
+    const takenBack = takeBack(slot);
+    if (takenBack > 0) log.debug(`worker ${slot.index}: ${takenBack} connections it never took wait for its successor`);
     if (shuttingDown) {
       log.debug(`worker ${slot.index} (pid ${slot.pid}) exited: ${how}`);
       closeQueue(slot);
@@ -218,6 +341,7 @@ function startJsMaster(settings, { command, envOf, onListenError, onEnd }) {
   function killAll() {
     hardKilled = true;
     for (const slot of slots) {
+      closeQueue(slot);
       if (slot.alive) slot.child.kill('SIGKILL');
     }
   }
@@ -225,7 +349,10 @@ function startJsMaster(settings, { command, envOf, onListenError, onEnd }) {
   function stopListening() {
     shuttingDown = true;
     if (bound) server.close();
-    for (const slot of slots) closeQueue(slot);
+    if (metricsServer) metricsServer.close();
+    // A ready worker still gets what waits for it, then the shutdown; what waits for a worker that is
+    // not ready is closed and counted.
+    for (const slot of slots) if (slot.state !== 'ready') closeQueue(slot);
   }
 
   function stop(hard) {
@@ -244,10 +371,9 @@ function startJsMaster(settings, { command, envOf, onListenError, onEnd }) {
       }, delay);
       for (const slot of slots) {
         if (!slot.alive) continue;
-        sendShutdown(slot);
-        // SIGTERM as well, as the npm module sends: a user's own SIGTERM listener sees the shutdown. Not on
-        // Windows, where it would be TerminateProcess: the shutdown message alone drains the worker there.
-        if (process.platform !== 'win32') slot.child.kill('SIGTERM');
+        // SIGTERM as well, as the npm module sends, once the shutdown message is on its way.
+        slot.pendingShutdown = { terminate: true };
+        flush(slot);
       }
     }
     finishIfDone();
@@ -262,7 +388,7 @@ function startJsMaster(settings, { command, envOf, onListenError, onEnd }) {
     const routed = stats.routed.reduce((sum, n) => sum + n, 0);
     log.info(
       `stopped: routed ${routed} connections [${stats.routed.join(', ')}], redirected ${stats.redirected}, ` +
-        `closed ${stats.closed}, revivals ${stats.revivals}`
+        `closed ${stats.closed}, revivals ${stats.revivals}, recovered ${stats.recovered}`
     );
     onEnd({ graceful: !hardKilled });
   }

@@ -11,6 +11,8 @@ const KEY = 'stickyClusterJs';
 const CONNECTION = 'connection';
 /** Master → worker: nothing more will come; finish and exit. Queued after every connection sent before. */
 const SHUTDOWN = 'shutdown';
+/** Worker → master: the connection just received is the worker's now; the master closes its copy. */
+const TAKEN = 'taken';
 /** Worker → master: callback(server) ran; connections may flow. */
 const READY = 'ready';
 /** Worker → master: the worker got SIGTERM from elsewhere; route nothing more to it. */
@@ -26,4 +28,4 @@ function message(kind) {
   return { [KEY]: kind };
 }
 
-module.exports = { JS_WORKER_ENV, CONNECTION, SHUTDOWN, READY, DRAINING, kindOf, message };
+module.exports = { JS_WORKER_ENV, CONNECTION, SHUTDOWN, TAKEN, READY, DRAINING, kindOf, message };

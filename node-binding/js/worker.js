@@ -30,7 +30,12 @@ function runJsWorker(startFn, settings) {
 
   process.on('message', (message, handle) => {
     const kind = protocol.kindOf(message);
-    if (kind === protocol.CONNECTION) onConnection(handle);
+    if (kind === protocol.CONNECTION) {
+      // Said before the socket is used: the master then closes its copy (until now it could take the
+      // connection back if this process died).
+      process.send(protocol.message(protocol.TAKEN), () => {});
+      onConnection(handle);
+    }
     // Node's IPC keeps order: every connection sent before the shutdown message has arrived by now.
     else if (kind === protocol.SHUTDOWN) drain.channelEnded('the master says shut down', 'shutdown');
   });
