@@ -17,27 +17,30 @@ const { createLogger, describeExit, formatDuration, formatSocketAddress } = requ
 const { render, serveMetrics } = require('./metrics');
 const protocol = require('./protocol');
 const { CRASH_UPTIME_MS, revivalDelay, spawnWorker } = require('./spawn');
+const defaults = require('./defaults.json');
 
-const TICK_MS = 100;
+const TICK_MS = defaults.queueTickMs;
 /** Connections sent to one worker and not yet acknowledged: the JavaScript master's channel capacity. */
 const IN_FLIGHT_LIMIT = 64;
-/** Scrapes of the metrics page answered at once (core's SCRAPE_LIMIT). */
-const SCRAPE_LIMIT = 8;
 /** How long a dead worker's channel may stay open after its exit before what it never took is taken back. */
 const CHANNEL_CLOSE_GRACE_MS = 1000;
 
 /**
  * Starts the master. `envOf(index)` gives a worker's extra environment; `onListenError(error)` gets a
  * failed listen (nothing else starts then); `onEnd({ graceful })` is called once every worker is gone
- * after a stop. Returns `{ address, port, stop(hard) }`; address and port are null until bound.
+ * after a stop. Returns `{ address, port, stop(hard), reload(settings, envOf) }`; address and port are
+ * null until bound. `settings` are checked already (js/validate.js).
  */
 function startJsMaster(settings, { command, envOf, onListenError, onEnd }) {
+  settings = { ...settings };
   const log = createLogger(settings.prefix, settings.debug);
   const concurrency = settings.concurrency;
   const slots = Array.from({ length: concurrency }, (_, index) => ({
     index,
     generation: 0,
-    state: 'down', // down | starting | ready | draining
+    state: 'down', // down | starting | ready | draining (stopping: its connections queue for its successor)
+    // Asked to stop for a reload: its successor starts as soon as it exits.
+    retiring: false,
     child: null,
     pid: 0,
     alive: false,
@@ -51,7 +54,10 @@ function startJsMaster(settings, { command, envOf, onListenError, onEnd }) {
     stuckReported: false,
     queue: [],
   }));
-  const { limit: queueLimit, maxWait: queueMaxWait } = settings.queue;
+  let { limit: queueLimit, maxWait: queueMaxWait } = settings.queue;
+  // A reload's rolling restart: indexes still to restart, and the one restarting now.
+  let restartsPending = [];
+  let restarting = null;
   const stats = { routed: new Array(concurrency).fill(0), redirected: 0, closed: 0, revivals: 0, recovered: 0 };
   let bound = null;
   let shuttingDown = false;
@@ -105,7 +111,7 @@ function startJsMaster(settings, { command, envOf, onListenError, onEnd }) {
   function startMetrics() {
     metricsServer = serveMetrics({
       ...settings.metrics,
-      limit: SCRAPE_LIMIT,
+      limit: defaults.scrapeLimit,
       snapshot: () =>
         render(
           slots.map((slot) => ({ routed: stats.routed[slot.index], queued: slot.queue.length, ready: slot.state === 'ready' })),
@@ -293,6 +299,10 @@ function startJsMaster(settings, { command, envOf, onListenError, onEnd }) {
     log.debug(`worker ${slot.index} (pid ${slot.pid}) is ready; ${slot.queue.length} queued connections follow`);
     slot.state = 'ready';
     flush(slot);
+    if (restarting === slot.index) {
+      restarting = null;
+      restartNext();
+    }
   }
 
   /** Routes nothing more to a worker that stops (SIGTERM from outside); its index waits for the revival. */
@@ -324,6 +334,12 @@ function startJsMaster(settings, { command, envOf, onListenError, onEnd }) {
       finishIfDone();
       return;
     }
+    if (slot.retiring) {
+      slot.retiring = false;
+      log.info(`worker ${slot.index} (pid ${slot.pid}) stopped for the reload (${how}); starting its successor`);
+      startWorker(slot.index);
+      return;
+    }
     const lived = Date.now() - slot.started;
     slot.crashes = lived < CRASH_UPTIME_MS ? slot.crashes + 1 : 0;
     const delay = revivalDelay(slot.crashes);
@@ -336,6 +352,65 @@ function startJsMaster(settings, { command, envOf, onListenError, onEnd }) {
       stats.revivals += 1;
       startWorker(slot.index);
     }, delay);
+  }
+
+  /**
+   * Takes new settings (checked already) and `nextEnvOf`: queue and hardShutdownDelay apply at once;
+   * when a worker's environment changed, the workers restart one at a time, each successor ready before
+   * the next index stops, its connections queued for it meanwhile. What needs a restart is logged.
+   */
+  function reload(next, nextEnvOf) {
+    if (ended || shuttingDown) {
+      log.warn('reload ignored: the cluster is shutting down');
+      return false;
+    }
+    if (next.port !== settings.port || next.host !== settings.host || next.concurrency !== concurrency) {
+      log.warn(
+        `reload: port, host and concurrency changes need a restart; keeping ${settings.host}:${settings.port} with ${concurrency} workers`
+      );
+    }
+    if (next.routing !== settings.routing || next.backlog !== settings.backlog) {
+      log.warn('reload: routing and backlog changes need a restart (the listeners stay as they are)');
+    }
+    if (next.debug !== settings.debug || next.prefix !== settings.prefix) log.warn('reload: debug and prefix changes need a restart');
+    ({ limit: queueLimit, maxWait: queueMaxWait } = next.queue);
+    settings.hardShutdownDelay = next.hardShutdownDelay;
+    settings.queue = next.queue;
+    const changed = slots.some((slot) => JSON.stringify(envOf(slot.index)) !== JSON.stringify(nextEnvOf(slot.index)));
+    envOf = nextEnvOf;
+    if (!changed) {
+      log.info('reload: applied (no worker restart needed)');
+      return true;
+    }
+    log.info(`reload: restarting ${concurrency} workers one at a time`);
+    restartsPending = slots.map((slot) => slot.index);
+    if (restarting === null) restartNext();
+    return true;
+  }
+
+  /** Asks the next worker of a rolling restart to stop; its successor starts when it exits. */
+  function restartNext() {
+    while (restartsPending.length > 0) {
+      const slot = slots[restartsPending.shift()];
+      // Down and waiting for its revival, which uses the new environment anyway.
+      if (!slot.alive) continue;
+      slot.retiring = true;
+      // New connections for this index queue for the successor instead of reaching a stopping worker;
+      // what is on its way still arrives, and what it never takes comes back at its exit.
+      slot.state = 'draining';
+      slot.pendingShutdown = { terminate: true };
+      const generation = slot.generation;
+      const delay = settings.hardShutdownDelay;
+      setTimeout(() => {
+        if (slot.generation !== generation || !slot.alive || !slot.retiring) return;
+        log.warn(`worker ${slot.index} (pid ${slot.pid}) did not stop within hardShutdownDelay for the reload; killing it`);
+        slot.child.kill('SIGKILL');
+      }, delay).unref();
+      restarting = slot.index;
+      flush(slot);
+      return;
+    }
+    log.info('reload: every worker runs the new configuration');
   }
 
   function killAll() {
@@ -401,6 +476,7 @@ function startJsMaster(settings, { command, envOf, onListenError, onEnd }) {
       return bound ? bound.port : null;
     },
     stop: (hard = false) => stop(Boolean(hard)),
+    reload,
   };
 }
 
