@@ -55,6 +55,12 @@ declare namespace stickyCluster {
     readonly port: number | null;
     /** Stops the cluster as SIGTERM does; `hard` kills the workers at once. False once it has ended. */
     stop(hard?: boolean): boolean;
+    /** Restarts the workers one at a time (each successor ready before the next index stops; no connection
+     *  is lost), with `changes` applied over the options `start` was given: `env`, `queue` and
+     *  `hardShutdownDelay` take effect; port, host, concurrency, routing, backlog, debug and prefix need a
+     *  restart (logged). Throws a TypeError for an option out of bounds; false once the cluster has ended.
+     *  Call it from your own `process.on('SIGHUP')` (see the README's "Reloading"). */
+    reload(changes?: Options): boolean;
   }
 }
 

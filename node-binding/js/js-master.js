@@ -4,7 +4,7 @@
 // `{ address, port, stop, reload }`.
 
 const { normalizeOptions } = require('./options');
-const { primarySignals, workerCommand } = require('./primary');
+const { RELOAD_ENV, primarySignals, workerCommand } = require('./primary');
 const { startJsMaster } = require('./master');
 const { validate } = require('./validate');
 
@@ -26,7 +26,7 @@ function refuseNativeOnly(settings) {
  * Every worker's whole environment from `env(index)`, called once per index (after the bounds are
  * checked): each worker is spawned on its own, so nothing travels as JSON. Returns `index => env`.
  */
-function envOf(settings) {
+function envOf(settings, reloads = 0) {
   const envs = [];
   for (let index = 0; index < settings.concurrency; index += 1) {
     const values = settings.env(index);
@@ -35,6 +35,7 @@ function envOf(settings) {
     }
     const text = {};
     for (const [key, value] of Object.entries(values || {})) if (value !== undefined) text[key] = String(value);
+    if (reloads > 0) text[RELOAD_ENV] = String(reloads);
     envs.push(text);
   }
   return (index) => envs[index];
@@ -59,6 +60,7 @@ function start(settings) {
     onEnd: (end) => signals.exit(end),
   });
   signals.attach(cluster);
+  let reloads = 0;
   return {
     implementation: 'js',
     get address() {
@@ -73,7 +75,9 @@ function start(settings) {
       validate(reloaded);
       refuseNativeOnly(reloaded);
       // The running concurrency stays (a change needs a restart): one environment per running worker.
-      return cluster.reload(reloaded, envOf({ ...reloaded, concurrency: settings.concurrency }));
+      const nextEnvOf = envOf({ ...reloaded, concurrency: settings.concurrency }, reloads + 1);
+      reloads += 1;
+      return cluster.reload(reloaded, nextEnvOf);
     },
   };
 }

@@ -6,7 +6,7 @@
 const util = require('util');
 const { PER_WORKER_ENV, splitEnvironment } = require('./environment');
 const { normalizeOptions } = require('./options');
-const { primarySignals, workerCommand } = require('./primary');
+const { RELOAD_ENV, primarySignals, workerCommand } = require('./primary');
 
 /** The addon's options for `settings` (after index.js applied the defaults). */
 function addonOptions(settings, command, env) {
@@ -40,12 +40,17 @@ function checked(call) {
   }
 }
 
-/** The addon's options with the workers' environment from `env(index)`, once the values are known valid. */
-function fullOptions(addon, settings, command) {
+/**
+ * The addon's options with the workers' environment from `env(index)`, once the values are known valid;
+ * `reloads` > 0 marks the environment of a reload's workers (RELOAD_ENV), so every reload restarts them.
+ */
+function fullOptions(addon, settings, command, reloads = 0) {
   // Checked before env(index) is called once per worker: a concurrency of 4e9 is refused, not iterated.
   checked(() => addon.checkOptions(addonOptions(settings, command, {})));
   const { shared, perWorker } = splitEnvironment(settings);
-  return addonOptions(settings, command, { ...shared, [PER_WORKER_ENV]: JSON.stringify(perWorker) });
+  const env = { ...shared, [PER_WORKER_ENV]: JSON.stringify(perWorker) };
+  if (reloads > 0) env[RELOAD_ENV] = String(reloads);
+  return addonOptions(settings, command, env);
 }
 
 /** The Error Node's own `server.listen` would give: `listen EADDRINUSE: address already in use :::8080`. */
@@ -85,12 +90,17 @@ function start(settings, addon) {
   }
   const cluster = started;
   signals.attach(cluster);
+  let reloads = 0;
   return {
     implementation: 'native',
     address: cluster.address,
     port: cluster.port,
     stop: (hard = false) => cluster.stop(Boolean(hard)),
-    reload: (changes) => cluster.reload(fullOptions(addon, normalizeOptions({ ...settings.given, ...changes }), command)),
+    reload: (changes) => {
+      const options = fullOptions(addon, normalizeOptions({ ...settings.given, ...changes }), command, reloads + 1);
+      reloads += 1;
+      return cluster.reload(options);
+    },
   };
 }
 

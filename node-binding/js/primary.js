@@ -5,6 +5,10 @@
 
 const { createLogger } = require('./log');
 
+/** Counts the reloads in a worker's environment: each reload changes it, so every worker restarts (with
+ * the code now on disk) even when its options did not change. */
+const RELOAD_ENV = 'STICKY_CLUSTER_RELOAD';
+
 /** The command that re-runs this script as a worker: node, its flags, the script and its arguments. */
 function workerCommand() {
   return [process.execPath, ...process.execArgv, ...process.argv.slice(1)];
@@ -44,4 +48,4 @@ function primarySignals(settings) {
   };
 }
 
-module.exports = { workerCommand, primarySignals };
+module.exports = { RELOAD_ENV, workerCommand, primarySignals };
