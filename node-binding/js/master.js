@@ -141,6 +141,7 @@ function startJsMaster(settings, { command, envOf, onListenError, onEnd }) {
       alive: true,
       started: Date.now(),
       shutdownSent: false,
+      stoppedSent: false,
       pendingShutdown: null,
       stuckReported: false,
     });
@@ -151,7 +152,7 @@ function startJsMaster(settings, { command, envOf, onListenError, onEnd }) {
       const kind = protocol.kindOf(message);
       if (kind === protocol.TAKEN) onTaken(slot);
       else if (kind === protocol.READY) onReady(slot);
-      else if (kind === protocol.DRAINING) retire(slot);
+      else if (kind === protocol.STOPPING) stopRouting(slot);
     });
     // A worker that could not be started at all (send errors go to their callbacks instead).
     child.on('error', (error) => {
@@ -305,12 +306,18 @@ function startJsMaster(settings, { command, envOf, onListenError, onEnd }) {
     }
   }
 
-  /** Routes nothing more to a worker that stops (SIGTERM from outside); its index waits for the revival. */
-  function retire(slot) {
-    if (slot.state === 'draining') return;
-    log.debug(`worker ${slot.index} (pid ${slot.pid}) is draining; its connections wait for its successor`);
-    slot.state = 'draining';
-    sendShutdown(slot);
+  /**
+   * STOPPING: routes nothing more to the worker (it got SIGTERM from elsewhere); what is on its way still
+   * arrives, then STOPPED (IPC keeps the order). Its index's connections wait for its successor.
+   */
+  function stopRouting(slot) {
+    if (slot.state !== 'draining') {
+      log.debug(`worker ${slot.index} (pid ${slot.pid}) stops routing; its connections wait for its successor`);
+      slot.state = 'draining';
+    }
+    if (slot.stoppedSent || !slot.child.connected) return;
+    slot.stoppedSent = true;
+    slot.child.send(protocol.message(protocol.STOPPED), (error) => error && log.debug(`worker ${slot.index}: ${error.message}`));
   }
 
   function sendShutdown(slot) {

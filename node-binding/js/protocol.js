@@ -1,6 +1,23 @@
 'use strict';
 // What the JavaScript master and its workers say over Node's IPC channel: tagged messages, so a user's
 // own process.send traffic is never mistaken for ours, and the variable that marks a JS worker.
+//
+// The messages follow core's channel protocol (core/src/protocol.rs), kind for kind:
+//
+// | here | core | direction | meaning |
+// | --- | --- | --- | --- |
+// | READY | 2 ready | worker → master | callback(server) ran: connections may flow |
+// | CONNECTION (+ handle) | 3 connection (+ fd) | master → worker | a routed client socket |
+// | TAKEN | (none: a datagram's fd is the worker's once received) | worker → master | the handle arrived; the master closes its copy |
+// | SHUTDOWN | 4 shutdown | master → worker | the cluster stops: finish and exit; after every connection sent before it |
+// | STOPPING | 9 stopping | worker → master | "stop routing to me" (the worker got SIGTERM from elsewhere) |
+// | STOPPED | 10 stopped | master → worker | answer to STOPPING, after the last connection it will ever send here |
+//
+// What a worker that stops routing (STOPPING, or core's Worker::stop_accepting) is promised, by both
+// masters alike: nothing new is routed to it; every connection already on its way still arrives, in
+// order, before STOPPED; connections for its index wait in the master's queue for its successor (bounded
+// by queue.limit and queue.maxWait, then the next ready worker); its exit is an ordinary one, after which
+// the index is revived. So the worker serves what it was given and exits, and no client is lost.
 
 /** Set in a worker's environment by the JavaScript master (the native one sets STICKY_CLUSTER_FD). */
 const JS_WORKER_ENV = 'STICKY_CLUSTER_JS_WORKER';
@@ -15,8 +32,10 @@ const SHUTDOWN = 'shutdown';
 const TAKEN = 'taken';
 /** Worker → master: callback(server) ran; connections may flow. */
 const READY = 'ready';
-/** Worker → master: the worker got SIGTERM from elsewhere; route nothing more to it. */
-const DRAINING = 'draining';
+/** Worker → master: route nothing more to me (core's kind 9); answered with STOPPED. */
+const STOPPING = 'stopping';
+/** Master → worker: the answer to STOPPING, after the last connection sent here (core's kind 10). */
+const STOPPED = 'stopped';
 
 /** The kind of one of our messages, or null for anything else on the channel. */
 function kindOf(message) {
@@ -28,4 +47,4 @@ function message(kind) {
   return { [KEY]: kind };
 }
 
-module.exports = { JS_WORKER_ENV, CONNECTION, SHUTDOWN, TAKEN, READY, DRAINING, kindOf, message };
+module.exports = { JS_WORKER_ENV, CONNECTION, SHUTDOWN, TAKEN, READY, STOPPING, STOPPED, kindOf, message };
