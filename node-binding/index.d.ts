@@ -9,7 +9,7 @@ declare namespace stickyCluster {
   type InitializeFn = (callback: Callback) => void;
 
   interface Options {
-    /** Number of workers. Default: the number of CPUs. */
+    /** Number of workers, 1 to 1024. Default: the number of CPUs (at most 1024). */
     concurrency?: number;
     /** Port clients connect to. Default: 8080; 0 picks a free port. */
     port?: number;
@@ -21,7 +21,7 @@ declare namespace stickyCluster {
     prefix?: string;
     /** Extra environment per worker index. Default: `index => ({ stickycluster_worker_index: index })`. */
     env?: (index: number) => Record<string, string | number | boolean | undefined>;
-    /** Milliseconds a graceful shutdown may take before workers are killed. Default: 60000. */
+    /** Milliseconds a graceful shutdown may take before workers are killed, 0 to 2147483647. Default: 60000. */
     hardShutdownDelay?: number;
     /** Where the routing hash takes the client address from (native master only). Default: 'peer'. */
     clientAddress?: 'peer' | 'proxy-protocol' | 'x-forwarded-for';
