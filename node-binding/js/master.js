@@ -49,8 +49,10 @@ function startJsMaster(settings, { command, envOf, onListenError, onEnd }) {
     shutdownSent: false,
     // Send the shutdown once the queue is in the worker (a graceful stop), then SIGTERM when `terminate`.
     pendingShutdown: null,
-    // Connections sent and not yet acknowledged, oldest first; this master keeps its copies until then.
-    inFlight: [],
+    // Connections sent and not yet acknowledged, by their `seq`, oldest first; this master keeps its
+    // copies until then.
+    inFlight: new Map(),
+    nextSeq: 0,
     stuckReported: false,
     queue: [],
   }));
@@ -150,7 +152,7 @@ function startJsMaster(settings, { command, envOf, onListenError, onEnd }) {
     child.on('message', (message) => {
       if (!current()) return;
       const kind = protocol.kindOf(message);
-      if (kind === protocol.TAKEN) onTaken(slot);
+      if (kind === protocol.TAKEN) onTaken(slot, message.seq);
       else if (kind === protocol.READY) onReady(slot);
       else if (kind === protocol.STOPPING) stopRouting(slot);
     });
@@ -197,7 +199,7 @@ function startJsMaster(settings, { command, envOf, onListenError, onEnd }) {
 
   /** Sends the head of the queue when the worker is ready and took the last one, then a pending shutdown. */
   function flush(slot) {
-    while (slot.state === 'ready' && slot.inFlight.length < IN_FLIGHT_LIMIT && slot.queue.length > 0) {
+    while (slot.state === 'ready' && slot.inFlight.size < IN_FLIGHT_LIMIT && slot.queue.length > 0) {
       const { socket } = slot.queue.shift();
       if (socket.destroyed) {
         // The client gave up while it waited.
@@ -218,19 +220,35 @@ function startJsMaster(settings, { command, envOf, onListenError, onEnd }) {
   }
 
   function send(slot, socket) {
-    slot.inFlight.push(socket);
+    const seq = slot.nextSeq;
+    slot.nextSeq += 1;
+    slot.inFlight.set(seq, socket);
     stats.routed[slot.index] += 1;
     // keepOpen: this copy stays open until the worker's TAKEN, so a worker that dies first loses nothing.
-    slot.child.send(protocol.message(protocol.CONNECTION), socket, { keepOpen: true }, (error) => {
+    slot.child.send(protocol.message(protocol.CONNECTION, { seq }), socket, { keepOpen: true }, (error) => {
       // The channel is closed (the worker is dying): its exit takes the connection back.
       if (error) log.debug(`worker ${slot.index}'s channel refused a connection (${error.code || error.message})`);
     });
   }
 
-  /** The worker has its own copy of the oldest connection on its way (IPC keeps the order): close ours. */
-  function onTaken(slot) {
-    const socket = slot.inFlight.shift();
+  /**
+   * The worker has its own copy of connection `seq`: close ours. IPC keeps the order, so one sent before
+   * it and still on its way never arrived (Node drops a handle the worker could not receive, with
+   * keepOpen without a retry): it goes back to the head of the queue and is sent again.
+   */
+  function onTaken(slot, seq) {
+    const socket = slot.inFlight.get(seq);
     if (socket === undefined) return;
+    const lost = [];
+    for (const [earlier, other] of slot.inFlight) {
+      if (earlier >= seq) break;
+      lost.push({ socket: other, arrived: Date.now() });
+      slot.inFlight.delete(earlier);
+      stats.routed[slot.index] -= 1;
+    }
+    if (lost.length > 0) log.debug(`worker ${slot.index} never got ${lost.length} connections; sending them again`);
+    slot.queue.unshift(...lost);
+    slot.inFlight.delete(seq);
     socket.destroy();
     flush(slot);
   }
@@ -283,8 +301,8 @@ function startJsMaster(settings, { command, envOf, onListenError, onEnd }) {
 
   /** After worker `slot` died: what it never acknowledged goes back, in order, to the head of its queue. */
   function takeBack(slot) {
-    const unreceived = slot.inFlight;
-    slot.inFlight = [];
+    const unreceived = [...slot.inFlight.values()];
+    slot.inFlight = new Map();
     const arrived = Date.now();
     const alive = unreceived.filter((socket) => !socket.destroyed);
     // A client that gave up meanwhile is not served again: counted as closed.

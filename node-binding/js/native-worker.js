@@ -82,7 +82,13 @@ function runNativeWorker(startFn, settings) {
           drain.channelEnded(taken.end.message, taken.end.reason);
           return;
         }
-        onConnection(taken.connection);
+        try {
+          onConnection(taken.connection);
+        } catch (error) {
+          // A throwing 'connection' listener must not leave the rest of the channel untaken.
+          setImmediate(takeWaiting);
+          throw error;
+        }
       }
       setImmediate(takeWaiting);
     };

@@ -7,8 +7,8 @@
 // | here | core | direction | meaning |
 // | --- | --- | --- | --- |
 // | READY | 2 ready | worker → master | callback(server) ran: connections may flow |
-// | CONNECTION (+ handle) | 3 connection (+ fd) | master → worker | a routed client socket |
-// | TAKEN | (none: a datagram's fd is the worker's once received) | worker → master | the handle arrived; the master closes its copy |
+// | CONNECTION (+ handle, `seq`) | 3 connection (+ fd) | master → worker | a routed client socket, numbered per worker |
+// | TAKEN (`seq`) | (none: a datagram's fd is the worker's once received) | worker → master | that connection arrived; the master closes its copy (one numbered lower still on its way never arrived: Node dropped its handle, and it is sent again) |
 // | SHUTDOWN | 4 shutdown | master → worker | the cluster stops: finish and exit; after every connection sent before it |
 // | STOPPING | 9 stopping | worker → master | "stop routing to me" (the worker got SIGTERM from elsewhere) |
 // | STOPPED | 10 stopped | master → worker | answer to STOPPING, after the last connection it will ever send here |
@@ -42,9 +42,9 @@ function kindOf(message) {
   return message !== null && typeof message === 'object' && typeof message[KEY] === 'string' ? message[KEY] : null;
 }
 
-/** A message of `kind`. */
-function message(kind) {
-  return { [KEY]: kind };
+/** A message of `kind`, with `fields` (a CONNECTION's and its TAKEN's `seq`). */
+function message(kind, fields = {}) {
+  return { ...fields, [KEY]: kind };
 }
 
 module.exports = { JS_WORKER_ENV, CONNECTION, SHUTDOWN, TAKEN, READY, STOPPING, STOPPED, kindOf, message };

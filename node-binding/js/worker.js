@@ -33,7 +33,7 @@ function runJsWorker(startFn, settings) {
     if (kind === protocol.CONNECTION) {
       // Said before the socket is used: the master then closes its copy (until now it could take the
       // connection back if this process died).
-      process.send(protocol.message(protocol.TAKEN), () => {});
+      process.send(protocol.message(protocol.TAKEN, { seq: message.seq }), () => {});
       onConnection(handle);
     }
     // Node's IPC keeps order: every connection sent before the shutdown message has arrived by now.

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use napi::bindgen_prelude::Unknown;
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
@@ -77,7 +77,7 @@ struct WatchState {
 
 impl WatchState {
     fn set(&self, watch: Watch) {
-        let mut current = self.watch.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut current = self.watch.lock().unwrap_or_else(PoisonError::into_inner);
         if *current != Watch::Ended {
             *current = watch;
         }
@@ -167,7 +167,7 @@ impl WorkerHandle {
         match self.worker.try_accept() {
             Ok(connection) => Some(Taken { connection: Some(routed(connection)), end: None }),
             Err(Error::WouldBlock) => {
-                let failure = self.state.failure.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+                let failure = self.state.failure.lock().unwrap_or_else(PoisonError::into_inner).take();
                 match failure {
                     Some(message) => end("error", message, None),
                     None => {
@@ -203,11 +203,11 @@ fn watch_channel(worker: &Worker, state: &WatchState, on_readable: WakeCallback)
         // after which `take` drains what is still in the accept queue (JS closes its server on the end).
         if let Err(error) = worker.wait_for_shutdown() {
             if !matches!(error, Error::ChannelClosed) {
-                *state.failure.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(error.to_string());
+                *state.failure.lock().unwrap_or_else(PoisonError::into_inner) = Some(error.to_string());
             }
         }
     } else if let Err(error) = wait_readable(worker.channel_fd().as_raw_fd()) {
-        *state.failure.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(error);
+        *state.failure.lock().unwrap_or_else(PoisonError::into_inner) = Some(error);
     }
     loop {
         state.set(Watch::Taking);
@@ -215,16 +215,16 @@ fn watch_channel(worker: &Worker, state: &WatchState, on_readable: WakeCallback)
             // The environment is going away: nobody will take anything any more.
             return;
         }
-        let mut watch = state.watch.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut watch = state.watch.lock().unwrap_or_else(PoisonError::into_inner);
         while *watch == Watch::Taking {
-            watch = state.changed.wait(watch).unwrap_or_else(|poisoned| poisoned.into_inner());
+            watch = state.changed.wait(watch).unwrap_or_else(PoisonError::into_inner);
         }
         if *watch == Watch::Ended {
             return;
         }
         drop(watch);
         if let Err(error) = wait_readable(worker.channel_fd().as_raw_fd()) {
-            *state.failure.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(error);
+            *state.failure.lock().unwrap_or_else(PoisonError::into_inner) = Some(error);
         }
     }
 }
