@@ -49,13 +49,7 @@ run_suite() {
     passed=$((passed + run_passed))
     failed=$((failed + run_failed))
 }
-# test/external-sigterm.test.js runs for the native master once core answers a stopping worker with kind
-# 10 instead of meeting EPIPE and killing it (issue 18.1, core's part: the lead's protocol change).
-native_tests=()
-for file in test/*.test.js; do
-    [ "$file" = test/external-sigterm.test.js ] || native_tests+=("$file")
-done
-run_suite 1 "${native_tests[@]}"
+run_suite 1 test/*.test.js
 run_suite 0 test/sticky.test.js test/options.test.js test/queue.test.js test/stalled-worker.test.js test/reload.test.js test/external-sigterm.test.js test/example.test.js
 echo "$passed passed, $failed failed"
 exit "$status"

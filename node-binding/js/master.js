@@ -1,8 +1,9 @@
 'use strict';
 // The JavaScript master, for machines without the native addon: listens, hashes each client address,
 // and passes the socket to that index's worker over Node's IPC channel (as the npm sticky-cluster module
-// does); queues connections for a worker that is not ready, revives dead workers, shuts down in order.
-// It follows core's master step for step, with the same log lines and metrics.
+// does); queues connections for a worker that is not ready, redirects what waits too long, shuts down in
+// order. It follows core's master step for step, with the same log lines and metrics; the workers' lives
+// are js/workers.js and the rolling restart js/reload.js (core: master/workers.rs, master/reload.rs).
 //
 // At most IN_FLIGHT_LIMIT connections per worker are on their way (in Node's IPC, which passes one handle
 // at a time until the worker acknowledges it): the rest wait in this master's bounded queue, where they
@@ -13,221 +14,169 @@
 
 const net = require('net');
 const { routeIndex } = require('./hash');
-const { createLogger, describeExit, formatDuration, formatSocketAddress } = require('./log');
+const { createLogger, formatDuration, formatSocketAddress } = require('./log');
 const { render, serveMetrics } = require('./metrics');
 const protocol = require('./protocol');
-const { CRASH_UPTIME_MS, revivalDelay, spawnWorker } = require('./spawn');
 const defaults = require('./defaults.json');
 
 const TICK_MS = defaults.queueTickMs;
 /** Connections sent to one worker and not yet acknowledged: the JavaScript master's channel capacity. */
 const IN_FLIGHT_LIMIT = 64;
-/** How long a dead worker's channel may stay open after its exit before what it never took is taken back. */
-const CHANNEL_CLOSE_GRACE_MS = 1000;
 
-/**
- * Starts the master. `envOf(index)` gives a worker's extra environment; `onListenError(error)` gets a
- * failed listen (nothing else starts then); `onEnd({ graceful })` is called once every worker is gone
- * after a stop. Returns `{ address, port, stop(hard), reload(settings, envOf) }`; address and port are
- * null until bound. `settings` are checked already (js/validate.js).
- */
-function startJsMaster(settings, { command, envOf, onListenError, onEnd }) {
-  settings = { ...settings };
-  const log = createLogger(settings.prefix, settings.debug);
-  const concurrency = settings.concurrency;
-  const slots = Array.from({ length: concurrency }, (_, index) => ({
-    index,
-    generation: 0,
-    state: 'down', // down | starting | ready | draining (stopping: its connections queue for its successor)
-    // Asked to stop for a reload: its successor starts as soon as it exits.
-    retiring: false,
-    child: null,
-    pid: 0,
-    alive: false,
-    started: 0,
-    crashes: 0,
-    shutdownSent: false,
-    // Send the shutdown once the queue is in the worker (a graceful stop), then SIGTERM when `terminate`.
-    pendingShutdown: null,
-    // Connections sent and not yet acknowledged, by their `seq`, oldest first; this master keeps its
-    // copies until then.
-    inFlight: new Map(),
-    nextSeq: 0,
-    stuckReported: false,
-    queue: [],
-  }));
-  let { limit: queueLimit, maxWait: queueMaxWait } = settings.queue;
-  // A reload's rolling restart: indexes still to restart, and the one restarting now.
-  let restartsPending = [];
-  let restarting = null;
-  const stats = { routed: new Array(concurrency).fill(0), redirected: 0, closed: 0, revivals: 0, recovered: 0 };
-  let bound = null;
-  let shuttingDown = false;
-  let hardKilled = false;
-  let ended = false;
-  let deadlineTimer = null;
-  const ticker = setInterval(expireQueues, TICK_MS);
-  let metricsServer = null;
-
-  const server = net.createServer({ pauseOnConnect: true }, route);
-  server.on('error', (error) => {
-    if (bound) log.warn(`accept failed: ${error.message}`);
-  });
-  listen(settings.host);
-
-  function listen(host) {
-    const onError = (error) => {
-      server.removeListener('listening', onListening);
-      const noIpv6 = error.code === 'EAFNOSUPPORT' || error.code === 'EADDRNOTAVAIL';
-      if (host === '::' && noIpv6) {
-        log.info(`no IPv6 on this machine: listening on 0.0.0.0:${settings.port} instead of [::]`);
-        listen('0.0.0.0');
-        return;
-      }
-      clearInterval(ticker);
-      ended = true;
-      onListenError(error);
-    };
-    const onListening = () => {
-      server.removeListener('error', onError);
-      const address = server.address();
-      bound = { address: address.address, port: address.port };
-      if (settings.metrics) {
-        startMetrics();
-        return;
-      }
-      listening();
-    };
-    server.once('error', onError);
-    server.once('listening', onListening);
-    server.listen({ host, port: settings.port, backlog: settings.backlog });
+/** The master's state and its routing half; js/workers.js and js/reload.js add the rest of its methods. */
+class JsMaster {
+  constructor(settings, { command, envOf, onListenError, onEnd }) {
+    this.settings = { ...settings };
+    this.log = createLogger(settings.prefix, settings.debug);
+    this.concurrency = settings.concurrency;
+    Object.assign(this, { command, envOf, onListenError, onEnd });
+    this.slots = Array.from({ length: this.concurrency }, (_, index) => ({
+      index,
+      generation: 0,
+      // Connections for this index not yet on their way to a worker; bounded by queue.limit.
+      queue: [],
+      stuckReported: false,
+      crashes: 0,
+      // The worker that gets this index's connections (null: down, waiting for its revival).
+      current: null,
+      // A reload's new worker, starting beside `current`; it replaces it once ready.
+      successor: null,
+      // Earlier workers on their way out: they get nothing new, and what they never took comes back.
+      retiring: [],
+      downSince: Date.now(),
+    }));
+    this.stats = { routed: new Array(this.concurrency).fill(0), redirected: 0, closed: 0, revivals: 0, recovered: 0, reloadFailures: 0 };
+    // running | draining (a graceful stop until the deadline) | killed
+    this.phase = 'running';
+    this.ended = false;
+    this.bound = null;
+    this.metricsServer = null;
+    this.deadlineTimer = null;
+    this.restartsPending = [];
+    this.restarting = null;
+    this.beforeReload = null;
+    this.ticker = setInterval(() => this.expireQueues(), TICK_MS);
+    this.server = net.createServer({ pauseOnConnect: true }, (socket) => this.route(socket));
+    this.server.on('error', (error) => {
+      if (this.bound) this.log.warn(`accept failed: ${error.message}`);
+    });
+    this.listen(settings.host);
   }
 
-  function listening() {
-    log.info(`listening on ${formatSocketAddress(bound.address, bound.port)} with ${concurrency} workers`);
-    if (!shuttingDown) slots.forEach((slot) => startWorker(slot.index));
-    finishIfDone();
+  get running() {
+    return this.phase === 'running';
+  }
+
+  listen(host) {
+    const onError = (error) => {
+      this.server.removeListener('listening', onListening);
+      const noIpv6 = error.code === 'EAFNOSUPPORT' || error.code === 'EADDRNOTAVAIL';
+      if (host === '::' && noIpv6) {
+        this.log.info(`no IPv6 on this machine: listening on 0.0.0.0:${this.settings.port} instead of [::]`);
+        this.listen('0.0.0.0');
+        return;
+      }
+      this.listenFailed(error);
+    };
+    const onListening = () => {
+      this.server.removeListener('error', onError);
+      const address = this.server.address();
+      this.bound = { address: address.address, port: address.port };
+      if (this.settings.metrics) this.startMetrics();
+      else this.listening();
+    };
+    this.server.once('error', onError);
+    this.server.once('listening', onListening);
+    this.server.listen({ host, port: this.settings.port, backlog: this.settings.backlog });
+  }
+
+  listenFailed(error) {
+    this.server.close();
+    clearInterval(this.ticker);
+    this.ended = true;
+    this.onListenError(error);
+  }
+
+  listening() {
+    const { address, port } = this.bound;
+    this.log.info(`listening on ${formatSocketAddress(address, port)} with ${this.concurrency} workers`);
+    if (this.running) for (const slot of this.slots) this.startProcess(slot.index, 'current');
+    this.finishIfDone();
   }
 
   /** The metrics page, bound before the workers start (a bind error is a listen error, as in core). */
-  function startMetrics() {
-    metricsServer = serveMetrics({
-      ...settings.metrics,
+  startMetrics() {
+    this.metricsServer = serveMetrics({
+      ...this.settings.metrics,
       limit: defaults.scrapeLimit,
       snapshot: () =>
         render(
-          slots.map((slot) => ({ routed: stats.routed[slot.index], queued: slot.queue.length, ready: slot.state === 'ready' })),
-          stats
+          this.slots.map((slot) => ({
+            routed: this.stats.routed[slot.index],
+            queued: slot.queue.length,
+            ready: slot.current !== null && slot.current.state === 'ready',
+          })),
+          this.stats
         ),
       onListening: (address, port) => {
-        log.info(`metrics on http://${formatSocketAddress(address, port)}/metrics`);
-        listening();
+        this.log.info(`metrics on http://${formatSocketAddress(address, port)}/metrics`);
+        this.listening();
       },
-      onError: (error) => {
-        server.close();
-        clearInterval(ticker);
-        ended = true;
-        onListenError(error);
-      },
+      onError: (error) => this.listenFailed(error),
     });
   }
 
-  function startWorker(index) {
-    const slot = slots[index];
-    const child = spawnWorker(command, index, concurrency, envOf(index));
-    slot.generation += 1;
-    Object.assign(slot, {
-      state: 'starting',
-      child,
-      pid: child.pid || 0,
-      alive: true,
-      started: Date.now(),
-      shutdownSent: false,
-      stoppedSent: false,
-      pendingShutdown: null,
-      stuckReported: false,
-    });
-    const generation = slot.generation;
-    const current = () => slot.generation === generation;
-    child.on('message', (message) => {
-      if (!current()) return;
-      const kind = protocol.kindOf(message);
-      if (kind === protocol.TAKEN) onTaken(slot, message.seq);
-      else if (kind === protocol.READY) onReady(slot);
-      else if (kind === protocol.STOPPING) stopRouting(slot);
-    });
-    // A worker that could not be started at all (send errors go to their callbacks instead).
-    child.on('error', (error) => {
-      if (current() && child.pid === undefined) {
-        log.error(`cannot start worker ${index}: ${error.message}`);
-        onExit(slot, generation, 1, null);
-      }
-    });
-    // What the worker took is known only once its channel is read to the end: act on its exit then
-    // (a channel some other process still holds gets CHANNEL_CLOSE_GRACE_MS).
-    child.on('exit', (code, signal) => {
-      if (!child.connected) return onExit(slot, generation, code, signal);
-      const grace = setTimeout(() => onExit(slot, generation, code, signal), CHANNEL_CLOSE_GRACE_MS);
-      child.once('disconnect', () => {
-        clearTimeout(grace);
-        onExit(slot, generation, code, signal);
-      });
-    });
-    log.debug(`worker ${index} started (pid ${slot.pid}, generation ${generation})`);
-  }
-
-  function route(socket) {
+  route(socket) {
     // A client that resets while queued must not crash the master; its worker sees the reset.
     socket.on('error', () => {});
-    const index = routeIndex(socket.remoteAddress || '', concurrency);
-    log.debug(`connection ${socket.remoteAddress} -> worker ${index}`);
-    deliver(index, socket);
+    const index = routeIndex(socket.remoteAddress || '', this.concurrency);
+    this.log.debug(`connection ${socket.remoteAddress} -> worker ${index}`);
+    this.deliver(index, socket);
   }
 
-  /** Queues the connection for its worker (bounded by queue.limit) and sends what the worker can take now;
-   * past the bound it goes to the next ready worker. */
-  function deliver(index, socket) {
-    const slot = slots[index];
-    if (slot.queue.length < queueLimit && !shuttingDown) {
+  /** Queues the connection for its worker (bounded by queue.limit) and sends what the worker can take
+   * now; past the bound it goes to the next ready worker. */
+  deliver(index, socket) {
+    const slot = this.slots[index];
+    if (slot.queue.length < this.settings.queue.limit && this.running) {
       slot.queue.push({ socket, arrived: Date.now() });
-      flush(slot);
+      this.flush(index);
     } else {
-      reportStuck(slot, 'its queue is full; new connections go to other workers');
-      redirect(index, socket, 'its queue is full');
+      this.reportStuck(slot, 'its queue is full; new connections go to other workers');
+      this.redirect(index, socket, 'its queue is full');
     }
   }
 
-  /** Sends the head of the queue when the worker is ready and took the last one, then a pending shutdown. */
-  function flush(slot) {
-    while (slot.state === 'ready' && slot.inFlight.size < IN_FLIGHT_LIMIT && slot.queue.length > 0) {
+  /** Sends the head of the queue while the current worker is ready and has room, then what each worker
+   * of the index still has to be told (shutdown, once what waits for it is on its way). */
+  flush(index) {
+    const slot = this.slots[index];
+    const current = slot.current;
+    while (current && current.state === 'ready' && current.inFlight.size < IN_FLIGHT_LIMIT && slot.queue.length > 0) {
       const { socket } = slot.queue.shift();
       if (socket.destroyed) {
         // The client gave up while it waited.
-        stats.closed += 1;
+        this.stats.closed += 1;
         continue;
       }
-      send(slot, socket);
+      this.send(current, socket);
     }
     if (slot.queue.length === 0) slot.stuckReported = false;
-    if (slot.pendingShutdown && (slot.state !== 'ready' || slot.queue.length === 0)) {
-      const { terminate } = slot.pendingShutdown;
-      slot.pendingShutdown = null;
-      sendShutdown(slot);
-      // SIGTERM follows the message, as in core: a user's own SIGTERM listener sees the shutdown. Not on
-      // Windows, where it would be TerminateProcess: the shutdown message alone drains the worker there.
-      if (terminate && slot.alive && process.platform !== 'win32') slot.child.kill('SIGTERM');
+    for (const worker of this.processesOf(slot)) {
+      const waitsForQueue = worker === current && worker.state === 'ready' && slot.queue.length > 0;
+      if (worker.farewell && !waitsForQueue) this.sendFarewell(worker);
     }
   }
 
-  function send(slot, socket) {
-    const seq = slot.nextSeq;
-    slot.nextSeq += 1;
-    slot.inFlight.set(seq, socket);
-    stats.routed[slot.index] += 1;
+  send(worker, socket) {
+    const seq = worker.nextSeq;
+    worker.nextSeq += 1;
+    worker.inFlight.set(seq, socket);
+    this.stats.routed[worker.index] += 1;
     // keepOpen: this copy stays open until the worker's TAKEN, so a worker that dies first loses nothing.
-    slot.child.send(protocol.message(protocol.CONNECTION, { seq }), socket, { keepOpen: true }, (error) => {
+    worker.child.send(protocol.message(protocol.CONNECTION, { seq }), socket, { keepOpen: true }, (error) => {
       // The channel is closed (the worker is dying): its exit takes the connection back.
-      if (error) log.debug(`worker ${slot.index}'s channel refused a connection (${error.code || error.message})`);
+      if (error) this.log.debug(`worker ${worker.index}'s channel refused a connection (${error.code || error.message})`);
     });
   }
 
@@ -236,273 +185,160 @@ function startJsMaster(settings, { command, envOf, onListenError, onEnd }) {
    * it and still on its way never arrived (Node drops a handle the worker could not receive, with
    * keepOpen without a retry): it goes back to the head of the queue and is sent again.
    */
-  function onTaken(slot, seq) {
-    const socket = slot.inFlight.get(seq);
+  onTaken(worker, seq) {
+    const socket = worker.inFlight.get(seq);
     if (socket === undefined) return;
     const lost = [];
-    for (const [earlier, other] of slot.inFlight) {
+    for (const [earlier, other] of worker.inFlight) {
       if (earlier >= seq) break;
       lost.push({ socket: other, arrived: Date.now() });
-      slot.inFlight.delete(earlier);
-      stats.routed[slot.index] -= 1;
+      worker.inFlight.delete(earlier);
+      this.stats.routed[worker.index] -= 1;
     }
-    if (lost.length > 0) log.debug(`worker ${slot.index} never got ${lost.length} connections; sending them again`);
-    slot.queue.unshift(...lost);
-    slot.inFlight.delete(seq);
+    if (lost.length > 0) this.log.debug(`worker ${worker.index} never got ${lost.length} connections; sending them again`);
+    this.slots[worker.index].queue.unshift(...lost);
+    worker.inFlight.delete(seq);
     socket.destroy();
-    flush(slot);
+    this.flush(worker.index);
+  }
+
+  /** After `worker` is gone: what it never acknowledged goes back, in order, to the head of its
+   * index's queue. Returns how many. */
+  takeBack(worker) {
+    const unreceived = [...worker.inFlight.values()];
+    worker.inFlight = new Map();
+    const alive = unreceived.filter((socket) => !socket.destroyed);
+    // A client that gave up meanwhile is not served again: counted as closed.
+    this.stats.closed += unreceived.length - alive.length;
+    this.stats.routed[worker.index] -= unreceived.length;
+    this.stats.recovered += alive.length;
+    const arrived = Date.now();
+    this.slots[worker.index].queue.unshift(...alive.map((socket) => ({ socket, arrived })));
+    return alive.length;
   }
 
   /** Logs once per episode that a ready worker does not take what it is sent. */
-  function reportStuck(slot, what) {
-    if (slot.state !== 'ready' || slot.stuckReported) return;
+  reportStuck(slot, what) {
+    const current = slot.current;
+    if (!current || current.state !== 'ready' || slot.stuckReported) return;
     slot.stuckReported = true;
-    log.warn(`worker ${slot.index} (pid ${slot.pid}) is not reading its channel (${slot.queue.length} connections wait): ${what}`);
+    this.log.warn(`worker ${slot.index} (pid ${current.pid}) is not reading its channel (${slot.queue.length} connections wait): ${what}`);
   }
 
   /** Gives a connection whose own worker cannot take it to the next ready worker with room, or closes it.
    * A redirected connection waits up to queue.maxWait again at its new worker. */
-  function redirect(from, socket, why) {
+  redirect(from, socket, why) {
     let next = null;
-    for (let step = 1; step < concurrency && next === null; step += 1) {
-      const index = (from + step) % concurrency;
-      if (slots[index].state === 'ready' && slots[index].queue.length < queueLimit) next = index;
+    for (let step = 1; step < this.concurrency && next === null; step += 1) {
+      const slot = this.slots[(from + step) % this.concurrency];
+      if (slot.current && slot.current.state === 'ready' && slot.queue.length < this.settings.queue.limit) next = slot.index;
     }
-    if (next !== null && !shuttingDown) {
-      stats.redirected += 1;
-      log.debug(`connection ${socket.remoteAddress} for worker ${from} goes to worker ${next}: ${why}`);
-      slots[next].queue.push({ socket, arrived: Date.now() });
-      flush(slots[next]);
+    if (next !== null && this.running) {
+      this.stats.redirected += 1;
+      this.log.debug(`connection ${socket.remoteAddress} for worker ${from} goes to worker ${next}: ${why}`);
+      this.slots[next].queue.push({ socket, arrived: Date.now() });
+      this.flush(next);
     } else {
-      stats.closed += 1;
-      log.warn(`closing connection from ${socket.remoteAddress} for worker ${from}: ${why} and no other worker is ready`);
+      this.stats.closed += 1;
+      this.log.warn(`closing connection from ${socket.remoteAddress} for worker ${from}: ${why} and no other worker is ready`);
       socket.destroy();
     }
   }
 
   /** Every tick: connections that waited longer than queue.maxWait for their worker go to the next ready one. */
-  function expireQueues() {
+  expireQueues() {
     const now = Date.now();
-    for (const slot of slots) {
-      const expired = () => slot.queue.length > 0 && now - slot.queue[0].arrived >= queueMaxWait;
+    for (const slot of this.slots) {
+      const expired = () => slot.queue.length > 0 && now - slot.queue[0].arrived >= this.settings.queue.maxWait;
       if (!expired()) continue;
-      reportStuck(slot, 'connections waiting longer than queue.maxWait go to other workers');
+      this.reportStuck(slot, 'connections waiting longer than queue.maxWait go to other workers');
       const due = [];
       while (expired()) due.push(slot.queue.shift().socket);
-      for (const socket of due) redirect(slot.index, socket, 'it was not ready within queue.maxWait');
+      for (const socket of due) this.redirect(slot.index, socket, 'it was not ready within queue.maxWait');
     }
   }
 
-  function closeQueue(slot) {
+  closeQueue(slot) {
     for (const { socket } of slot.queue) socket.destroy();
-    stats.closed += slot.queue.length;
+    this.stats.closed += slot.queue.length;
     slot.queue = [];
   }
 
-  /** After worker `slot` died: what it never acknowledged goes back, in order, to the head of its queue. */
-  function takeBack(slot) {
-    const unreceived = [...slot.inFlight.values()];
-    slot.inFlight = new Map();
-    const arrived = Date.now();
-    const alive = unreceived.filter((socket) => !socket.destroyed);
-    // A client that gave up meanwhile is not served again: counted as closed.
-    stats.closed += unreceived.length - alive.length;
-    stats.routed[slot.index] -= unreceived.length;
-    stats.recovered += alive.length;
-    slot.queue.unshift(...alive.map((socket) => ({ socket, arrived })));
-    return alive.length;
-  }
-
-  function onReady(slot) {
-    if (slot.state !== 'starting') return;
-    log.debug(`worker ${slot.index} (pid ${slot.pid}) is ready; ${slot.queue.length} queued connections follow`);
-    slot.state = 'ready';
-    flush(slot);
-    if (restarting === slot.index) {
-      restarting = null;
-      restartNext();
-    }
-  }
-
-  /**
-   * STOPPING: routes nothing more to the worker (it got SIGTERM from elsewhere); what is on its way still
-   * arrives, then STOPPED (IPC keeps the order). Its index's connections wait for its successor.
-   */
-  function stopRouting(slot) {
-    if (slot.state !== 'draining') {
-      log.debug(`worker ${slot.index} (pid ${slot.pid}) stops routing; its connections wait for its successor`);
-      slot.state = 'draining';
-    }
-    if (slot.stoppedSent || !slot.child.connected) return;
-    slot.stoppedSent = true;
-    slot.child.send(protocol.message(protocol.STOPPED), (error) => error && log.debug(`worker ${slot.index}: ${error.message}`));
-  }
-
-  function sendShutdown(slot) {
-    if (slot.shutdownSent || !slot.child.connected) return;
-    slot.shutdownSent = true;
-    // Queued by Node behind every connection handle still in flight, so the worker gets them all first.
-    slot.child.send(protocol.message(protocol.SHUTDOWN), (error) => error && log.debug(`worker ${slot.index}: ${error.message}`));
-  }
-
-  function onExit(slot, generation, code, signal) {
-    if (slot.generation !== generation || !slot.alive) return;
-    slot.alive = false;
-    slot.state = 'down';
-    slot.pendingShutdown = null;
-    const how = describeExit(code, signal);
-    const takenBack = takeBack(slot);
-    if (takenBack > 0) log.debug(`worker ${slot.index}: ${takenBack} connections it never took wait for its successor`);
-    if (shuttingDown) {
-      log.debug(`worker ${slot.index} (pid ${slot.pid}) exited: ${how}`);
-      closeQueue(slot);
-      finishIfDone();
-      return;
-    }
-    if (slot.retiring) {
-      slot.retiring = false;
-      log.info(`worker ${slot.index} (pid ${slot.pid}) stopped for the reload (${how}); starting its successor`);
-      startWorker(slot.index);
-      return;
-    }
-    const lived = Date.now() - slot.started;
-    slot.crashes = lived < CRASH_UPTIME_MS ? slot.crashes + 1 : 0;
-    const delay = revivalDelay(slot.crashes);
-    log.warn(
-      `worker ${slot.index} (pid ${slot.pid}) exited after ${(lived / 1000).toFixed(1)}s: ${how}; ` +
-        `reviving in ${formatDuration(delay)} (attempt ${Math.max(slot.crashes, 1)})`
-    );
-    setTimeout(() => {
-      if (slot.generation !== generation || slot.alive || shuttingDown) return;
-      stats.revivals += 1;
-      startWorker(slot.index);
-    }, delay);
-  }
-
-  /**
-   * Takes new settings (checked already) and `nextEnvOf`: queue and hardShutdownDelay apply at once;
-   * when a worker's environment changed, the workers restart one at a time, each successor ready before
-   * the next index stops, its connections queued for it meanwhile. What needs a restart is logged.
-   */
-  function reload(next, nextEnvOf) {
-    if (ended || shuttingDown) {
-      log.warn('reload ignored: the cluster is shutting down');
-      return false;
-    }
-    if (next.port !== settings.port || next.host !== settings.host || next.concurrency !== concurrency) {
-      log.warn(
-        `reload: port, host and concurrency changes need a restart; keeping ${settings.host}:${settings.port} with ${concurrency} workers`
-      );
-    }
-    if (next.routing !== settings.routing || next.backlog !== settings.backlog) {
-      log.warn('reload: routing and backlog changes need a restart (the listeners stay as they are)');
-    }
-    if (next.debug !== settings.debug || next.prefix !== settings.prefix) log.warn('reload: debug and prefix changes need a restart');
-    ({ limit: queueLimit, maxWait: queueMaxWait } = next.queue);
-    settings.hardShutdownDelay = next.hardShutdownDelay;
-    settings.queue = next.queue;
-    const changed = slots.some((slot) => JSON.stringify(envOf(slot.index)) !== JSON.stringify(nextEnvOf(slot.index)));
-    envOf = nextEnvOf;
-    if (!changed) {
-      log.info('reload: applied (no worker restart needed)');
-      return true;
-    }
-    log.info(`reload: restarting ${concurrency} workers one at a time`);
-    restartsPending = slots.map((slot) => slot.index);
-    if (restarting === null) restartNext();
-    return true;
-  }
-
-  /** Asks the next worker of a rolling restart to stop; its successor starts when it exits. */
-  function restartNext() {
-    while (restartsPending.length > 0) {
-      const slot = slots[restartsPending.shift()];
-      // Down and waiting for its revival, which uses the new environment anyway.
-      if (!slot.alive) continue;
-      slot.retiring = true;
-      // New connections for this index queue for the successor instead of reaching a stopping worker;
-      // what is on its way still arrives, and what it never takes comes back at its exit.
-      slot.state = 'draining';
-      slot.pendingShutdown = { terminate: true };
-      const generation = slot.generation;
-      const delay = settings.hardShutdownDelay;
-      setTimeout(() => {
-        if (slot.generation !== generation || !slot.alive || !slot.retiring) return;
-        log.warn(`worker ${slot.index} (pid ${slot.pid}) did not stop within hardShutdownDelay for the reload; killing it`);
-        slot.child.kill('SIGKILL');
-      }, delay).unref();
-      restarting = slot.index;
-      flush(slot);
-      return;
-    }
-    log.info('reload: every worker runs the new configuration');
-  }
-
-  function killAll() {
-    hardKilled = true;
-    for (const slot of slots) {
-      closeQueue(slot);
-      if (slot.alive) slot.child.kill('SIGKILL');
-    }
-  }
-
-  function stopListening() {
-    shuttingDown = true;
-    if (bound) server.close();
-    if (metricsServer) metricsServer.close();
-    // A ready worker still gets what waits for it, then the shutdown; what waits for a worker that is
-    // not ready is closed and counted.
-    for (const slot of slots) if (slot.state !== 'ready') closeQueue(slot);
-  }
-
-  function stop(hard) {
-    if (ended) return false;
+  stop(hard) {
+    if (this.ended) return false;
     if (hard) {
-      log.warn('second signal: stopping at once');
-      if (!shuttingDown) stopListening();
-      killAll();
-    } else if (!shuttingDown) {
-      const delay = settings.hardShutdownDelay;
-      log.info(`shutting down: ${concurrency} workers have ${formatDuration(delay)} to finish`);
-      stopListening();
-      deadlineTimer = setTimeout(() => {
-        log.warn(`hardShutdownDelay of ${formatDuration(delay)} passed: killing the remaining workers`);
-        killAll();
+      this.log.warn('second signal: stopping at once');
+      if (this.running) this.stopListening();
+      this.killAll();
+    } else if (this.running) {
+      const delay = this.settings.hardShutdownDelay;
+      this.log.info(`shutting down: ${this.concurrency} workers have ${formatDuration(delay)} to finish`);
+      this.stopListening();
+      this.deadlineTimer = setTimeout(() => {
+        this.log.warn(`hardShutdownDelay of ${formatDuration(delay)} passed: killing the remaining workers`);
+        this.killAll();
       }, delay);
-      for (const slot of slots) {
-        if (!slot.alive) continue;
+      for (const slot of this.slots) {
         // SIGTERM as well, as the npm module sends, once the shutdown message is on its way.
-        slot.pendingShutdown = { terminate: true };
-        flush(slot);
+        for (const worker of this.processesOf(slot)) worker.farewell = { terminate: true };
+        this.flush(slot.index);
       }
     }
-    finishIfDone();
+    this.finishIfDone();
     return true;
   }
 
-  function finishIfDone() {
-    if (ended || !shuttingDown || slots.some((slot) => slot.alive)) return;
-    ended = true;
-    clearInterval(ticker);
-    clearTimeout(deadlineTimer);
-    const routed = stats.routed.reduce((sum, n) => sum + n, 0);
-    log.info(
-      `stopped: routed ${routed} connections [${stats.routed.join(', ')}], redirected ${stats.redirected}, ` +
-        `closed ${stats.closed}, revivals ${stats.revivals}, recovered ${stats.recovered}`
-    );
-    onEnd({ graceful: !hardKilled });
+  stopListening() {
+    this.phase = 'draining';
+    if (this.bound) this.server.close();
+    if (this.metricsServer) this.metricsServer.close();
+    // A ready worker still gets what waits for it, then the shutdown; what waits for a worker that is
+    // not ready is closed and counted.
+    for (const slot of this.slots) if (!slot.current || slot.current.state !== 'ready') this.closeQueue(slot);
   }
 
+  killAll() {
+    this.phase = 'killed';
+    for (const slot of this.slots) {
+      this.closeQueue(slot);
+      for (const worker of this.processesOf(slot)) worker.child.kill('SIGKILL');
+    }
+  }
+
+  finishIfDone() {
+    if (this.ended || this.running || this.slots.some((slot) => this.processesOf(slot).length > 0)) return;
+    this.ended = true;
+    clearInterval(this.ticker);
+    clearTimeout(this.deadlineTimer);
+    const { routed, redirected, closed, revivals, recovered } = this.stats;
+    this.log.info(
+      `stopped: routed ${routed.reduce((sum, n) => sum + n, 0)} connections [${routed.join(', ')}], ` +
+        `redirected ${redirected}, closed ${closed}, revivals ${revivals}, recovered ${recovered}`
+    );
+    this.onEnd({ graceful: this.phase !== 'killed' });
+  }
+}
+
+Object.assign(JsMaster.prototype, require('./workers'), require('./reload'));
+
+/**
+ * Starts the master. `envOf(index)` gives a worker's extra environment; `onListenError(error)` gets a
+ * failed listen (nothing else starts then); `onEnd({ graceful })` is called once every worker is gone
+ * after a stop. Returns `{ address, port, stop(hard), reload(settings, envOf) }`; address and port are
+ * null until bound. `settings` are checked already (js/validate.js).
+ */
+function startJsMaster(settings, hooks) {
+  const master = new JsMaster(settings, hooks);
   return {
     get address() {
-      return bound ? bound.address : null;
+      return master.bound ? master.bound.address : null;
     },
     get port() {
-      return bound ? bound.port : null;
+      return master.bound ? master.bound.port : null;
     },
-    stop: (hard = false) => stop(Boolean(hard)),
-    reload,
+    stop: (hard = false) => master.stop(Boolean(hard)),
+    reload: (next, nextEnvOf) => master.reload(next, nextEnvOf),
   };
 }
 
-module.exports = { startJsMaster };
+module.exports = { startJsMaster, IN_FLIGHT_LIMIT };

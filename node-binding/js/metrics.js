@@ -1,6 +1,7 @@
 'use strict';
 // The JavaScript master's Prometheus page: the families of core/src/metrics.rs that apply to it, under
-// the same names (routed, queue depth, readiness per worker; redirected, closed, revivals, recovered), so
+// the same names (routed, queue depth, readiness per worker; redirected, closed, revivals, recovered,
+// reload failures), so
 // one dashboard reads either implementation.
 
 const http = require('http');
@@ -13,7 +14,7 @@ function family(name, kind, help, values) {
 }
 
 /** The page for `workers` ([{ routed, queued, ready }]) and the master's counters. */
-function render(workers, { redirected, closed, revivals, recovered }) {
+function render(workers, { redirected, closed, revivals, recovered, reloadFailures }) {
   const perWorker = (pick) => workers.map((worker, index) => [index, pick(worker)]);
   return (
     [
@@ -38,6 +39,12 @@ function render(workers, { redirected, closed, revivals, recovered }) {
         'counter',
         "Connections taken back from a dead worker's channel (sent, never received) and served by another.",
         [[null, recovered]]
+      ),
+      family(
+        'sticky_cluster_reload_failures_total',
+        'counter',
+        'Reloads given up because a successor could not start or get ready; the old workers kept serving.',
+        [[null, reloadFailures]]
       ),
     ].join('\n') + '\n'
   );
