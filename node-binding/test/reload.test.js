@@ -6,7 +6,7 @@
 
 const test = require('node:test');
 const assert = require('node:assert');
-const { addressesPerIndex, getJson, startApp, waitFor, within } = require('./helpers');
+const { addressesPerIndex, getJson, httpText, startApp, waitFor, within } = require('./helpers');
 
 const CONCURRENCY = 2;
 
@@ -67,6 +67,29 @@ test('SIGHUP → reload({ env }) restarts the workers one at a time, and no requ
     `figures (${app.implementation || 'default'}): ${answers.length} requests during the reload, ${errors.length} lost, ` +
       `colors seen: ${[...colors].sort().join(' ')}`
   );
+  app.child.kill('SIGTERM');
+  assert.deepStrictEqual(await within(20000, app.exited, 'master after SIGTERM'), { code: 0, signal: null }, app.stderr);
+});
+
+test('a reload whose workers cannot start changes nothing: the old workers keep serving, the failure is counted', { timeout: 90000 }, async (t) => {
+  const app = await startApp(t, 'chat-app.js', {
+    FIXTURE_OPTIONS: JSON.stringify({ port: 0, concurrency: CONCURRENCY, metrics: { port: 0 } }),
+    FIXTURE_ENV: '1',
+    FIXTURE_RELOAD_ON_SIGHUP: '1',
+    FIXTURE_RELOAD_BROKEN: '1',
+  });
+  const metricsPort = await waitFor(app, () => Number((app.stderr.match(/metrics on http:\/\/127\.0\.0\.1:(\d+)\/metrics/) || [])[1]));
+  const addresses = addressesPerIndex(82, CONCURRENCY);
+  const before = [];
+  for (const address of addresses) before.push((await getJson(app.port, '/whoami', address)).pid);
+  process.kill(app.child.pid, 'SIGHUP');
+  await waitFor(app, () => /reload failed: worker 0's successor exited before it was ready/.test(app.stderr), 30000);
+  for (const [index, address] of addresses.entries()) {
+    const seen = await getJson(app.port, '/whoami', address);
+    assert.deepStrictEqual([seen.index, seen.pid, seen.color], [index, before[index], `color-${index}`], 'the old worker serves on');
+  }
+  assert.match(await httpText(metricsPort, '/metrics'), /^sticky_cluster_reload_failures_total 1$/m);
+  assert.doesNotMatch(app.stderr, /stopped for the reload/);
   app.child.kill('SIGTERM');
   assert.deepStrictEqual(await within(20000, app.exited, 'master after SIGTERM'), { code: 0, signal: null }, app.stderr);
 });
