@@ -87,7 +87,8 @@ class JsMaster {
     };
     this.server.once('error', onError);
     this.server.once('listening', onListening);
-    this.server.listen({ host, port: this.settings.port, backlog: this.settings.backlog });
+    // Node takes an int32 backlog; the kernel caps it at net.core.somaxconn long before that anyway.
+    this.server.listen({ host, port: this.settings.port, backlog: Math.min(this.settings.backlog, 2147483647) });
   }
 
   listenFailed(error) {

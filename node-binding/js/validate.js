@@ -5,8 +5,8 @@
 
 const defaults = require('./defaults.json');
 
-/** Largest listen backlog (listen(2) takes an int). */
-const MAX_BACKLOG = 2147483647;
+/** Largest listen backlog, as core's (a u32; the kernel caps it at net.core.somaxconn). */
+const MAX_BACKLOG = 4294967295;
 /** Largest count core keeps in a u32. */
 const MAX_COUNT = 4294967295;
 

@@ -206,8 +206,8 @@ fn let_workers_inherit_stdio() {
 const MAX_CONCURRENCY: f64 = 1024.0;
 /// Node's largest timer, and so the longest `hardShutdownDelay` (and `queue.maxWait`).
 const MAX_DELAY_MS: f64 = 2_147_483_647.0;
-/// listen(2) takes an int.
-const MAX_BACKLOG: f64 = 2_147_483_647.0;
+/// Core keeps the backlog in a u32 (the kernel caps it at `net.core.somaxconn`).
+const MAX_BACKLOG: f64 = 4_294_967_295.0;
 /// Counts core keeps in a u32.
 const MAX_COUNT: f64 = 4_294_967_295.0;
 
