@@ -6,13 +6,8 @@
 /** Carries the per-index part of `options.env` to the workers (JSON array, one object per index). */
 const PER_WORKER_ENV = 'STICKY_CLUSTER_NATIVE_ENV';
 
-/**
- * Calls env(index) for every worker. Values equal for all workers go into the real environment (seen
- * from process start); the rest travel as one JSON variable that each worker applies when it loads this
- * module. A value containing `{index}` travels that way too: core would substitute it. A value that is
- * each worker's own index is shared as `{index}`, which core substitutes.
- */
-function splitEnvironment(settings) {
+/** What `env(index)` gives each worker, as text (undefined values left out), called once per index. */
+function workerEnvironments(settings) {
   const perWorker = [];
   for (let index = 0; index < settings.concurrency; index += 1) {
     const values = settings.env(index);
@@ -25,6 +20,17 @@ function splitEnvironment(settings) {
     }
     perWorker.push(text);
   }
+  return perWorker;
+}
+
+/**
+ * Calls env(index) for every worker. Values equal for all workers go into the real environment (seen
+ * from process start); the rest travel as one JSON variable that each worker applies when it loads this
+ * module. A value containing `{index}` travels that way too: core would substitute it. A value that is
+ * each worker's own index is shared as `{index}`, which core substitutes.
+ */
+function splitEnvironment(settings) {
+  const perWorker = workerEnvironments(settings);
   const shared = {};
   for (const key of new Set(perWorker.flatMap(Object.keys))) {
     const first = perWorker[0][key];
@@ -60,4 +66,4 @@ function isNativeWorker() {
   return process.env.STICKY_CLUSTER_FD !== undefined || process.env.STICKY_CLUSTER_SOCKET !== undefined;
 }
 
-module.exports = { PER_WORKER_ENV, splitEnvironment, applyPerWorkerEnvironment, isNativeWorker };
+module.exports = { PER_WORKER_ENV, workerEnvironments, splitEnvironment, applyPerWorkerEnvironment, isNativeWorker };

@@ -3,6 +3,7 @@
 // the master of js/master.js in this process, and gives the primary the native front's
 // `{ address, port, stop, reload }`.
 
+const { workerEnvironments } = require('./environment');
 const { normalizeOptions } = require('./options');
 const { RELOAD_ENV, primarySignals, workerCommand } = require('./primary');
 const { startJsMaster } = require('./master');
@@ -27,17 +28,8 @@ function refuseNativeOnly(settings) {
  * checked): each worker is spawned on its own, so nothing travels as JSON. Returns `index => env`.
  */
 function envOf(settings, reloads = 0) {
-  const envs = [];
-  for (let index = 0; index < settings.concurrency; index += 1) {
-    const values = settings.env(index);
-    if (values !== undefined && values !== null && typeof values !== 'object') {
-      throw new TypeError(`sticky-cluster-native: options.env(${index}) must return an object`);
-    }
-    const text = {};
-    for (const [key, value] of Object.entries(values || {})) if (value !== undefined) text[key] = String(value);
-    if (reloads > 0) text[RELOAD_ENV] = String(reloads);
-    envs.push(text);
-  }
+  const envs = workerEnvironments(settings);
+  if (reloads > 0) for (const env of envs) env[RELOAD_ENV] = String(reloads);
   return (index) => envs[index];
 }
 
