@@ -63,10 +63,12 @@ class JsMaster {
     this.listen(settings.host);
   }
 
+  /** Whether the cluster still routes (neither draining nor killed). */
   get running() {
     return this.phase === 'running';
   }
 
+  /** Binds the client listener on `host` (`::` falls back to 0.0.0.0 on a machine without IPv6). */
   listen(host) {
     const onError = (error) => {
       this.server.removeListener('listening', onListening);
@@ -91,6 +93,7 @@ class JsMaster {
     this.server.listen({ host, port: this.settings.port, backlog: Math.min(this.settings.backlog, 2147483647) });
   }
 
+  /** Nothing could be bound: nothing starts, and `onListenError` gets the error. */
   listenFailed(error) {
     this.server.close();
     clearInterval(this.ticker);
@@ -98,6 +101,7 @@ class JsMaster {
     this.onListenError(error);
   }
 
+  /** Everything is bound: says so, and starts one worker per index. */
   listening() {
     const { address, port } = this.bound;
     this.log.info(`listening on ${formatSocketAddress(address, port)} with ${this.concurrency} workers`);
@@ -127,6 +131,7 @@ class JsMaster {
     });
   }
 
+  /** An accepted client: its index by the string-hash of its address, then deliver. */
   route(socket) {
     // A client that resets while queued must not crash the master; its worker sees the reset.
     socket.on('error', () => {});
@@ -169,6 +174,7 @@ class JsMaster {
     }
   }
 
+  /** Puts `socket` on its way to `worker`, numbered, keeping the master's copy until TAKEN. */
   send(worker, socket) {
     const seq = worker.nextSeq;
     worker.nextSeq += 1;
@@ -259,12 +265,14 @@ class JsMaster {
     }
   }
 
+  /** Closes and counts every connection waiting for `slot`. */
   closeQueue(slot) {
     for (const { socket } of slot.queue) socket.destroy();
     this.stats.closed += slot.queue.length;
     slot.queue = [];
   }
 
+  /** SIGTERM/SIGINT: drain (shutdown to every worker, kill after hardShutdownDelay), or `hard`: kill now. */
   stop(hard) {
     if (this.ended) return false;
     if (hard) {
@@ -289,6 +297,7 @@ class JsMaster {
     return true;
   }
 
+  /** Closes the listeners; the queues of workers that are not ready are closed and counted. */
   stopListening() {
     this.phase = 'draining';
     if (this.bound) this.server.close();
@@ -298,6 +307,7 @@ class JsMaster {
     for (const slot of this.slots) if (!slot.current || slot.current.state !== 'ready') this.closeQueue(slot);
   }
 
+  /** SIGKILL to every worker process; every queue closed and counted. */
   killAll() {
     this.phase = 'killed';
     for (const slot of this.slots) {
@@ -306,6 +316,7 @@ class JsMaster {
     }
   }
 
+  /** Once stopping and no worker process is left: the closing counters line, then `onEnd`. */
   finishIfDone() {
     if (this.ended || this.running || this.slots.some((slot) => this.processesOf(slot).length > 0)) return;
     this.ended = true;

@@ -67,6 +67,7 @@ module.exports = {
     return worker;
   },
 
+  /** READY: a current worker takes what waits for it; a reload's successor replaces its predecessor. */
   onReady(worker) {
     const slot = this.slots[worker.index];
     if (worker.state !== 'starting' || worker.gone) return;
@@ -129,6 +130,7 @@ module.exports = {
     if (terminate && process.platform !== 'win32') worker.child.kill('SIGTERM');
   },
 
+  /** A worker is gone (exited and its channel read to the end): take back, then revive or hand over. */
   onExit(worker, code, signal) {
     if (worker.gone) return;
     worker.gone = true;
