@@ -20,8 +20,9 @@ const protocol = require('./protocol');
 const defaults = require('./defaults.json');
 
 const TICK_MS = defaults.queueTickMs;
-/** Connections sent to one worker and not yet acknowledged: the JavaScript master's channel capacity. */
-const IN_FLIGHT_LIMIT = 64;
+/** Connections sent to one worker and not yet acknowledged: the JavaScript master's channel capacity,
+ * near what the native master's channel holds (~278), so both absorb the same bursts. */
+const IN_FLIGHT_LIMIT = 256;
 
 /** The master's state and its routing half; js/workers.js and js/reload.js add the rest of its methods. */
 class JsMaster {
