@@ -362,3 +362,68 @@ impl SteadyLoad {
         (self.served.load(Ordering::SeqCst), self.failed.load(Ordering::SeqCst))
     }
 }
+
+/// Sets the soft open-file limit of process `pid` (the hard one stays) and returns the soft limit it had.
+pub fn set_open_file_limit(pid: u32, soft: u64) -> u64 {
+    let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: reads the current limits of `pid` into `old`.
+    assert_eq!(unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) }, 0);
+    let new = libc::rlimit { rlim_cur: soft.min(old.rlim_max), rlim_max: old.rlim_max };
+    // SAFETY: sets the limits of `pid` from `new`; the hard limit is unchanged.
+    let set = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+    assert_eq!(set, 0, "prlimit {pid}: {}", std::io::Error::last_os_error());
+    old.rlim_cur
+}
+
+/// Number of open fds of any process.
+pub fn open_fds_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+/// Clock ticks per second, the unit of [`Cluster::cpu_ticks`].
+pub fn ticks_per_second() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as u64
+}
+
+/// A cluster whose workers attach at a fresh socket path (`debug: true`, mode 0600): the cluster and the path.
+pub fn attach_cluster(concurrency: u32, extra: &str) -> (Cluster, PathBuf) {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let socket = dir.join("workers.sock");
+    let yaml = format!(
+        "concurrency: {concurrency}\ndebug: true\nhardShutdownDelay: 5s\n{extra}workers:\n  socket: {:?}\n  mode: \"0600\"\n",
+        socket.display().to_string()
+    );
+    (Cluster::start(&yaml), socket)
+}
+
+/// A test worker attached at `socket` (claiming `index` when given), killed on drop.
+pub struct Attached(pub Child);
+
+impl Attached {
+    /// Starts the test worker with `STICKY_CLUSTER_SOCKET` (and `extra` environment).
+    pub fn start(socket: &std::path::Path, index: Option<u32>, extra: &[(&str, &str)]) -> Attached {
+        let mut command = Command::new(test_worker());
+        command.env("STICKY_CLUSTER_SOCKET", socket).stdin(Stdio::null());
+        if let Some(index) = index {
+            command.env("STICKY_CLUSTER_WORKER_INDEX", index.to_string());
+        }
+        command.envs(extra.iter().copied());
+        Attached(command.spawn().unwrap())
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Dials a master's attach socket as a raw peer would (no hello sent yet).
+pub fn dial(path: &std::path::Path) -> std::os::fd::OwnedFd {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).unwrap();
+    connect(fd.as_raw_fd(), &UnixAddr::new(path).unwrap()).unwrap();
+    fd
+}
