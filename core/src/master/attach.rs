@@ -23,11 +23,10 @@ impl Master {
     pub(super) fn on_dialed(&mut self, dialed: io::Result<OwnedFd>) {
         let channel = match dialed {
             Ok(channel) => channel,
-            Err(error) => {
-                warn!("accepting a worker on the attach socket failed: {error}");
-                return;
-            }
+            // EMFILE and the like: the dialer waits in the backlog while the socket backs off.
+            Err(error) => return self.attach_backoff.failed(&error),
         };
+        self.attach_backoff.succeeded();
         let WorkerSource::Attach(options) = &self.config.workers else { return };
         let events = self.events.clone();
         // The uid is checked here, before a byte is read; the hello is awaited on a bounded task.

@@ -151,8 +151,9 @@ struct Master {
     metrics: Option<AsyncFd<TcpListener>>,
     events: UnboundedSender<Event>,
     stats: Stats,
-    accept_paused_until: Option<TokioInstant>,
-    accept_backoff: Duration,
+    /// The client and metrics listeners' back-off after accept errors; the attach socket's own.
+    accept_backoff: listen::AcceptBackoff,
+    attach_backoff: listen::AcceptBackoff,
     /// A reload's rolling restart: indexes still to restart, the one whose successor starts now, and
     /// the configuration to go back to if a successor cannot start.
     restarts_pending: VecDeque<u32>,
@@ -222,8 +223,8 @@ pub async fn run(config: Config, listener: impl Into<Listener>, mut stop: Unboun
         group,
         metrics,
         events,
-        accept_paused_until: None,
-        accept_backoff: Duration::ZERO,
+        accept_backoff: listen::AcceptBackoff::new("the client listener"),
+        attach_backoff: listen::AcceptBackoff::new("the attach socket"),
         restarts_pending: VecDeque::new(),
         restarting: None,
         before_reload: None,
@@ -242,20 +243,25 @@ pub async fn run(config: Config, listener: impl Into<Listener>, mut stop: Unboun
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let paused = master.accept_paused_until;
+        let paused = master.accept_backoff.is_paused();
+        let attach_paused = master.attach_backoff.is_paused();
+        let resume = match (master.accept_backoff.resume_at(), master.attach_backoff.resume_at()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let deadline = match master.phase {
             Phase::Draining { deadline } => Some(deadline),
             Phase::Running | Phase::Killed => None,
         };
         tokio::select! {
-            batch = accept_batch(master.listener.as_ref()), if paused.is_none() && master.listener.is_some() => {
+            batch = accept_batch(master.listener.as_ref()), if !paused && master.listener.is_some() => {
                 master.on_accepted(batch);
             }
             Some(event) = event_rx.recv() => master.on_event(event),
-            scrapes = accept_batch(master.metrics.as_ref()), if paused.is_none() && master.metrics.is_some() => {
+            scrapes = accept_batch(master.metrics.as_ref()), if !paused && master.metrics.is_some() => {
                 master.on_scrapes(scrapes);
             }
-            dialed = attach::accept_worker(master.attach_socket.as_ref()), if master.attach_socket.is_some() => {
+            dialed = attach::accept_worker(master.attach_socket.as_ref()), if !attach_paused && master.attach_socket.is_some() => {
                 master.on_dialed(dialed);
             }
             request = stop.recv(), if stop_open => match request {
@@ -263,8 +269,10 @@ pub async fn run(config: Config, listener: impl Into<Listener>, mut stop: Unboun
                 None => stop_open = false,
             },
             _ = tick.tick() => master.expire_queues(),
-            _ = sleep_until(paused.unwrap_or_else(TokioInstant::now)), if paused.is_some() => {
-                master.accept_paused_until = None;
+            _ = sleep_until(resume.unwrap_or_else(TokioInstant::now)), if resume.is_some() => {
+                let now = TokioInstant::now();
+                master.accept_backoff.resume_if_due(now);
+                master.attach_backoff.resume_if_due(now);
             }
             _ = sleep_until(deadline.unwrap_or_else(TokioInstant::now)), if deadline.is_some() => {
                 warn!("hardShutdownDelay of {:?} passed: killing the remaining workers", master.config.hard_shutdown_delay);
