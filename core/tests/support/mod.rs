@@ -146,6 +146,23 @@ impl Cluster {
         }
     }
 
+    /// Waits for a log line containing any of `needles` and returns it; panics with the log after `timeout`.
+    pub fn wait_for_any_log(&self, needles: &[&str], timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let (lines, changed) = &*self.log;
+        let mut lines = lines.lock().unwrap();
+        loop {
+            if let Some(line) = lines.iter().find(|l| needles.iter().any(|needle| l.contains(needle))) {
+                return line.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                panic!("no log line with any of {needles:?} within {timeout:?}; log:\n{}", lines.join("\n"));
+            }
+            lines = changed.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
     /// Sends a signal to the master.
     pub fn signal(&self, signal: Signal) {
         kill(Pid::from_raw(self.pid() as i32), signal).unwrap();
@@ -364,20 +381,37 @@ impl SteadyLoad {
 }
 
 /// Sets the soft open-file limit of process `pid` (the hard one stays) and returns the soft limit it had.
-pub fn set_open_file_limit(pid: u32, soft: u64) -> u64 {
+pub fn set_open_file_limit(pid: u32, soft: u64) -> std::io::Result<u64> {
     let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: reads the current limits of `pid` into `old`.
-    assert_eq!(unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) }, 0);
+    if unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     let new = libc::rlimit { rlim_cur: soft.min(old.rlim_max), rlim_max: old.rlim_max };
     // SAFETY: sets the limits of `pid` from `new`; the hard limit is unchanged.
-    let set = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
-    assert_eq!(set, 0, "prlimit {pid}: {}", std::io::Error::last_os_error());
-    old.rlim_cur
+    if unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(old.rlim_cur)
 }
 
 /// Number of open fds of any process.
 pub fn open_fds_of(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+/// The open fds of process `pid` once the count is the same twice 100 ms apart (up to 5 s).
+pub fn settled_fds_of(pid: u32) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = open_fds_of(pid);
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = open_fds_of(pid);
+        if now == last || Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
 }
 
 /// Clock ticks per second, the unit of [`Cluster::cpu_ticks`].
