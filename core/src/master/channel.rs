@@ -17,7 +17,7 @@ use super::handoff::Handoff;
 use super::slot::{Life, Process, Role, WorkerSlot};
 use super::{Event, Master};
 use crate::error::{Error, Result};
-use crate::protocol::{recv_message, send_message, Message, Received};
+use crate::protocol::{is_fd_limit, recv_message, send_message, Message, Received};
 use crate::supervisor::signal_worker;
 
 /// The master's end of one worker's channel. Connections are written straight from the event loop;
@@ -192,13 +192,36 @@ impl Master {
 
     /// After a process of worker `index` is gone: takes back every connection still in its channel (sent,
     /// never received) and puts them, in order, at the head of the index's queue for its next worker.
+    /// At the master's open-file limit the rest stay in the channel, kept for [`Master::take_back_left`].
     pub(super) fn take_back(&mut self, index: u32, process: &mut Process) -> u64 {
         let Some(worker_end) = process.worker_end.take() else { return 0 };
+        self.take_back_from(index, worker_end)
+    }
+
+    /// Every tick: takes back more of what dead workers left in their channels while the master was at
+    /// its open-file limit.
+    pub(super) fn take_back_left(&mut self, index: u32) {
+        let Some(slot) = self.slots.get_mut(index as usize) else { return };
+        for worker_end in std::mem::take(&mut slot.left_behind) {
+            self.take_back_from(index, worker_end);
+        }
+    }
+
+    fn take_back_from(&mut self, index: u32, worker_end: OwnedFd) -> u64 {
         let Some(slot) = self.slots.get_mut(index as usize) else { return 0 };
-        let taken = unreceived_connections(worker_end.as_fd(), index);
+        let (taken, complete) = unreceived_connections(worker_end.as_fd(), index);
         let count = taken.len() as u64;
         for handoff in taken.into_iter().rev() {
             slot.queue.push_front(handoff);
+        }
+        if !complete {
+            if slot.left_behind.is_empty() {
+                warn!(
+                    "worker {index}'s channel still holds connections it never received, and the master is at its \
+                     open-file limit: they stay there and are taken back as fds free up"
+                );
+            }
+            slot.left_behind.push(worker_end);
         }
         let routed = &mut self.stats.routed[index as usize];
         *routed = routed.saturating_sub(count);
@@ -207,8 +230,9 @@ impl Master {
     }
 }
 
-/// Receives, from the end of a channel whose worker is gone, every connection it never took.
-fn unreceived_connections(worker_end: BorrowedFd<'_>, index: u32) -> Vec<Handoff> {
+/// Receives, from the end of a channel whose worker is gone, every connection it never took; false when
+/// the master's open-file limit left some of them in the channel.
+fn unreceived_connections(worker_end: BorrowedFd<'_>, index: u32) -> (Vec<Handoff>, bool) {
     let mut taken = Vec::new();
     loop {
         match recv_message(worker_end, true) {
@@ -217,12 +241,12 @@ fn unreceived_connections(worker_end: BorrowedFd<'_>, index: u32) -> Vec<Handoff
             }
             // A stopped or shutdown message it never read.
             Ok(_) => {}
+            Err(error) if is_fd_limit(&error) => return (taken, false),
             // A datagram that cannot be ours; it is consumed, so the next one can be read.
             Err(Error::Protocol(reason)) => warn!("worker {index}'s channel held a bad message: {reason}"),
-            Err(_) => break,
+            Err(_) => return (taken, true),
         }
     }
-    taken
 }
 
 /// Waits until a full channel has room (or has failed, which the next write reports), then tells the loop.

@@ -2,6 +2,7 @@
 //! queue it for a worker that is not ready, redirect it, or expire it after queue.maxWait.
 
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Instant;
 
 use tracing::{debug, warn};
@@ -77,7 +78,9 @@ impl Master {
     pub(super) fn expire_queues(&mut self) {
         let max_wait = self.config.queue_max_wait;
         for index in 0..self.config.concurrency {
-            // Writes that failed for a passing reason of the master's own are retried here.
+            // Writes that failed for a passing reason of the master's own are retried here, and so is
+            // taking back what a dead worker left while the master was at its open-file limit.
+            self.take_back_left(index);
             self.flush(index);
             let expired =
                 |slot: &WorkerSlot| slot.queue.front().is_some_and(|front| front.arrived.elapsed() >= max_wait);
@@ -93,6 +96,39 @@ impl Master {
             for handoff in due {
                 self.redirect(index, handoff, "it was not ready within queue.maxWait");
             }
+        }
+    }
+
+    /// When the master stops: connections still waiting for a worker, or still in a dead worker's channel
+    /// (the master was at its open-file limit), are closed and counted.
+    pub(super) fn close_what_is_left(&mut self) {
+        for index in 0..self.config.concurrency {
+            self.take_back_left(index);
+            let Some(slot) = self.slots.get_mut(index as usize) else { continue };
+            let mut closed = slot.close_queue();
+            for worker_end in std::mem::take(&mut slot.left_behind) {
+                closed += count_connections_left(worker_end);
+            }
+            self.stats.closed += closed;
+        }
+    }
+}
+
+/// Receives what is left in a dead worker's channel without room for fds (the kernel closes them) and
+/// counts the connections among it.
+fn count_connections_left(worker_end: OwnedFd) -> u64 {
+    let mut count = 0;
+    let mut datagram = [0u8; 64];
+    loop {
+        // SAFETY: a receive into a buffer this function owns; no control buffer, so no fd is installed.
+        let received = unsafe {
+            libc::recv(worker_end.as_raw_fd(), datagram.as_mut_ptr().cast(), datagram.len(), libc::MSG_DONTWAIT)
+        };
+        if received <= 0 {
+            return count;
+        }
+        if received >= 4 && datagram[..2] == *b"SC" && datagram[3] == 3 {
+            count += 1;
         }
     }
 }

@@ -283,6 +283,7 @@ pub async fn run(config: Config, listener: impl Into<Listener>, mut stop: Unboun
             break;
         }
     }
+    master.close_what_is_left();
     if let WorkerSource::Attach(options) = &master.config.workers {
         let _ = std::fs::remove_file(&options.socket);
     }
