@@ -461,3 +461,28 @@ pub fn dial(path: &std::path::Path) -> std::os::fd::OwnedFd {
     connect(fd.as_raw_fd(), &UnixAddr::new(path).unwrap()).unwrap();
     fd
 }
+
+/// A listener that never accepts, with a small receive buffer that its connections inherit: a socket
+/// connected to it soon has a send queue that cannot drain.
+pub fn never_accepting_listener() -> std::net::TcpListener {
+    use nix::sys::socket::{bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType};
+    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
+    setsockopt(&fd, sockopt::RcvBuf, &4096).unwrap();
+    let address = nix::sys::socket::SockaddrIn::new(127, 0, 0, 1, 0);
+    bind(fd.as_raw_fd(), &address).unwrap();
+    listen(&fd, Backlog::new(64).unwrap()).unwrap();
+    std::net::TcpListener::from(fd)
+}
+
+/// A TCP socket connected to `listener` (which never accepts) with a full send queue and SO_LINGER of
+/// `seconds`: closing the last copy of it blocks for that long.
+pub fn lingering_socket(listener: &std::net::TcpListener, seconds: i32) -> TcpStream {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    setsockopt(&stream, sockopt::SndBuf, &4096).unwrap();
+    stream.set_nonblocking(true).unwrap();
+    let chunk = [b'x'; 16384];
+    while (&stream).write(&chunk).is_ok() {}
+    setsockopt(&stream, sockopt::Linger, &libc::linger { l_onoff: 1, l_linger: seconds }).unwrap();
+    stream
+}
