@@ -19,7 +19,7 @@
 //!   listener of the test that never accepts) with a full send queue and `SO_LINGER` 20 s, then close
 //!   this worker's copies, as a hostile worker would: `connection` (after ready, as a connection
 //!   message, which only the master may send) or `ready` (before ready, on a ready message, with a second
-//!   such datagram left unread in the channel); prints `test-worker: sent lingering sockets`
+//!   such datagram left unread in the channel); prints `test-worker: sending lingering sockets` just before
 //! - `GET /sleep/<ms>`: answer after that many milliseconds
 
 use std::net::SocketAddr;
@@ -214,7 +214,9 @@ fn send_garbage(worker: &Worker, class: &str) -> Result<(), Box<dyn std::error::
 fn send_lingering(worker: &Worker, target: &str, messages: &[Message]) -> Result<(), Box<dyn std::error::Error>> {
     use nix::sys::socket::{sendmsg, setsockopt, sockopt, ControlMessage, MsgFlags, UnixAddr};
     use std::io::Write;
-    for message in messages {
+    // All made first, then sent back to back: the master may end this worker at the first datagram.
+    let mut streams = Vec::new();
+    for _ in messages {
         let stream = std::net::TcpStream::connect(target)?;
         setsockopt(&stream, sockopt::SndBuf, &4096)?;
         stream.set_nonblocking(true)?;
@@ -227,13 +229,16 @@ fn send_lingering(worker: &Worker, target: &str, messages: &[Message]) -> Result
             }
         }
         setsockopt(&stream, sockopt::Linger, &libc::linger { l_onoff: 1, l_linger: 20 })?;
+        streams.push(stream);
+    }
+    eprintln!("test-worker: sending lingering sockets");
+    for (message, stream) in messages.iter().zip(streams) {
         let bytes = message.encode();
         let fds = [stream.as_raw_fd()];
         let rights = [ControlMessage::ScmRights(&fds)];
         let iov = [std::io::IoSlice::new(&bytes)];
         sendmsg::<UnixAddr>(worker.channel_fd().as_raw_fd(), &iov, &rights, MsgFlags::empty(), None)?;
     }
-    eprintln!("test-worker: sent lingering sockets");
     Ok(())
 }
 

@@ -158,11 +158,15 @@ impl Handshakes {
         let socket = options.socket.display().to_string();
         let uid = match check_peer(&channel, options) {
             Ok(uid) => uid,
-            Err(reason) => return warn!("refused a worker on {socket}: {reason}"),
+            Err(reason) => {
+                crate::closer::discard(channel);
+                return warn!("refused a worker on {socket}: {reason}");
+            }
         };
         if self.active.fetch_add(1, Ordering::SeqCst) >= HANDSHAKE_LIMIT {
             self.active.fetch_sub(1, Ordering::SeqCst);
             let reason = refuse(&channel, format!("{HANDSHAKE_LIMIT} other workers are attaching; try again"));
+            crate::closer::discard(channel);
             if !self.logged.swap(true, Ordering::SeqCst) {
                 warn!("refusing workers on {socket} until some of the {HANDSHAKE_LIMIT} handshakes finish: {reason}");
             }
@@ -198,7 +202,10 @@ pub async fn handshake(channel: OwnedFd, uid: u32) -> std::result::Result<Claim,
             let mut guard = waiter.readable().await.map_err(|e| e.to_string())?;
             match recv_message(channel.as_fd(), true) {
                 Err(Error::WouldBlock) => guard.clear_ready(),
-                Ok(received) => return Ok(received.message),
+                Ok(received) => {
+                    crate::closer::discard_all(received.fd);
+                    return Ok(received.message);
+                }
                 Err(Error::ChannelClosed) => return Err("hung up before its hello".to_string()),
                 Err(error) => return Err(error.to_string()),
             }
@@ -206,29 +213,35 @@ pub async fn handshake(channel: OwnedFd, uid: u32) -> std::result::Result<Claim,
     })
     .await;
     drop(waiter);
-    match hello {
-        Err(_) => Err(refuse(&channel, format!("no hello within {HELLO_TIMEOUT:?}"))),
-        Ok(Err(reason)) => Err(refuse(&channel, reason)),
-        Ok(Ok(Message::Hello { index, pid })) => Ok(Claim { channel, index, pid, uid }),
-        Ok(Ok(other)) => Err(refuse(&channel, format!("expected hello, got {other:?}"))),
-    }
+    let reason = match hello {
+        Ok(Ok(Message::Hello { index, pid })) => return Ok(Claim { channel, index, pid, uid }),
+        Err(_) => format!("no hello within {HELLO_TIMEOUT:?}"),
+        Ok(Err(reason)) => reason,
+        Ok(Ok(other)) => format!("expected hello, got {other:?}"),
+    };
+    let reason = refuse(&channel, reason);
+    // Datagrams it sent after the refusal may still carry fds: they go with the socket.
+    crate::closer::discard(channel);
+    Err(reason)
 }
 
 /// Tells the worker why it is refused (best effort) and gives the reason back for the log.
 ///
 /// Closing a Unix socket with unread datagrams makes the peer's next receive fail with ECONNRESET
 /// before it reaches the refusal, so the worker would never learn why. Hence: no more input from the
-/// peer (SHUT_RD), and whatever it already sent (a hello not read yet) is discarded unread
-/// (MSG_TRUNC with no buffer: not a byte is copied; fds in it are closed by the kernel).
-pub fn refuse(channel: &OwnedFd, reason: String) -> String {
-    let _ = send_message(channel.as_fd(), &Message::Refused { reason: reason.clone() }, None, true);
+/// peer (SHUT_RD), and whatever it already sent (a hello not read yet) is received and thrown away,
+/// fds included, which go to `closer::discard` (never closed by the kernel on this thread: a peer's fd
+/// may block its close). The caller lets go of the socket with `closer::discard` too.
+pub fn refuse(channel: impl AsFd, reason: String) -> String {
+    let channel = channel.as_fd();
+    let _ = send_message(channel, &Message::Refused { reason: reason.clone() }, None, true);
     let _ = socket::shutdown(channel.as_raw_fd(), socket::Shutdown::Read);
     for _ in 0..16 {
-        // SAFETY: a zero-length receive into no buffer on a socket this function borrows.
-        let discarded =
-            unsafe { libc::recv(channel.as_raw_fd(), std::ptr::null_mut(), 0, libc::MSG_TRUNC | libc::MSG_DONTWAIT) };
-        if discarded <= 0 {
-            break;
+        match recv_message(channel, true) {
+            Ok(received) => crate::closer::discard_all(received.fd),
+            // Consumed, its fds discarded.
+            Err(Error::Protocol(_)) => {}
+            Err(_) => break,
         }
     }
     reason

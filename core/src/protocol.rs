@@ -278,7 +278,7 @@ pub fn recv_message(channel: BorrowedFd<'_>, nonblocking: bool) -> Result<Receiv
     if nonblocking {
         flags |= MsgFlags::MSG_DONTWAIT;
     }
-    let (bytes, message_flags, mut fds) = loop {
+    let (bytes, message_flags, fds) = loop {
         control.iter_mut().for_each(|b| *b = 0);
         let mut iov = [IoSliceMut::new(&mut buffer)];
         match recvmsg::<UnixAddr>(channel.as_raw_fd(), &mut iov, Some(&mut control), flags) {
@@ -295,12 +295,14 @@ pub fn recv_message(channel: BorrowedFd<'_>, nonblocking: bool) -> Result<Receiv
             }
         }
     };
+    // Whatever arrived and is not handed over goes to `closer::discard`: a peer's fd may block its close.
+    let mut fds = Arrived(fds);
     if message_flags.contains(MsgFlags::MSG_CTRUNC) {
         // nix refuses to walk truncated control data; walk it by hand so no fd that did arrive leaks.
-        drop(unsafe { fds_in_truncated_control(&mut control) });
+        crate::closer::discard_all(unsafe { fds_in_truncated_control(&mut control) });
         return Err(Error::Protocol("control data truncated (MSG_CTRUNC): fds were lost".into()));
     }
-    if bytes == 0 && fds.is_empty() {
+    if bytes == 0 && fds.0.is_empty() {
         return Err(Error::ChannelClosed);
     }
     if message_flags.contains(MsgFlags::MSG_TRUNC) {
@@ -308,10 +310,19 @@ pub fn recv_message(channel: BorrowedFd<'_>, nonblocking: bool) -> Result<Receiv
     }
     let message = Message::decode(&buffer[..bytes])?;
     let wants_fd = matches!(message, Message::Connection { .. } | Message::Channel | Message::Listener);
-    match (wants_fd, fds.len()) {
-        (true, 1) => Ok(Received { message, fd: fds.pop() }),
+    match (wants_fd, fds.0.len()) {
+        (true, 1) => Ok(Received { message, fd: fds.0.pop() }),
         (false, 0) => Ok(Received { message, fd: None }),
         (_, count) => Err(Error::Protocol(format!("message kind {} arrived with {count} fds", message_name(&message)))),
+    }
+}
+
+/// The fds one datagram brought; those still here when it is dropped are discarded.
+struct Arrived(Vec<OwnedFd>);
+
+impl Drop for Arrived {
+    fn drop(&mut self) {
+        crate::closer::discard_all(self.0.drain(..));
     }
 }
 

@@ -16,6 +16,7 @@ use tracing::{debug, warn};
 use super::handoff::Handoff;
 use super::slot::{Life, Process, Role, WorkerSlot};
 use super::{Event, Master};
+use crate::closer::PeerFd;
 use crate::error::{Error, Result};
 use crate::protocol::{is_fd_limit, recv_message, send_message, Message, Received};
 use crate::supervisor::signal_worker;
@@ -23,7 +24,8 @@ use crate::supervisor::signal_worker;
 /// The master's end of one worker's channel. Connections are written straight from the event loop;
 /// when the channel is full they stay in the slot's queue and a task waits for room.
 pub(super) struct WorkerChannel {
-    socket: Arc<AsyncFd<OwnedFd>>,
+    /// A `PeerFd`: the datagrams a worker sent and the master never read may carry fds.
+    socket: Arc<AsyncFd<PeerFd>>,
     /// A task waits for room in the channel: nothing is written until it reports.
     waiting_for_room: bool,
 }
@@ -37,7 +39,7 @@ impl WorkerChannel {
         generation: u64,
     ) -> Result<WorkerChannel> {
         // SAFETY: the AsyncFd owns the channel fd, so it stays open and unchanged while registered.
-        let socket = unsafe { AsyncFd::register(channel) }
+        let socket = unsafe { AsyncFd::register(PeerFd::new(channel)) }
             .map_err(|e| Error::io(format!("register worker {index}'s channel"), e))?;
         let socket = Arc::new(socket);
         tokio::spawn(read_channel(socket.clone(), events.clone(), index, generation));
@@ -250,7 +252,7 @@ fn unreceived_connections(worker_end: BorrowedFd<'_>, index: u32) -> (Vec<Handof
 }
 
 /// Waits until a full channel has room (or has failed, which the next write reports), then tells the loop.
-async fn wait_for_room(socket: Arc<AsyncFd<OwnedFd>>, events: UnboundedSender<Event>, index: u32, generation: u64) {
+async fn wait_for_room(socket: Arc<AsyncFd<PeerFd>>, events: UnboundedSender<Event>, index: u32, generation: u64) {
     loop {
         let Ok(mut guard) = socket.writable().await else { break };
         let mut poll = libc::pollfd { fd: guard.get_inner().as_raw_fd(), events: libc::POLLOUT, revents: 0 };
@@ -264,7 +266,7 @@ async fn wait_for_room(socket: Arc<AsyncFd<OwnedFd>>, events: UnboundedSender<Ev
 }
 
 /// Reads hello/ready/stopping from a worker until its channel ends.
-async fn read_channel(channel: Arc<AsyncFd<OwnedFd>>, events: UnboundedSender<Event>, index: u32, generation: u64) {
+async fn read_channel(channel: Arc<AsyncFd<PeerFd>>, events: UnboundedSender<Event>, index: u32, generation: u64) {
     loop {
         let mut guard = match channel.readable().await {
             Ok(guard) => guard,
@@ -277,6 +279,8 @@ async fn read_channel(channel: Arc<AsyncFd<OwnedFd>>, events: UnboundedSender<Ev
         match recv_message(channel.get_ref().as_fd(), true) {
             Err(Error::WouldBlock) => guard.clear_ready(),
             Ok(received) => {
+                // A worker sends no fds; one that does (a master-only message) must not block us.
+                crate::closer::discard_all(received.fd);
                 let _ = events.send(Event::Message { index, generation, message: received.message });
             }
             Err(Error::ChannelClosed) => {

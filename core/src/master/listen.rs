@@ -152,6 +152,7 @@ impl Master {
         let header_wait = self.header_wait.gauge();
         let mut page = crate::metrics::render(&workers, &self.stats, &header_wait, self.handshakes.active());
         page += &self.accept_queue_metrics();
+        page += &crate::closer::metrics();
         for (stream, _) in scrapes {
             self.scrapes.serve(stream, page.clone());
         }

@@ -169,6 +169,8 @@ struct Master {
 /// [`Stop::Graceful`], then [`Stop::Hard`] for a second signal), and reports how it ended.
 pub async fn run(config: Config, listener: impl Into<Listener>, mut stop: UnboundedReceiver<Stop>) -> Result<Outcome> {
     raise_fd_limit();
+    // Fds that peers send are closed off this thread (a peer can make a close block).
+    crate::closer::start();
     let attach_socket = match &config.workers {
         WorkerSource::Spawn { .. } => None,
         WorkerSource::Attach(options) => {
