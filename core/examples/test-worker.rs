@@ -15,6 +15,8 @@
 //! - `TEST_EXIT_AFTER`: exit after serving that many connections, leaving the rest in the channel
 //! - `TEST_SEND_GARBAGE`: send one malformed datagram of that class on the channel before ready
 //!   (`empty`, `oversize`, `magic`, `version`, `kind`, `short`, `hello-fd`, `ready-fds`, `ctrunc`)
+//! - `TEST_CHILD_DIR`: start a child process (`sleep 300`, in this worker's process group) and write its
+//!   pid into `<dir>/child-<pid>` before ready (for tests of what a hard stop leaves behind)
 //! - `TEST_SEND_LINGERING`: `<class>@<address>`: send the master TCP sockets connected to `address` (a
 //!   listener of the test that never accepts) with a full send queue and `SO_LINGER` 20 s, then close
 //!   this worker's copies, as a hostile worker would: `connection` (after ready, as a connection
@@ -96,6 +98,15 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
     let delay: u64 = std::env::var("TEST_INIT_DELAY_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
     if slow_index.is_none_or(|slow| slow == worker.index()) && delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    if let Some(dir) = std::env::var_os("TEST_CHILD_DIR") {
+        let child = std::process::Command::new("sleep")
+            .arg("300")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        std::fs::write(std::path::Path::new(&dir).join(format!("child-{}", child.id())), b"")?;
     }
     // Anything readable on the channel before ready() would be a connection sent too early.
     let mut poll = libc::pollfd { fd: worker.channel_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 };
