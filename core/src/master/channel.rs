@@ -11,6 +11,7 @@ use nix::errno::Errno;
 use nix::sys::signal::Signal;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::task::AbortHandle;
 use tracing::{debug, warn};
 
 use super::handoff::Handoff;
@@ -28,6 +29,20 @@ pub(super) struct WorkerChannel {
     socket: Arc<AsyncFd<PeerFd>>,
     /// A task waits for room in the channel: nothing is written until it reports.
     waiting_for_room: bool,
+    /// The tasks reading from and waiting for room on this channel end with it: a peer that keeps its end
+    /// open (an attached worker that hung up only its attach connection) would keep them, and the
+    /// socket, forever.
+    reader: AbortHandle,
+    room_waiter: Option<AbortHandle>,
+}
+
+impl Drop for WorkerChannel {
+    fn drop(&mut self) {
+        self.reader.abort();
+        if let Some(waiter) = &self.room_waiter {
+            waiter.abort();
+        }
+    }
 }
 
 impl WorkerChannel {
@@ -42,8 +57,8 @@ impl WorkerChannel {
         let socket = unsafe { AsyncFd::register(PeerFd::new(channel)) }
             .map_err(|e| Error::io(format!("register worker {index}'s channel"), e))?;
         let socket = Arc::new(socket);
-        tokio::spawn(read_channel(socket.clone(), events.clone(), index, generation));
-        Ok(WorkerChannel { socket, waiting_for_room: false })
+        let reader = tokio::spawn(read_channel(socket.clone(), events.clone(), index, generation)).abort_handle();
+        Ok(WorkerChannel { socket, waiting_for_room: false, reader, room_waiter: None })
     }
 }
 
@@ -155,9 +170,10 @@ impl Master {
                 }
             }
             Written::Full => {
-                let Some(channel) = process.channel.as_ref() else { return };
+                let Some(channel) = process.channel.as_mut() else { return };
                 debug!("worker {index}'s channel is full: {} connections wait for room", queue.len());
-                tokio::spawn(wait_for_room(channel.socket.clone(), events.clone(), index, generation));
+                let waiter = tokio::spawn(wait_for_room(channel.socket.clone(), events.clone(), index, generation));
+                channel.room_waiter = Some(waiter.abort_handle());
             }
             Written::Later => debug!("worker {index}'s channel cannot take more now; retrying"),
             Written::Refused(errno) => {
