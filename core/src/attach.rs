@@ -38,9 +38,37 @@ pub struct Claim {
 /// Dialing workers whose hello is awaited at once; more are refused until some finish.
 pub const HANDSHAKE_LIMIT: usize = 64;
 
+/// The file `bind` made for the attach socket, known by its inode: removed at exit only while it is still
+/// that file (another master may have bound the path since someone removed it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketFile {
+    /// Where it is.
+    pub path: std::path::PathBuf,
+    device: u64,
+    inode: u64,
+}
+
+impl SocketFile {
+    /// Removes the file if it is still this one, else leaves it (and says so). There is a moment between
+    /// the check and the removal; no call removes a path only if it names a given inode.
+    pub fn remove(&self) {
+        match std::fs::symlink_metadata(&self.path) {
+            Ok(meta) if meta.file_type().is_socket() && (meta.dev(), meta.ino()) == (self.device, self.inode) => {
+                let _ = std::fs::remove_file(&self.path);
+            }
+            Ok(_) => warn!(
+                "left {} in place: it is not this master's socket any more (another took the path)",
+                self.path.display()
+            ),
+            Err(_) => {}
+        }
+    }
+}
+
 /// Creates the attach socket: removes a stale socket file (never one a live master answers on), binds
 /// with the mode already on the socket, fixes the mode without following symlinks, listens (non-blocking).
-pub fn listen(options: &AttachOptions) -> Result<OwnedFd> {
+/// Returns the socket and its file, to remove at exit.
+pub fn listen(options: &AttachOptions) -> Result<(OwnedFd, SocketFile)> {
     let path = &options.socket;
     let fail = |reason: String| Error::Attach { path: path.clone(), reason };
     if let Ok(meta) = std::fs::symlink_metadata(path) {
@@ -71,13 +99,16 @@ pub fn listen(options: &AttachOptions) -> Result<OwnedFd> {
     nix::sys::stat::fchmod(&fd, mode).map_err(|e| fail(format!("fchmod {:04o}: {}", options.mode, e.desc())))?;
     let address = UnixAddr::new(path).map_err(|e| fail(e.to_string()))?;
     socket::bind(fd.as_raw_fd(), &address).map_err(|e| fail(format!("bind: {}", e.desc())))?;
-    set_mode_exactly(path, options.mode).map_err(|reason| {
+    let (device, inode) = set_mode_exactly(path, options.mode).map_err(|reason| {
         let _ = std::fs::remove_file(path);
         fail(reason)
     })?;
-    socket::listen(&fd, Backlog::new(128).unwrap_or(Backlog::MAXCONN))
-        .map_err(|e| fail(format!("listen: {}", e.desc())))?;
-    Ok(fd)
+    let file = SocketFile { path: path.clone(), device, inode };
+    socket::listen(&fd, Backlog::new(128).unwrap_or(Backlog::MAXCONN)).map_err(|e| {
+        file.remove();
+        fail(format!("listen: {}", e.desc()))
+    })?;
+    Ok((fd, file))
 }
 
 /// Whether a master answers on the socket at `path`: a stale file refuses the connection.
@@ -101,7 +132,8 @@ fn probe(path: &Path) -> std::result::Result<bool, Errno> {
 /// symlink: opened with O_PATH|O_NOFOLLOW and checked to be our socket, then changed through
 /// `/proc/self/fd`, which names that very inode (chmod(2) on the path could be sent elsewhere by a
 /// symlink swapped in meanwhile).
-fn set_mode_exactly(path: &Path, mode: u32) -> std::result::Result<(), String> {
+/// Returns the file's device and inode.
+fn set_mode_exactly(path: &Path, mode: u32) -> std::result::Result<(u64, u64), String> {
     let file = nix::fcntl::open(path, OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
         .map_err(|e| format!("open the new socket file: {}", e.desc()))?;
     let stat = nix::sys::stat::fstat(&file).map_err(|e| format!("fstat the new socket file: {}", e.desc()))?;
@@ -109,8 +141,9 @@ fn set_mode_exactly(path: &Path, mode: u32) -> std::result::Result<(), String> {
     if !is_socket || stat.st_uid != nix::unistd::geteuid().as_raw() {
         return Err("the path was replaced right after bind; refusing to touch it".into());
     }
+    let identity = (stat.st_dev, stat.st_ino);
     if stat.st_mode & 0o7777 == mode {
-        return Ok(());
+        return Ok(identity);
     }
     let by_fd = format!("/proc/self/fd/{}", file.as_raw_fd());
     nix::sys::stat::fchmodat(
@@ -124,7 +157,7 @@ fn set_mode_exactly(path: &Path, mode: u32) -> std::result::Result<(), String> {
     if after.mode() & 0o7777 != mode {
         return Err(format!("mode is {:04o} after chmod {mode:04o}", after.mode() & 0o7777));
     }
-    Ok(())
+    Ok(identity)
 }
 
 /// Whether `uid` may attach: the master's own uid, root, or one listed in `allowUids`.

@@ -171,10 +171,12 @@ pub async fn run(config: Config, listener: impl Into<Listener>, mut stop: Unboun
     raise_fd_limit();
     // Fds that peers send are closed off this thread (a peer can make a close block).
     crate::closer::start();
+    let mut attach_file = None;
     let attach_socket = match &config.workers {
         WorkerSource::Spawn { .. } => None,
         WorkerSource::Attach(options) => {
-            let socket = crate::attach::listen(options)?;
+            let (socket, file) = crate::attach::listen(options)?;
+            attach_file = Some(file);
             // SAFETY: the AsyncFd owns the socket, so its fd stays open and unchanged while registered.
             let socket = unsafe { AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
                 .map_err(|e| Error::io("register the attach socket", e))?;
@@ -286,8 +288,9 @@ pub async fn run(config: Config, listener: impl Into<Listener>, mut stop: Unboun
         }
     }
     master.close_what_is_left();
-    if let WorkerSource::Attach(options) = &master.config.workers {
-        let _ = std::fs::remove_file(&options.socket);
+    // Only while the path still names this master's socket file.
+    if let Some(file) = attach_file {
+        file.remove();
     }
     let stats = master.stats.clone();
     info!(
