@@ -8,6 +8,8 @@
 //!   worker signalled by someone else than the master: systemd's default kill mode, a pod's stop)
 //! - `TEST_MARKER_DIR`: create `<dir>/started-<pid>` at start
 //! - `TEST_ACCEPT_PAUSE_MS`: after `ready()`, wait that long before accepting (only `TEST_SLOW_INDEX` when set)
+//! - `TEST_ACCEPT_GATE`: after `ready()`, accept nothing until that file exists (a stuck worker the
+//!   test lets go when it has seen what it waits for)
 //! - `TEST_SERVE_INTERVAL_MS`: serve one connection at a time, pausing that long after each
 //! - `TEST_FAULT_INDEX`: the faults below happen only to that index; `TEST_ONCE_DIR`: only to the first
 //!   worker of each index (a marker in that directory remembers), so its revived successor behaves
@@ -121,6 +123,11 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         if let Some(target) = std::env::var("TEST_SEND_LINGERING").ok().filter(|v| v.starts_with("connection@")) {
             let connection = Message::Connection { peer: "127.0.0.1:1".parse()?, local: "127.0.0.1:2".parse()? };
             send_lingering(&worker, &target[11..], &[connection])?;
+        }
+    }
+    if let Some(gate) = std::env::var_os("TEST_ACCEPT_GATE") {
+        while !std::path::Path::new(&gate).exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
     let facts = std::sync::Arc::new(Facts {
