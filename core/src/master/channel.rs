@@ -255,7 +255,7 @@ fn unreceived_connections(worker_end: BorrowedFd<'_>, index: u32) -> (Vec<Handof
     loop {
         match recv_message(worker_end, true) {
             Ok(Received { message: Message::Connection { peer, local }, fd: Some(fd) }) => {
-                taken.push(Handoff { stream: std::net::TcpStream::from(fd), peer, local, arrived: Instant::now() });
+                taken.push(Handoff::new(std::net::TcpStream::from(fd), peer, local, Instant::now()));
             }
             // A stopped or shutdown message it never read.
             Ok(_) => {}

@@ -153,6 +153,7 @@ impl Master {
         let mut page = crate::metrics::render(&workers, &self.stats, &header_wait, self.handshakes.active());
         page += &self.accept_queue_metrics();
         page += &crate::closer::metrics();
+        page += &self.per_source_metrics();
         for (stream, _) in scrapes {
             self.scrapes.serve(stream, page.clone());
         }
@@ -169,7 +170,7 @@ impl Master {
                     let identified = move |outcome| {
                         let event = match outcome {
                             Identified::Route { stream, client } => {
-                                Event::Identified(Handoff { stream, peer: client, local, arrived })
+                                Event::Identified(Handoff::new(stream, client, local, arrived))
                             }
                             Identified::Closed { peer, reason } => Event::Unidentified { peer, reason },
                         };
@@ -178,9 +179,7 @@ impl Master {
                     // Peer mode and untrusted peers come back at once; trusted proxies' connections
                     // wait for their header (bounded) and arrive later as Identified/Unidentified.
                     match self.header_wait.admit(stream, peer, identified) {
-                        Admission::Route { stream, client } => {
-                            self.route(Handoff { stream, peer: client, local, arrived })
-                        }
+                        Admission::Route { stream, client } => self.route(Handoff::new(stream, client, local, arrived)),
                         Admission::Waiting => {}
                         Admission::Refused => self.stats.closed += 1,
                     }

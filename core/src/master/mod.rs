@@ -159,6 +159,10 @@ struct Master {
     restarts_pending: VecDeque<u32>,
     restarting: Option<u32>,
     before_reload: Option<Box<Config>>,
+    /// Connections waiting in the master per client address (`queue.perSource`), and the episode of
+    /// connections closed unserved being logged.
+    waiting: handoff::WaitingBySource,
+    closing: handoff::ClosingEpisode,
     /// Connections from trusted proxies waiting for their header.
     header_wait: crate::client_address::header_wait::HeaderWait,
     scrapes: crate::metrics::ScrapeLimit,
@@ -219,6 +223,8 @@ pub async fn run(config: Config, listener: impl Into<Listener>, mut stop: Unboun
         header_wait: crate::client_address::header_wait::HeaderWait::new(&config),
         scrapes: crate::metrics::ScrapeLimit::default(),
         handshakes: crate::attach::Handshakes::default(),
+        waiting: handoff::WaitingBySource::default(),
+        closing: handoff::ClosingEpisode::default(),
         config,
         phase: Phase::Running,
         attach_socket,
