@@ -1,6 +1,6 @@
-//! Peers that try to hurt the master: a worker or a dialer that sends fds whose close blocks (a TCP
-//! socket with SO_LINGER and a send queue that cannot drain), and one client address that tries to
-//! fill every worker's queue. The master keeps accepting, routing and answering scrapes meanwhile.
+//! Peers that try to freeze the master: a worker or a dialer on the attach socket that sends fds whose
+//! close blocks (a TCP socket with SO_LINGER and a send queue that cannot drain). The master keeps
+//! accepting, routing and answering scrapes meanwhile.
 
 mod support;
 
@@ -14,10 +14,6 @@ use support::{clients_for, Cluster};
 const LONG: Duration = Duration::from_secs(60);
 /// The SO_LINGER of the hostile sockets (the test worker's too): a close that blocks blocks this long.
 const LINGER: Duration = Duration::from_secs(20);
-
-fn server(cluster: &Cluster) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], cluster.port))
-}
 
 /// The metrics address a cluster logged.
 fn metrics(cluster: &Cluster) -> SocketAddr {

@@ -30,8 +30,7 @@ fn one_address_flooding_stuck_workers_cannot_fill_every_queue() {
     cluster.wait_for_log_count(") is ready;", 2, LONG);
     let server = SocketAddr::from(([127, 0, 0, 1], cluster.port));
     let flooder = Ipv4Addr::new(127, 6, 0, 1);
-    let flood: Vec<std::net::TcpStream> =
-        (0..1000).map(|_| support::connect_from(flooder, server).unwrap()).collect();
+    let flood: Vec<std::net::TcpStream> = (0..1000).map(|_| support::connect_from(flooder, server).unwrap()).collect();
     cluster.wait_for_log_count(&format!("connection ::ffff:{flooder} -> worker"), 1000, LONG);
     // Then one client of each index, from addresses of their own.
     let clients: Vec<Ipv4Addr> = (0..2).map(|index| clients_for(index, 2, 1, 500)[0]).collect();
