@@ -299,6 +299,12 @@ pub fn request(client: Ipv4Addr, server: SocketAddr, raw: &str) -> std::io::Resu
     serde_json::from_str(body.trim()).map_err(|e| std::io::Error::other(format!("{e}: {body:?}")))
 }
 
+/// One request per client, each on its own thread, all at once; the answers (or errors) in order.
+pub fn get_all(server: SocketAddr, clients: &[Ipv4Addr]) -> Vec<std::io::Result<Value>> {
+    let threads: Vec<_> = clients.iter().map(|&client| std::thread::spawn(move || get(client, server, "/"))).collect();
+    threads.into_iter().map(|thread| thread.join().unwrap()).collect()
+}
+
 /// Every client asks `GET /` `rounds` times, `per_thread` clients to a thread; each answer with its client.
 pub fn ask_all(cluster: &Cluster, clients: &[Ipv4Addr], per_thread: usize, rounds: u32) -> Vec<(Ipv4Addr, Value)> {
     std::thread::scope(|scope| {
@@ -420,12 +426,12 @@ pub fn ticks_per_second() -> u64 {
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as u64
 }
 
-/// A cluster whose workers attach at a fresh socket path (`debug: true`, mode 0600): the cluster and the path.
+/// A cluster whose workers attach at a fresh socket path (`debug: true`, mode 0666): the cluster and the path.
 pub fn attach_cluster(concurrency: u32, extra: &str) -> (Cluster, PathBuf) {
     let dir = tempfile::tempdir().unwrap().keep();
     let socket = dir.join("workers.sock");
     let yaml = format!(
-        "concurrency: {concurrency}\ndebug: true\nhardShutdownDelay: 5s\n{extra}workers:\n  socket: {:?}\n  mode: \"0600\"\n",
+        "concurrency: {concurrency}\ndebug: true\nhardShutdownDelay: 5s\n{extra}workers:\n  socket: {:?}\n  mode: \"0666\"\n",
         socket.display().to_string()
     );
     (Cluster::start(&yaml), socket)
