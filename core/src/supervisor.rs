@@ -7,9 +7,9 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::{kill, killpg, Signal};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-use nix::unistd::Pid;
+use nix::unistd::{getpgid, Pid};
 use tokio::process::{Child, Command};
 
 use crate::config::Config;
@@ -104,10 +104,20 @@ pub fn spawn_worker(
     Ok(Spawned { child, pid, channel: master_end, worker_end })
 }
 
-/// Sends `signal` to a worker process, ignoring one that is already gone.
+/// Sends `signal` to a spawned worker and every process of its process group (it leads one: spawned
+/// with `process_group(0)`), so what it started itself does not outlive a hard stop. A worker that moved
+/// to a group of its own is signalled by pid, and what is left in its first group too. A worker that
+/// is already gone is ignored.
 pub fn signal_worker(pid: u32, signal: Signal) {
-    if pid > 0 {
-        let _ = kill(Pid::from_raw(pid as i32), signal);
+    if pid == 0 || pid > i32::MAX as u32 {
+        return;
+    }
+    let pid = Pid::from_raw(pid as i32);
+    if getpgid(Some(pid)).is_ok_and(|group| group == pid) {
+        let _ = killpg(pid, signal);
+    } else {
+        let _ = kill(pid, signal);
+        let _ = killpg(pid, signal);
     }
 }
 

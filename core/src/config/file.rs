@@ -81,6 +81,7 @@ pub(super) struct AttachSection {
 pub(super) struct QueueSection {
     pub(super) limit: Option<Concurrency>,
     pub(super) max_wait: Option<Millis>,
+    pub(super) per_source: Option<Concurrency>,
 }
 
 /// Reads a YAML scalar (string, number or boolean) as text and converts it with `convert`, inside the

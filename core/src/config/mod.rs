@@ -44,6 +44,9 @@ pub struct Config {
     pub queue_limit: usize,
     /// How long a connection may wait for its worker before it goes to the next ready one.
     pub queue_max_wait: Duration,
+    /// Connections from one client address that may wait in the master at once, over every worker's
+    /// queue (`queue.perSource`); past it that address's new connections are closed and counted.
+    pub queue_per_source: usize,
     /// Where to serve Prometheus metrics (`GET /metrics`); none when absent.
     pub metrics: Option<SocketAddr>,
     /// Where the routing hash takes the client address from (the TCP peer unless behind a proxy).
@@ -131,6 +134,7 @@ impl Default for Config {
             workers: WorkerSource::Spawn { command: Vec::new(), cwd: None },
             queue_limit: 1024,
             queue_max_wait: Duration::from_secs(10),
+            queue_per_source: 1024,
             metrics: None,
             client_address: ClientAddressSource::Peer,
             trusted_proxies: TrustedProxies::default(),
@@ -240,6 +244,7 @@ impl Config {
             workers,
             queue_limit: queue.limit.map_or(defaults.queue_limit, |l| l.0 as usize),
             queue_max_wait: queue.max_wait.map_or(defaults.queue_max_wait, |m| m.0),
+            queue_per_source: queue.per_source.map_or(defaults.queue_per_source, |l| l.0 as usize),
             client_address: file.client_address.unwrap_or_default(),
             trusted_proxies: TrustedProxies(
                 file.trusted_proxies.unwrap_or_default().into_iter().map(|c| c.0).collect(),
@@ -368,7 +373,12 @@ impl Config {
                 );
             }
         }
-        out += &format!("queue:\n  limit: {}\n  maxWait: {}\n", self.queue_limit, self.queue_max_wait.as_millis());
+        out += &format!(
+            "queue:\n  limit: {}\n  maxWait: {}\n  perSource: {}\n",
+            self.queue_limit,
+            self.queue_max_wait.as_millis(),
+            self.queue_per_source
+        );
         out += &format!("clientAddress: {}\n", self.client_address.as_str());
         let proxies: Vec<String> = self.trusted_proxies.0.iter().map(|c| quote(&c.to_string())).collect();
         out += &format!("trustedProxies: [{}]\n", proxies.join(", "));

@@ -140,3 +140,12 @@ fn default_host_falls_back_to_ipv4_any() {
     let addresses = config.listen_addresses().unwrap();
     assert_eq!(addresses, vec!["[::]:80".parse().unwrap(), "0.0.0.0:80".parse().unwrap()]);
 }
+
+#[test]
+fn queue_per_source_is_read_defaulted_and_at_least_one() {
+    assert_eq!(Config::from_yaml("queue:\n  perSource: 16\n", "f").unwrap().queue_per_source, 16);
+    assert_eq!(Config::default().queue_per_source, 1024);
+    assert!(Config::default().to_yaml().contains("  perSource: 1024\n"));
+    let zero = error_of("queue:\n  perSource: 0\n");
+    assert!(zero.starts_with("cluster.yaml:2: queue.perSource: must be at least 1"), "{zero}");
+}
