@@ -122,7 +122,7 @@ typedef struct sticky_options {
      */
     const char *host;
     /**
-     * Number of workers, at least 1. Default: the number of CPUs.
+     * Number of workers, 1 to 1024. Default: the number of CPUs (at most 1024).
      */
     uint32_t concurrency;
     /**
@@ -135,7 +135,7 @@ typedef struct sticky_options {
     const char *prefix;
     /**
      * Milliseconds a graceful shutdown may take before the remaining workers are killed
-     * (YAML `hardShutdownDelay`). Default 60000.
+     * (YAML `hardShutdownDelay`), 0 to 2147483647 (Node's largest timer). Default 60000.
      */
     uint64_t hard_shutdown_delay_ms;
     /**

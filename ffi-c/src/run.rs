@@ -29,14 +29,14 @@ pub struct sticky_options {
     pub port: u16,
     /// Address to listen on. Default "::" (dual-stack, like Node; falls back to 0.0.0.0 without IPv6).
     pub host: *const c_char,
-    /// Number of workers, at least 1. Default: the number of CPUs.
+    /// Number of workers, 1 to 1024. Default: the number of CPUs (at most 1024).
     pub concurrency: u32,
     /// Log every worker start/exit and every routed connection on stderr. Default false.
     pub debug: bool,
     /// Text in front of every log line. Default "sticky-cluster:".
     pub prefix: *const c_char,
     /// Milliseconds a graceful shutdown may take before the remaining workers are killed
-    /// (YAML `hardShutdownDelay`). Default 60000.
+    /// (YAML `hardShutdownDelay`), 0 to 2147483647 (Node's largest timer). Default 60000.
     pub hard_shutdown_delay_ms: u64,
     /// Extra worker environment: a NULL-terminated array of "KEY=VALUE" strings, or NULL for none;
     /// `{index}` in a value becomes the worker's index. Default NULL.
@@ -327,15 +327,6 @@ fn config_failure(message: String) -> Failure {
 unsafe fn config_from_options(opts: &sticky_options) -> Result<Config, Failure> {
     const ORIGIN: &str = "sticky_options";
     let defaults = Config::default();
-    if opts.concurrency == 0 {
-        return Err(config_failure(format!("{ORIGIN}: concurrency must be at least 1, got 0")));
-    }
-    if opts.queue_limit == 0 {
-        return Err(config_failure(format!("{ORIGIN}: queue_limit must be at least 1, got 0")));
-    }
-    if opts.backlog == 0 {
-        return Err(config_failure(format!("{ORIGIN}: backlog must be at least 1, got 0")));
-    }
     let text_or = |text: *const c_char, what: &str, default: String| {
         if text.is_null() {
             Ok(default)
@@ -401,7 +392,29 @@ unsafe fn config_from_options(opts: &sticky_options) -> Result<Config, Failure> 
         // Options the C struct leaves to the YAML file (sticky_run_config): metrics, headerWait.
         ..defaults
     };
-    Ok(config.apply(Overrides::default(), ORIGIN)?)
+    config.validate().map_err(|invalid| {
+        config_failure(match c_field(invalid.key) {
+            Some(field) => invalid.naming(&format!("{ORIGIN}.{field}")),
+            None => format!("{ORIGIN}: {invalid}"),
+        })
+    })?;
+    Ok(config)
+}
+
+/// The `sticky_options` field behind a YAML key, so that an error names what the C program set.
+fn c_field(key: &str) -> Option<&'static str> {
+    Some(match key {
+        "concurrency" => "concurrency",
+        "hardShutdownDelay" => "hard_shutdown_delay_ms",
+        "backlog" => "backlog",
+        "queue.limit" => "queue_limit",
+        "queue.maxWait" => "queue_max_wait_ms",
+        "clientAddress" => "client_address",
+        "trustedProxies" => "trusted_proxies",
+        "routing" => "routing",
+        "worker.command" => "worker_command",
+        _ => return None,
+    })
 }
 
 #[cfg(test)]
@@ -456,7 +469,7 @@ mod tests {
         // SAFETY: static strings, NULL arrays.
         let failure = unsafe { config_from_options(&opts) }.unwrap_err();
         assert_eq!(failure.code, STICKY_ECONFIG);
-        assert!(failure.message.contains("trustedProxies is required"), "{}", failure.message);
+        assert!(failure.message.starts_with("sticky_options.trusted_proxies is required"), "{}", failure.message);
         let proxies = [c"10.0.0.0/8".as_ptr(), c"2001:db8::/32".as_ptr(), std::ptr::null()];
         let opts = sticky_options { trusted_proxies: proxies.as_ptr(), ..opts };
         // SAFETY: a NULL-terminated array of static strings.
@@ -483,15 +496,28 @@ mod tests {
         // SAFETY: as above.
         let failure = unsafe { config_from_options(&opts) }.unwrap_err();
         assert_eq!(failure.code, STICKY_ECONFIG);
-        assert_eq!(failure.message, "sticky_options: backlog must be at least 1, got 0");
+        assert_eq!(failure.message, "sticky_options.backlog: must be at least 1, got 0");
     }
 
     #[test]
-    fn zero_concurrency_is_refused() {
-        let opts = sticky_options { concurrency: 0, ..defaults() };
-        // SAFETY: defaults hold static strings.
-        let failure = unsafe { config_from_options(&opts) }.unwrap_err();
-        assert_eq!(failure.code, STICKY_ECONFIG);
-        assert!(failure.message.contains("concurrency"), "{}", failure.message);
+    fn concurrency_and_delay_out_of_bounds_are_refused_naming_the_field() {
+        for (opts, message) in [
+            (sticky_options { concurrency: 0, ..defaults() }, "sticky_options.concurrency: must be at least 1, got 0"),
+            (
+                sticky_options { concurrency: 4_000_000_000, ..defaults() },
+                "sticky_options.concurrency: must be at most 1024, got 4000000000",
+            ),
+            (
+                sticky_options { hard_shutdown_delay_ms: u64::MAX, ..defaults() },
+                "sticky_options.hard_shutdown_delay_ms: must be at most 2147483647, got 18446744073709551615",
+            ),
+        ] {
+            // SAFETY: defaults hold static strings.
+            let failure = unsafe { config_from_options(&opts) }.unwrap_err();
+            assert_eq!((failure.code, failure.message.as_str()), (STICKY_ECONFIG, message));
+        }
+        let opts = sticky_options { concurrency: 1024, hard_shutdown_delay_ms: 2_147_483_647, ..defaults() };
+        // SAFETY: as above.
+        assert!(unsafe { config_from_options(&opts) }.is_ok());
     }
 }

@@ -183,13 +183,33 @@ static void bad_configuration(void) {
               options.queue_limit == 1024 && options.queue_max_wait_ms == 10000 && options.env == NULL &&
               options.worker_command == NULL && !options.debug && options.backlog == 1024,
           "defaults");
+    /* Loopback and port 0: an option that slipped through would bind nothing anyone else needs. */
+    options.host = "127.0.0.1";
+    options.port = 0;
     options.backlog = 0;
     CHECK(sticky_run(&options, never_serve, NULL) == STICKY_ECONFIG, "backlog 0");
-    CHECK(strstr(sticky_last_error_message(), "backlog must be at least 1") != NULL, "%s", sticky_last_error_message());
+    CHECK(strcmp(sticky_last_error_message(), "sticky_options.backlog: must be at least 1, got 0") == 0, "%s",
+          sticky_last_error_message());
     options.backlog = 1024;
     options.concurrency = 0;
     CHECK(sticky_run(&options, never_serve, NULL) == STICKY_ECONFIG, "concurrency 0");
-    CHECK(strstr(sticky_last_error_message(), "concurrency must be at least 1") != NULL, "%s",
+    CHECK(strcmp(sticky_last_error_message(), "sticky_options.concurrency: must be at least 1, got 0") == 0, "%s",
+          sticky_last_error_message());
+    /* 4000000000 workers used to abort the master inside sticky_run, and this process with it (exit 134). */
+    options.concurrency = 4000000000u;
+    CHECK(sticky_run(&options, never_serve, NULL) == STICKY_ECONFIG, "concurrency 4000000000");
+    CHECK(strcmp(sticky_last_error_message(), "sticky_options.concurrency: must be at most 1024, got 4000000000") == 0,
+          "%s", sticky_last_error_message());
+    options.concurrency = 1;
+    options.hard_shutdown_delay_ms = 2147483648u;
+    CHECK(sticky_run(&options, never_serve, NULL) == STICKY_ECONFIG, "hard_shutdown_delay_ms 2^31");
+    CHECK(strcmp(sticky_last_error_message(),
+                 "sticky_options.hard_shutdown_delay_ms: must be at most 2147483647, got 2147483648") == 0,
+          "%s", sticky_last_error_message());
+    options.hard_shutdown_delay_ms = 60000;
+    options.queue_limit = 0;
+    CHECK(sticky_run(&options, never_serve, NULL) == STICKY_ECONFIG, "queue_limit 0");
+    CHECK(strcmp(sticky_last_error_message(), "sticky_options.queue_limit: must be at least 1, got 0") == 0, "%s",
           sticky_last_error_message());
 
     sticky_options_init(&options);
@@ -218,6 +238,18 @@ static void bad_configuration(void) {
     CHECK(strstr(sticky_last_error_message(), ":2: unknown key `concurency`") != NULL, "%s",
           sticky_last_error_message());
     unlink(path);
+
+    /* The same bound from a YAML file, with its line. */
+    char bounds_path[] = "/tmp/sticky-errors-XXXXXX";
+    file = mkstemp(bounds_path);
+    const char bounds_yaml[] = "host: 127.0.0.1\nport: 0\nconcurrency: 4000000000\n";
+    CHECK(write(file, bounds_yaml, sizeof bounds_yaml - 1) == (ssize_t)(sizeof bounds_yaml - 1), "write yaml");
+    close(file);
+    CHECK(sticky_run_config(bounds_path, never_serve, NULL) == STICKY_ECONFIG, "concurrency 4000000000 in YAML");
+    char expected[128];
+    snprintf(expected, sizeof expected, "%s:3: concurrency: must be at most 1024, got 4000000000", bounds_path);
+    CHECK(strcmp(sticky_last_error_message(), expected) == 0, "%s", sticky_last_error_message());
+    unlink(bounds_path);
     CHECK(serve_calls == 0, "serve was called");
 }
 

@@ -15,11 +15,15 @@ use crate::error::Error;
 
 type Result<T, E = Error> = std::result::Result<T, E>;
 
+pub mod defaults;
 mod file;
 #[cfg(test)]
 mod tests;
+mod validate;
 
+use defaults::MAX_CONCURRENCY;
 use file::*;
+pub use validate::Invalid;
 
 /// The effective configuration of one cluster.
 #[derive(Debug, Clone, PartialEq)]
@@ -123,7 +127,10 @@ impl Default for Config {
         Config {
             port: 8080,
             host: "::".into(),
-            concurrency: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+            // Bounded, so that a machine with more CPUs than workers a cluster may have still gets a valid default.
+            concurrency: std::thread::available_parallelism()
+                .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+                .min(MAX_CONCURRENCY),
             debug: false,
             prefix: "sticky-cluster:".into(),
             hard_shutdown_delay: Duration::from_secs(60),
@@ -229,7 +236,7 @@ impl Config {
         };
         let queue = file.queue.unwrap_or_default();
         let header_wait = file.header_wait.unwrap_or_default();
-        Ok(Config {
+        let config = Config {
             port: file.port.unwrap_or(defaults.port),
             host: file.host.unwrap_or(defaults.host),
             concurrency: file.concurrency.map_or(defaults.concurrency, |c| c.0),
@@ -249,12 +256,28 @@ impl Config {
             metrics: file.metrics.map(|m| SocketAddr::new(m.host.unwrap_or(IpAddr::from([127, 0, 0, 1])), m.port)),
             routing: file.routing.unwrap_or_default(),
             backlog: file.backlog.map_or(defaults.backlog, |b| b.0),
-        })
+        };
+        // The values the file set are checked now, while their lines are known; the combinations wait
+        // for the flags (`apply`).
+        config.check_values().map_err(|invalid| match line_of(text, invalid.key) {
+            Some(line) => Error::Config(format!("{origin}:{line}: {invalid}")),
+            None => Error::Config(format!("{origin}: {invalid}")),
+        })?;
+        Ok(config)
     }
 
-    /// Applies command-line overrides, then checks what only the whole picture can tell
-    /// (a spawn-mode cluster needs a command). `origin` names the file in errors.
+    /// Applies command-line overrides, then [`Config::validate`]s the result. An error names the flag when
+    /// a flag set the value, else `origin` (usually the file).
     pub fn apply(mut self, overrides: Overrides, origin: &str) -> Result<Config> {
+        // The keys a flag set, so that their errors name the flag the user typed.
+        let flags: Vec<(&str, &str)> = [
+            ("concurrency", overrides.concurrency.is_some(), "--concurrency"),
+            ("hardShutdownDelay", overrides.hard_shutdown_delay.is_some(), "--hard-shutdown-delay"),
+        ]
+        .into_iter()
+        .filter(|&(_, given, _)| given)
+        .map(|(key, _, flag)| (key, flag))
+        .collect();
         if let Some(port) = overrides.port {
             self.port = port;
         }
@@ -262,9 +285,6 @@ impl Config {
             self.host = host;
         }
         if let Some(concurrency) = overrides.concurrency {
-            if concurrency == 0 {
-                return Err(Error::Config("--concurrency: must be at least 1, got 0".into()));
-            }
             self.concurrency = concurrency;
         }
         self.debug |= overrides.debug;
@@ -284,32 +304,13 @@ impl Config {
         if let Some(routing) = overrides.routing {
             self.routing = routing;
         }
-        if self.routing == Routing::Kernel && self.client_address != ClientAddressSource::Peer {
-            return Err(Error::Config(format!(
-                "{origin}: clientAddress: only `peer` works with `routing: kernel` (the kernel routes on the SYN, \
-                 before any header is sent)"
-            )));
-        }
         if !overrides.trusted_proxies.is_empty() {
             self.trusted_proxies = TrustedProxies(overrides.trusted_proxies);
         }
-        if self.client_address != ClientAddressSource::Peer && self.trusted_proxies.0.is_empty() {
-            return Err(Error::Config(format!(
-                "{origin}: trustedProxies is required when clientAddress is {}: list the proxies' addresses \
-                 (CIDRs such as 10.0.0.0/8), or 0.0.0.0/0 and ::/0 when every peer is a proxy",
-                self.client_address.as_str()
-            )));
-        }
-        if self.header_wait_max_wait.is_zero() {
-            return Err(Error::Config(format!("{origin}: headerWait.maxWait must be more than 0")));
-        }
-        if let WorkerSource::Spawn { command, .. } = &self.workers {
-            if command.is_empty() {
-                return Err(Error::Config(format!(
-                    "{origin}: worker.command is required in spawn mode (or give the command after `--`)"
-                )));
-            }
-        }
+        self.validate().map_err(|invalid| match flags.iter().find(|(key, _)| *key == invalid.key) {
+            Some((_, flag)) => Error::Config(invalid.naming(flag)),
+            None => Error::Config(format!("{origin}: {invalid}")),
+        })?;
         Ok(self)
     }
 
