@@ -8,9 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::client_address::{
-    Cidr, ClientAddressSource, TrustedProxies, DEFAULT_HEADER_WAIT, DEFAULT_HEADER_WAIT_LIMIT,
-};
+use crate::client_address::{Cidr, ClientAddressSource, TrustedProxies};
 use crate::error::Error;
 
 type Result<T, E = Error> = std::result::Result<T, E>;
@@ -21,7 +19,6 @@ mod file;
 mod tests;
 mod validate;
 
-use defaults::MAX_CONCURRENCY;
 use file::*;
 pub use validate::Invalid;
 
@@ -121,30 +118,31 @@ pub struct AttachOptions {
     pub allow_uids: Vec<u32>,
 }
 
-/// Defaults as in the npm module: port 8080, dual-stack, one worker per CPU, 60 s hard delay.
+/// Defaults as in the npm module: port 8080, dual-stack, one worker per CPU, 60 s hard delay (all in
+/// [`defaults`]).
 impl Default for Config {
     fn default() -> Self {
         Config {
-            port: 8080,
-            host: "::".into(),
+            port: defaults::PORT,
+            host: defaults::HOST.into(),
             // Bounded, so that a machine with more CPUs than workers a cluster may have still gets a valid default.
             concurrency: std::thread::available_parallelism()
-                .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
-                .min(MAX_CONCURRENCY),
-            debug: false,
-            prefix: "sticky-cluster:".into(),
-            hard_shutdown_delay: Duration::from_secs(60),
+                .map_or(defaults::MIN_CONCURRENCY, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+                .clamp(defaults::MIN_CONCURRENCY, defaults::MAX_CONCURRENCY),
+            debug: defaults::DEBUG,
+            prefix: defaults::PREFIX.into(),
+            hard_shutdown_delay: defaults::HARD_SHUTDOWN_DELAY,
             env: BTreeMap::new(),
             workers: WorkerSource::Spawn { command: Vec::new(), cwd: None },
-            queue_limit: 1024,
-            queue_max_wait: Duration::from_secs(10),
+            queue_limit: defaults::QUEUE_LIMIT,
+            queue_max_wait: defaults::QUEUE_MAX_WAIT,
             metrics: None,
             client_address: ClientAddressSource::Peer,
             trusted_proxies: TrustedProxies::default(),
-            header_wait_limit: DEFAULT_HEADER_WAIT_LIMIT,
-            header_wait_max_wait: DEFAULT_HEADER_WAIT,
+            header_wait_limit: defaults::HEADER_WAIT_LIMIT,
+            header_wait_max_wait: defaults::HEADER_WAIT_MAX_WAIT,
             routing: Routing::Handoff,
-            backlog: 1024,
+            backlog: defaults::BACKLOG,
         }
     }
 }
@@ -226,7 +224,7 @@ impl Config {
             }
             (Some(attach), None) => WorkerSource::Attach(AttachOptions {
                 socket: attach.socket,
-                mode: attach.mode.map_or(0o600, |m| m.0),
+                mode: attach.mode.map_or(defaults::ATTACH_MODE, |m| m.0),
                 allow_uids: attach.allow_uids,
             }),
             (None, worker) => {
@@ -253,7 +251,9 @@ impl Config {
             ),
             header_wait_limit: header_wait.limit.map_or(defaults.header_wait_limit, |l| l.0 as usize),
             header_wait_max_wait: header_wait.max_wait.map_or(defaults.header_wait_max_wait, |m| m.0),
-            metrics: file.metrics.map(|m| SocketAddr::new(m.host.unwrap_or(IpAddr::from([127, 0, 0, 1])), m.port)),
+            metrics: file
+                .metrics
+                .map(|m| SocketAddr::new(m.host.unwrap_or(IpAddr::V4(defaults::METRICS_HOST)), m.port)),
             routing: file.routing.unwrap_or_default(),
             backlog: file.backlog.map_or(defaults.backlog, |b| b.0),
         };
