@@ -37,7 +37,7 @@ pub const STICKY_EHARD: c_int = 12;
 pub const STICKY_EINTERNAL: c_int = 13;
 
 /// A failure on its way to C: the code to return and the message for `sticky_last_error_message`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Failure {
     pub(crate) code: c_int,
     pub(crate) message: String,

@@ -53,6 +53,13 @@ impl Failed for () {
     fn failed(_: c_int) {}
 }
 
+/// A `bool` export answers `false`.
+impl Failed for bool {
+    fn failed(_: c_int) -> bool {
+        false
+    }
+}
+
 /// A string export returns "", never NULL.
 impl Failed for *const c_char {
     fn failed(_: c_int) -> *const c_char {

@@ -15,9 +15,10 @@ use crate::error::{utf8_argument, Failure, STICKY_ECONFIG};
 /// Cluster options: the fields of the YAML file (see the project's README), in C types.
 ///
 /// Always start from `sticky_options_init`, then change fields: a zeroed struct is not a valid
-/// configuration. Strings and arrays are borrowed: they must stay valid during the `sticky_run`
-/// call only. These options always spawn workers; for attach mode (the YAML `workers:` section, workers
-/// started elsewhere dial a Unix socket) use `sticky_run_config`.
+/// configuration. Strings and arrays are borrowed: they must stay valid during the call they are given
+/// to only (`sticky_run`, `sticky_cluster_start`, `sticky_cluster_reload`). These options always spawn
+/// workers; for attach mode (the YAML `workers:` section, workers started elsewhere dial a Unix socket)
+/// use `sticky_run_config` or `sticky_cluster_start_config`.
 #[repr(C)]
 pub struct sticky_options {
     /// TCP port clients connect to; 0 picks a free one (the log line "listening on" names it).
@@ -193,7 +194,7 @@ fn config_failure(message: String) -> Failure {
 ///
 /// # Safety
 /// Every pointer in `opts` must be NULL or valid as documented on [`sticky_options`].
-unsafe fn config_from_options(opts: &sticky_options) -> Result<Config, Failure> {
+pub(crate) unsafe fn config_from_options(opts: &sticky_options) -> Result<Config, Failure> {
     const ORIGIN: &str = "sticky_options";
     let defaults = Config::default();
     let text_or = |text: *const c_char, what: &str, default: String| {

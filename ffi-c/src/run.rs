@@ -7,8 +7,12 @@ use sticky_cluster::config::Config;
 use sticky_cluster::master::{self, Stop};
 use sticky_cluster::worker::{ENV_CHANNEL_FD, ENV_SOCKET};
 use sticky_cluster::Worker;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tracing::{error, info, warn};
 
-use crate::error::{utf8_argument, Failure, STICKY_EHARD, STICKY_EIO, STICKY_OK};
+use crate::cluster::{self, Requests};
+use crate::error::{utf8_argument, Failure, STICKY_EIO};
 use crate::options::{config_from_file, config_of, sticky_options};
 use crate::worker::sticky_worker;
 
@@ -26,9 +30,10 @@ sticky_fn! {
     /// says (NULL: the defaults), spawns `concurrency` copies of the current executable with the same
     /// arguments (or `opts->worker_command`), routes every client address to the same worker, revives
     /// workers that die, and blocks the calling thread until SIGTERM or SIGINT: the first one drains the
-    /// workers, a second one (or `hard_shutdown_delay_ms` running out) kills them. Installs the
-    /// process's SIGTERM/SIGINT handlers for that (they stay installed after the call) and logs on
-    /// stderr. Returns `STICKY_OK` after a graceful shutdown, `STICKY_EHARD` when workers had to be
+    /// workers, a second one (or `hard_shutdown_delay_ms` running out) kills them. SIGHUP is logged and
+    /// changes nothing: the options are the program's, in memory (to reload from C, run the master with
+    /// `sticky_cluster_start` and call `sticky_cluster_reload`). Installs the process's SIGTERM, SIGINT and
+    /// SIGHUP handlers for that (they stay installed after the call) and logs on stderr. Returns `STICKY_OK` after a graceful shutdown, `STICKY_EHARD` when workers had to be
     /// killed, or `STICKY_EINVAL`, `STICKY_ECONFIG`, `STICKY_ELISTEN`, `STICKY_ESPAWN`, `STICKY_EIO` before
     /// or while starting. Call it from the main thread, once, before starting other threads.
     ///
@@ -49,7 +54,7 @@ sticky_fn! {
         if in_worker_environment() {
             return run_worker(serve, user);
         }
-        run_master(config_of(opts)?)
+        run_master(config_of(opts)?, OnHangup::Nothing)
     }
 }
 
@@ -59,6 +64,9 @@ sticky_fn! {
     /// When the file has no `worker.command`, workers are copies of the current executable with the same
     /// arguments. In a worker process the file is not read. Errors as `sticky_run`; a file that cannot be
     /// read or is invalid gives `STICKY_ECONFIG` with the file, line and key in the last error message.
+    /// SIGHUP reads the file again and applies it as `sticky_cluster_reload` would (workers whose command
+    /// or environment changed restart one index at a time); a file that has become invalid is logged as
+    /// one line and changes nothing, like the `sticky-cluster` binary's SIGHUP.
     ///
     /// # Safety
     /// `yaml_path` must be NULL or a NUL-terminated string; `serve` must be safe to call with a worker
@@ -69,7 +77,7 @@ sticky_fn! {
         if in_worker_environment() {
             return run_worker(serve, user);
         }
-        run_master(config_from_file(path)?)
+        run_master(config_from_file(path)?, OnHangup::ReadFile(path.to_string()))
     }
 }
 
@@ -119,38 +127,69 @@ fn run_worker(
 
 /// Master role: bind, then run on a current-thread runtime in the calling thread. Workers get
 /// PR_SET_PDEATHSIG tied to the spawning thread, and this thread lives exactly as long as the master.
-fn run_master(config: Config) -> Result<c_int, Failure> {
+fn run_master(config: Config, on_hangup: OnHangup) -> Result<c_int, Failure> {
     sticky_cluster::logging::init(&config.prefix, config.debug);
     let listener = master::bind(&config)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| sticky_cluster::Error::io("start the runtime", e))?;
-    let outcome = runtime.block_on(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut terminate =
-            signal(SignalKind::terminate()).map_err(|e| sticky_cluster::Error::io("install the SIGTERM handler", e))?;
-        let mut interrupt =
-            signal(SignalKind::interrupt()).map_err(|e| sticky_cluster::Error::io("install the SIGINT handler", e))?;
-        let (stop, stop_rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut request = Stop::Graceful;
-            loop {
-                tokio::select! {
-                    _ = terminate.recv() => {}
-                    _ = interrupt.recv() => {}
-                }
-                if stop.send(request).is_err() {
-                    return;
-                }
-                request = Stop::Hard;
+    cluster::run_master(config, listener, Requests::Signals(on_hangup))
+}
+
+/// What SIGHUP means to a master that `sticky_run*` runs.
+pub(crate) enum OnHangup {
+    /// `sticky_run`: the options are the program's, in memory; there is nothing to read again.
+    Nothing,
+    /// `sticky_run_config`: read the file again and apply it; a bad one changes nothing.
+    ReadFile(String),
+}
+
+impl OnHangup {
+    fn reload(&self) -> Option<Config> {
+        match self {
+            OnHangup::Nothing => {
+                warn!(
+                    "SIGHUP: sticky_run keeps its options in memory, there is nothing to reload (a C program reloads \
+                     with sticky_cluster_start and sticky_cluster_reload)"
+                );
+                None
             }
-        });
-        master::run(config, listener, stop_rx).await
-    })?;
-    if outcome.graceful {
-        Ok(STICKY_OK)
-    } else {
-        Err(Failure::new(STICKY_EHARD, "hard shutdown: some workers did not exit in time and were killed"))
+            OnHangup::ReadFile(path) => match config_from_file(path) {
+                Ok(config) => {
+                    info!("SIGHUP: reloading {path}");
+                    Some(config)
+                }
+                Err(failure) => {
+                    error!("reload refused, the cluster keeps its configuration: {}", failure.message);
+                    None
+                }
+            },
+        }
     }
+}
+
+/// SIGTERM and SIGINT as shutdown requests (the first graceful, the next hard), SIGHUP as `on_hangup` says.
+/// Must run inside the master's runtime; the handlers stay installed afterwards.
+pub(crate) fn forward_signals(on_hangup: OnHangup) -> sticky_cluster::Result<UnboundedReceiver<Stop>> {
+    let install = |kind: SignalKind, name: &str| {
+        signal(kind).map_err(|e| sticky_cluster::Error::io(format!("install the {name} handler"), e))
+    };
+    let mut terminate = install(SignalKind::terminate(), "SIGTERM")?;
+    let mut interrupt = install(SignalKind::interrupt(), "SIGINT")?;
+    let mut hangup = install(SignalKind::hangup(), "SIGHUP")?;
+    let (requests, received) = unbounded_channel();
+    tokio::spawn(async move {
+        let mut stop_request = Stop::Graceful;
+        loop {
+            let request = tokio::select! {
+                _ = terminate.recv() => std::mem::replace(&mut stop_request, Stop::Hard),
+                _ = interrupt.recv() => std::mem::replace(&mut stop_request, Stop::Hard),
+                _ = hangup.recv() => match on_hangup.reload() {
+                    Some(config) => Stop::Reload(Box::new(config)),
+                    None => continue,
+                },
+            };
+            if requests.send(request).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(received)
 }
