@@ -98,7 +98,7 @@ declare -A variant_flags=(
 )
 for variant in plain asan; do
     read -r -a flags <<<"${variant_flags[$variant]}"
-    for test in errors blocking_worker epoll_worker sticky_client reload; do
+    for test in errors blocking_worker epoll_worker sticky_client reload stop_worker; do
         check "compile tests/$test.c ($variant)" "$work/logs/cc-$test-$variant.log" \
             gcc -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror "${flags[@]}" -o "$bin/$test-$variant" \
             "$here/tests/$test.c" "${pkg_flags[@]}" -pthread "$rpath"
@@ -272,6 +272,46 @@ sighup_file() {
         reload_yaml 2 && kill -HUP "$MASTER"
 }
 
+# stop_scenario NAME VARIANT HOW: one worker serving 100 ms requests to four clients that connect back to back
+# (so connections wait in its channel) stops accepting: by itself (HOW=self, sticky_worker_stop_accepting
+# after 8 connections) or on a SIGTERM from outside (HOW=term). It must drain to STICKY_ECLOSED, its
+# successor must serve, no client may lose a connection, and SIGTERM to the master must still end in 0.
+stop_scenario() {
+    local name="$1" variant="$2" how="$3"
+    local log="$work/logs/$name-$variant.log" client_log="$work/logs/$name-client-$variant.log"
+    local settings=()
+    [ "$how" = self ] && settings=(STOP_TEST_SELF=8)
+    if ! start_cluster "$log" "${no_worker_env[@]}" "${settings[@]}" "$bin/stop_worker-$variant" master \
+        "$work/stop-marker-$name-$variant"; then
+        fail "$name ($variant): cluster starts" "no 'listening on' line" "$log"
+        kill -KILL "$MASTER" 2>/dev/null
+        return
+    fi
+    timeout 120 "$bin/stop_worker-$variant" client "$PORT" >"$client_log" 2>&1 &
+    local client=$!
+    started+=("$client")
+    if ! wait_for_line "$client_log" "^warm"; then
+        fail "$name ($variant): the client reaches the worker" "no 'warm' line" "$client_log"
+    elif [ "$how" = term ]; then
+        kill -TERM "$(sed -n 's/^warm //p' "$client_log" | head -1)"
+    fi
+    wait "$client"
+    local client_status=$?
+    if [ "$client_status" -eq 0 ] && grep -q "drained: served [0-9]*, STICKY_ECLOSED" "$log"; then
+        pass "$name ($variant): the worker drained to STICKY_ECLOSED, $(tail -1 "$client_log")"
+    else
+        fail "$name ($variant): a worker that stops accepting loses no connection" \
+            "client exit status $client_status" "$client_log"
+        sed 's/^/    | /' "$log" | tail -15
+    fi
+    stop_cluster
+    if [ "$STATUS" -eq 0 ] && ! grep -q "FAIL" "$log"; then
+        pass "$name ($variant): SIGTERM to the master afterwards -> exit 0"
+    else
+        fail "$name ($variant): SIGTERM to the master afterwards" "master exit $STATUS" "$log"
+    fi
+}
+
 # asan_clean NAME: no AddressSanitizer/LeakSanitizer report was written by any process since the last call.
 asan_clean() {
     local reports=("$work"/asan/report*)
@@ -334,6 +374,12 @@ for variant in plain asan; do
     reload_scenario reload-file "$variant" sighup_file "${no_worker_env[@]}" "$bin/reload-$variant" file \
         "$work/reload.yaml"
     [ "$variant" = asan ] && asan_clean reload-file
+
+    # A worker that stops accepting with connections in flight: by its own call, and on SIGTERM from outside.
+    stop_scenario stop-accepting "$variant" self
+    [ "$variant" = asan ] && asan_clean stop-accepting
+    stop_scenario sigterm-from-outside "$variant" term
+    [ "$variant" = asan ] && asan_clean sigterm-from-outside
 done
 unset ASAN_OPTIONS
 

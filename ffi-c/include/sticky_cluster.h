@@ -52,7 +52,8 @@
 #define STICKY_ESHUTDOWN 4
 
 /**
- * The channel to the master is closed (the master is gone): exit.
+ * The channel to the master is closed (the master is gone, or it sent its last connection to a worker
+ * that stopped accepting): exit.
  */
 #define STICKY_ECLOSED 5
 
@@ -375,9 +376,15 @@ void sticky_options_init(struct sticky_options *opts);
  * Worker role: opens the worker (as `sticky_worker_open`), calls `serve(worker, user)`, closes the
  * worker, and returns what `serve` returned (return `STICKY_OK` from `serve` for a clean exit);
  * `STICKY_ENOTWORKER` or another code when the worker cannot be opened (then `serve` is not called).
- * Before calling `serve` it sets SIGTERM to ignored when it still has its default action, so the
- * master's shutdown arrives as `STICKY_ESHUTDOWN` instead of killing the worker mid-request
- * (workers are still killed after `hard_shutdown_delay_ms`).
+ * While `serve` runs, SIGTERM (when it still has its default action, which would kill the worker
+ * mid-request) is handled: the master's own SIGTERM comes after its shutdown message, which `accept`
+ * reports first as `STICKY_ESHUTDOWN`; a SIGTERM from someone else (systemd signals every process of a
+ * unit, an operator's `kill`) makes the worker stop accepting as `sticky_worker_stop_accepting` does, so
+ * `accept` returns what was already sent here, then `STICKY_ECLOSED`, and the master starts a successor.
+ * SIGTERM is blocked in the calling thread meanwhile (a thread of the library takes it), so none of
+ * `serve`'s blocking calls is interrupted; threads `serve` starts inherit that, and so do programs it
+ * executes: unblock SIGTERM in those (`posix_spawnattr_setsigmask`) if they must be signalled.
+ * Workers are still killed after `hard_shutdown_delay_ms`.
  *
  * `serve` must not be NULL (`STICKY_EINVAL`).
  *
@@ -472,6 +479,23 @@ int sticky_worker_fd(const struct sticky_worker *worker);
 int sticky_worker_ready(struct sticky_worker *worker);
 
 /**
+ * Stops taking connections, from any thread: the master routes nothing more to this worker (the
+ * index's next connections wait for its successor, which the master starts), and `sticky_worker_accept`
+ * still returns every connection already sent here, then `STICKY_ECLOSED` once the master has confirmed
+ * the last one. So a worker that wants to leave (SIGTERM from someone else than the master, an upgrade,
+ * a fault of its own) loses no connection: call this, accept until `STICKY_ECLOSED`, finish what it
+ * holds, exit. `sticky_run` does it by itself when its worker gets SIGTERM. Calling it again does
+ * nothing.
+ *
+ * Returns `STICKY_OK` (also when the master is already gone), `STICKY_EINVAL` (NULL) or `STICKY_EIO`.
+ * Thread-safe; not async-signal-safe (from a signal, wake a thread that calls it: a pipe, `sigwait`).
+ *
+ * # Safety
+ * `worker` must be NULL or a live handle.
+ */
+int sticky_worker_stop_accepting(const struct sticky_worker *worker);
+
+/**
  * Takes the next connection routed to this worker.
  *
  * Blocks until one arrives, unless the worker fd was made non-blocking. On `STICKY_OK` writes the
@@ -484,7 +508,8 @@ int sticky_worker_ready(struct sticky_worker *worker);
  *
  * Errors: `STICKY_EAGAIN` (non-blocking and nothing waits), `STICKY_ESHUTDOWN` (the master asks this
  * worker to drain: finish the connections in hand and exit; every later call answers the same),
- * `STICKY_ECLOSED` (the master is gone), `STICKY_EINVAL` (`worker` or `conn_fd` is NULL),
+ * `STICKY_ECLOSED` (the master is gone, or it sent its last connection after
+ * `sticky_worker_stop_accepting`: exit), `STICKY_EINVAL` (`worker` or `conn_fd` is NULL),
  * `STICKY_EPROTOCOL`, `STICKY_EIO`. Thread-safe: concurrent callers each get a different connection.
  *
  * # Safety

@@ -16,7 +16,8 @@ pub const STICKY_ENOTWORKER: c_int = 2;
 pub const STICKY_EAGAIN: c_int = 3;
 /// The master asked this worker to drain: finish the connections in hand and return or exit.
 pub const STICKY_ESHUTDOWN: c_int = 4;
-/// The channel to the master is closed (the master is gone): exit.
+/// The channel to the master is closed (the master is gone, or it sent its last connection to a worker
+/// that stopped accepting): exit.
 pub const STICKY_ECLOSED: c_int = 5;
 /// The master sent something this library does not understand (a version mismatch or a bug).
 pub const STICKY_EPROTOCOL: c_int = 6;
@@ -138,7 +139,7 @@ sticky_fn! {
             STICKY_ENOTWORKER => c"not a sticky-cluster worker (start this program through sticky-cluster)",
             STICKY_EAGAIN => c"no connection is waiting (the worker fd is non-blocking)",
             STICKY_ESHUTDOWN => c"the master is shutting down: drain and exit",
-            STICKY_ECLOSED => c"the master closed the channel",
+            STICKY_ECLOSED => c"the master closed the channel (or sent its last connection): exit",
             STICKY_EPROTOCOL => c"channel protocol error",
             STICKY_ECONFIG => c"invalid configuration",
             STICKY_ELISTEN => c"cannot listen on the configured address",

@@ -22,6 +22,11 @@ impl sticky_worker {
     pub(crate) fn new(inner: Worker) -> sticky_worker {
         sticky_worker { inner }
     }
+
+    /// The core worker.
+    pub(crate) fn inner(&self) -> &Worker {
+        &self.inner
+    }
 }
 
 /// Borrows the worker behind a C pointer, or fails with `STICKY_EINVAL` for NULL.
@@ -113,6 +118,26 @@ sticky_fn! {
 }
 
 sticky_fn! {
+    /// Stops taking connections, from any thread: the master routes nothing more to this worker (the
+    /// index's next connections wait for its successor, which the master starts), and `sticky_worker_accept`
+    /// still returns every connection already sent here, then `STICKY_ECLOSED` once the master has confirmed
+    /// the last one. So a worker that wants to leave (SIGTERM from someone else than the master, an upgrade,
+    /// a fault of its own) loses no connection: call this, accept until `STICKY_ECLOSED`, finish what it
+    /// holds, exit. `sticky_run` does it by itself when its worker gets SIGTERM. Calling it again does
+    /// nothing.
+    ///
+    /// Returns `STICKY_OK` (also when the master is already gone), `STICKY_EINVAL` (NULL) or `STICKY_EIO`.
+    /// Thread-safe; not async-signal-safe (from a signal, wake a thread that calls it: a pipe, `sigwait`).
+    ///
+    /// # Safety
+    /// `worker` must be NULL or a live handle.
+    pub unsafe fn sticky_worker_stop_accepting(worker: *const sticky_worker) -> c_int {
+        worker_ref(worker)?.stop_accepting()?;
+        Ok(STICKY_OK)
+    }
+}
+
+sticky_fn! {
     /// Takes the next connection routed to this worker.
     ///
     /// Blocks until one arrives, unless the worker fd was made non-blocking. On `STICKY_OK` writes the
@@ -125,7 +150,8 @@ sticky_fn! {
     ///
     /// Errors: `STICKY_EAGAIN` (non-blocking and nothing waits), `STICKY_ESHUTDOWN` (the master asks this
     /// worker to drain: finish the connections in hand and exit; every later call answers the same),
-    /// `STICKY_ECLOSED` (the master is gone), `STICKY_EINVAL` (`worker` or `conn_fd` is NULL),
+    /// `STICKY_ECLOSED` (the master is gone, or it sent its last connection after
+    /// `sticky_worker_stop_accepting`: exit), `STICKY_EINVAL` (`worker` or `conn_fd` is NULL),
     /// `STICKY_EPROTOCOL`, `STICKY_EIO`. Thread-safe: concurrent callers each get a different connection.
     ///
     /// # Safety

@@ -3,7 +3,8 @@
 //!
 //! cbindgen reads source, not macro output, so the exports declared with `sticky_fn!` are expanded here
 //! first (the macro's own `#[no_mangle] extern "C"`), into one file cbindgen reads. An export written by
-//! hand, outside `sticky_fn!`, is refused: it could miss the panic boundary.
+//! hand (`#[no_mangle]` or `#[export_name]` outside `sticky_fn!`) is refused: it could miss the panic
+//! boundary. A plain `extern "C" fn` (a signal handler) exports no symbol and is left alone.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -94,7 +95,10 @@ fn expand_items(items: Vec<Item>, dir: &Path, origin: &Path) -> Result<Vec<Item>
                 expanded.push(Item::Fn(function));
             }
             Item::Fn(function)
-                if function.sig.abi.is_some() || function.attrs.iter().any(|a| a.path().is_ident("no_mangle")) =>
+                if function
+                    .attrs
+                    .iter()
+                    .any(|a| a.path().is_ident("no_mangle") || a.path().is_ident("export_name")) =>
             {
                 return Err(format!(
                     "{} in {}: declare C exports with sticky_fn! (it adds the panic boundary)",
