@@ -212,6 +212,16 @@ one_at_a_time() {
         }' "$1"
 }
 
+# stops_cleanly NAME VARIANT LOG: SIGTERM to the master afterwards: exit 0 and no FAIL line in LOG.
+stops_cleanly() {
+    stop_cluster
+    if [ "$STATUS" -eq 0 ] && ! grep -q "FAIL" "$3"; then
+        pass "$1 ($2): SIGTERM to the master afterwards -> exit 0"
+    else
+        fail "$1 ($2): SIGTERM to the master afterwards" "master exit $STATUS" "$3"
+    fi
+}
+
 # reload_scenario NAME VARIANT SEND_SIGHUP COMMAND...: a client connects back to back while the master gets
 # SIGHUP (SEND_SIGHUP is a function that sends it, and may first try a bad configuration); the client must
 # see every index answer from generation 2 with no connection lost, no two indexes may restart at once,
@@ -247,12 +257,7 @@ reload_scenario() {
         fail "$name ($variant): the workers were replaced one index at a time" "overlap" \
             "$work/logs/$name-order-$variant.log"
     fi
-    stop_cluster
-    if [ "$STATUS" -eq 0 ] && ! grep -q "FAIL" "$log"; then
-        pass "$name ($variant): SIGTERM after the reload -> master exit 0"
-    else
-        fail "$name ($variant): SIGTERM after the reload" "master exit $STATUS" "$log"
-    fi
+    stops_cleanly "$name" "$variant" "$log"
 }
 
 # The embedding (tests/reload.c handle) answers SIGHUP itself: a bad reload, then the new options.
@@ -304,12 +309,7 @@ stop_scenario() {
             "client exit status $client_status" "$client_log"
         sed 's/^/    | /' "$log" | tail -15
     fi
-    stop_cluster
-    if [ "$STATUS" -eq 0 ] && ! grep -q "FAIL" "$log"; then
-        pass "$name ($variant): SIGTERM to the master afterwards -> exit 0"
-    else
-        fail "$name ($variant): SIGTERM to the master afterwards" "master exit $STATUS" "$log"
-    fi
+    stops_cleanly "$name" "$variant" "$log"
 }
 
 # asan_clean NAME: no AddressSanitizer/LeakSanitizer report was written by any process since the last call.

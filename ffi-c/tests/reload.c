@@ -29,6 +29,7 @@
 #include <sticky_cluster.h>
 
 #include "http_answer.h"
+#include "http_client.h"
 
 static long long now_us(void) {
     struct timespec now;
@@ -157,32 +158,8 @@ static int run_handle(int concurrency) {
 
 /* One GET from `source`; returns the answering worker and its generation, or -1 for a lost connection. */
 static int fetch(const char *source, int port, int *generation) {
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) {
-        return -1;
-    }
-    struct timeval timeout = {15, 0};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof timeout);
-    struct sockaddr_in local = {.sin_family = AF_INET};
-    inet_pton(AF_INET, source, &local.sin_addr);
-    struct sockaddr_in server = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    inet_pton(AF_INET, "127.0.0.1", &server.sin_addr);
-    const char request[] = "GET / HTTP/1.1\r\nHost: reload\r\nConnection: close\r\n\r\n";
     char answer[2048];
-    size_t used = 0;
-    if (bind(fd, (struct sockaddr *)&local, sizeof local) == 0 &&
-        connect(fd, (struct sockaddr *)&server, sizeof server) == 0 &&
-        send(fd, request, sizeof request - 1, MSG_NOSIGNAL) == (ssize_t)(sizeof request - 1)) {
-        for (;;) {
-            ssize_t got = recv(fd, answer + used, sizeof answer - 1 - used, 0);
-            if (got <= 0 || (used += (size_t)got) == sizeof answer - 1) {
-                break;
-            }
-        }
-    }
-    answer[used] = '\0';
-    close(fd);
+    http_get(source, port, 15, answer, sizeof answer);
     const char *body = strstr(answer, "\r\n\r\n");
     int worker = -1, pid = 0;
     if (body == NULL || sscanf(body + 4, "{\"worker\":%d,\"pid\":%d,\"generation\":\"%d\"}", &worker, &pid,

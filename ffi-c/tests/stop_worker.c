@@ -29,6 +29,7 @@
 #include <sticky_cluster.h>
 
 #include "http_answer.h"
+#include "http_client.h"
 
 static const char *marker_path;
 
@@ -107,31 +108,8 @@ static atomic_int next_source;
 
 /* One GET; returns the answering pid, or -1 for a lost connection (refused, reset, no whole answer). */
 static int fetch(const char *source) {
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) {
-        return -1;
-    }
-    struct timeval timeout = {20, 0};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
-    struct sockaddr_in local = {.sin_family = AF_INET};
-    inet_pton(AF_INET, source, &local.sin_addr);
-    struct sockaddr_in server = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    inet_pton(AF_INET, "127.0.0.1", &server.sin_addr);
-    const char request[] = "GET / HTTP/1.1\r\nHost: stop\r\nConnection: close\r\n\r\n";
     char answer[1024];
-    size_t used = 0;
-    if (bind(fd, (struct sockaddr *)&local, sizeof local) == 0 &&
-        connect(fd, (struct sockaddr *)&server, sizeof server) == 0 &&
-        send(fd, request, sizeof request - 1, MSG_NOSIGNAL) == (ssize_t)(sizeof request - 1)) {
-        for (;;) {
-            ssize_t got = recv(fd, answer + used, sizeof answer - 1 - used, 0);
-            if (got <= 0 || (used += (size_t)got) == sizeof answer - 1) {
-                break;
-            }
-        }
-    }
-    answer[used] = '\0';
-    close(fd);
+    http_get(source, port, 20, answer, sizeof answer);
     const char *body = strstr(answer, "\r\n\r\n");
     int pid = -1;
     if (body == NULL || strstr(answer, "HTTP/1.1 200 OK") != answer || sscanf(body + 4, "{\"pid\":%d}", &pid) != 1) {
