@@ -29,7 +29,7 @@ impl Invalid {
 
     /// The same line with the key as a front end spells it (`--concurrency`, `sticky_options.queue_limit`).
     pub fn naming(&self, spelled: &str) -> String {
-        format!("{spelled}{}", &self.message[self.key.len()..])
+        format!("{spelled}{}", self.message.strip_prefix(self.key).unwrap_or(&self.message))
     }
 }
 
