@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::protocol::{recv_message, send_message, Message};
 
 /// How long a dialing worker has to say hello.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+const HELLO_TIMEOUT: Duration = crate::config::defaults::ATTACH_HELLO_TIMEOUT;
 
 /// A worker that passed the checks and claims an index (or any free one).
 pub struct Claim {
@@ -36,7 +36,7 @@ pub struct Claim {
 }
 
 /// Dialing workers whose hello is awaited at once; more are refused until some finish.
-pub const HANDSHAKE_LIMIT: usize = 64;
+pub const HANDSHAKE_LIMIT: usize = crate::config::defaults::ATTACH_HANDSHAKE_LIMIT;
 
 /// The file `bind` made for the attach socket, known by its inode: removed at exit only while it is still
 /// that file (another master may have bound the path since someone removed it).

@@ -12,6 +12,7 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 use nix::unistd::{getpgid, Pid};
 use tokio::process::{Child, Command};
 
+use crate::config::defaults::{FIRST_BACKOFF, MAX_BACKOFF};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::worker::{ENV_CHANNEL_FD, ENV_CONCURRENCY, ENV_LISTEN_FD, ENV_WORKER_INDEX, ENV_WORKER_INDEX_COMPAT};
@@ -30,10 +31,8 @@ pub struct Spawned {
     pub worker_end: OwnedFd,
 }
 
-/// A worker that lived shorter than this counts as a crash for back-off purposes.
-pub const CRASH_UPTIME: Duration = Duration::from_secs(2);
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+// The back-off's numbers are the configuration's defaults (shared with the JavaScript implementation).
+pub use crate::config::defaults::CRASH_UPTIME;
 
 /// Delay before the next revival after `crashes` consecutive short-lived runs (0: revive at once).
 pub fn revival_delay(crashes: u32) -> Duration {

@@ -250,7 +250,7 @@ pub async fn run(config: Config, listener: impl Into<Listener>, mut stop: Unboun
     }
 
     let mut stop_open = true;
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut tick = tokio::time::interval(crate::config::defaults::QUEUE_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let paused = master.accept_backoff.is_paused();
