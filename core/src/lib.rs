@@ -7,6 +7,7 @@
 
 pub mod attach;
 pub mod client_address;
+pub mod closer;
 pub mod config;
 pub mod error;
 pub mod hash;

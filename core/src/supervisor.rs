@@ -7,11 +7,12 @@ use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::{kill, killpg, Signal};
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-use nix::unistd::Pid;
+use nix::unistd::{getpgid, Pid};
 use tokio::process::{Child, Command};
 
+use crate::config::defaults::{FIRST_BACKOFF, MAX_BACKOFF};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::worker::{ENV_CHANNEL_FD, ENV_CONCURRENCY, ENV_LISTEN_FD, ENV_WORKER_INDEX, ENV_WORKER_INDEX_COMPAT};
@@ -30,10 +31,8 @@ pub struct Spawned {
     pub worker_end: OwnedFd,
 }
 
-/// A worker that lived shorter than this counts as a crash for back-off purposes.
-pub const CRASH_UPTIME: Duration = Duration::from_secs(2);
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
+// The back-off's numbers are the configuration's defaults (shared with the JavaScript implementation).
+pub use crate::config::defaults::CRASH_UPTIME;
 
 /// Delay before the next revival after `crashes` consecutive short-lived runs (0: revive at once).
 pub fn revival_delay(crashes: u32) -> Duration {
@@ -104,10 +103,20 @@ pub fn spawn_worker(
     Ok(Spawned { child, pid, channel: master_end, worker_end })
 }
 
-/// Sends `signal` to a worker process, ignoring one that is already gone.
+/// Sends `signal` to a spawned worker and every process of its process group (it leads one: spawned
+/// with `process_group(0)`), so what it started itself does not outlive a hard stop. A worker that moved
+/// to a group of its own is signalled by pid, and what is left in its first group too. A worker that
+/// is already gone is ignored.
 pub fn signal_worker(pid: u32, signal: Signal) {
-    if pid > 0 {
-        let _ = kill(Pid::from_raw(pid as i32), signal);
+    if pid == 0 || pid > i32::MAX as u32 {
+        return;
+    }
+    let pid = Pid::from_raw(pid as i32);
+    if getpgid(Some(pid)).is_ok_and(|group| group == pid) {
+        let _ = killpg(pid, signal);
+    } else {
+        let _ = kill(pid, signal);
+        let _ = killpg(pid, signal);
     }
 }
 

@@ -151,13 +151,18 @@ struct Master {
     metrics: Option<AsyncFd<TcpListener>>,
     events: UnboundedSender<Event>,
     stats: Stats,
-    accept_paused_until: Option<TokioInstant>,
-    accept_backoff: Duration,
+    /// The client and metrics listeners' back-off after accept errors; the attach socket's own.
+    accept_backoff: listen::AcceptBackoff,
+    attach_backoff: listen::AcceptBackoff,
     /// A reload's rolling restart: indexes still to restart, the one whose successor starts now, and
     /// the configuration to go back to if a successor cannot start.
     restarts_pending: VecDeque<u32>,
     restarting: Option<u32>,
     before_reload: Option<Box<Config>>,
+    /// Connections waiting in the master per client address (`queue.perSource`), and the episode of
+    /// connections closed unserved being logged.
+    waiting: handoff::WaitingBySource,
+    closing: handoff::ClosingEpisode,
     /// Connections from trusted proxies waiting for their header.
     header_wait: crate::client_address::header_wait::HeaderWait,
     scrapes: crate::metrics::ScrapeLimit,
@@ -168,10 +173,14 @@ struct Master {
 /// [`Stop::Graceful`], then [`Stop::Hard`] for a second signal), and reports how it ended.
 pub async fn run(config: Config, listener: impl Into<Listener>, mut stop: UnboundedReceiver<Stop>) -> Result<Outcome> {
     raise_fd_limit();
+    // Fds that peers send are closed off this thread (a peer can make a close block).
+    crate::closer::start();
+    let mut attach_file = None;
     let attach_socket = match &config.workers {
         WorkerSource::Spawn { .. } => None,
         WorkerSource::Attach(options) => {
-            let socket = crate::attach::listen(options)?;
+            let (socket, file) = crate::attach::listen(options)?;
+            attach_file = Some(file);
             // SAFETY: the AsyncFd owns the socket, so its fd stays open and unchanged while registered.
             let socket = unsafe { AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
                 .map_err(|e| Error::io("register the attach socket", e))?;
@@ -214,6 +223,8 @@ pub async fn run(config: Config, listener: impl Into<Listener>, mut stop: Unboun
         header_wait: crate::client_address::header_wait::HeaderWait::new(&config),
         scrapes: crate::metrics::ScrapeLimit::default(),
         handshakes: crate::attach::Handshakes::default(),
+        waiting: handoff::WaitingBySource::default(),
+        closing: handoff::ClosingEpisode::default(),
         config,
         phase: Phase::Running,
         attach_socket,
@@ -222,8 +233,8 @@ pub async fn run(config: Config, listener: impl Into<Listener>, mut stop: Unboun
         group,
         metrics,
         events,
-        accept_paused_until: None,
-        accept_backoff: Duration::ZERO,
+        accept_backoff: listen::AcceptBackoff::new("the client listener"),
+        attach_backoff: listen::AcceptBackoff::new("the attach socket"),
         restarts_pending: VecDeque::new(),
         restarting: None,
         before_reload: None,
@@ -239,23 +250,28 @@ pub async fn run(config: Config, listener: impl Into<Listener>, mut stop: Unboun
     }
 
     let mut stop_open = true;
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut tick = tokio::time::interval(crate::config::defaults::QUEUE_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let paused = master.accept_paused_until;
+        let paused = master.accept_backoff.is_paused();
+        let attach_paused = master.attach_backoff.is_paused();
+        let resume = match (master.accept_backoff.resume_at(), master.attach_backoff.resume_at()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let deadline = match master.phase {
             Phase::Draining { deadline } => Some(deadline),
             Phase::Running | Phase::Killed => None,
         };
         tokio::select! {
-            batch = accept_batch(master.listener.as_ref()), if paused.is_none() && master.listener.is_some() => {
+            batch = accept_batch(master.listener.as_ref()), if !paused && master.listener.is_some() => {
                 master.on_accepted(batch);
             }
             Some(event) = event_rx.recv() => master.on_event(event),
-            scrapes = accept_batch(master.metrics.as_ref()), if paused.is_none() && master.metrics.is_some() => {
+            scrapes = accept_batch(master.metrics.as_ref()), if !paused && master.metrics.is_some() => {
                 master.on_scrapes(scrapes);
             }
-            dialed = attach::accept_worker(master.attach_socket.as_ref()), if master.attach_socket.is_some() => {
+            dialed = attach::accept_worker(master.attach_socket.as_ref()), if !attach_paused && master.attach_socket.is_some() => {
                 master.on_dialed(dialed);
             }
             request = stop.recv(), if stop_open => match request {
@@ -263,8 +279,10 @@ pub async fn run(config: Config, listener: impl Into<Listener>, mut stop: Unboun
                 None => stop_open = false,
             },
             _ = tick.tick() => master.expire_queues(),
-            _ = sleep_until(paused.unwrap_or_else(TokioInstant::now)), if paused.is_some() => {
-                master.accept_paused_until = None;
+            _ = sleep_until(resume.unwrap_or_else(TokioInstant::now)), if resume.is_some() => {
+                let now = TokioInstant::now();
+                master.accept_backoff.resume_if_due(now);
+                master.attach_backoff.resume_if_due(now);
             }
             _ = sleep_until(deadline.unwrap_or_else(TokioInstant::now)), if deadline.is_some() => {
                 warn!("hardShutdownDelay of {:?} passed: killing the remaining workers", master.config.hard_shutdown_delay);
@@ -275,8 +293,10 @@ pub async fn run(config: Config, listener: impl Into<Listener>, mut stop: Unboun
             break;
         }
     }
-    if let WorkerSource::Attach(options) = &master.config.workers {
-        let _ = std::fs::remove_file(&options.socket);
+    master.close_what_is_left();
+    // Only while the path still names this master's socket file.
+    if let Some(file) = attach_file {
+        file.remove();
     }
     let stats = master.stats.clone();
     info!(

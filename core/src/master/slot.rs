@@ -26,6 +26,9 @@ pub(super) struct WorkerSlot {
     /// Earlier workers of this index on their way out (replaced by a reload, or they asked to stop): they
     /// get no new connections and are awaited, so that what they never received comes back to `queue`.
     pub(super) retiring: Vec<Retiring>,
+    /// Copies of dead workers' channel ends still holding connections they never received: the master
+    /// was at its open-file limit when it took back the rest. Emptied a little more every tick.
+    pub(super) left_behind: Vec<OwnedFd>,
 }
 
 /// A worker of an index that gets no new connections and is expected to exit.
@@ -215,6 +218,7 @@ impl WorkerSlot {
             crashes: 0,
             life: Life::Down { since: Instant::now() },
             retiring: Vec::new(),
+            left_behind: Vec::new(),
         }
     }
 
