@@ -10,7 +10,7 @@ use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::Status;
 use napi_derive::napi;
 use sticky_cluster::client_address::{Cidr, ClientAddressSource, TrustedProxies};
-use sticky_cluster::config::{Overrides, Routing};
+use sticky_cluster::config::{defaults, Routing};
 use sticky_cluster::master::{self, Stop};
 use sticky_cluster::{Config, Error, WorkerSource};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
@@ -201,15 +201,10 @@ fn let_workers_inherit_stdio() {
     }
 }
 
-/// Bounds of the numeric options, as js/defaults.json (generated from core) states them, until core's
-/// `Config::validate` checks them itself.
-const MAX_CONCURRENCY: f64 = 1024.0;
-/// Node's largest timer, and so the longest `hardShutdownDelay` (and `queue.maxWait`).
-const MAX_DELAY_MS: f64 = 2_147_483_647.0;
-/// Core keeps the backlog in a u32 (the kernel caps it at `net.core.somaxconn`).
-const MAX_BACKLOG: f64 = 4_294_967_295.0;
-/// Counts core keeps in a u32.
-const MAX_COUNT: f64 = 4_294_967_295.0;
+/// The longest `hardShutdownDelay` (Node's largest timer); the Node options bound `queue.maxWait` by it too.
+const MAX_DELAY_MS: f64 = defaults::MAX_HARD_SHUTDOWN_DELAY_MS as f64;
+/// The largest count a JS number reaches this binding as (backlog, queue.limit): a u32.
+const MAX_COUNT: f64 = u32::MAX as f64;
 
 /// A number as JavaScript prints it (`4000000000`, `1.5`, `Infinity`, `1e+21`): the text after `got`.
 fn js_number(value: f64) -> String {
@@ -229,6 +224,8 @@ fn js_number(value: f64) -> String {
 }
 
 /// `value` within `min..=max` (and whole when asked), or the one-line message js/validate.js gives too.
+/// Only what a JS number can be but core's integer types cannot (fractions, signs, sizes) is checked
+/// here, with core's own bounds; `Config::validate` then checks the configuration as for every front end.
 fn bounded(name: &str, value: f64, whole: bool, min: f64, max: f64) -> napi::Result<f64> {
     let refuse = |message: String| Err(napi::Error::new(Status::InvalidArg, format!("{name}: {message}")));
     if value.is_nan() {
@@ -246,17 +243,19 @@ fn bounded(name: &str, value: f64, whole: bool, min: f64, max: f64) -> napi::Res
     Ok(value)
 }
 
-/// Turns the JS options into a validated core [`Config`]; bad values are one clear thrown message.
+/// Turns the JS options into a core [`Config`] checked by `Config::validate`; bad values are one clear
+/// thrown message, in core's words.
 fn config_from(options: ClusterOptions) -> napi::Result<Config> {
     let invalid = |message: String| napi::Error::new(Status::InvalidArg, message);
     // The order is js/validate.js's, so the first bad option is the same one in both implementations.
-    let concurrency = bounded("concurrency", options.concurrency, true, 1.0, MAX_CONCURRENCY)? as u32;
+    let (min, max) = (f64::from(defaults::MIN_CONCURRENCY), f64::from(defaults::MAX_CONCURRENCY));
+    let concurrency = bounded("concurrency", options.concurrency, true, min, max)? as u32;
     let port = bounded("port", options.port, true, 0.0, 65535.0)? as u16;
     let delay = bounded("hardShutdownDelay", options.hard_shutdown_delay_ms, false, 0.0, MAX_DELAY_MS)?;
     let defaults = Config::default();
     let backlog = match options.backlog {
         None => defaults.backlog,
-        Some(backlog) => bounded("backlog", backlog, true, 1.0, MAX_BACKLOG)? as u32,
+        Some(backlog) => bounded("backlog", backlog, true, 1.0, MAX_COUNT)? as u32,
     };
     let queue_limit = match options.queue_limit {
         None => defaults.queue_limit,
@@ -306,7 +305,8 @@ fn config_from(options: ClusterOptions) -> napi::Result<Config> {
         trusted_proxies: TrustedProxies(trusted_proxies),
         ..defaults
     };
-    config.apply(Overrides::default(), "sticky-cluster-native options").map_err(|e| invalid(e.to_string()))
+    config.validate().map_err(|problem| invalid(problem.to_string()))?;
+    Ok(config)
 }
 
 #[cfg(test)]
@@ -326,7 +326,7 @@ mod tests {
     fn a_bound_names_the_option_and_the_value() {
         let message = |result: napi::Result<f64>| result.map_err(|e| e.reason.clone()).unwrap_err();
         assert_eq!(
-            message(bounded("concurrency", 4e9, true, 1.0, MAX_CONCURRENCY)),
+            message(bounded("concurrency", 4e9, true, 1.0, f64::from(defaults::MAX_CONCURRENCY))),
             "concurrency: must be at most 1024, got 4000000000"
         );
         assert_eq!(
