@@ -33,8 +33,9 @@ declare namespace stickyCluster {
     /** Listen backlog of the client listener (each worker's with routing 'kernel'). Default: 1024. */
     backlog?: number;
     /** Connections that wait for one worker that does not take them (starting, or its event loop blocked):
-     *  at most `limit` (default 1024) for at most `maxWait` ms (default 10000), then the next ready worker. */
-    queue?: { limit?: number; maxWait?: number };
+     *  at most `limit` (default 1024) for at most `maxWait` ms (default 10000), then the next ready worker;
+     *  at most `perSource` (default 1024) from one client address over every queue, past it closed and counted. */
+    queue?: { limit?: number; maxWait?: number; perSource?: number };
     /** Serve Prometheus metrics (`GET /metrics`: routed, queue depth, readiness, redirected, closed, revivals,
      *  recovered) on `host` (default 127.0.0.1) and `port` (0 picks a free one, logged as `metrics on ...`). */
     metrics?: { port: number; host?: string };

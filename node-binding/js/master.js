@@ -53,6 +53,11 @@ class JsMaster {
     this.bound = null;
     this.metricsServer = null;
     this.deadlineTimer = null;
+    // queue.perSource: connections each client address has waiting in the queues, and the ones closed past it.
+    this.waiting = new Map();
+    this.perSourceClosed = 0;
+    // An episode of connections closed unserved: { since, last, perSource, noWorker }, logged once.
+    this.closing = null;
     this.restartsPending = [];
     this.restarting = null;
     this.beforeReload = null;
@@ -122,7 +127,12 @@ class JsMaster {
             queued: slot.queue.length,
             ready: slot.current !== null && slot.current.state === 'ready',
           })),
-          this.stats
+          this.stats,
+          {
+            limit: this.settings.queue.perSource,
+            busiest: Math.max(0, ...this.waiting.values()),
+            closed: this.perSourceClosed,
+          }
         ),
       onListening: (address, port) => {
         this.log.info(`metrics on http://${formatSocketAddress(address, port)}/metrics`);
@@ -133,24 +143,49 @@ class JsMaster {
   }
 
   /** An accepted client: its index by the string-hash of its address, then deliver. */
+  /** An accepted client: its index by the string-hash of its address, then deliver, unless its address
+   * already has queue.perSource connections waiting. */
   route(socket) {
     // A client that resets while queued must not crash the master; its worker sees the reset.
     socket.on('error', () => {});
-    const index = routeIndex(socket.remoteAddress || '', this.concurrency);
-    this.log.debug(`connection ${socket.remoteAddress} -> worker ${index}`);
-    this.deliver(index, socket);
+    const address = socket.remoteAddress || '';
+    const index = routeIndex(address, this.concurrency);
+    this.log.debug(`connection ${address} -> worker ${index}`);
+    const perSource = this.settings.queue.perSource;
+    if ((this.waiting.get(address) || 0) >= perSource) {
+      this.perSourceClosed += 1;
+      const why = `its address has ${perSource} connections waiting (queue.perSource)`;
+      return this.closeUnserved(index, { socket, address, ticketed: false }, 'perSource', why);
+    }
+    this.deliver(index, this.waitingEntry(socket));
+  }
+
+  /** A queue entry for `socket`, counted against its address's queue.perSource until it leaves. */
+  waitingEntry(socket) {
+    const address = socket.remoteAddress || '';
+    this.waiting.set(address, (this.waiting.get(address) || 0) + 1);
+    return { socket, address, arrived: Date.now(), ticketed: true };
+  }
+
+  /** The entry has left the queues (sent or closed): its address has one fewer waiting. */
+  release(entry) {
+    if (!entry.ticketed) return;
+    entry.ticketed = false;
+    const left = this.waiting.get(entry.address) - 1;
+    if (left > 0) this.waiting.set(entry.address, left);
+    else this.waiting.delete(entry.address);
   }
 
   /** Queues the connection for its worker (bounded by queue.limit) and sends what the worker can take
    * now; past the bound it goes to the next ready worker. */
-  deliver(index, socket) {
+  deliver(index, entry) {
     const slot = this.slots[index];
     if (slot.queue.length < this.settings.queue.limit && this.running) {
-      slot.queue.push({ socket, arrived: Date.now() });
+      slot.queue.push(entry);
       this.flush(index);
     } else {
       this.reportStuck(slot, 'its queue is full; new connections go to other workers');
-      this.redirect(index, socket, 'its queue is full');
+      this.redirect(index, entry, 'its queue is full');
     }
   }
 
@@ -160,13 +195,14 @@ class JsMaster {
     const slot = this.slots[index];
     const current = slot.current;
     while (current && current.state === 'ready' && current.inFlight.size < IN_FLIGHT_LIMIT && slot.queue.length > 0) {
-      const { socket } = slot.queue.shift();
-      if (socket.destroyed) {
+      const entry = slot.queue.shift();
+      this.release(entry);
+      if (entry.socket.destroyed) {
         // The client gave up while it waited.
         this.stats.closed += 1;
         continue;
       }
-      this.send(current, socket);
+      this.send(current, entry.socket);
     }
     if (slot.queue.length === 0) slot.stuckReported = false;
     for (const worker of this.processesOf(slot)) {
@@ -199,7 +235,7 @@ class JsMaster {
     const lost = [];
     for (const [earlier, other] of worker.inFlight) {
       if (earlier >= seq) break;
-      lost.push({ socket: other, arrived: Date.now() });
+      lost.push(this.waitingEntry(other));
       worker.inFlight.delete(earlier);
       this.stats.routed[worker.index] -= 1;
     }
@@ -220,8 +256,7 @@ class JsMaster {
     this.stats.closed += unreceived.length - alive.length;
     this.stats.routed[worker.index] -= unreceived.length;
     this.stats.recovered += alive.length;
-    const arrived = Date.now();
-    this.slots[worker.index].queue.unshift(...alive.map((socket) => ({ socket, arrived })));
+    this.slots[worker.index].queue.unshift(...alive.map((socket) => this.waitingEntry(socket)));
     return alive.length;
   }
 
@@ -235,7 +270,7 @@ class JsMaster {
 
   /** Gives a connection whose own worker cannot take it to the next ready worker with room, or closes it.
    * A redirected connection waits up to queue.maxWait again at its new worker. */
-  redirect(from, socket, why) {
+  redirect(from, entry, why) {
     let next = null;
     for (let step = 1; step < this.concurrency && next === null; step += 1) {
       const slot = this.slots[(from + step) % this.concurrency];
@@ -243,32 +278,63 @@ class JsMaster {
     }
     if (next !== null && this.running) {
       this.stats.redirected += 1;
-      this.log.debug(`connection ${socket.remoteAddress} for worker ${from} goes to worker ${next}: ${why}`);
-      this.slots[next].queue.push({ socket, arrived: Date.now() });
+      this.log.debug(`connection ${entry.address} for worker ${from} goes to worker ${next}: ${why}`);
+      entry.arrived = Date.now();
+      this.slots[next].queue.push(entry);
       this.flush(next);
     } else {
-      this.stats.closed += 1;
-      this.log.warn(`closing connection from ${socket.remoteAddress} for worker ${from}: ${why} and no other worker is ready`);
-      socket.destroy();
+      this.closeUnserved(from, entry, 'noWorker', `${why} and no other worker is ready`);
     }
+  }
+
+  /** Closes a connection unserved and counts it; the first of an episode is logged with why, as in core. */
+  closeUnserved(index, entry, reason, why) {
+    this.release(entry);
+    entry.socket.destroy();
+    this.stats.closed += 1;
+    const now = Date.now();
+    if (this.closing === null) {
+      this.log.warn(
+        `closing connection from ${entry.address} for worker ${index}: ${why}; further connections closed unserved ` +
+          'are counted, and summed up when none was for a second'
+      );
+      this.closing = { since: now, last: now, perSource: 0, noWorker: 0 };
+    }
+    this.closing.last = now;
+    this.closing[reason] += 1;
+  }
+
+  /** Ends an episode of closed connections a second after the last one, with their count. */
+  endClosingEpisode() {
+    const closing = this.closing;
+    if (closing === null || Date.now() - closing.last < 1000) return;
+    this.closing = null;
+    this.log.warn(
+      `closed ${closing.perSource + closing.noWorker} connections unserved over ${((closing.last - closing.since) / 1000).toFixed(1)}s: ` +
+        `${closing.perSource} past queue.perSource, ${closing.noWorker} with no ready worker that had room`
+    );
   }
 
   /** Every tick: connections that waited longer than queue.maxWait for their worker go to the next ready one. */
   expireQueues() {
+    this.endClosingEpisode();
     const now = Date.now();
     for (const slot of this.slots) {
       const expired = () => slot.queue.length > 0 && now - slot.queue[0].arrived >= this.settings.queue.maxWait;
       if (!expired()) continue;
       this.reportStuck(slot, 'connections waiting longer than queue.maxWait go to other workers');
       const due = [];
-      while (expired()) due.push(slot.queue.shift().socket);
-      for (const socket of due) this.redirect(slot.index, socket, 'it was not ready within queue.maxWait');
+      while (expired()) due.push(slot.queue.shift());
+      for (const entry of due) this.redirect(slot.index, entry, 'it was not ready within queue.maxWait');
     }
   }
 
   /** Closes and counts every connection waiting for `slot`. */
   closeQueue(slot) {
-    for (const { socket } of slot.queue) socket.destroy();
+    for (const entry of slot.queue) {
+      this.release(entry);
+      entry.socket.destroy();
+    }
     this.stats.closed += slot.queue.length;
     slot.queue = [];
   }

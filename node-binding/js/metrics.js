@@ -1,7 +1,7 @@
 'use strict';
 // The JavaScript master's Prometheus page: the families of core/src/metrics.rs that apply to it, under
 // the same names (routed, queue depth, readiness per worker; redirected, closed, revivals, recovered,
-// reload failures), so
+// reload failures, queue.perSource), so
 // one dashboard reads either implementation.
 
 const http = require('http');
@@ -13,8 +13,9 @@ function family(name, kind, help, values) {
   return lines.join('\n');
 }
 
-/** The page for `workers` ([{ routed, queued, ready }]) and the master's counters. */
-function render(workers, { redirected, closed, revivals, recovered, reloadFailures }) {
+/** The page for `workers` ([{ routed, queued, ready }]), the master's counters and `perSource`
+ * ({ limit, busiest, closed }: queue.perSource). */
+function render(workers, { redirected, closed, revivals, recovered, reloadFailures }, perSource) {
   const perWorker = (pick) => workers.map((worker, index) => [index, pick(worker)]);
   return (
     [
@@ -45,6 +46,24 @@ function render(workers, { redirected, closed, revivals, recovered, reloadFailur
         'counter',
         'Reloads given up because a successor could not start or get ready; the old workers kept serving.',
         [[null, reloadFailures]]
+      ),
+      family(
+        'sticky_cluster_queue_per_source_limit',
+        'gauge',
+        'queue.perSource: connections of one client address that may wait in the master at once.',
+        [[null, perSource.limit]]
+      ),
+      family(
+        'sticky_cluster_queue_per_source_busiest',
+        'gauge',
+        'The most connections one client address has waiting in the master now.',
+        [[null, perSource.busiest]]
+      ),
+      family(
+        'sticky_cluster_connections_per_source_closed_total',
+        'counter',
+        'Connections closed unserved because their address had queue.perSource connections waiting.',
+        [[null, perSource.closed]]
       ),
     ].join('\n') + '\n'
   );

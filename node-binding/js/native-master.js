@@ -25,6 +25,7 @@ function addonOptions(settings, command, env) {
     backlog: settings.backlog,
     queueLimit: settings.queue.limit,
     queueMaxWaitMs: settings.queue.maxWait,
+    queuePerSource: settings.queue.perSource,
     metricsHost: settings.metrics ? settings.metrics.host : undefined,
     metricsPort: settings.metrics ? settings.metrics.port : undefined,
   };

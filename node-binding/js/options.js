@@ -64,14 +64,19 @@ function normalizeOptions(options) {
   return settings;
 }
 
-/** `queue: { limit, maxWait }`: how many connections may wait for one worker, and for how long (ms). */
+/** `queue: { limit, maxWait, perSource }`: how many connections may wait for one worker, for how long
+ * (ms), and how many from one client address over every worker's queue. */
 function normalizeQueue(queue) {
   if (queue === undefined || queue === null) queue = {};
   if (typeof queue !== 'object') {
     throw new TypeError(`sticky-cluster-native: options.queue must be an object { limit, maxWait }, got ${util.inspect(queue)}`);
   }
-  const settings = { limit: queue.limit || defaults.queueLimit, maxWait: queue.maxWait || defaults.queueMaxWaitMs };
-  for (const name of ['limit', 'maxWait']) {
+  const settings = {
+    limit: queue.limit || defaults.queueLimit,
+    maxWait: queue.maxWait || defaults.queueMaxWaitMs,
+    perSource: queue.perSource || defaults.queuePerSource,
+  };
+  for (const name of ['limit', 'maxWait', 'perSource']) {
     if (typeof settings[name] !== 'number') {
       throw new TypeError(`sticky-cluster-native: options.queue.${name} must be a number, got ${util.inspect(queue[name])}`);
     }

@@ -33,6 +33,7 @@ function rules(settings) {
     ['backlog', settings.backlog, { whole: true, min: 1, max: MAX_BACKLOG }],
     ['queue.limit', settings.queue.limit, { whole: true, min: 1, max: MAX_COUNT }],
     ['queue.maxWait', settings.queue.maxWait, { whole: false, min: 0, max: defaults.maxHardShutdownDelayMs }],
+    ['queue.perSource', settings.queue.perSource, { whole: true, min: 1, max: MAX_COUNT }],
   ];
   if (settings.metrics) list.push(['metrics.port', settings.metrics.port, { whole: true, min: 0, max: 65535 }]);
   return list;

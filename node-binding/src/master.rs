@@ -49,6 +49,8 @@ pub struct ClusterOptions {
     pub queue_limit: Option<f64>,
     /// `queue.maxWait`: milliseconds a connection may wait for its worker before it goes to the next one.
     pub queue_max_wait_ms: Option<f64>,
+    /// `queue.perSource`: connections of one client address that may wait in the master at once.
+    pub queue_per_source: Option<f64>,
     /// The IP address of the Prometheus page (with `metricsPort`).
     pub metrics_host: Option<String>,
     /// The port of the Prometheus page (`GET /metrics`); none when absent.
@@ -265,6 +267,10 @@ fn config_from(options: ClusterOptions) -> napi::Result<Config> {
         None => defaults.queue_max_wait,
         Some(ms) => Duration::from_millis(bounded("queue.maxWait", ms, false, 0.0, MAX_DELAY_MS)? as u64),
     };
+    let queue_per_source = match options.queue_per_source {
+        None => defaults.queue_per_source,
+        Some(count) => bounded("queue.perSource", count, true, 1.0, MAX_COUNT)? as usize,
+    };
     let metrics = match options.metrics_port {
         None => None,
         Some(port) => {
@@ -292,6 +298,7 @@ fn config_from(options: ClusterOptions) -> napi::Result<Config> {
         backlog,
         queue_limit,
         queue_max_wait,
+        queue_per_source,
         metrics,
         port,
         host: options.host,

@@ -141,6 +141,7 @@ const BAD_OPTIONS = [
   [{ backlog: 2 ** 32 }, 'backlog: must be at most 4294967295, got 4294967296'],
   [{ queue: { limit: 0.5 } }, 'queue.limit: must be at least 1, got 0.5'],
   [{ queue: { maxWait: 2 ** 31 } }, 'queue.maxWait: must be at most 2147483647, got 2147483648'],
+  [{ queue: { perSource: 2.5 } }, 'queue.perSource: must be a whole number, got 2.5'],
   [{ metrics: { port: 65536 } }, 'metrics.port: must be at most 65535, got 65536'],
 ];
 
