@@ -6,33 +6,15 @@ mod support;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 use sticky_cluster::protocol::{recv_message, Message};
-use support::{client_address, clients_for, expected_index, Cluster};
+use support::{attach_worker, client_address, clients_for, expected_index, Attached, Cluster};
 
 const LONG: Duration = Duration::from_secs(30);
-
-struct Attached(Child);
-
-impl Drop for Attached {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn attach_worker(socket: &Path, index: Option<u32>) -> Attached {
-    let mut command = Command::new(support::test_worker());
-    command.env("STICKY_CLUSTER_SOCKET", socket).stdin(Stdio::null());
-    if let Some(index) = index {
-        command.env("STICKY_CLUSTER_WORKER_INDEX", index.to_string());
-    }
-    Attached(command.spawn().unwrap())
-}
 
 fn attach_cluster(concurrency: u32, extra: &str) -> (Cluster, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap().keep();

@@ -72,18 +72,27 @@ impl Cluster {
 
     /// Like [`Cluster::start`], letting the test adjust the master's command first.
     pub fn start_with(yaml: &str, adjust: impl FnOnce(&mut Command)) -> Cluster {
-        let mut cluster = Cluster::spawn(yaml, adjust);
+        Cluster::start_program(&binary(), yaml, adjust)
+    }
+
+    /// Starts the master without waiting for it to listen (for tests of start-up failures).
+    pub fn spawn(yaml: &str, adjust: impl FnOnce(&mut Command)) -> Cluster {
+        Cluster::spawn_program(&binary(), yaml, adjust)
+    }
+
+    /// Like [`Cluster::start_with`], with `program` as the master's binary (a copy, for upgrade tests).
+    pub fn start_program(program: &std::path::Path, yaml: &str, adjust: impl FnOnce(&mut Command)) -> Cluster {
+        let mut cluster = Cluster::spawn_program(program, yaml, adjust);
         let line = cluster.wait_for_log("listening on", Duration::from_secs(20));
         cluster.port = line.rsplit(':').next().unwrap().split_whitespace().next().unwrap().parse().unwrap();
         cluster
     }
 
-    /// Starts the master without waiting for it to listen (for tests of start-up failures).
-    pub fn spawn(yaml: &str, adjust: impl FnOnce(&mut Command)) -> Cluster {
+    fn spawn_program(program: &std::path::Path, yaml: &str, adjust: impl FnOnce(&mut Command)) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("cluster.yaml");
         std::fs::write(&config, config_text(yaml)).unwrap();
-        let mut command = Command::new(binary());
+        let mut command = Command::new(program);
         command.arg("--config").arg(&config).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         adjust(&mut command);
         let mut child = command.spawn().unwrap();
@@ -241,6 +250,26 @@ impl Drop for Cluster {
             let _ = child.wait();
         }
     }
+}
+
+/// A worker started outside the master (attach mode), killed when dropped.
+pub struct Attached(pub Child);
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the test worker to dial the attach socket at `socket`, claiming `index` (or any free one).
+pub fn attach_worker(socket: &std::path::Path, index: Option<u32>) -> Attached {
+    let mut command = Command::new(test_worker());
+    command.env("STICKY_CLUSTER_SOCKET", socket).stdin(Stdio::null());
+    if let Some(index) = index {
+        command.env("STICKY_CLUSTER_WORKER_INDEX", index.to_string());
+    }
+    Attached(command.spawn().unwrap())
 }
 
 /// Connects from `client` (port chosen by the kernel) to `server`.
