@@ -17,6 +17,7 @@ pub mod protocol;
 /// Kernel routing: the `SO_REUSEPORT` group and the classic BPF program that computes the routing hash.
 pub mod reuseport;
 pub mod supervisor;
+pub mod upgrade;
 pub mod worker;
 
 pub use config::{Config, WorkerSource};

@@ -70,7 +70,7 @@ impl Master {
         let generation = slot.generation + 1;
         let channel = WorkerChannel::open(channel, &self.events, index, generation)?;
         slot.generation = generation;
-        Ok(Process::new(generation, pid, spawned, channel, worker_end))
+        Ok(Process::new(generation, pid, spawned, Some(channel), worker_end))
     }
 
     pub(super) fn on_message(&mut self, index: u32, generation: u64, message: Message) {
