@@ -8,6 +8,7 @@
 //! them and calls `execve` itself: the pid stays the one the master supervises.
 
 pub mod exec;
+pub mod readiness;
 
 use serde::Deserialize;
 
@@ -102,6 +103,12 @@ pub fn validate(config: &Config, origin: &str) -> Result<(), Error> {
         }
     }
     if let WorkerSource::Spawn { command, .. } = &config.workers {
+        if let Some(unknown) = command.iter().find_map(|argument| unknown_placeholder(argument)) {
+            return refuse(format!(
+                "worker.command: unknown placeholder {unknown} (known: {{index}}, {{concurrency}}, {{backlog}}, \
+                 {{listen_fd}})"
+            ));
+        }
         if !kernel && command.iter().any(|argument| argument.contains("{listen_fd}")) {
             return refuse(
                 "worker.command: {listen_fd} is the worker's own listener, which only `routing: kernel` gives".into(),
@@ -111,16 +118,22 @@ pub fn validate(config: &Config, origin: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// Whether `argument` names a placeholder this version does not know (a typo such as `{idx}`): kept as
-/// written, but worth a warning.
+/// A `{name}` in `argument` that looks like a placeholder but is none this version knows (a typo such
+/// as `{idx}`); a shell's `${name}` is left alone.
 pub fn unknown_placeholder(argument: &str) -> Option<&str> {
-    let start = argument.find('{')?;
-    let end = start + argument[start..].find('}')?;
-    let candidate = &argument[start..=end];
-    let known = PLACEHOLDERS.contains(&candidate);
-    let looks_like_one =
-        candidate.len() > 2 && candidate[1..candidate.len() - 1].bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
-    (!known && looks_like_one).then_some(candidate)
+    let mut from = 0;
+    while let Some(start) = argument[from..].find('{').map(|found| from + found) {
+        let length = argument[start..].find('}')?;
+        let candidate = &argument[start..=start + length];
+        let name = &candidate[1..candidate.len() - 1];
+        let shell = argument[..start].ends_with('$');
+        let looks_like_one = !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+        if looks_like_one && !shell && !PLACEHOLDERS.contains(&candidate) {
+            return Some(candidate);
+        }
+        from = start + 1;
+    }
+    None
 }
 
 #[cfg(test)]
@@ -144,6 +157,8 @@ mod tests {
         assert_eq!(unknown_placeholder("{index}"), None);
         assert_eq!(unknown_placeholder("{\"json\": 1}"), None);
         assert_eq!(unknown_placeholder("plain"), None);
+        assert_eq!(unknown_placeholder("exec w --fd ${fd}"), None);
+        assert_eq!(unknown_placeholder("{index}-{indx}"), Some("{indx}"));
     }
 
     fn config(yaml: &str) -> Result<Config, Error> {
