@@ -4,6 +4,8 @@
 //! - `TEST_INIT_DELAY_MS`: sleep before `ready()` (only for `TEST_SLOW_INDEX` when that is set)
 //! - `TEST_CRASH`: exit with status 3 right after joining
 //! - `TEST_IGNORE_TERM`: ignore SIGTERM and the shutdown message (for hard-shutdown tests)
+//! - `TEST_STOP_ON_TERM`: on SIGTERM, `stop_accepting()` and serve what still arrives, then exit 0 (a
+//!   worker signalled by someone else than the master: systemd's default kill mode, a pod's stop)
 //! - `TEST_MARKER_DIR`: create `<dir>/started-<pid>` at start
 //! - `TEST_ACCEPT_PAUSE_MS`: after `ready()`, wait that long before accepting (only `TEST_SLOW_INDEX` when set)
 //! - `TEST_SERVE_INTERVAL_MS`: serve one connection at a time, pausing that long after each
@@ -78,6 +80,8 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         if faulty { std::env::var("TEST_EXIT_AFTER").ok().and_then(|v| v.parse().ok()) } else { None };
     let serve_interval: Option<u64> = std::env::var("TEST_SERVE_INTERVAL_MS").ok().and_then(|v| v.parse().ok());
     let ignore_term = env_flag("TEST_IGNORE_TERM");
+    let stop_on_term = env_flag("TEST_STOP_ON_TERM");
+    let mut stopping = false;
     let mut terminate = signal(SignalKind::terminate())?;
     let slow_index: Option<u32> = std::env::var("TEST_SLOW_INDEX").ok().and_then(|v| v.parse().ok());
     let delay: u64 = std::env::var("TEST_INIT_DELAY_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
@@ -126,8 +130,14 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
                 Err(Error::Shutdown | Error::ChannelClosed) => break,
                 Err(error) => return Err(error.into()),
             },
-            _ = terminate.recv() => {
+            _ = terminate.recv(), if !stopping => {
                 if ignore_term {
+                    continue;
+                }
+                if stop_on_term {
+                    // What the master already sent still arrives; then accept reports the end.
+                    worker.stop_accepting()?;
+                    stopping = true;
                     continue;
                 }
                 while let Ok(connection) = worker.try_accept() {

@@ -7,7 +7,7 @@
 //! | --- | --- |
 //! | 0..2 | magic `SC` |
 //! | 2 | protocol version ([`PROTOCOL_VERSION`]) |
-//! | 3 | kind: 1 hello, 2 ready, 3 connection, 4 shutdown, 5 welcome, 6 refused, 7 listener, 8 channel |
+//! | 3 | kind: 1 hello, 2 ready, 3 connection, 4 shutdown, 5 welcome, 6 refused, 7 listener, 8 channel, 9 stopping, 10 stopped |
 //! | 4.. | body |
 //!
 //! Bodies: hello `index u32, pid u32` (index `u32::MAX` = any free index, attach mode only); ready: empty;
@@ -18,8 +18,16 @@
 //! the worker never received survives its death, and the attach connection stays open only to tell the
 //! master when the worker is gone); listener: empty, with exactly one fd (`routing: kernel`, attach mode: the
 //! worker's `SO_REUSEPORT` listener, sent just before the welcome so the worker has it when the welcome
-//! arrives). Worker→master: hello, ready. Master→worker: listener, welcome, channel, refused (attach mode),
-//! connection, shutdown.
+//! arrives); stopping, stopped: empty. Worker→master: hello, ready, stopping. Master→worker: listener,
+//! welcome, channel, refused (attach mode), connection, shutdown, stopped.
+//!
+//! A worker that stops taking connections on its own (`Worker::stop_accepting`, e.g. on a SIGTERM that did
+//! not come from the master) says **stopping** and keeps reading its channel: the master routes nothing
+//! more to it (this index's connections wait for its successor, started at once in spawn mode), answers
+//! **stopped** after the last connection it ever sent on that channel, and never treats the worker as
+//! broken for draining. Everything before `stopped` is the worker's to serve; if it dies first, what it
+//! never received is taken back and served by its successor. The JavaScript implementation's `draining`
+//! message (node-binding/js/protocol.js) makes the same promises.
 
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -81,6 +89,10 @@ pub enum Message {
     Channel,
     /// Master→worker (attach, `routing: kernel`): the worker's listener; its fd travels with this message.
     Listener,
+    /// Worker→master: route nothing more to me; I serve what is already in my channel, then exit.
+    Stopping,
+    /// Master→worker, after `Stopping`: nothing follows on this channel but, maybe, a shutdown.
+    Stopped,
 }
 
 /// A message together with the fd that arrived with it ([`Message::Connection`] and [`Message::Listener`]).
@@ -103,6 +115,8 @@ impl Message {
             Message::Refused { .. } => 6,
             Message::Channel => 8,
             Message::Listener => 7,
+            Message::Stopping => 9,
+            Message::Stopped => 10,
         }
     }
 
@@ -117,7 +131,7 @@ impl Message {
                 bytes.extend_from_slice(&index.to_le_bytes());
                 bytes.extend_from_slice(&pid.to_le_bytes());
             }
-            Message::Ready | Message::Channel | Message::Listener => {}
+            Message::Ready | Message::Channel | Message::Listener | Message::Stopping | Message::Stopped => {}
             Message::Connection { peer, local } => {
                 encode_address(&mut bytes, peer);
                 encode_address(&mut bytes, local);
@@ -171,6 +185,8 @@ impl Message {
             6 => Ok(Message::Refused { reason: String::from_utf8_lossy(body).into_owned() }),
             8 => exact(0, "channel").map(|_| Message::Channel),
             7 => exact(0, "listener").map(|_| Message::Listener),
+            9 => exact(0, "stopping").map(|_| Message::Stopping),
+            10 => exact(0, "stopped").map(|_| Message::Stopped),
             kind => Err(Error::Protocol(format!("unknown message kind {kind}"))),
         }
     }
@@ -296,6 +312,8 @@ fn message_name(message: &Message) -> &'static str {
         Message::Refused { .. } => "refused",
         Message::Channel => "channel",
         Message::Listener => "listener",
+        Message::Stopping => "stopping",
+        Message::Stopped => "stopped",
     }
 }
 
@@ -360,6 +378,9 @@ mod tests {
             Message::Welcome { index: 7, concurrency: 8 },
             Message::Refused { reason: "index 2 is already attached".into() },
             Message::Channel,
+            Message::Listener,
+            Message::Stopping,
+            Message::Stopped,
         ];
         for message in messages {
             assert_eq!(Message::decode(&message.encode()).unwrap(), message);

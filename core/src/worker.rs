@@ -57,6 +57,10 @@ pub struct Worker {
     /// Attach mode: the connection to the master's attach socket, held open for this process's lifetime.
     attach_link: Option<OwnedFd>,
     ready_sent: AtomicBool,
+    /// [`Worker::stop_accepting`] told the master.
+    stopping: AtomicBool,
+    /// The master's `stopped` arrived: nothing more comes on the channel.
+    stopped: AtomicBool,
     shutdown_deadline_ms: AtomicU64,
     /// `routing: kernel`: this worker's listener.
     kernel: Option<KernelListener>,
@@ -167,6 +171,8 @@ impl Worker {
             channel,
             attach_link: None,
             ready_sent: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
             shutdown_deadline_ms: AtomicU64::new(NOT_SHUTTING_DOWN),
             async_channel: OnceLock::new(),
             kernel: None,
@@ -226,15 +232,25 @@ impl Worker {
             if self.shutdown_deadline_ms().is_some() {
                 return Ok(());
             }
+            if self.stopped.load(Ordering::SeqCst) {
+                return Err(Error::ChannelClosed);
+            }
             let received = recv_message(self.channel.as_fd(), false)?;
             match received.message {
                 Message::Shutdown { deadline_ms } => {
                     self.shutdown_deadline_ms.store(deadline_ms.min(NOT_SHUTTING_DOWN - 1), Ordering::SeqCst);
                 }
                 Message::Welcome { .. } => {}
+                Message::Stopped => return Err(self.stopped_for_good()),
                 other => return Err(Error::Protocol(format!("unexpected message from the master: {other:?}"))),
             }
         }
+    }
+
+    /// The master's `stopped` arrived: from now on every receive reports the end of the channel.
+    fn stopped_for_good(&self) -> Error {
+        self.stopped.store(true, Ordering::SeqCst);
+        Error::ChannelClosed
     }
 
     /// Milliseconds the master granted for draining, once it has asked this worker to shut down.
@@ -264,13 +280,21 @@ impl Worker {
 
     /// Stops taking connections, from any thread: a blocked or later `accept` still gets what the
     /// channel (with `routing: kernel`, the accept queue) already holds, then [`Error::ChannelClosed`]. The
-    /// master queues this index's next connections (and revives or redirects as usual).
+    /// master is told (a `stopping` message): it routes nothing more here, queues this index's next
+    /// connections for its successor, and answers `stopped` after the last one it sent. Calling it again
+    /// does nothing.
     pub fn stop_accepting(&self) -> Result<()> {
         if let Some(kernel) = &self.kernel {
             kernel.stopped.store(true, Ordering::SeqCst);
         }
-        socket::shutdown(self.channel.as_raw_fd(), socket::Shutdown::Read)
-            .map_err(|e| Error::io("shut the channel's read side", e))
+        if self.stopping.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        match self.send(&Message::Stopping) {
+            // A master that is gone has nothing more to send either.
+            Ok(()) | Err(Error::ChannelClosed) => Ok(()),
+            Err(error) => Err(error),
+        }
     }
 
     /// Takes a connection that is already waiting, never blocking (whatever the channel fd's mode):
@@ -322,6 +346,9 @@ impl Worker {
         if self.shutdown_deadline_ms().is_some() {
             return Err(Error::Shutdown);
         }
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err(Error::ChannelClosed);
+        }
         loop {
             let received = receive()?;
             match (received.message, received.fd) {
@@ -337,6 +364,7 @@ impl Worker {
                     return Err(Error::Shutdown);
                 }
                 (Message::Welcome { .. }, _) => continue,
+                (Message::Stopped, _) => return Err(self.stopped_for_good()),
                 (other, _) => return Err(Error::Protocol(format!("unexpected message from the master: {other:?}"))),
             }
         }
@@ -409,7 +437,7 @@ fn inherited_socket(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::send_message;
+    use crate::protocol::{recv_message, send_message};
     use nix::sys::socket::socketpair;
 
     /// A handoff-mode worker of index 0 and the master's end of its channel (also for `kernel`'s tests).
@@ -431,8 +459,14 @@ mod tests {
         let (worker, master) = worker_and_master();
         send_connection(&master);
         worker.stop_accepting().unwrap();
+        worker.stop_accepting().unwrap();
+        // The master hears it once, and answers after the last connection it sent.
+        assert_eq!(recv_message(master.as_fd(), true).unwrap().message, Message::Stopping);
+        assert!(matches!(recv_message(master.as_fd(), true), Err(Error::WouldBlock)));
+        send_message(master.as_fd(), &Message::Stopped, None, false).unwrap();
         assert!(worker.accept_blocking().is_ok(), "the connection already in the channel still arrives");
         assert!(matches!(worker.accept_blocking(), Err(Error::ChannelClosed)));
+        assert!(matches!(worker.try_accept(), Err(Error::ChannelClosed)), "the end sticks");
     }
 
     #[test]

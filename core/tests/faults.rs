@@ -179,3 +179,30 @@ fn every_malformed_datagram_class_ends_the_worker_and_its_index_is_revived() {
         assert_eq!(stopped_counter(&mut cluster, "closed"), 0, "{class}");
     }
 }
+
+#[test]
+fn a_worker_stopped_from_outside_finishes_its_work_and_loses_nothing() {
+    // systemd's default kill mode (and a pod's stop) signals every process: the worker gets SIGTERM from
+    // someone else than the master, stops accepting and serves what it holds while clients keep coming.
+    let cluster = Cluster::start("concurrency: 1\nenv:\n  TEST_STOP_ON_TERM: '1'\n");
+    let old_pid = cluster.get(Ipv4Addr::new(127, 4, 0, 1), "/").unwrap()["pid"].as_u64().unwrap();
+    let lists = (0..4u8).map(|t| (1..=20u8).map(|i| Ipv4Addr::new(127, 4, t + 1, i)).collect()).collect();
+    let load = support::SteadyLoad::start(server(&cluster), "/sleep/100", lists);
+    std::thread::sleep(Duration::from_millis(400));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old_pid as i32), Signal::SIGTERM).unwrap();
+    cluster.wait_for_log("stopped taking connections", LONG);
+    cluster.wait_for_log(&format!("worker 0 (pid {old_pid}) stopped (exit status 0)"), LONG);
+    std::thread::sleep(Duration::from_millis(400));
+    let (served, failed) = load.stop();
+    let log = cluster.log().join("\n");
+    eprintln!(
+        "figures: worker stopped from outside under load: sent {}, served {served}, lost {failed}",
+        served + failed
+    );
+    assert_eq!(failed, 0, "a draining worker is not killed and nothing is lost:\n{log}");
+    assert!(served > 20, "{served}");
+    assert!(!log.contains("ending it"), "the draining worker was taken for a broken one:\n{log}");
+    let after = cluster.get(Ipv4Addr::new(127, 4, 0, 1), "/").unwrap();
+    assert_eq!(after["worker"], 0);
+    assert_ne!(after["pid"].as_u64(), Some(old_pid), "its successor serves the index");
+}

@@ -6,9 +6,9 @@ use std::time::Instant;
 
 use tracing::{debug, warn};
 
+use super::slot::WorkerSlot;
+use super::Master;
 use crate::hash::{node_peer_text, peer_index};
-
-use super::*;
 
 /// A client connection on its way to a worker.
 #[derive(Debug)]
@@ -30,13 +30,13 @@ impl Master {
     /// take now; past the bound it goes to the next ready worker.
     pub(super) fn deliver(&mut self, index: u32, handoff: Handoff) {
         let limit = self.config.queue_limit;
-        let shutting_down = self.shutdown_deadline.is_some();
+        let running = self.running();
         let Some(slot) = self.slots.get_mut(index as usize) else {
             return self.redirect(index, handoff, "no such worker");
         };
-        if slot.queue.len() < limit && !shutting_down {
+        if slot.queue.len() < limit && running {
             slot.queue.push_back(handoff);
-            if slot.state == SlotState::Ready {
+            if slot.life.is_ready() {
                 self.flush(index);
             }
         } else {
@@ -52,10 +52,10 @@ impl Master {
         let limit = self.config.queue_limit;
         let next_ready = (1..concurrency).map(|step| (from + step) % concurrency).find(|&index| {
             let slot = &self.slots[index as usize];
-            slot.state == SlotState::Ready && slot.queue.len() < limit
+            slot.life.is_ready() && slot.queue.len() < limit
         });
         match next_ready {
-            Some(index) if self.shutdown_deadline.is_none() => {
+            Some(index) if self.running() => {
                 self.stats.redirected += 1;
                 handoff.arrived = Instant::now();
                 debug!("connection {} for worker {from} goes to worker {index}: {why}", handoff.peer.ip());

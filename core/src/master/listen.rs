@@ -9,11 +9,11 @@ use tokio::io::unix::AsyncFd;
 use tokio::time::Instant as TokioInstant;
 use tracing::{info, warn};
 
+use super::handoff::Handoff;
+use super::{Event, Master};
 use crate::client_address::header_wait::{Admission, Identified};
 use crate::config::{Config, Routing};
 use crate::error::{Error, Result};
-
-use super::*;
 
 /// What [`bind`] made: the master's one client listener (handoff) or the kernel's listener group.
 #[derive(Debug)]
@@ -145,19 +145,11 @@ impl Master {
             .map(|slot| crate::metrics::WorkerGauge {
                 routed: self.stats.routed[slot.index as usize],
                 queued: slot.queue.len(),
-                ready: slot.state == SlotState::Ready,
+                ready: slot.life.is_ready(),
             })
             .collect();
         let header_wait = self.header_wait.gauge();
-        let mut page = crate::metrics::render(
-            &workers,
-            self.stats.redirected,
-            self.stats.closed,
-            self.stats.revivals,
-            self.stats.recovered,
-            &header_wait,
-            self.handshakes.active(),
-        );
+        let mut page = crate::metrics::render(&workers, &self.stats, &header_wait, self.handshakes.active());
         page += &self.accept_queue_metrics();
         for (stream, _) in scrapes {
             self.scrapes.serve(stream, page.clone());

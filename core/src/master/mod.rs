@@ -1,18 +1,20 @@
 //! The master: listen, accept, hash the client address, and hand each socket to its worker's channel;
 //! queue for workers that are not ready, revive dead ones under the same index, and shut down in order.
+//!
+//! `run` is the story; each owner of state has its file: `slot` (an index's queue and its worker's life),
+//! `channel` (writing to and reading from workers), `handoff` (routing), `listen` (client and metrics
+//! listeners), `workers` (starting, exits, revival), `attach` (workers that dial in), `reload`, `kernel`.
 
+mod attach;
+mod channel;
 mod handoff;
 mod kernel;
 mod listen;
 mod reload;
-mod slots;
-mod supervision;
+mod slot;
+mod workers;
 
-use handoff::*;
-use listen::*;
 pub use listen::{bind, Listener};
-use slots::*;
-use supervision::*;
 
 use std::collections::VecDeque;
 use std::io;
@@ -21,7 +23,6 @@ use std::os::fd::OwnedFd;
 use std::process::ExitStatus;
 use std::time::Duration;
 
-use nix::errno::Errno;
 use nix::sys::signal::Signal;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -31,7 +32,9 @@ use tracing::{debug, info, warn};
 use crate::config::{Config, WorkerSource};
 use crate::error::{Error, Result};
 use crate::protocol::Message;
-use crate::supervisor::signal_worker;
+use handoff::Handoff;
+use listen::{accept_batch, bind_one};
+use slot::{PendingShutdown, Process, WorkerSlot};
 
 /// What the caller asks of a running master: to stop, or to take a new configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,10 +66,23 @@ pub struct Stats {
     pub redirected: u64,
     /// Connections closed without being served (no ready worker in time, or shutdown).
     pub closed: u64,
-    /// Worker processes started again after one died.
+    /// Worker processes started again after one died or stopped.
     pub revivals: u64,
     /// Connections taken back from a dead worker's channel (sent, never received) and served again.
     pub recovered: u64,
+    /// Reloads given up because a successor could not start; the old workers kept serving.
+    pub reload_failures: u64,
+}
+
+/// Where the master is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Accepting and routing; dead workers are revived.
+    Running,
+    /// The listener is closed and workers finish; the rest are killed at `deadline`.
+    Draining { deadline: TokioInstant },
+    /// Every worker was killed (or cut loose); the master waits for their exits.
+    Killed,
 }
 
 /// What the master's tasks report to its one event loop.
@@ -96,12 +112,15 @@ enum Event {
         index: u32,
         generation: u64,
     },
+    /// The back-off after the exit of the index's worker of `generation` is over.
     Revive {
         index: u32,
         generation: u64,
     },
     Attached(crate::attach::Claim),
-    RetireDeadline {
+    /// `hardShutdownDelay` after a reload asked the process of `generation` to start (a successor: it
+    /// must be ready by now) or to stop (a retiring worker: it must be gone by now).
+    ReloadDeadline {
         index: u32,
         generation: u64,
     },
@@ -116,9 +135,11 @@ enum Event {
 
 struct Master {
     config: Config,
+    phase: Phase,
     /// Attach mode: the socket workers dial (its options are in `config.workers`).
     attach_socket: Option<AsyncFd<OwnedFd>>,
     slots: Vec<WorkerSlot>,
+    /// The client listener (handoff routing), closed when the master stops running.
     listener: Option<AsyncFd<TcpListener>>,
     /// The client listener's own address, sent as each connection's local address: one `getsockname`
     /// per connection fewer in the master; a worker reads its connection's exact one itself.
@@ -132,11 +153,11 @@ struct Master {
     stats: Stats,
     accept_paused_until: Option<TokioInstant>,
     accept_backoff: Duration,
-    shutdown_deadline: Option<TokioInstant>,
-    hard_killed: bool,
-    /// Indexes still to restart for a reload, and the one restarting now.
+    /// A reload's rolling restart: indexes still to restart, the one whose successor starts now, and
+    /// the configuration to go back to if a successor cannot start.
     restarts_pending: VecDeque<u32>,
     restarting: Option<u32>,
+    before_reload: Option<Box<Config>>,
     /// Connections from trusted proxies waiting for their header.
     header_wait: crate::client_address::header_wait::HeaderWait,
     scrapes: crate::metrics::ScrapeLimit,
@@ -194,6 +215,7 @@ pub async fn run(config: Config, listener: impl Into<Listener>, mut stop: Unboun
         scrapes: crate::metrics::ScrapeLimit::default(),
         handshakes: crate::attach::Handshakes::default(),
         config,
+        phase: Phase::Running,
         attach_socket,
         listener,
         listen_address: address,
@@ -202,10 +224,9 @@ pub async fn run(config: Config, listener: impl Into<Listener>, mut stop: Unboun
         events,
         accept_paused_until: None,
         accept_backoff: Duration::ZERO,
-        shutdown_deadline: None,
-        hard_killed: false,
         restarts_pending: VecDeque::new(),
         restarting: None,
+        before_reload: None,
     };
     info!("listening on {address} with {concurrency} workers");
     let spawned_workers = if master.spawns() { concurrency } else { 0 };
@@ -222,7 +243,10 @@ pub async fn run(config: Config, listener: impl Into<Listener>, mut stop: Unboun
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let paused = master.accept_paused_until;
-        let deadline = master.shutdown_deadline;
+        let deadline = match master.phase {
+            Phase::Draining { deadline } => Some(deadline),
+            Phase::Running | Phase::Killed => None,
+        };
         tokio::select! {
             batch = accept_batch(master.listener.as_ref()), if paused.is_none() && master.listener.is_some() => {
                 master.on_accepted(batch);
@@ -231,7 +255,7 @@ pub async fn run(config: Config, listener: impl Into<Listener>, mut stop: Unboun
             scrapes = accept_batch(master.metrics.as_ref()), if paused.is_none() && master.metrics.is_some() => {
                 master.on_scrapes(scrapes);
             }
-            dialed = accept_worker(master.attach_socket.as_ref()), if master.attach_socket.is_some() => {
+            dialed = attach::accept_worker(master.attach_socket.as_ref()), if master.attach_socket.is_some() => {
                 master.on_dialed(dialed);
             }
             request = stop.recv(), if stop_open => match request {
@@ -242,12 +266,12 @@ pub async fn run(config: Config, listener: impl Into<Listener>, mut stop: Unboun
             _ = sleep_until(paused.unwrap_or_else(TokioInstant::now)), if paused.is_some() => {
                 master.accept_paused_until = None;
             }
-            _ = sleep_until(deadline.unwrap_or_else(TokioInstant::now)), if deadline.is_some() && !master.hard_killed => {
+            _ = sleep_until(deadline.unwrap_or_else(TokioInstant::now)), if deadline.is_some() => {
                 warn!("hardShutdownDelay of {:?} passed: killing the remaining workers", master.config.hard_shutdown_delay);
                 master.kill_all();
             }
         }
-        if master.shutdown_deadline.is_some() && master.slots.iter().all(|slot| !slot.alive) {
+        if master.phase != Phase::Running && master.slots.iter().all(WorkerSlot::is_empty) {
             break;
         }
     }
@@ -264,7 +288,7 @@ pub async fn run(config: Config, listener: impl Into<Listener>, mut stop: Unboun
         stats.revivals,
         stats.recovered
     );
-    Ok(Outcome { graceful: !master.hard_killed, stats })
+    Ok(Outcome { graceful: master.phase != Phase::Killed, stats })
 }
 
 /// Lifts the soft open-file limit to the hard one: queued connections hold fds in the master.
@@ -283,6 +307,17 @@ impl Master {
         matches!(self.config.workers, WorkerSource::Spawn { .. })
     }
 
+    /// Accepting, routing and reviving (not shutting down).
+    fn running(&self) -> bool {
+        self.phase == Phase::Running
+    }
+
+    /// The process of `generation` of worker `index`, if it is still one of the index's (events about a
+    /// process that is gone are stale).
+    fn process_of(&mut self, index: u32, generation: u64) -> Option<&mut Process> {
+        self.slots.get_mut(index as usize)?.process_mut(generation)
+    }
+
     fn on_event(&mut self, event: Event) {
         match event {
             Event::Message { index, generation, message } => self.on_message(index, generation, message),
@@ -293,64 +328,41 @@ impl Master {
                 self.stats.closed += 1;
                 debug!("connection from {peer} closed while its client address was read: {reason}");
             }
-            Event::RetireDeadline { index, generation } => {
-                let Some(slot) = self.slot_of(index, generation) else { return };
-                if slot.alive && slot.retiring {
-                    warn!(
-                        "worker {index} (pid {}) did not stop within hardShutdownDelay for the reload; killing it",
-                        slot.pid
-                    );
-                    signal_worker(slot.pid, Signal::SIGKILL);
-                }
-            }
+            Event::ReloadDeadline { index, generation } => self.on_reload_deadline(index, generation),
             Event::Exited { index, generation, status } => self.on_exit(index, generation, status),
             Event::Room { index, generation } => self.on_room(index, generation),
             Event::Detached { index, generation } => self.on_detached(index, generation),
-            Event::Revive { index, generation } => {
-                let shutting_down = self.shutdown_deadline.is_some();
-                let Some(slot) = self.slot_of(index, generation) else { return };
-                if !slot.alive && !shutting_down {
-                    self.stats.revivals += 1;
-                    if let Err(error) = self.start_worker(index) {
-                        self.start_failed(index, error);
-                    }
-                }
-            }
+            Event::Revive { index, generation } => self.on_revive(index, generation),
         }
     }
 
     fn on_stop(&mut self, request: Stop) {
-        match (request, self.shutdown_deadline) {
-            (Stop::Graceful, None) => {
+        match (request, self.phase) {
+            (Stop::Graceful, Phase::Running) => {
                 let delay = self.config.hard_shutdown_delay;
                 info!("shutting down: {} workers have {:?} to finish", self.config.concurrency, delay);
-                self.shutdown_deadline = Some(TokioInstant::now() + delay);
+                self.phase = Phase::Draining { deadline: TokioInstant::now() + delay };
                 self.listener = None;
                 let deadline_ms = delay.as_millis().min(u64::MAX as u128) as u64;
-                let spawned = self.spawns();
                 for index in 0..self.config.concurrency {
                     let slot = &mut self.slots[index as usize];
                     // A ready worker still gets what waits for room in its channel, then the shutdown;
                     // connections waiting for a worker that never became ready are closed.
-                    if slot.state != SlotState::Ready {
+                    if !slot.life.is_ready() {
                         self.stats.closed += slot.close_queue();
                     }
-                    let terminate = slot.alive && spawned;
-                    if slot.channel.is_some() {
-                        slot.pending_shutdown = Some(PendingShutdown { deadline_ms, terminate });
-                        self.flush(index);
-                    } else if terminate {
-                        signal_worker(slot.pid, Signal::SIGTERM);
+                    for process in slot.processes_mut() {
+                        process.farewell_shutdown(deadline_ms);
                     }
+                    self.flush(index);
                 }
             }
-            (Stop::Graceful, Some(_)) => {}
-            (Stop::Reload(_), Some(_)) => warn!("reload ignored: the cluster is shutting down"),
-            (Stop::Reload(config), None) => self.reload(*config),
-            (Stop::Hard, _) => {
+            (Stop::Graceful, _) => {}
+            (Stop::Reload(config), Phase::Running) => self.reload(*config),
+            (Stop::Reload(_), _) => warn!("reload ignored: the cluster is shutting down"),
+            (Stop::Hard, phase) => {
                 warn!("second signal: stopping at once");
-                if self.shutdown_deadline.is_none() {
-                    self.shutdown_deadline = Some(TokioInstant::now());
+                if phase == Phase::Running {
                     self.listener = None;
                 }
                 self.kill_all();
@@ -358,31 +370,60 @@ impl Master {
         }
     }
 
+    /// Kills every spawned worker and cuts attached ones loose; what waits for them is closed and counted.
     fn kill_all(&mut self) {
-        self.hard_killed = true;
-        let spawned = self.spawns();
-        for slot in &mut self.slots {
+        self.phase = Phase::Killed;
+        for index in 0..self.config.concurrency {
+            let slot = &mut self.slots[index as usize];
             self.stats.closed += slot.close_queue();
-            if slot.alive && spawned {
-                warn!("killing worker {} (pid {})", slot.index, slot.pid);
-                signal_worker(slot.pid, Signal::SIGKILL);
-            } else if slot.alive {
-                // Attached workers belong to another supervisor: cut them loose instead.
-                warn!("detaching worker {} (pid {}) that did not finish in time", slot.index, slot.pid);
-                // Down as well as channel-less: nothing may be sent to it any more.
-                slot.disconnect();
-                slot.alive = false;
+            for process in slot.processes() {
+                if process.spawned {
+                    warn!("killing worker {index} (pid {})", process.pid);
+                    crate::supervisor::signal_worker(process.pid, Signal::SIGKILL);
+                }
+            }
+            // Attached workers belong to another supervisor: cut them loose instead.
+            let attached: Vec<u64> =
+                slot.processes().filter(|process| !process.spawned).map(|process| process.generation).collect();
+            for generation in attached {
+                self.release_attached(index, generation, "did not finish in time; detached", false);
             }
         }
     }
 
     async fn wait_for_exits(&mut self, events: &mut UnboundedReceiver<Event>) {
-        self.shutdown_deadline.get_or_insert_with(TokioInstant::now);
-        while self.slots.iter().any(|slot| slot.alive) {
+        if self.phase == Phase::Running {
+            self.phase = Phase::Killed;
+        }
+        while !self.slots.iter().all(WorkerSlot::is_empty) {
             match events.recv().await {
                 Some(event) => self.on_event(event),
                 None => break,
             }
         }
     }
+}
+
+impl Process {
+    /// Owes this process the shutdown message (then SIGTERM when spawned), unless it already has it.
+    fn farewell_shutdown(&mut self, deadline_ms: u64) {
+        if self.shutdown_sent {
+            return;
+        }
+        self.shutdown_sent = true;
+        if self.channel.is_some() {
+            self.farewell.shutdown = Some(PendingShutdown { deadline_ms, terminate: self.spawned });
+        } else if self.spawned {
+            crate::supervisor::signal_worker(self.pid, Signal::SIGTERM);
+        }
+    }
+}
+
+/// Makes the loop hear about an event after `delay`.
+fn after(delay: Duration, events: &UnboundedSender<Event>, event: Event) {
+    let events = events.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        let _ = events.send(event);
+    });
 }
