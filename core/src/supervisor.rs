@@ -151,6 +151,12 @@ pub fn signal_worker(pid: u32, signal: Signal) {
     }
 }
 
+/// Kills what is left of a spawned worker's process group (it leads its own) once the worker itself is
+/// gone; true when something was still there.
+pub fn end_process_group(pid: u32) -> bool {
+    pid > 1 && nix::sys::signal::killpg(Pid::from_raw(pid as i32), Signal::SIGKILL).is_ok()
+}
+
 /// `exit status 3` or `signal 9 (SIGKILL)`, for logs.
 pub fn describe_exit(status: &ExitStatus) -> String {
     match (status.code(), status.signal()) {

@@ -62,11 +62,12 @@ impl ReadinessProbe {
         Ok(ReadinessProbe { inode: stat.st_ino, last_waiting: None })
     }
 
-    /// Looks once at worker `pid` and its listener: the first sign that it accepts, if any.
-    pub fn look(&mut self, pid: u32, listener: BorrowedFd<'_>) -> Option<Sign> {
+    /// Looks once at worker `pid` and its listener: the first sign that it accepts, if any. A queue
+    /// going down counts only when `queue_is_ours` (no other process accepts on the listener).
+    pub fn look(&mut self, pid: u32, listener: BorrowedFd<'_>, queue_is_ours: bool) -> Option<Sign> {
         let waiting = accept_queue(listener).ok().map(|queue| queue.waiting);
         let previous = std::mem::replace(&mut self.last_waiting, waiting);
-        if let (Some(from), Some(to)) = (previous, waiting) {
+        if let (Some(from), Some(to), true) = (previous, waiting, queue_is_ours) {
             if to < from {
                 return Some(Sign::Consumed { from, to });
             }
@@ -191,12 +192,12 @@ mod tests {
         let mut probe = ReadinessProbe::new(listener.as_fd()).unwrap();
         // `sleep` holds nothing of ours: no sign from it.
         let mut sleeper = Command::new("sleep").arg("30").stdin(Stdio::null()).spawn().unwrap();
-        assert_eq!(probe.look(sleeper.id(), listener.as_fd()), None);
+        assert_eq!(probe.look(sleeper.id(), listener.as_fd(), true), None);
         let clients: Vec<_> =
             (0..3).map(|_| std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap()).collect();
-        assert_eq!(probe.look(sleeper.id(), listener.as_fd()), None, "a growing queue is no sign");
+        assert_eq!(probe.look(sleeper.id(), listener.as_fd(), true), None, "a growing queue is no sign");
         let _accepted = listener.accept().unwrap();
-        assert_eq!(probe.look(sleeper.id(), listener.as_fd()), Some(Sign::Consumed { from: 3, to: 2 }));
+        assert_eq!(probe.look(sleeper.id(), listener.as_fd(), true), Some(Sign::Consumed { from: 3, to: 2 }));
         sleeper.kill().unwrap();
         sleeper.wait().unwrap();
         drop(clients);
@@ -214,7 +215,7 @@ mod tests {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let mut sign = None;
         while sign.is_none() && std::time::Instant::now() < deadline {
-            sign = probe.look(me, listener.as_fd());
+            sign = probe.look(me, listener.as_fd(), true);
             std::thread::yield_now();
         }
         assert_eq!(sign, Some(Sign::Accepting { pid: me }));
@@ -229,7 +230,7 @@ mod tests {
             let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
             assert_eq!(libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, fd, &mut event), 0);
             let mut fresh = ReadinessProbe::new(listener.as_fd()).unwrap();
-            assert_eq!(fresh.look(me, listener.as_fd()), Some(Sign::Polled { pid: me }));
+            assert_eq!(fresh.look(me, listener.as_fd(), false), Some(Sign::Polled { pid: me }));
             libc::close(epoll);
         }
     }
