@@ -5,6 +5,7 @@
 //! `channel` (writing to and reading from workers), `handoff` (routing), `listen` (client and metrics
 //! listeners), `workers` (starting, exits, revival), `attach` (workers that dial in), `reload`, `kernel`.
 
+mod activation;
 mod attach;
 mod channel;
 mod handoff;
@@ -262,7 +263,10 @@ pub async fn run(config: Config, listener: impl Into<Listener>, mut stop: Unboun
                 Some(request) => master.on_stop(request),
                 None => stop_open = false,
             },
-            _ = tick.tick() => master.expire_queues(),
+            _ = tick.tick() => {
+                master.expire_queues();
+                master.judge_readiness();
+            }
             _ = sleep_until(paused.unwrap_or_else(TokioInstant::now)), if paused.is_some() => {
                 master.accept_paused_until = None;
             }
