@@ -93,13 +93,14 @@ class Process:
 
 
 class Cluster(Process):
-    """sticky-cluster with `routing: kernel`, `worker.protocol: none` and the given server command."""
+    """sticky-cluster running `server_argv` with `flags` (by default `routing: kernel`, `worker.protocol:
+    none`), on a free port, with debug logs."""
 
-    def __init__(self, server_argv, concurrency=2, extra=(), env=None):
-        argv = [binary(), "--port", "0", "--routing", "kernel", "--protocol", "none",
-                "--concurrency", str(concurrency), "--debug", "--hard-shutdown-delay", "20s", *extra,
-                "--", *server_argv]
-        super().__init__(argv, env=env)
+    def __init__(self, server_argv, concurrency=2, flags=None, cwd=APP_DIR, env=None):
+        if flags is None:
+            flags = ["--routing", "kernel", "--protocol", "none", "--concurrency", str(concurrency)]
+        argv = [binary(), *flags, "--port", "0", "--debug", "--hard-shutdown-delay", "20s", "--", *server_argv]
+        super().__init__(argv, cwd=cwd, env=env)
         self.concurrency = concurrency
         self.port = int(self.wait_for(r"listening on \S+:(\d+) with")[0].group(1))
 

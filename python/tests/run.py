@@ -7,6 +7,8 @@ Usage: python3 python/tests/run.py [name-filter ...]       Ends with 'N passed, 
 
 import collections
 import os
+import shlex
+import shutil
 import signal
 import sys
 import tempfile
@@ -17,40 +19,60 @@ import traceback
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import crowd  # noqa: E402
-from cluster import Cluster, Process, free_port  # noqa: E402
+from cluster import APP_DIR, REPO, Cluster, Process, free_port  # noqa: E402
 
 SESSIONS = 220
 CONCURRENCY = 2
-CONTROL_DIR = tempfile.mkdtemp(prefix="sticky-cluster-gunicorn-")
+README = os.path.join(REPO, "README.md")
+# The app runs from a copy: gunicorn's control sockets (`gunicorn-{index}.ctl`) are made beside it.
+APP_COPY = tempfile.mkdtemp(prefix="sticky-cluster-python-app-")
+shutil.copy(os.path.join(APP_DIR, "app.py"), APP_COPY)
 
-# Each server: the command sticky-cluster runs once per index (the README's one-liners), and the same
-# app under the server's own workers on `port`, with the line each of its workers prints when it serves.
+
+def readme_one_liners():
+    """The README's socket-activation lines, as written there: {server: (master flags, server argv)}."""
+    with open(README) as file:
+        text = file.read()
+    section = text.split("## Any server: socket activation", 1)[1].split("\n## ", 1)[0]
+    lines = {}
+    for line in section.splitlines():
+        if line.startswith("    sticky-cluster "):
+            words = shlex.split(line)
+            split = words.index("--")
+            lines[words[split + 1]] = (words[1:split], words[split + 1:])
+    return lines
+
+
+ONE_LINERS = readme_one_liners()
+
+# Each server: the same app under the server's own workers on `port`, with the line each of its workers
+# prints when it serves.
 SERVERS = {
     "uvicorn": {
-        "activated": ["uvicorn", "app:app", "--fd", "{listen_fd}", "--backlog", "{backlog}",
-                      "--log-level", "warning"],
         "own_workers": lambda port: ["uvicorn", "app:app", "--host", "::", "--port", str(port),
                                      "--workers", str(CONCURRENCY)],
         "serving": r"Application startup complete",
     },
     "gunicorn": {
-        # One arbiter and one UvicornWorker per index; each index's own control socket.
-        "activated": ["gunicorn", "--worker-class", "uvicorn.workers.UvicornWorker", "--workers", "1",
-                      "--backlog", "{backlog}", "--control-socket",
-                      os.path.join(CONTROL_DIR, "gunicorn-{index}.ctl"), "--log-level", "warning",
-                      "app:app"],
         "own_workers": lambda port: ["gunicorn", "--worker-class", "uvicorn.workers.UvicornWorker",
                                      "--workers", str(CONCURRENCY), "--bind", "[::]:%d" % port,
                                      "--no-control-socket", "app:app"],
         "serving": r"Application startup complete",
     },
     "hypercorn": {
-        "activated": ["hypercorn", "--bind", "fd://{listen_fd}", "--backlog", "{backlog}", "app:app"],
         "own_workers": lambda port: ["hypercorn", "--workers", str(CONCURRENCY), "--bind",
                                      "[::]:%d" % port, "app:app"],
         "serving": r"Running on",
     },
 }
+
+
+def activated(name):
+    """A cluster running the README's line for `name`, on a free port, with debug logs."""
+    flags, server = ONE_LINERS[name]
+    assert "--concurrency" in flags and flags[flags.index("--concurrency") + 1] == str(CONCURRENCY), flags
+    return Cluster(server, CONCURRENCY, flags=flags, cwd=APP_COPY)
+
 
 figures = []
 
@@ -69,7 +91,7 @@ def assert_sticky(outcomes, what):
 
 
 def sessions_are_sticky_over_polling_and_websocket(name):
-    with Cluster(SERVERS[name]["activated"], CONCURRENCY) as cluster:
+    with activated(name) as cluster:
         cluster.wait_all_ready()
         polling = crowd.run_crowd(addresses(SESSIONS), cluster.port, transports=("polling",), rounds=4)
         served = assert_sticky(polling, "long-polling")
@@ -82,7 +104,7 @@ def sessions_are_sticky_over_polling_and_websocket(name):
 
 
 def kill_9_under_load_is_revived_on_its_index(name):
-    with Cluster(SERVERS[name]["activated"], CONCURRENCY) as cluster:
+    with activated(name) as cluster:
         cluster.wait_all_ready()
         victim = cluster.started(0)
         before = crowd.run_crowd(addresses(60, 600), cluster.port)
@@ -123,7 +145,7 @@ def kill_9_under_load_is_revived_on_its_index(name):
 
 
 def sigterm_ends_the_cluster_with_exit_0(name):
-    with Cluster(SERVERS[name]["activated"], CONCURRENCY) as cluster:
+    with activated(name) as cluster:
         cluster.wait_all_ready()
         assert_sticky(crowd.run_crowd(addresses(40, 1000), cluster.port), "before SIGTERM")
         begun = time.monotonic()
@@ -137,7 +159,7 @@ def own_workers_break_sessions(name):
     """The discriminating run: the same app and clients under the server's own --workers N."""
     server = SERVERS[name]
     port = free_port()
-    with Process(server["own_workers"](port)) as process:
+    with Process(server["own_workers"](port), cwd=APP_COPY) as process:
         process.wait_for(server["serving"], count=CONCURRENCY, timeout=60)
         # All at once with short timeouts: a broken session fails fast instead of waiting its turn.
         outcomes = crowd.run_crowd(addresses(SESSIONS), port, rounds=2, parallel=SESSIONS, call_timeout=2)
@@ -164,6 +186,8 @@ for server_name in SERVERS:
 
 def main(filters):
     passed = failed = 0
+    missing = set(SERVERS) - set(ONE_LINERS)
+    assert not missing, "README.md has no socket-activation line for %s" % missing
     for name, test in TESTS:
         if filters and not any(f in name for f in filters):
             continue
@@ -179,6 +203,7 @@ def main(filters):
     for line in figures:
         print("figures: " + line)
     print("%d passed, %d failed" % (passed, failed))
+    shutil.rmtree(APP_COPY, ignore_errors=True)
     return 1 if failed or not passed else 0
 
 
