@@ -43,10 +43,6 @@ fn wait_accepting(cluster: &Cluster, index: u32, generation: u64) -> u32 {
     pid
 }
 
-fn server(cluster: &Cluster) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], cluster.port))
-}
-
 fn metrics_page(cluster: &Cluster) -> String {
     let line = cluster.wait_for_log("metrics on http://", LONG);
     let address: SocketAddr = line.split("http://").nth(1).unwrap().trim_end_matches("/metrics").parse().unwrap();
