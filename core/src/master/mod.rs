@@ -5,6 +5,7 @@
 //! `channel` (writing to and reading from workers), `handoff` (routing), `listen` (client and metrics
 //! listeners), `workers` (starting, exits, revival), `attach` (workers that dial in), `reload`, `kernel`.
 
+mod activation;
 mod attach;
 mod channel;
 mod handoff;
@@ -278,7 +279,10 @@ pub async fn run(config: Config, listener: impl Into<Listener>, mut stop: Unboun
                 Some(request) => master.on_stop(request),
                 None => stop_open = false,
             },
-            _ = tick.tick() => master.expire_queues(),
+            _ = tick.tick() => {
+                master.expire_queues();
+                master.judge_readiness();
+            }
             _ = sleep_until(resume.unwrap_or_else(TokioInstant::now)), if resume.is_some() => {
                 let now = TokioInstant::now();
                 master.accept_backoff.resume_if_due(now);

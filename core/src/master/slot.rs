@@ -9,6 +9,7 @@ use tokio::task::AbortHandle;
 
 use super::channel::WorkerChannel;
 use super::handoff::Handoff;
+use crate::activation::readiness::ReadinessProbe;
 
 /// One worker index: its queue, the life of its current worker, and earlier workers still on their way out.
 pub(super) struct WorkerSlot {
@@ -79,6 +80,8 @@ pub(super) struct Process {
     pub(super) farewell: Farewell,
     /// It was asked to shut down (message or SIGTERM): never twice.
     pub(super) shutdown_sent: bool,
+    /// `worker.protocol: none`: it never says ready, so its listener is watched for signs that it accepts.
+    pub(super) readiness: Option<ReadinessProbe>,
 }
 
 /// Messages owed to a worker once what comes before them is in its channel.
@@ -117,6 +120,7 @@ impl Process {
             attach_link: None,
             farewell: Farewell::default(),
             shutdown_sent: false,
+            readiness: None,
         }
     }
 
