@@ -5,8 +5,10 @@
 //! - [`Worker`] is the worker side (`from_env`, `ready`, `accept`);
 //! - [`hash`] is the routing contract, [`protocol`] the channel between the two.
 
+pub mod activation;
 pub mod attach;
 pub mod client_address;
+pub mod closer;
 pub mod config;
 pub mod error;
 pub mod hash;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use sticky_cluster::activation::WorkerProtocol;
 use sticky_cluster::client_address::Cidr;
 use sticky_cluster::config::{parse_duration, Config, Overrides, Routing};
 use sticky_cluster::master::{self, Stop};
@@ -52,6 +53,10 @@ struct Cli {
     /// Who routes: `handoff` (the master, default) or `kernel` (a SO_REUSEPORT group and a BPF program).
     #[arg(long, value_name = "MODE")]
     routing: Option<Routing>,
+    /// Whether workers speak the channel protocol: `channel` (default) or `none` (any server accepting
+    /// on the listener it inherits as fd 3; needs `--routing kernel`).
+    #[arg(long, value_name = "PROTOCOL")]
+    protocol: Option<WorkerProtocol>,
     /// Validate the configuration, print the effective one, and exit.
     #[arg(long)]
     check: bool,
@@ -191,6 +196,7 @@ fn load(cli: &Cli) -> sticky_cluster::Result<(Config, String)> {
         command: cli.command.clone(),
         trusted_proxies: cli.trusted_proxies.clone(),
         routing: cli.routing,
+        protocol: cli.protocol,
     };
     Ok((config.apply(overrides, &origin)?, origin))
 }

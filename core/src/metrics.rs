@@ -13,7 +13,7 @@ use tracing::warn;
 use crate::client_address::header_wait::HeaderWaitGauge;
 
 /// Scrapes answered at once; more are closed unanswered (a scraper polls every few seconds).
-pub const SCRAPE_LIMIT: usize = 8;
+pub const SCRAPE_LIMIT: usize = crate::config::defaults::SCRAPE_LIMIT;
 
 /// One worker index as the metrics page shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

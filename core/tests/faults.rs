@@ -8,16 +8,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use support::{clients_for, Cluster};
+use support::{clients_for, get_all, Cluster};
 
 const LONG: Duration = Duration::from_secs(30);
-
-/// One request per client, each on its own thread, all at once; the answers (or errors) in order.
-fn get_all(server: SocketAddr, clients: &[Ipv4Addr]) -> Vec<std::io::Result<serde_json::Value>> {
-    let threads: Vec<_> =
-        clients.iter().map(|&client| std::thread::spawn(move || support::get(client, server, "/"))).collect();
-    threads.into_iter().map(|thread| thread.join().unwrap()).collect()
-}
 
 fn server(cluster: &Cluster) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], cluster.port))

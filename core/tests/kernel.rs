@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use support::{attach_worker, client_address, clients_for, Attached, Cluster, SteadyLoad};
+use support::{client_address, clients_for, Attached, Cluster, SteadyLoad};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -48,13 +48,13 @@ fn attached_workers_receive_their_listener_and_are_routed_by_the_kernel() {
     let waiting_client = clients_for(2, 3, 1, 0)[0];
     let address = server(&cluster);
     let waiting = std::thread::spawn(move || support::get(waiting_client, address, "/"));
-    let workers: Vec<Attached> = (0..2).map(|i| attach_worker(&socket, Some(i))).collect();
+    let workers: Vec<Attached> = (0..2).map(|i| Attached::start(&socket, Some(i), &[])).collect();
     for index in 0..2 {
         cluster.wait_for_log(&format!("worker {index} attached"), LONG);
     }
     std::thread::sleep(Duration::from_millis(300));
     assert!(!waiting.is_finished(), "nobody serves index 2 yet");
-    let last = attach_worker(&socket, Some(2));
+    let last = Attached::start(&socket, Some(2), &[]);
     assert_eq!(waiting.join().unwrap().unwrap()["worker"], 2, "the waiting client reached index 2");
     assert_sticky(&cluster, 3);
     cluster.signal(Signal::SIGTERM);

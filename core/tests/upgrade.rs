@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use support::{connect_from, expected_index, Cluster};
+use support::{connect_from, expected_index, Attached, Cluster};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -403,7 +403,7 @@ fn attached_workers_stay_attached_through_three_upgrades() {
     let socket = dir.path().join("workers.sock");
     let yaml = format!("concurrency: 2\nworkers:\n  socket: {:?}\n", socket.display().to_string());
     let mut cluster = Cluster::start_program(&build.path, &yaml, |_| {});
-    let workers: Vec<support::Attached> = (0..2).map(|i| support::attach_worker(&socket, Some(i))).collect();
+    let workers: Vec<Attached> = (0..2).map(|i| Attached::start(&socket, Some(i), &[])).collect();
     cluster.wait_all_ready(2);
     let mut held: Vec<Held> =
         (0..100u32).map(|i| Held::open(Ipv4Addr::new(127, 24, 0, i as u8 + 1), server(&cluster))).collect();

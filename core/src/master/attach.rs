@@ -14,6 +14,7 @@ use tracing::{debug, error, warn};
 use super::slot::{AttachLink, Life, Role};
 use super::{Event, Master};
 use crate::attach::{refuse, Claim};
+use crate::closer::PeerFd;
 use crate::config::WorkerSource;
 use crate::error::Error;
 use crate::protocol::{recv_message, send_message, Message, ANY_INDEX};
@@ -23,11 +24,10 @@ impl Master {
     pub(super) fn on_dialed(&mut self, dialed: io::Result<OwnedFd>) {
         let channel = match dialed {
             Ok(channel) => channel,
-            Err(error) => {
-                warn!("accepting a worker on the attach socket failed: {error}");
-                return;
-            }
+            // EMFILE and the like: the dialer waits in the backlog while the socket backs off.
+            Err(error) => return self.attach_backoff.failed(&error),
         };
+        self.attach_backoff.succeeded();
         let WorkerSource::Attach(options) = &self.config.workers else { return };
         let events = self.events.clone();
         // The uid is checked here, before a byte is read; the hello is awaited on a bounded task.
@@ -36,11 +36,14 @@ impl Master {
 
     /// Gives a checked worker the index it claims (or the first free one), or refuses it.
     pub(super) fn on_attached(&mut self, claim: Claim) {
+        let Claim { channel, index: claimed, pid, uid } = claim;
+        // However this ends, the attach connection is let go of off this thread.
+        let channel = PeerFd::new(channel);
         let concurrency = self.config.concurrency;
-        let index = if claim.index == ANY_INDEX {
+        let index = if claimed == ANY_INDEX {
             self.slots.iter().position(|slot| slot.life.is_down()).map(|i| i as u32)
         } else {
-            Some(claim.index)
+            Some(claimed)
         };
         let refusal = match index {
             _ if !self.running() => Some("the cluster is shutting down".to_string()),
@@ -54,21 +57,21 @@ impl Master {
                 .map(|process| format!("index {index} is already attached (pid {})", process.pid)),
         };
         if let Some(reason) = refusal {
-            let reason = refuse(&claim.channel, reason);
-            warn!("refused worker pid {} (uid {}): {reason}", claim.pid, claim.uid);
+            let reason = refuse(&channel, reason);
+            warn!("refused worker pid {pid} (uid {uid}): {reason}");
             return;
         }
         let Some(index) = index else { return };
         if let Some(listener) = self.kernel_listener(index) {
             // Before the welcome, so the worker holds its listener when its handshake ends.
-            if let Err(errno) = send_message(claim.channel.as_fd(), &Message::Listener, Some(listener), true) {
-                warn!("worker pid {} left before its listener: {errno}", claim.pid);
+            if let Err(errno) = send_message(channel.as_fd(), &Message::Listener, Some(listener), true) {
+                warn!("worker pid {pid} left before its listener: {errno}");
                 return;
             }
         }
         let welcome = Message::Welcome { index, concurrency };
-        if let Err(errno) = send_message(claim.channel.as_fd(), &welcome, None, true) {
-            warn!("worker pid {} left before its welcome: {errno}", claim.pid);
+        if let Err(errno) = send_message(channel.as_fd(), &welcome, None, true) {
+            warn!("worker pid {pid} left before its welcome: {errno}");
             return;
         }
         // The worker gets its end of a fresh channel and the master keeps a copy, as for spawned workers:
@@ -81,19 +84,19 @@ impl Master {
         );
         let (master_end, worker_end) = match pair {
             Ok(pair) => pair,
-            Err(errno) => return warn!("no channel for worker pid {}: {errno}", claim.pid),
+            Err(errno) => return warn!("no channel for worker pid {pid}: {errno}"),
         };
-        if let Err(errno) = send_message(claim.channel.as_fd(), &Message::Channel, Some(worker_end.as_fd()), true) {
-            warn!("worker pid {} left before its channel: {errno}", claim.pid);
+        if let Err(errno) = send_message(channel.as_fd(), &Message::Channel, Some(worker_end.as_fd()), true) {
+            warn!("worker pid {pid} left before its channel: {errno}");
             return;
         }
-        let mut process = match self.new_process(index, claim.pid, false, master_end, Some(worker_end)) {
+        let mut process = match self.new_process(index, pid, false, master_end, Some(worker_end)) {
             Ok(process) => process,
             Err(error) => return error!("{error}"),
         };
-        debug!("worker {index} attached (pid {}, uid {})", claim.pid, claim.uid);
-        let fd = claim.channel.as_raw_fd();
-        let watch = tokio::spawn(watch_attach_link(claim.channel, self.events.clone(), index, process.generation));
+        debug!("worker {index} attached (pid {pid}, uid {uid})");
+        let fd = channel.as_raw_fd();
+        let watch = tokio::spawn(watch_attach_link(channel, self.events.clone(), index, process.generation));
         process.attach_link = Some(AttachLink { task: watch.abort_handle(), fd });
         self.slots[index as usize].life = Life::Starting(process);
     }
@@ -135,15 +138,16 @@ impl Master {
 
 /// Holds an attached worker's attach connection until it ends (the worker is gone), then tells the loop.
 /// Aborting this task closes the connection, which tells the worker it was let go.
-pub(super) async fn watch_attach_link(link: OwnedFd, events: UnboundedSender<Event>, index: u32, generation: u64) {
+pub(super) async fn watch_attach_link(link: PeerFd, events: UnboundedSender<Event>, index: u32, generation: u64) {
     // SAFETY: the AsyncFd owns the connection, so its fd stays open and unchanged while registered.
     if let Ok(link) = unsafe { AsyncFd::register_with_interest(link, tokio::io::Interest::READABLE) } {
         loop {
             let Ok(mut guard) = link.readable().await else { break };
             match recv_message(link.get_ref().as_fd(), true) {
                 Err(Error::WouldBlock) => guard.clear_ready(),
-                // Nothing more is expected on it: anything but its end is ignored.
-                Ok(_) | Err(Error::Protocol(_)) => {}
+                // Nothing more is expected on it: anything but its end is ignored (fds let go of).
+                Ok(received) => crate::closer::discard_all(received.fd),
+                Err(Error::Protocol(_)) => {}
                 Err(_) => break,
             }
         }

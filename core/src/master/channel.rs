@@ -11,21 +11,38 @@ use nix::errno::Errno;
 use nix::sys::signal::Signal;
 use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::task::AbortHandle;
 use tracing::{debug, warn};
 
 use super::handoff::Handoff;
 use super::slot::{Life, Process, Role, WorkerSlot};
 use super::{Event, Master};
+use crate::closer::PeerFd;
 use crate::error::{Error, Result};
-use crate::protocol::{recv_message, send_message, Message, Received};
+use crate::protocol::{is_fd_limit, recv_message, send_message, Message, Received};
 use crate::supervisor::signal_worker;
 
 /// The master's end of one worker's channel. Connections are written straight from the event loop;
 /// when the channel is full they stay in the slot's queue and a task waits for room.
 pub(super) struct WorkerChannel {
-    socket: Arc<AsyncFd<OwnedFd>>,
+    /// A `PeerFd`: the datagrams a worker sent and the master never read may carry fds.
+    socket: Arc<AsyncFd<PeerFd>>,
     /// A task waits for room in the channel: nothing is written until it reports.
     waiting_for_room: bool,
+    /// The tasks reading from and waiting for room on this channel end with it: a peer that keeps its end
+    /// open (an attached worker that hung up only its attach connection) would keep them, and the
+    /// socket, forever.
+    reader: AbortHandle,
+    room_waiter: Option<AbortHandle>,
+}
+
+impl Drop for WorkerChannel {
+    fn drop(&mut self) {
+        self.reader.abort();
+        if let Some(waiter) = &self.room_waiter {
+            waiter.abort();
+        }
+    }
 }
 
 impl WorkerChannel {
@@ -37,11 +54,11 @@ impl WorkerChannel {
         generation: u64,
     ) -> Result<WorkerChannel> {
         // SAFETY: the AsyncFd owns the channel fd, so it stays open and unchanged while registered.
-        let socket = unsafe { AsyncFd::register(channel) }
+        let socket = unsafe { AsyncFd::register(PeerFd::new(channel)) }
             .map_err(|e| Error::io(format!("register worker {index}'s channel"), e))?;
         let socket = Arc::new(socket);
-        tokio::spawn(read_channel(socket.clone(), events.clone(), index, generation));
-        Ok(WorkerChannel { socket, waiting_for_room: false })
+        let reader = tokio::spawn(read_channel(socket.clone(), events.clone(), index, generation)).abort_handle();
+        Ok(WorkerChannel { socket, waiting_for_room: false, reader, room_waiter: None })
     }
 
     /// The master's end, for an upgrade to hand to the next image.
@@ -158,9 +175,10 @@ impl Master {
                 }
             }
             Written::Full => {
-                let Some(channel) = process.channel.as_ref() else { return };
+                let Some(channel) = process.channel.as_mut() else { return };
                 debug!("worker {index}'s channel is full: {} connections wait for room", queue.len());
-                tokio::spawn(wait_for_room(channel.socket.clone(), events.clone(), index, generation));
+                let waiter = tokio::spawn(wait_for_room(channel.socket.clone(), events.clone(), index, generation));
+                channel.room_waiter = Some(waiter.abort_handle());
             }
             Written::Later => debug!("worker {index}'s channel cannot take more now; retrying"),
             Written::Refused(errno) => {
@@ -197,13 +215,36 @@ impl Master {
 
     /// After a process of worker `index` is gone: takes back every connection still in its channel (sent,
     /// never received) and puts them, in order, at the head of the index's queue for its next worker.
+    /// At the master's open-file limit the rest stay in the channel, kept for [`Master::take_back_left`].
     pub(super) fn take_back(&mut self, index: u32, process: &mut Process) -> u64 {
         let Some(worker_end) = process.worker_end.take() else { return 0 };
+        self.take_back_from(index, worker_end)
+    }
+
+    /// Every tick: takes back more of what dead workers left in their channels while the master was at
+    /// its open-file limit.
+    pub(super) fn take_back_left(&mut self, index: u32) {
+        let Some(slot) = self.slots.get_mut(index as usize) else { return };
+        for worker_end in std::mem::take(&mut slot.left_behind) {
+            self.take_back_from(index, worker_end);
+        }
+    }
+
+    fn take_back_from(&mut self, index: u32, worker_end: OwnedFd) -> u64 {
         let Some(slot) = self.slots.get_mut(index as usize) else { return 0 };
-        let taken = unreceived_connections(worker_end.as_fd(), index);
+        let (taken, complete) = unreceived_connections(worker_end.as_fd(), index);
         let count = taken.len() as u64;
         for handoff in taken.into_iter().rev() {
             slot.queue.push_front(handoff);
+        }
+        if !complete {
+            if slot.left_behind.is_empty() {
+                warn!(
+                    "worker {index}'s channel still holds connections it never received, and the master is at its \
+                     open-file limit: they stay there and are taken back as fds free up"
+                );
+            }
+            slot.left_behind.push(worker_end);
         }
         let routed = &mut self.stats.routed[index as usize];
         *routed = routed.saturating_sub(count);
@@ -212,26 +253,27 @@ impl Master {
     }
 }
 
-/// Receives, from the end of a channel whose worker is gone, every connection it never took.
-fn unreceived_connections(worker_end: BorrowedFd<'_>, index: u32) -> Vec<Handoff> {
+/// Receives, from the end of a channel whose worker is gone, every connection it never took; false when
+/// the master's open-file limit left some of them in the channel.
+fn unreceived_connections(worker_end: BorrowedFd<'_>, index: u32) -> (Vec<Handoff>, bool) {
     let mut taken = Vec::new();
     loop {
         match recv_message(worker_end, true) {
             Ok(Received { message: Message::Connection { peer, local }, fd: Some(fd) }) => {
-                taken.push(Handoff { stream: std::net::TcpStream::from(fd), peer, local, arrived: Instant::now() });
+                taken.push(Handoff::new(std::net::TcpStream::from(fd), peer, local, Instant::now()));
             }
             // A stopped or shutdown message it never read.
             Ok(_) => {}
+            Err(error) if is_fd_limit(&error) => return (taken, false),
             // A datagram that cannot be ours; it is consumed, so the next one can be read.
             Err(Error::Protocol(reason)) => warn!("worker {index}'s channel held a bad message: {reason}"),
-            Err(_) => break,
+            Err(_) => return (taken, true),
         }
     }
-    taken
 }
 
 /// Waits until a full channel has room (or has failed, which the next write reports), then tells the loop.
-async fn wait_for_room(socket: Arc<AsyncFd<OwnedFd>>, events: UnboundedSender<Event>, index: u32, generation: u64) {
+async fn wait_for_room(socket: Arc<AsyncFd<PeerFd>>, events: UnboundedSender<Event>, index: u32, generation: u64) {
     loop {
         let Ok(mut guard) = socket.writable().await else { break };
         let mut poll = libc::pollfd { fd: guard.get_inner().as_raw_fd(), events: libc::POLLOUT, revents: 0 };
@@ -245,7 +287,7 @@ async fn wait_for_room(socket: Arc<AsyncFd<OwnedFd>>, events: UnboundedSender<Ev
 }
 
 /// Reads hello/ready/stopping from a worker until its channel ends.
-async fn read_channel(channel: Arc<AsyncFd<OwnedFd>>, events: UnboundedSender<Event>, index: u32, generation: u64) {
+async fn read_channel(channel: Arc<AsyncFd<PeerFd>>, events: UnboundedSender<Event>, index: u32, generation: u64) {
     loop {
         let mut guard = match channel.readable().await {
             Ok(guard) => guard,
@@ -258,6 +300,8 @@ async fn read_channel(channel: Arc<AsyncFd<OwnedFd>>, events: UnboundedSender<Ev
         match recv_message(channel.get_ref().as_fd(), true) {
             Err(Error::WouldBlock) => guard.clear_ready(),
             Ok(received) => {
+                // A worker sends no fds; one that does (a master-only message) must not block us.
+                crate::closer::discard_all(received.fd);
                 let _ = events.send(Event::Message { index, generation, message: received.message });
             }
             Err(Error::ChannelClosed) => {

@@ -5,6 +5,7 @@
 //! `channel` (writing to and reading from workers), `handoff` (routing), `listen` (client and metrics
 //! listeners), `workers` (starting, exits, revival), `attach` (workers that dial in), `reload`, `kernel`.
 
+mod activation;
 mod attach;
 mod channel;
 mod handoff;
@@ -144,8 +145,10 @@ enum Event {
 struct Master {
     config: Config,
     phase: Phase,
-    /// Attach mode: the socket workers dial (its options are in `config.workers`).
+    /// Attach mode: the socket workers dial (its options are in `config.workers`), and its file, removed
+    /// at exit only while the path still names it.
     attach_socket: Option<AsyncFd<OwnedFd>>,
+    attach_file: Option<crate::attach::SocketFile>,
     slots: Vec<WorkerSlot>,
     /// The client listener (handoff routing), closed when the master stops running.
     listener: Option<AsyncFd<TcpListener>>,
@@ -159,13 +162,18 @@ struct Master {
     metrics: Option<AsyncFd<TcpListener>>,
     events: UnboundedSender<Event>,
     stats: Stats,
-    accept_paused_until: Option<TokioInstant>,
-    accept_backoff: Duration,
+    /// The client and metrics listeners' back-off after accept errors; the attach socket's own.
+    accept_backoff: listen::AcceptBackoff,
+    attach_backoff: listen::AcceptBackoff,
     /// A reload's rolling restart: indexes still to restart, the one whose successor starts now, and
     /// the configuration to go back to if a successor cannot start.
     restarts_pending: VecDeque<u32>,
     restarting: Option<u32>,
     before_reload: Option<Box<Config>>,
+    /// Connections waiting in the master per client address (`queue.perSource`), and the episode of
+    /// connections closed unserved being logged.
+    waiting: handoff::WaitingBySource,
+    closing: handoff::ClosingEpisode,
     /// Connections from trusted proxies waiting for their header.
     header_wait: crate::client_address::header_wait::HeaderWait,
     scrapes: crate::metrics::ScrapeLimit,
@@ -174,8 +182,9 @@ struct Master {
 
 /// The master's listening sockets, registered with the reactor.
 struct Sockets {
-    /// Attach mode: the socket workers dial.
+    /// Attach mode: the socket workers dial, and its file.
     attach: Option<AsyncFd<OwnedFd>>,
+    attach_file: Option<crate::attach::SocketFile>,
     /// Handoff routing: the client listener.
     listener: Option<AsyncFd<TcpListener>>,
     /// Kernel routing: the listener group.
@@ -192,9 +201,13 @@ impl Sockets {
     fn register(
         config: &Config,
         listener: Listener,
-        attach: Option<OwnedFd>,
+        attach: Option<(OwnedFd, crate::attach::SocketFile)>,
         metrics: Option<TcpListener>,
     ) -> Result<Sockets> {
+        let (attach, attach_file) = match attach {
+            Some((socket, file)) => (Some(socket), Some(file)),
+            None => (None, None),
+        };
         let attach = match attach {
             // SAFETY: the AsyncFd owns the socket, so its fd stays open and unchanged while registered.
             Some(socket) => Some(
@@ -227,7 +240,7 @@ impl Sockets {
             }
             None => None,
         };
-        Ok(Sockets { attach, listener, group, metrics, address })
+        Ok(Sockets { attach, attach_file, listener, group, metrics, address })
     }
 }
 
@@ -279,6 +292,8 @@ fn raise_fd_limit() {
 impl Master {
     /// A master on `sockets` with no worker yet, and the receiver of its events.
     fn new(config: Config, sockets: Sockets) -> (Master, UnboundedReceiver<Event>) {
+        // Fds that peers send are closed off this thread (a peer can make a close block).
+        crate::closer::start();
         let (events, event_rx) = unbounded_channel();
         let concurrency = config.concurrency;
         let master = Master {
@@ -290,13 +305,16 @@ impl Master {
             config,
             phase: Phase::Running,
             attach_socket: sockets.attach,
+            attach_file: sockets.attach_file,
             listener: sockets.listener,
             listen_address: sockets.address,
             group: sockets.group,
             metrics: sockets.metrics,
             events,
-            accept_paused_until: None,
-            accept_backoff: Duration::ZERO,
+            accept_backoff: listen::AcceptBackoff::new("the client listener"),
+            attach_backoff: listen::AcceptBackoff::new("the attach socket"),
+            waiting: handoff::WaitingBySource::default(),
+            closing: handoff::ClosingEpisode::default(),
             restarts_pending: VecDeque::new(),
             restarting: None,
             before_reload: None,
@@ -311,35 +329,45 @@ impl Master {
         mut stop: UnboundedReceiver<Stop>,
     ) -> Result<Outcome> {
         let mut stop_open = true;
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut tick = tokio::time::interval(crate::config::defaults::QUEUE_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let paused = self.accept_paused_until;
+            let paused = self.accept_backoff.is_paused();
+            let attach_paused = self.attach_backoff.is_paused();
+            let resume = match (self.accept_backoff.resume_at(), self.attach_backoff.resume_at()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let deadline = match self.phase {
                 Phase::Draining { deadline } => Some(deadline),
                 Phase::Running | Phase::Killed => None,
             };
             tokio::select! {
-                batch = accept_batch(self.listener.as_ref()), if paused.is_none() && self.listener.is_some() => {
+                batch = accept_batch(self.listener.as_ref()), if !paused && self.listener.is_some() => {
                     self.on_accepted(batch);
                 }
                 Some(event) = event_rx.recv() => match event {
                     Event::Exec(plan) => self.exec_upgrade(plan, &mut event_rx, &mut stop),
                     event => self.on_event(event),
                 },
-                scrapes = accept_batch(self.metrics.as_ref()), if paused.is_none() && self.metrics.is_some() => {
+                scrapes = accept_batch(self.metrics.as_ref()), if !paused && self.metrics.is_some() => {
                     self.on_scrapes(scrapes);
                 }
-                dialed = attach::accept_worker(self.attach_socket.as_ref()), if self.attach_socket.is_some() => {
+                dialed = attach::accept_worker(self.attach_socket.as_ref()), if !attach_paused && self.attach_socket.is_some() => {
                     self.on_dialed(dialed);
                 }
                 request = stop.recv(), if stop_open => match request {
                     Some(request) => self.on_stop(request),
                     None => stop_open = false,
                 },
-                _ = tick.tick() => self.expire_queues(),
-                _ = sleep_until(paused.unwrap_or_else(TokioInstant::now)), if paused.is_some() => {
-                    self.accept_paused_until = None;
+                _ = tick.tick() => {
+                    self.expire_queues();
+                    self.judge_readiness();
+                }
+                _ = sleep_until(resume.unwrap_or_else(TokioInstant::now)), if resume.is_some() => {
+                    let now = TokioInstant::now();
+                    self.accept_backoff.resume_if_due(now);
+                    self.attach_backoff.resume_if_due(now);
                 }
                 _ = sleep_until(deadline.unwrap_or_else(TokioInstant::now)), if deadline.is_some() => {
                     warn!("hardShutdownDelay of {:?} passed: killing the remaining workers", self.config.hard_shutdown_delay);
@@ -350,8 +378,10 @@ impl Master {
                 break;
             }
         }
-        if let WorkerSource::Attach(options) = &self.config.workers {
-            let _ = std::fs::remove_file(&options.socket);
+        self.close_what_is_left();
+        // Only while the path still names this master's socket file.
+        if let Some(file) = self.attach_file.take() {
+            file.remove();
         }
         let stats = self.stats.clone();
         info!(

@@ -9,6 +9,7 @@ use tokio::task::AbortHandle;
 
 use super::channel::WorkerChannel;
 use super::handoff::Handoff;
+use crate::activation::readiness::ReadinessProbe;
 
 /// One worker index: its queue, the life of its current worker, and earlier workers still on their way out.
 pub(super) struct WorkerSlot {
@@ -26,6 +27,9 @@ pub(super) struct WorkerSlot {
     /// Earlier workers of this index on their way out (replaced by a reload, or they asked to stop): they
     /// get no new connections and are awaited, so that what they never received comes back to `queue`.
     pub(super) retiring: Vec<Retiring>,
+    /// Copies of dead workers' channel ends still holding connections they never received: the master
+    /// was at its open-file limit when it took back the rest. Emptied a little more every tick.
+    pub(super) left_behind: Vec<OwnedFd>,
 }
 
 /// A worker of an index that gets no new connections and is expected to exit.
@@ -76,6 +80,8 @@ pub(super) struct Process {
     pub(super) farewell: Farewell,
     /// It was asked to shut down (message or SIGTERM): never twice.
     pub(super) shutdown_sent: bool,
+    /// `worker.protocol: none`: it never says ready, so its listener is watched for signs that it accepts.
+    pub(super) readiness: Option<ReadinessProbe>,
 }
 
 /// The task that holds an attached worker's attach connection until it ends; aborting the task closes it.
@@ -121,6 +127,7 @@ impl Process {
             attach_link: None,
             farewell: Farewell::default(),
             shutdown_sent: false,
+            readiness: None,
         }
     }
 
@@ -222,6 +229,7 @@ impl WorkerSlot {
             crashes: 0,
             life: Life::Down { since: Instant::now() },
             retiring: Vec::new(),
+            left_behind: Vec::new(),
         }
     }
 

@@ -43,6 +43,8 @@ struct State {
     group: Option<GroupState>,
     metrics: Option<RawFd>,
     attach: Option<RawFd>,
+    /// The attach socket's file, removed at exit only while the path still names it.
+    attach_file: Option<crate::attach::SocketFile>,
     stats: StatsState,
     slots: Vec<SlotState>,
     restarts_pending: Vec<u32>,
@@ -77,6 +79,8 @@ struct StatsState {
     revivals: u64,
     recovered: u64,
     reload_failures: u64,
+    /// Connections closed because their address had `queue.perSource` waiting.
+    per_source_closed: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -87,6 +91,8 @@ struct SlotState {
     life: LifeState,
     queue: Vec<ConnectionState>,
     retiring: Vec<RetiringState>,
+    /// Ends of dead workers' channels holding connections the master could not take back yet (its fd limit).
+    left_behind: Vec<RawFd>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -123,6 +129,8 @@ struct ConnectionState {
     peer: SocketAddr,
     local: SocketAddr,
     age_ms: u64,
+    /// It counts against its address's `queue.perSource`.
+    counted: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -251,8 +259,10 @@ impl Master {
                         peer: handoff.peer,
                         local: handoff.local,
                         age_ms: millis(handoff.arrived.elapsed()),
+                        counted: handoff.ticket.is_some(),
                     })
                     .collect(),
+                left_behind: slot.left_behind.iter().map(|end| fds.keep(end.as_raw_fd())).collect(),
                 retiring: slot
                     .retiring
                     .iter()
@@ -283,6 +293,7 @@ impl Master {
             }),
             metrics: self.metrics.as_ref().map(|metrics| fds.keep(metrics.get_ref().as_raw_fd())),
             attach: self.attach_socket.as_ref().map(|socket| fds.keep(socket.get_ref().as_raw_fd())),
+            attach_file: self.attach_file.clone(),
             stats: StatsState {
                 routed: self.stats.routed.clone(),
                 redirected: self.stats.redirected,
@@ -290,6 +301,7 @@ impl Master {
                 revivals: self.stats.revivals,
                 recovered: self.stats.recovered,
                 reload_failures: self.stats.reload_failures,
+                per_source_closed: self.waiting.closed,
             },
             slots,
             restarts_pending: self.restarts_pending.iter().copied().collect(),
@@ -341,7 +353,7 @@ pub fn check(config: &Config, bytes: &[u8], rolled_back: bool) -> std::result::R
         ));
     }
     let attaches = matches!(config.workers, WorkerSource::Attach(_));
-    if state.attach.is_some() != attaches {
+    if state.attach.is_some() != attaches || state.attach.is_some() != state.attach_file.is_some() {
         return Err("the configuration switches between spawn and attach mode: that needs a restart".into());
     }
     if state.slots.len() != config.concurrency as usize || state.stats.routed.len() != state.slots.len() {
@@ -358,6 +370,7 @@ pub fn check(config: &Config, bytes: &[u8], rolled_back: bool) -> std::result::R
     }
     for slot in &state.slots {
         named.extend(slot.queue.iter().map(|connection| connection.fd));
+        named.extend(&slot.left_behind);
         let processes = match &slot.life {
             LifeState::Down { .. } => Vec::new(),
             LifeState::Starting(process) => vec![process],
@@ -398,7 +411,8 @@ pub async fn resume(config: Config, checked: Checked, stop: UnboundedReceiver<St
         (None, None) => return Err(Error::io("take over the listener", io::Error::from(io::ErrorKind::NotFound))),
     };
     let metrics = state.metrics.map(|fd| TcpListener::from(own(fd)));
-    let sockets = Sockets::register(&config, listener, state.attach.map(own), metrics)?;
+    let attach = state.attach.map(own).zip(state.attach_file);
+    let sockets = Sockets::register(&config, listener, attach, metrics)?;
     let (mut master, event_rx) = Master::new(config, sockets);
     master.stats = Stats {
         routed: state.stats.routed,
@@ -408,6 +422,7 @@ pub async fn resume(config: Config, checked: Checked, stop: UnboundedReceiver<St
         recovered: state.stats.recovered,
         reload_failures: state.stats.reload_failures,
     };
+    master.waiting.closed = state.stats.per_source_closed;
     master.restarts_pending = state.restarts_pending.into_iter().collect::<VecDeque<u32>>();
     master.restarting = state.restarting;
     if let Some(workers) = state.before_reload {
@@ -455,7 +470,13 @@ impl Master {
     /// through pidfds, attach links watched, queued connections with their ages.
     fn adopt_slot(&mut self, index: u32, state: SlotState) -> Result<&WorkerSlot> {
         let events = self.events.clone();
-        let adopt = |process: ProcessState| -> Result<Process> { adopt_process(index, process, &events) };
+        // A worker that never says ready is watched again from here (`worker.protocol: none`).
+        let probe = || self.readiness_probe(index);
+        let adopt = |process: ProcessState| -> Result<Process> {
+            let mut process = adopt_process(index, process, &events)?;
+            process.readiness = probe();
+            Ok(process)
+        };
         let life = match state.life {
             LifeState::Down { for_ms } => Life::Down { since: ago(for_ms) },
             LifeState::Starting(process) => Life::Starting(adopt(process)?),
@@ -471,11 +492,13 @@ impl Master {
         let queue = state
             .queue
             .into_iter()
-            .map(|connection| Handoff {
-                stream: TcpStream::from(own(connection.fd)),
-                peer: connection.peer,
-                local: connection.local,
-                arrived: ago(connection.age_ms),
+            .map(|connection| {
+                let stream = TcpStream::from(own(connection.fd));
+                let mut handoff = Handoff::new(stream, connection.peer, connection.local, ago(connection.age_ms));
+                if connection.counted {
+                    handoff.ticket = Some(self.waiting.ticket(connection.peer.ip().to_canonical()));
+                }
+                handoff
             })
             .collect();
         let slot = &mut self.slots[index as usize];
@@ -483,6 +506,7 @@ impl Master {
         slot.crashes = state.crashes;
         slot.stuck_reported = state.stuck_reported;
         slot.queue = queue;
+        slot.left_behind = state.left_behind.into_iter().map(own).collect();
         slot.life = life;
         for (process, cause) in retiring {
             slot.retire(process, cause);
@@ -527,7 +551,8 @@ fn adopt_process(index: u32, state: ProcessState, events: &UnboundedSender<Event
     };
     process.shutdown_sent = state.shutdown_sent;
     if let Some(fd) = state.attach_link {
-        let task = tokio::spawn(watch_attach_link(own(fd), events.clone(), index, generation));
+        let link = crate::closer::PeerFd::new(own(fd));
+        let task = tokio::spawn(watch_attach_link(link, events.clone(), index, generation));
         process.attach_link = Some(AttachLink { task: task.abort_handle(), fd });
     }
     if state.spawned {
