@@ -37,6 +37,8 @@ suite rust cargo test --workspace --exclude sticky-cluster-bench
 suite ffi-c bash ffi-c/run-tests.sh
 suite node bash node-binding/run-tests.sh
 suite docker bash docker/run-tests.sh
+# After docker: the wheel reuses the static binary docker/run-tests.sh built.
+suite python bash python/run-tests.sh
 suite benchmark bash benchmark/test.sh
 
 echo

@@ -25,6 +25,8 @@
 //!   message, which only the master may send) or `ready` (before ready, on a ready message, with a second
 //!   such datagram left unread in the channel); prints `test-worker: sending lingering sockets` just before
 //! - `GET /sleep/<ms>`: answer after that many milliseconds
+//! - a connection that starts with `LINES\n` is held: every later line is answered with one line of
+//!   `{"worker":i,"pid":p}` until the client closes it
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -266,6 +268,24 @@ fn first_line(text: &str) -> String {
     line.chars().map(|c| if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' { c } else { '?' }).collect()
 }
 
+/// A held connection: one `{"worker":i,"pid":p}` line for every line the client sends, until it closes.
+async fn hold(mut stream: TcpStream, mut pending: Vec<u8>, facts: &Facts) -> std::io::Result<()> {
+    let line = format!("{{\"worker\":{},\"pid\":{}}}\n", facts.index, std::process::id());
+    let mut buffer = [0u8; 1024];
+    loop {
+        let lines = pending.iter().filter(|&&byte| byte == b'\n').count();
+        pending.clear();
+        for _ in 0..lines {
+            stream.write_all(line.as_bytes()).await?;
+        }
+        let read = stream.read(&mut buffer).await?;
+        if read == 0 {
+            return Ok(());
+        }
+        pending.extend_from_slice(&buffer[..read]);
+    }
+}
+
 async fn answer(mut stream: TcpStream, peer: SocketAddr, facts: std::sync::Arc<Facts>) -> std::io::Result<()> {
     let accepted_ms = now_ms();
     let mut head = Vec::new();
@@ -276,6 +296,9 @@ async fn answer(mut stream: TcpStream, peer: SocketAddr, facts: std::sync::Arc<F
             return Ok(());
         }
         head.extend_from_slice(&buffer[..read]);
+        if head.starts_with(b"LINES\n") {
+            return hold(stream, head.split_off(6), &facts).await;
+        }
     }
     let text = String::from_utf8_lossy(&head);
     let path = text.split_whitespace().nth(1).unwrap_or("/");

@@ -2,11 +2,13 @@
 //! passes (peer uid by SO_PEERCRED before a byte is read, protocol version, a hello in time, a bounded
 //! number of handshakes at once) before it gets an index.
 
+use std::collections::HashMap;
+use std::os::fd::RawFd;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -40,7 +42,7 @@ pub const HANDSHAKE_LIMIT: usize = crate::config::defaults::ATTACH_HANDSHAKE_LIM
 
 /// The file `bind` made for the attach socket, known by its inode: removed at exit only while it is still
 /// that file (another master may have bound the path since someone removed it).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SocketFile {
     /// Where it is.
     pub path: std::path::PathBuf,
@@ -182,6 +184,10 @@ pub fn check_peer(channel: &OwnedFd, options: &AttachOptions) -> std::result::Re
 pub struct Handshakes {
     active: Arc<AtomicUsize>,
     logged: Arc<AtomicBool>,
+    /// The dialing workers whose hello is awaited, by a number of their own: (fd, uid). An upgrade in
+    /// place hands them to the next image.
+    dialing: Arc<Mutex<HashMap<u64, (RawFd, u32)>>>,
+    next_id: Arc<AtomicU64>,
 }
 
 impl Handshakes {
@@ -205,9 +211,35 @@ impl Handshakes {
             }
             return;
         }
-        let (active, logged) = (self.active.clone(), self.logged.clone());
+        self.await_hello(channel, uid, socket, done);
+    }
+
+    /// Goes on with a handshake the previous image of this master started (an upgrade in place): the uid
+    /// was checked there, the hello is still to come.
+    pub fn resume(
+        &self,
+        channel: OwnedFd,
+        uid: u32,
+        options: &AttachOptions,
+        done: impl FnOnce(Claim) + Send + 'static,
+    ) {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        self.await_hello(channel, uid, options.socket.display().to_string(), done);
+    }
+
+    /// The dialing workers whose hello is awaited now: (fd, uid).
+    pub fn dialing(&self) -> Vec<(RawFd, u32)> {
+        self.dialing.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).values().copied().collect()
+    }
+
+    /// Waits on a task for the hello of a worker counted in `active`.
+    fn await_hello(&self, channel: OwnedFd, uid: u32, socket: String, done: impl FnOnce(Claim) + Send + 'static) {
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        self.dialing.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(id, (channel.as_raw_fd(), uid));
+        let (active, logged, dialing) = (self.active.clone(), self.logged.clone(), self.dialing.clone());
         tokio::spawn(async move {
             let outcome = handshake(channel, uid).await;
+            dialing.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&id);
             if active.fetch_sub(1, Ordering::SeqCst) == 1 {
                 logged.store(false, Ordering::SeqCst);
             }

@@ -22,7 +22,7 @@ fn attach_worker(socket: &Path, index: Option<u32>) -> Attached {
 #[test]
 fn attached_workers_are_routed_stickily_and_a_missing_index_queues() {
     let (mut cluster, socket) = attach_cluster(4, "");
-    let workers: Vec<Attached> = (0..3).map(|i| attach_worker(&socket, Some(i))).collect();
+    let workers: Vec<Attached> = (0..3).map(|i| Attached::start(&socket, Some(i), &[])).collect();
     for index in 0..3 {
         cluster.wait_for_log(&format!("worker {index} (pid"), LONG);
     }
@@ -48,7 +48,7 @@ fn attached_workers_are_routed_stickily_and_a_missing_index_queues() {
 #[test]
 fn bad_claims_are_refused_and_the_master_keeps_serving() {
     let (mut cluster, socket) = attach_cluster(2, "");
-    let _workers: Vec<Attached> = (0..2).map(|i| attach_worker(&socket, Some(i))).collect();
+    let _workers: Vec<Attached> = (0..2).map(|i| Attached::start(&socket, Some(i), &[])).collect();
     cluster.wait_all_ready(2);
 
     // A second claim for a live index.
@@ -113,7 +113,7 @@ fn bad_claims_are_refused_and_the_master_keeps_serving() {
 #[test]
 fn a_detached_index_waits_for_the_next_attach() {
     let (cluster, socket) = attach_cluster(2, "");
-    let mut workers: Vec<Attached> = (0..2).map(|i| attach_worker(&socket, Some(i))).collect();
+    let mut workers: Vec<Attached> = (0..2).map(|i| Attached::start(&socket, Some(i), &[])).collect();
     cluster.wait_all_ready(2);
     drop(workers.remove(0));
     cluster.wait_for_log("worker 0 (pid", LONG);
@@ -122,7 +122,7 @@ fn a_detached_index_waits_for_the_next_attach() {
     let server = std::net::SocketAddr::from(([127, 0, 0, 1], cluster.port));
     let waiting = std::thread::spawn(move || support::get(client, server, "/"));
     cluster.wait_for_log(&format!("connection ::ffff:{client} -> worker 0"), LONG);
-    let _again = attach_worker(&socket, Some(0));
+    let _again = Attached::start(&socket, Some(0), &[]);
     assert_eq!(waiting.join().unwrap().unwrap()["worker"], 0);
 }
 
@@ -145,7 +145,7 @@ fn a_killed_attached_worker_loses_nothing_that_waited_in_its_channel() {
     first.0.kill().unwrap();
     first.0.wait().unwrap();
     cluster.wait_for_log("detached; its connections wait for a new attach", LONG);
-    let _second = attach_worker(&socket, Some(0));
+    let _second = Attached::start(&socket, Some(0), &[]);
     let answers = load.join().unwrap();
     let served = answers.iter().filter(|answer| answer.is_ok()).count();
     let by_successor = answers
@@ -208,14 +208,14 @@ fn a_symlink_or_a_live_masters_socket_is_never_replaced() {
     let mut second = Cluster::spawn(&attach_yaml(&socket, "\"0600\"", "[]"), |_| {});
     assert_eq!(second.wait_exit(LONG).unwrap().code(), Some(1));
     second.wait_for_log("another master is listening on this socket", LONG);
-    let _workers: Vec<Attached> = (0..2).map(|i| attach_worker(&socket, Some(i))).collect();
+    let _workers: Vec<Attached> = (0..2).map(|i| Attached::start(&socket, Some(i), &[])).collect();
     first.wait_all_ready(2);
 
     // A stale socket file (its master gone) is replaced.
     drop((first, _workers));
     assert!(socket.exists(), "a killed master leaves its socket file behind");
     let again = Cluster::start(&attach_yaml(&socket, "\"0600\"", "[]"));
-    let _workers: Vec<Attached> = (0..2).map(|i| attach_worker(&socket, Some(i))).collect();
+    let _workers: Vec<Attached> = (0..2).map(|i| Attached::start(&socket, Some(i), &[])).collect();
     again.wait_all_ready(2);
 }
 
@@ -248,7 +248,7 @@ fn handshakes_are_bounded_and_silent_dialers_do_not_block_the_rest() {
     drop(silent);
     // Each silent dialer's hang-up ends its handshake (logged as a refusal), freeing its slot.
     cluster.wait_for_log_count("refused a worker on", sticky_cluster::attach::HANDSHAKE_LIMIT, LONG);
-    let _workers: Vec<Attached> = (0..2).map(|i| attach_worker(&socket, Some(i))).collect();
+    let _workers: Vec<Attached> = (0..2).map(|i| Attached::start(&socket, Some(i), &[])).collect();
     cluster.wait_all_ready(2);
 }
 

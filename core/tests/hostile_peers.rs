@@ -73,9 +73,14 @@ fn a_dialer_sending_lingering_sockets_does_not_freeze_the_master() {
     let dialer = support::dial(&socket);
     let started = Instant::now();
     for (message, lingering) in [Message::Hello { index: 0, pid: 1 }, Message::Ready].iter().zip(lingering) {
-        // The second may find the dialer refused already (it reads nothing more then).
-        let _ = sticky_cluster::protocol::send_message(dialer.as_fd(), message, Some(lingering.as_fd()), false);
-        // The master's copy is the last one.
+        // The second may find the dialer refused already (it reads nothing more then): that socket never
+        // reached the master, and this test's own close of it must not linger either.
+        let sent = sticky_cluster::protocol::send_message(dialer.as_fd(), message, Some(lingering.as_fd()), false);
+        if sent.is_err() {
+            let off = libc::linger { l_onoff: 0, l_linger: 0 };
+            nix::sys::socket::setsockopt(&lingering, nix::sys::socket::sockopt::Linger, &off).unwrap();
+        }
+        // Otherwise the master's copy is the last one.
         drop(lingering);
     }
     // The refusal comes after the master read (and let go of) the first socket.

@@ -65,6 +65,7 @@ pub(super) struct MetricsSection {
 pub(super) struct WorkerSection {
     pub(super) command: Option<Argv>,
     pub(super) cwd: Option<PathBuf>,
+    pub(super) protocol: Option<crate::activation::WorkerProtocol>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::activation::WorkerProtocol;
 use crate::client_address::{Cidr, ClientAddressSource, TrustedProxies};
 use crate::error::Error;
 
@@ -62,6 +63,9 @@ pub struct Config {
     pub routing: Routing,
     /// Listen backlog of the client listener (of each listener of the group in kernel mode).
     pub backlog: u32,
+    /// Whether spawned workers speak the channel protocol (`worker.protocol`; `none`: any server
+    /// accepting on its inherited listener, `routing: kernel` only).
+    pub worker_protocol: WorkerProtocol,
 }
 
 /// Who puts each connection on its worker (YAML `routing`).
@@ -147,6 +151,7 @@ impl Default for Config {
             header_wait_max_wait: defaults::HEADER_WAIT_MAX_WAIT,
             routing: Routing::Handoff,
             backlog: defaults::BACKLOG,
+            worker_protocol: WorkerProtocol::Channel,
         }
     }
 }
@@ -202,6 +207,8 @@ pub struct Overrides {
     pub trusted_proxies: Vec<Cidr>,
     /// `--routing`.
     pub routing: Option<Routing>,
+    /// `--protocol`.
+    pub protocol: Option<WorkerProtocol>,
 }
 
 impl Config {
@@ -220,6 +227,14 @@ impl Config {
             serde_yaml::from_str(text).map_err(|error| Error::Config(yaml_error_line(origin, &error)))?
         };
         let defaults = Config::default();
+        let worker_protocol = file.worker.as_ref().and_then(|worker| worker.protocol).unwrap_or_default();
+        if let (WorkerProtocol::None, Some(queue)) = (worker_protocol, &file.queue) {
+            let key = if queue.limit.is_some() { "queue.limit" } else { "queue.maxWait" };
+            return Err(Error::Config(format!(
+                "{origin}: {key}: does not apply to `worker.protocol: none` (such a worker's clients wait in its \
+                 own listener's accept queue, bounded by `backlog`); remove it"
+            )));
+        }
         let workers = match (file.workers, file.worker) {
             (Some(_), Some(_)) => {
                 return Err(Error::Config(format!(
@@ -261,6 +276,7 @@ impl Config {
                 .map(|m| SocketAddr::new(m.host.unwrap_or(IpAddr::V4(defaults::METRICS_HOST)), m.port)),
             routing: file.routing.unwrap_or_default(),
             backlog: file.backlog.map_or(defaults.backlog, |b| b.0),
+            worker_protocol,
         };
         // The values the file set are checked now, while their lines are known; the combinations wait
         // for the flags (`apply`).
@@ -308,6 +324,9 @@ impl Config {
         }
         if let Some(routing) = overrides.routing {
             self.routing = routing;
+        }
+        if let Some(protocol) = overrides.protocol {
+            self.worker_protocol = protocol;
         }
         if !overrides.trusted_proxies.is_empty() {
             self.trusted_proxies = TrustedProxies(overrides.trusted_proxies);
@@ -364,6 +383,7 @@ impl Config {
                 if let Some(cwd) = cwd {
                     out += &format!("  cwd: {}\n", quote(&cwd.display().to_string()));
                 }
+                out += &format!("  protocol: {}\n", self.worker_protocol.as_str());
             }
             WorkerSource::Attach(attach) => {
                 out += &format!(

@@ -5,6 +5,7 @@ use std::fmt;
 
 use super::defaults::{MAX_CONCURRENCY, MAX_HARD_SHUTDOWN_DELAY_MS, MIN_CONCURRENCY};
 use super::{Config, Routing, WorkerSource};
+use crate::activation::{unknown_placeholder, WorkerProtocol};
 use crate::client_address::ClientAddressSource;
 use crate::error::Error;
 
@@ -100,11 +101,41 @@ impl Config {
                 ),
             ));
         }
+        let kernel = self.routing == Routing::Kernel;
+        if self.worker_protocol == WorkerProtocol::None {
+            if matches!(self.workers, WorkerSource::Attach(_)) {
+                return Err(Invalid::new(
+                    "worker.protocol",
+                    "`none` needs spawn mode (`worker.command`): an attached worker speaks the protocol",
+                ));
+            }
+            if !kernel {
+                return Err(Invalid::new(
+                    "worker.protocol",
+                    "`none` needs `routing: kernel` (with handoff routing the master passes each connection over \
+                     the channel, which such a worker does not read)",
+                ));
+            }
+        }
         if let WorkerSource::Spawn { command, .. } = &self.workers {
             if command.first().is_none_or(|program| program.trim().is_empty()) {
                 return Err(Invalid::sentence(
                     "worker.command",
                     "is required in spawn mode (or give the command after `--`)",
+                ));
+            }
+            if let Some(unknown) = command.iter().find_map(|argument| unknown_placeholder(argument)) {
+                return Err(Invalid::new(
+                    "worker.command",
+                    format_args!(
+                        "unknown placeholder {unknown} (known: {{index}}, {{concurrency}}, {{backlog}}, {{listen_fd}})"
+                    ),
+                ));
+            }
+            if !kernel && command.iter().any(|argument| argument.contains("{listen_fd}")) {
+                return Err(Invalid::new(
+                    "worker.command",
+                    "{listen_fd} is the worker's own listener, which only `routing: kernel` gives",
                 ));
             }
         }

@@ -3,7 +3,7 @@
 //! tells the master when they are gone, and their index waits for the next attach.
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use nix::errno::Errno;
 use nix::sys::socket::{accept4, socketpair, AddressFamily, SockFlag, SockType};
@@ -11,7 +11,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, error, warn};
 
-use super::slot::{Life, Role};
+use super::slot::{AttachLink, Life, Role};
 use super::{Event, Master};
 use crate::attach::{refuse, Claim};
 use crate::closer::PeerFd;
@@ -95,8 +95,9 @@ impl Master {
             Err(error) => return error!("{error}"),
         };
         debug!("worker {index} attached (pid {pid}, uid {uid})");
+        let fd = channel.as_raw_fd();
         let watch = tokio::spawn(watch_attach_link(channel, self.events.clone(), index, process.generation));
-        process.attach_link = Some(watch.abort_handle());
+        process.attach_link = Some(AttachLink { task: watch.abort_handle(), fd });
         self.slots[index as usize].life = Life::Starting(process);
     }
 
@@ -137,7 +138,7 @@ impl Master {
 
 /// Holds an attached worker's attach connection until it ends (the worker is gone), then tells the loop.
 /// Aborting this task closes the connection, which tells the worker it was let go.
-async fn watch_attach_link(link: PeerFd, events: UnboundedSender<Event>, index: u32, generation: u64) {
+pub(super) async fn watch_attach_link(link: PeerFd, events: UnboundedSender<Event>, index: u32, generation: u64) {
     // SAFETY: the AsyncFd owns the connection, so its fd stays open and unchanged while registered.
     if let Ok(link) = unsafe { AsyncFd::register_with_interest(link, tokio::io::Interest::READABLE) } {
         loop {

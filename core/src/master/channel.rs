@@ -3,7 +3,7 @@
 //! that is gone never received.
 
 use std::collections::VecDeque;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -59,6 +59,11 @@ impl WorkerChannel {
         let socket = Arc::new(socket);
         let reader = tokio::spawn(read_channel(socket.clone(), events.clone(), index, generation)).abort_handle();
         Ok(WorkerChannel { socket, waiting_for_room: false, reader, room_waiter: None })
+    }
+
+    /// The master's end, for an upgrade to hand to the next image.
+    pub(super) fn fd(&self) -> RawFd {
+        self.socket.get_ref().as_raw_fd()
     }
 }
 

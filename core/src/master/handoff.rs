@@ -62,7 +62,7 @@ impl WaitingBySource {
     }
 
     /// Counts one more waiting connection of `address`.
-    fn ticket(&self, address: IpAddr) -> SourceTicket {
+    pub(super) fn ticket(&self, address: IpAddr) -> SourceTicket {
         *locked(&self.counts).entry(address).or_insert(0) += 1;
         SourceTicket { counts: self.counts.clone(), address }
     }

@@ -166,16 +166,7 @@ impl Master {
                 for (stream, peer) in batch {
                     let local = self.listen_address;
                     let arrived = Instant::now();
-                    let events = self.events.clone();
-                    let identified = move |outcome| {
-                        let event = match outcome {
-                            Identified::Route { stream, client } => {
-                                Event::Identified(Handoff::new(stream, client, local, arrived))
-                            }
-                            Identified::Closed { peer, reason } => Event::Unidentified { peer, reason },
-                        };
-                        let _ = events.send(event);
-                    };
+                    let identified = self.when_identified(arrived);
                     // Peer mode and untrusted peers come back at once; trusted proxies' connections
                     // wait for their header (bounded) and arrive later as Identified/Unidentified.
                     match self.header_wait.admit(stream, peer, identified) {
@@ -186,6 +177,19 @@ impl Master {
                 }
             }
             Err(error) => self.accept_backoff.failed(&error),
+        }
+    }
+
+    /// What to do with a connection accepted at `arrived` once its header has been read (or given up on).
+    pub(super) fn when_identified(&self, arrived: Instant) -> impl FnOnce(Identified) + Send + 'static {
+        let local = self.listen_address;
+        let events = self.events.clone();
+        move |outcome| {
+            let event = match outcome {
+                Identified::Route { stream, client } => Event::Identified(Handoff::new(stream, client, local, arrived)),
+                Identified::Closed { peer, reason } => Event::Unidentified { peer, reason },
+            };
+            let _ = events.send(event);
         }
     }
 }

@@ -5,6 +5,7 @@
 //! `channel` (writing to and reading from workers), `handoff` (routing), `listen` (client and metrics
 //! listeners), `workers` (starting, exits, revival), `attach` (workers that dial in), `reload`, `kernel`.
 
+mod activation;
 mod attach;
 mod channel;
 mod handoff;
@@ -12,9 +13,11 @@ mod kernel;
 mod listen;
 mod reload;
 mod slot;
+mod upgrade;
 mod workers;
 
 pub use listen::{bind, Listener};
+pub use upgrade::{check as check_upgrade_state, resume, Checked};
 
 use std::collections::VecDeque;
 use std::io;
@@ -46,6 +49,10 @@ pub enum Stop {
     /// Take a new (already validated) configuration: restart workers one at a time when their command
     /// or environment changed. Listener settings (`port`, `host`, `concurrency`) need a restart.
     Reload(Box<Config>),
+    /// Re-execute the (preflighted) new binary in this process, handing it every socket, worker and
+    /// queued connection (SIGUSR2; the `sticky-cluster` binary only: an embedding cannot re-execute its
+    /// host program).
+    Upgrade(Box<crate::upgrade::Plan>),
 }
 
 /// How a master run ended.
@@ -131,13 +138,17 @@ enum Event {
         peer: SocketAddr,
         reason: String,
     },
+    /// Signals are blocked and the upgrade's exec may go ahead.
+    Exec(Box<crate::upgrade::Plan>),
 }
 
 struct Master {
     config: Config,
     phase: Phase,
-    /// Attach mode: the socket workers dial (its options are in `config.workers`).
+    /// Attach mode: the socket workers dial (its options are in `config.workers`), and its file, removed
+    /// at exit only while the path still names it.
     attach_socket: Option<AsyncFd<OwnedFd>>,
+    attach_file: Option<crate::attach::SocketFile>,
     slots: Vec<WorkerSlot>,
     /// The client listener (handoff routing), closed when the master stops running.
     listener: Option<AsyncFd<TcpListener>>,
@@ -169,78 +180,95 @@ struct Master {
     handshakes: crate::attach::Handshakes,
 }
 
+/// The master's listening sockets, registered with the reactor.
+struct Sockets {
+    /// Attach mode: the socket workers dial, and its file.
+    attach: Option<AsyncFd<OwnedFd>>,
+    attach_file: Option<crate::attach::SocketFile>,
+    /// Handoff routing: the client listener.
+    listener: Option<AsyncFd<TcpListener>>,
+    /// Kernel routing: the listener group.
+    group: Option<crate::reuseport::ReuseportGroup>,
+    /// The Prometheus page's listener.
+    metrics: Option<AsyncFd<TcpListener>>,
+    /// The client listener's (or group's) address.
+    address: SocketAddr,
+}
+
+impl Sockets {
+    /// Registers sockets the master made (or inherited): `listener` for clients, the attach socket and the
+    /// metrics listener when configured.
+    fn register(
+        config: &Config,
+        listener: Listener,
+        attach: Option<(OwnedFd, crate::attach::SocketFile)>,
+        metrics: Option<TcpListener>,
+    ) -> Result<Sockets> {
+        let (attach, attach_file) = match attach {
+            Some((socket, file)) => (Some(socket), Some(file)),
+            None => (None, None),
+        };
+        let attach = match attach {
+            // SAFETY: the AsyncFd owns the socket, so its fd stays open and unchanged while registered.
+            Some(socket) => Some(
+                unsafe { AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
+                    .map_err(|e| Error::io("register the attach socket", e))?,
+            ),
+            None => None,
+        };
+        let (listener, group) = match listener {
+            Listener::Handoff(listener) => (Some(listener), None),
+            Listener::Kernel(group) => (None, Some(kernel::checked(group, config.concurrency)?)),
+        };
+        let address = match (&listener, &group) {
+            (Some(listener), _) => listener.local_addr().map_err(|e| Error::io("read the listener address", e))?,
+            (None, Some(group)) => group.local_addr(),
+            (None, None) => return Err(Error::io("listen", io::Error::from(io::ErrorKind::NotFound))),
+        };
+        let listener = match listener {
+            Some(listener) => {
+                listener.set_nonblocking(true).map_err(|e| Error::io("set the listener non-blocking", e))?;
+                // SAFETY: the AsyncFd owns the listener, so its fd stays open and unchanged while registered.
+                Some(unsafe { AsyncFd::register(listener) }.map_err(|e| Error::io("register the listener", e))?)
+            }
+            None => None,
+        };
+        let metrics = match metrics {
+            // SAFETY: the AsyncFd owns the listener, so its fd stays open and unchanged while registered.
+            Some(metrics) => {
+                Some(unsafe { AsyncFd::register(metrics) }.map_err(|e| Error::io("register the metrics listener", e))?)
+            }
+            None => None,
+        };
+        Ok(Sockets { attach, attach_file, listener, group, metrics, address })
+    }
+}
+
 /// Runs a cluster on `listener` (what [`bind`] returned) until `stop` asks it to end (first
 /// [`Stop::Graceful`], then [`Stop::Hard`] for a second signal), and reports how it ended.
-pub async fn run(config: Config, listener: impl Into<Listener>, mut stop: UnboundedReceiver<Stop>) -> Result<Outcome> {
+pub async fn run(config: Config, listener: impl Into<Listener>, stop: UnboundedReceiver<Stop>) -> Result<Outcome> {
     raise_fd_limit();
-    // Fds that peers send are closed off this thread (a peer can make a close block).
-    crate::closer::start();
-    let mut attach_file = None;
-    let attach_socket = match &config.workers {
+    let attach = match &config.workers {
         WorkerSource::Spawn { .. } => None,
         WorkerSource::Attach(options) => {
-            let (socket, file) = crate::attach::listen(options)?;
-            attach_file = Some(file);
-            // SAFETY: the AsyncFd owns the socket, so its fd stays open and unchanged while registered.
-            let socket = unsafe { AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
-                .map_err(|e| Error::io("register the attach socket", e))?;
+            let socket = crate::attach::listen(options)?;
             info!("waiting for {} worker(s) to attach at {}", config.concurrency, options.socket.display());
             Some(socket)
         }
-    };
-    let (listener, group) = match listener.into() {
-        Listener::Handoff(listener) => (Some(listener), None),
-        Listener::Kernel(group) => (None, Some(kernel::checked(group, config.concurrency)?)),
-    };
-    let address = match (&listener, &group) {
-        (Some(listener), _) => listener.local_addr().map_err(|e| Error::io("read the listener address", e))?,
-        (None, Some(group)) => group.local_addr(),
-        (None, None) => return Err(Error::io("listen", io::Error::from(io::ErrorKind::NotFound))),
-    };
-    let listener = match listener {
-        Some(listener) => {
-            listener.set_nonblocking(true).map_err(|e| Error::io("set the listener non-blocking", e))?;
-            // SAFETY: the AsyncFd owns the listener, so its fd stays open and unchanged while registered.
-            Some(unsafe { AsyncFd::register(listener) }.map_err(|e| Error::io("register the listener", e))?)
-        }
-        None => None,
     };
     let metrics = match config.metrics {
         Some(address) => {
             let listener = bind_one(address).map_err(|source| Error::Listen { address, source })?;
             let bound = listener.local_addr().unwrap_or(address);
             info!("metrics on http://{bound}/metrics");
-            // SAFETY: the AsyncFd owns the listener, so its fd stays open and unchanged while registered.
-            Some(unsafe { AsyncFd::register(listener) }.map_err(|e| Error::io("register the metrics listener", e))?)
+            Some(listener)
         }
         None => None,
     };
-    let (events, mut event_rx) = unbounded_channel();
-    let concurrency = config.concurrency;
-    let mut master = Master {
-        slots: (0..concurrency).map(WorkerSlot::new).collect(),
-        stats: Stats { routed: vec![0; concurrency as usize], ..Stats::default() },
-        header_wait: crate::client_address::header_wait::HeaderWait::new(&config),
-        scrapes: crate::metrics::ScrapeLimit::default(),
-        handshakes: crate::attach::Handshakes::default(),
-        waiting: handoff::WaitingBySource::default(),
-        closing: handoff::ClosingEpisode::default(),
-        config,
-        phase: Phase::Running,
-        attach_socket,
-        listener,
-        listen_address: address,
-        group,
-        metrics,
-        events,
-        accept_backoff: listen::AcceptBackoff::new("the client listener"),
-        attach_backoff: listen::AcceptBackoff::new("the attach socket"),
-        restarts_pending: VecDeque::new(),
-        restarting: None,
-        before_reload: None,
-    };
-    info!("listening on {address} with {concurrency} workers");
-    let spawned_workers = if master.spawns() { concurrency } else { 0 };
+    let sockets = Sockets::register(&config, listener.into(), attach, metrics)?;
+    let (mut master, mut event_rx) = Master::new(config, sockets);
+    info!("listening on {} with {} workers", master.listen_address, master.config.concurrency);
+    let spawned_workers = if master.spawns() { master.config.concurrency } else { 0 };
     for index in 0..spawned_workers {
         if let Err(error) = master.start_worker(index) {
             master.kill_all();
@@ -248,67 +276,7 @@ pub async fn run(config: Config, listener: impl Into<Listener>, mut stop: Unboun
             return Err(error);
         }
     }
-
-    let mut stop_open = true;
-    let mut tick = tokio::time::interval(crate::config::defaults::QUEUE_TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let paused = master.accept_backoff.is_paused();
-        let attach_paused = master.attach_backoff.is_paused();
-        let resume = match (master.accept_backoff.resume_at(), master.attach_backoff.resume_at()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let deadline = match master.phase {
-            Phase::Draining { deadline } => Some(deadline),
-            Phase::Running | Phase::Killed => None,
-        };
-        tokio::select! {
-            batch = accept_batch(master.listener.as_ref()), if !paused && master.listener.is_some() => {
-                master.on_accepted(batch);
-            }
-            Some(event) = event_rx.recv() => master.on_event(event),
-            scrapes = accept_batch(master.metrics.as_ref()), if !paused && master.metrics.is_some() => {
-                master.on_scrapes(scrapes);
-            }
-            dialed = attach::accept_worker(master.attach_socket.as_ref()), if !attach_paused && master.attach_socket.is_some() => {
-                master.on_dialed(dialed);
-            }
-            request = stop.recv(), if stop_open => match request {
-                Some(request) => master.on_stop(request),
-                None => stop_open = false,
-            },
-            _ = tick.tick() => master.expire_queues(),
-            _ = sleep_until(resume.unwrap_or_else(TokioInstant::now)), if resume.is_some() => {
-                let now = TokioInstant::now();
-                master.accept_backoff.resume_if_due(now);
-                master.attach_backoff.resume_if_due(now);
-            }
-            _ = sleep_until(deadline.unwrap_or_else(TokioInstant::now)), if deadline.is_some() => {
-                warn!("hardShutdownDelay of {:?} passed: killing the remaining workers", master.config.hard_shutdown_delay);
-                master.kill_all();
-            }
-        }
-        if master.phase != Phase::Running && master.slots.iter().all(WorkerSlot::is_empty) {
-            break;
-        }
-    }
-    master.close_what_is_left();
-    // Only while the path still names this master's socket file.
-    if let Some(file) = attach_file {
-        file.remove();
-    }
-    let stats = master.stats.clone();
-    info!(
-        "stopped: routed {} connections {:?}, redirected {}, closed {}, revivals {}, recovered {}",
-        stats.routed.iter().sum::<u64>(),
-        stats.routed,
-        stats.redirected,
-        stats.closed,
-        stats.revivals,
-        stats.recovered
-    );
-    Ok(Outcome { graceful: master.phase != Phase::Killed, stats })
+    master.serve(event_rx, stop).await
 }
 
 /// Lifts the soft open-file limit to the hard one: queued connections hold fds in the master.
@@ -322,6 +290,112 @@ fn raise_fd_limit() {
 }
 
 impl Master {
+    /// A master on `sockets` with no worker yet, and the receiver of its events.
+    fn new(config: Config, sockets: Sockets) -> (Master, UnboundedReceiver<Event>) {
+        // Fds that peers send are closed off this thread (a peer can make a close block).
+        crate::closer::start();
+        let (events, event_rx) = unbounded_channel();
+        let concurrency = config.concurrency;
+        let master = Master {
+            slots: (0..concurrency).map(WorkerSlot::new).collect(),
+            stats: Stats { routed: vec![0; concurrency as usize], ..Stats::default() },
+            header_wait: crate::client_address::header_wait::HeaderWait::new(&config),
+            scrapes: crate::metrics::ScrapeLimit::default(),
+            handshakes: crate::attach::Handshakes::default(),
+            config,
+            phase: Phase::Running,
+            attach_socket: sockets.attach,
+            attach_file: sockets.attach_file,
+            listener: sockets.listener,
+            listen_address: sockets.address,
+            group: sockets.group,
+            metrics: sockets.metrics,
+            events,
+            accept_backoff: listen::AcceptBackoff::new("the client listener"),
+            attach_backoff: listen::AcceptBackoff::new("the attach socket"),
+            waiting: handoff::WaitingBySource::default(),
+            closing: handoff::ClosingEpisode::default(),
+            restarts_pending: VecDeque::new(),
+            restarting: None,
+            before_reload: None,
+        };
+        (master, event_rx)
+    }
+
+    /// The event loop: accepts, routes and supervises until every worker is gone after a stop.
+    async fn serve(
+        mut self,
+        mut event_rx: UnboundedReceiver<Event>,
+        mut stop: UnboundedReceiver<Stop>,
+    ) -> Result<Outcome> {
+        let mut stop_open = true;
+        let mut tick = tokio::time::interval(crate::config::defaults::QUEUE_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let paused = self.accept_backoff.is_paused();
+            let attach_paused = self.attach_backoff.is_paused();
+            let resume = match (self.accept_backoff.resume_at(), self.attach_backoff.resume_at()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let deadline = match self.phase {
+                Phase::Draining { deadline } => Some(deadline),
+                Phase::Running | Phase::Killed => None,
+            };
+            tokio::select! {
+                batch = accept_batch(self.listener.as_ref()), if !paused && self.listener.is_some() => {
+                    self.on_accepted(batch);
+                }
+                Some(event) = event_rx.recv() => match event {
+                    Event::Exec(plan) => self.exec_upgrade(plan, &mut event_rx, &mut stop),
+                    event => self.on_event(event),
+                },
+                scrapes = accept_batch(self.metrics.as_ref()), if !paused && self.metrics.is_some() => {
+                    self.on_scrapes(scrapes);
+                }
+                dialed = attach::accept_worker(self.attach_socket.as_ref()), if !attach_paused && self.attach_socket.is_some() => {
+                    self.on_dialed(dialed);
+                }
+                request = stop.recv(), if stop_open => match request {
+                    Some(request) => self.on_stop(request),
+                    None => stop_open = false,
+                },
+                _ = tick.tick() => {
+                    self.expire_queues();
+                    self.judge_readiness();
+                }
+                _ = sleep_until(resume.unwrap_or_else(TokioInstant::now)), if resume.is_some() => {
+                    let now = TokioInstant::now();
+                    self.accept_backoff.resume_if_due(now);
+                    self.attach_backoff.resume_if_due(now);
+                }
+                _ = sleep_until(deadline.unwrap_or_else(TokioInstant::now)), if deadline.is_some() => {
+                    warn!("hardShutdownDelay of {:?} passed: killing the remaining workers", self.config.hard_shutdown_delay);
+                    self.kill_all();
+                }
+            }
+            if self.phase != Phase::Running && self.slots.iter().all(WorkerSlot::is_empty) {
+                break;
+            }
+        }
+        self.close_what_is_left();
+        // Only while the path still names this master's socket file.
+        if let Some(file) = self.attach_file.take() {
+            file.remove();
+        }
+        let stats = self.stats.clone();
+        info!(
+            "stopped: routed {} connections {:?}, redirected {}, closed {}, revivals {}, recovered {}",
+            stats.routed.iter().sum::<u64>(),
+            stats.routed,
+            stats.redirected,
+            stats.closed,
+            stats.revivals,
+            stats.recovered
+        );
+        Ok(Outcome { graceful: self.phase != Phase::Killed, stats })
+    }
+
     /// Whether this master starts its workers itself (spawn mode) rather than waiting for attaches.
     fn spawns(&self) -> bool {
         matches!(self.config.workers, WorkerSource::Spawn { .. })
@@ -353,6 +427,8 @@ impl Master {
             Event::Room { index, generation } => self.on_room(index, generation),
             Event::Detached { index, generation } => self.on_detached(index, generation),
             Event::Revive { index, generation } => self.on_revive(index, generation),
+            // Only the loop itself executes an upgrade.
+            Event::Exec(_) => {}
         }
     }
 
@@ -380,6 +456,8 @@ impl Master {
             (Stop::Graceful, _) => {}
             (Stop::Reload(config), Phase::Running) => self.reload(*config),
             (Stop::Reload(_), _) => warn!("reload ignored: the cluster is shutting down"),
+            (Stop::Upgrade(plan), Phase::Running) => self.start_upgrade(plan),
+            (Stop::Upgrade(_), _) => warn!("upgrade refused: the cluster is shutting down"),
             (Stop::Hard, phase) => {
                 warn!("second signal: stopping at once");
                 if phase == Phase::Running {

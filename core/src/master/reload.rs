@@ -30,7 +30,7 @@ impl Master {
         }
         let workers_changed = match (&new.workers, &old.workers) {
             (WorkerSource::Spawn { .. }, WorkerSource::Spawn { .. }) => {
-                new.workers != old.workers || new.env != old.env
+                new.workers != old.workers || new.env != old.env || new.worker_protocol != old.worker_protocol
             }
             (WorkerSource::Attach(new_attach), WorkerSource::Attach(old_attach)) => {
                 if (&new_attach.socket, new_attach.mode) != (&old_attach.socket, old_attach.mode) {

@@ -2,13 +2,14 @@
 //! process (spawned or attached) exists here exactly as long as the master must account for it.
 
 use std::collections::VecDeque;
-use std::os::fd::OwnedFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::time::Instant;
 
 use tokio::task::AbortHandle;
 
 use super::channel::WorkerChannel;
 use super::handoff::Handoff;
+use crate::activation::readiness::ReadinessProbe;
 
 /// One worker index: its queue, the life of its current worker, and earlier workers still on their way out.
 pub(super) struct WorkerSlot {
@@ -73,12 +74,21 @@ pub(super) struct Process {
     /// A copy of the worker's own end of its channel. While the master holds it, the kernel keeps every
     /// message the worker has not received, so they can be taken back when it is gone.
     pub(super) worker_end: Option<OwnedFd>,
-    /// Attach mode: the task holding the worker's attach connection (aborting it closes the connection).
-    pub(super) attach_link: Option<AbortHandle>,
+    /// Attach mode: the task holding the worker's attach connection.
+    pub(super) attach_link: Option<AttachLink>,
     /// What the master still has to write after the connections already sent.
     pub(super) farewell: Farewell,
     /// It was asked to shut down (message or SIGTERM): never twice.
     pub(super) shutdown_sent: bool,
+    /// `worker.protocol: none`: it never says ready, so its listener is watched for signs that it accepts.
+    pub(super) readiness: Option<ReadinessProbe>,
+}
+
+/// The task that holds an attached worker's attach connection until it ends; aborting the task closes it.
+pub(super) struct AttachLink {
+    pub(super) task: AbortHandle,
+    /// The connection's fd, owned by the task (an upgrade hands it to the next image).
+    pub(super) fd: RawFd,
 }
 
 /// Messages owed to a worker once what comes before them is in its channel.
@@ -104,7 +114,7 @@ impl Process {
         generation: u64,
         pid: u32,
         spawned: bool,
-        channel: WorkerChannel,
+        channel: Option<WorkerChannel>,
         worker_end: Option<OwnedFd>,
     ) -> Process {
         Process {
@@ -112,11 +122,12 @@ impl Process {
             pid,
             spawned,
             started: Instant::now(),
-            channel: Some(channel),
+            channel,
             worker_end,
             attach_link: None,
             farewell: Farewell::default(),
             shutdown_sent: false,
+            readiness: None,
         }
     }
 
@@ -125,7 +136,7 @@ impl Process {
     pub(super) fn disconnect(&mut self) {
         self.channel = None;
         if let Some(link) = self.attach_link.take() {
-            link.abort();
+            link.task.abort();
         }
         self.farewell = Farewell::default();
     }

@@ -15,7 +15,7 @@ use super::{after, Event, Master};
 use crate::config::WorkerSource;
 use crate::error::{Error, Result};
 use crate::protocol::Message;
-use crate::supervisor::{describe_exit, revival_delay, signal_worker, spawn_worker, CRASH_UPTIME};
+use crate::supervisor::{describe_exit, end_process_group, revival_delay, signal_worker, spawn_worker, CRASH_UPTIME};
 
 impl Master {
     /// Starts worker `index` as the index's current worker (spawn mode).
@@ -37,6 +37,7 @@ impl Master {
         };
         let spawned = spawn_worker(&self.config, command, cwd.as_deref(), index, self.kernel_listener(index))?;
         let mut child = spawned.child;
+        let probe = self.readiness_probe(index);
         let process = match self.new_process(index, spawned.pid, true, spawned.channel, Some(spawned.worker_end)) {
             Ok(process) => process,
             Err(error) => {
@@ -45,6 +46,8 @@ impl Master {
                 return Err(error);
             }
         };
+        let mut process = process;
+        process.readiness = probe;
         let generation = process.generation;
         debug!("worker {index} started (pid {}, generation {generation})", spawned.pid);
         let events = self.events.clone();
@@ -70,7 +73,7 @@ impl Master {
         let generation = slot.generation + 1;
         let channel = WorkerChannel::open(channel, &self.events, index, generation)?;
         slot.generation = generation;
-        Ok(Process::new(generation, pid, spawned, channel, worker_end))
+        Ok(Process::new(generation, pid, spawned, Some(channel), worker_end))
     }
 
     pub(super) fn on_message(&mut self, index: u32, generation: u64, message: Message) {
@@ -169,6 +172,11 @@ impl Master {
         };
         let Some((role, mut process)) = slot.remove(generation) else { return };
         process.disconnect();
+        // What it started and left behind (gunicorn's or hypercorn's own workers after a kill -9) would
+        // go on accepting on the index's listener beside its successor.
+        if process.spawned && end_process_group(process.pid) {
+            warn!("worker {index} (pid {}) left processes in its group; killed them", process.pid);
+        }
         let how = match &status {
             Ok(status) => describe_exit(status),
             Err(error) => format!("unknown status ({error})"),

@@ -72,18 +72,27 @@ impl Cluster {
 
     /// Like [`Cluster::start`], letting the test adjust the master's command first.
     pub fn start_with(yaml: &str, adjust: impl FnOnce(&mut Command)) -> Cluster {
-        let mut cluster = Cluster::spawn(yaml, adjust);
+        Cluster::start_program(&binary(), yaml, adjust)
+    }
+
+    /// Starts the master without waiting for it to listen (for tests of start-up failures).
+    pub fn spawn(yaml: &str, adjust: impl FnOnce(&mut Command)) -> Cluster {
+        Cluster::spawn_program(&binary(), yaml, adjust)
+    }
+
+    /// Like [`Cluster::start_with`], with `program` as the master's binary (a copy, for upgrade tests).
+    pub fn start_program(program: &std::path::Path, yaml: &str, adjust: impl FnOnce(&mut Command)) -> Cluster {
+        let mut cluster = Cluster::spawn_program(program, yaml, adjust);
         let line = cluster.wait_for_log("listening on", Duration::from_secs(20));
         cluster.port = line.rsplit(':').next().unwrap().split_whitespace().next().unwrap().parse().unwrap();
         cluster
     }
 
-    /// Starts the master without waiting for it to listen (for tests of start-up failures).
-    pub fn spawn(yaml: &str, adjust: impl FnOnce(&mut Command)) -> Cluster {
+    fn spawn_program(program: &std::path::Path, yaml: &str, adjust: impl FnOnce(&mut Command)) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("cluster.yaml");
         std::fs::write(&config, config_text(yaml)).unwrap();
-        let mut command = Command::new(binary());
+        let mut command = Command::new(program);
         command.arg("--config").arg(&config).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         adjust(&mut command);
         let mut child = command.spawn().unwrap();
