@@ -7,6 +7,7 @@ use std::thread::JoinHandle;
 
 use ::sticky_cluster::config::Config;
 use ::sticky_cluster::master::{self, Listener, Stop};
+use ::sticky_cluster::ready::ReadyFd;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use crate::error::{utf8_argument, Failure, STICKY_ECLOSED, STICKY_EHARD, STICKY_EINTERNAL, STICKY_EINVAL, STICKY_OK};
@@ -55,7 +56,7 @@ impl sticky_cluster {
         // One thread for the master's whole life: workers' PR_SET_PDEATHSIG is tied to the spawning thread.
         let thread = std::thread::Builder::new()
             .name("sticky-cluster-master".into())
-            .spawn(move || run_master(config, listener, Requests::Handle(received)))
+            .spawn(move || run_master(config, listener, Requests::Handle(received), None))
             .map_err(|e| ::sticky_cluster::Error::io("start the master thread", e))?;
         Ok(sticky_cluster { requests, port, master: Mutex::new(MasterThread { thread: Some(thread), outcome: None }) })
     }
@@ -89,8 +90,14 @@ pub(crate) enum Requests {
     Signals(OnHangup),
 }
 
-/// Runs the master on the calling thread's own current-thread runtime until it stops.
-pub(crate) fn run_master(config: Config, listener: Listener, requests: Requests) -> Result<c_int, Failure> {
+/// Runs the master on the calling thread's own current-thread runtime until it stops, writing the
+/// `listening` and `stopped` lines to `ready` when there is one.
+pub(crate) fn run_master(
+    config: Config,
+    listener: Listener,
+    requests: Requests,
+    ready: Option<&ReadyFd>,
+) -> Result<c_int, Failure> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -101,8 +108,16 @@ pub(crate) fn run_master(config: Config, listener: Listener, requests: Requests)
             // Installed inside the runtime: tokio's signal handlers need its context.
             Requests::Signals(on_hangup) => forward_signals(on_hangup)?,
         };
-        master::run(config, listener, requests).await
+        let listening = |at: &master::Listening| {
+            if let Some(ready) = ready {
+                ready.listening(at);
+            }
+        };
+        master::run_reporting(config, listener, requests, listening).await
     })?;
+    if let Some(ready) = ready {
+        ready.stopped(&outcome);
+    }
     if outcome.graceful {
         Ok(STICKY_OK)
     } else {
