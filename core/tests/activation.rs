@@ -54,7 +54,7 @@ fn protocol_none_workers_are_socket_activated_and_routed_stickily() {
     let cluster = start(2, "metrics:\n  port: 0\n", &["--index={index}", "--fd={listen_fd}", "--backlog={backlog}"]);
     let pids = [wait_accepting(&cluster, 0, 1), wait_accepting(&cluster, 1, 1)];
     let clients: Vec<_> = (0..120).map(client_address).collect();
-    let answers = ask_all(&cluster, &clients, 30, 2);
+    let answers = ask_all(cluster.server(), &clients, 30, 2);
     assert_sticky(&answers, 2);
     for (_, answer) in &answers {
         let index = answer["worker"].as_u64().unwrap() as usize;

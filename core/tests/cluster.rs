@@ -17,7 +17,7 @@ fn every_client_address_sticks_to_its_string_hash_worker() {
     let concurrency = 4;
     let cluster = Cluster::start(&format!("concurrency: {concurrency}\nenv:\n  TEST_ECHO: 'w{{index}}'\n"));
     let clients: Vec<Ipv4Addr> = (0..200).map(client_address).collect();
-    let answers = support::ask_all(&cluster, &clients, 25, 3);
+    let answers = support::ask_all(cluster.server(), &clients, 25, 3);
     assert_eq!(answers.len(), 600);
     support::assert_sticky(&answers, concurrency);
     for (_, answer) in &answers {

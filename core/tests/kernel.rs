@@ -20,7 +20,7 @@ fn server(cluster: &Cluster) -> SocketAddr {
 /// from the same process, Node's text of the client address.
 fn assert_sticky(cluster: &Cluster, concurrency: u32) {
     let clients: Vec<Ipv4Addr> = (0..220).map(client_address).collect();
-    let answers = support::ask_all(cluster, &clients, 22, 2);
+    let answers = support::ask_all(cluster.server(), &clients, 22, 2);
     assert_eq!(answers.len(), 440);
     support::assert_sticky(&answers, concurrency);
 }
