@@ -3,7 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
@@ -34,6 +34,28 @@ fn collect<T: Send + 'static>(
         sink.0.lock().unwrap().1 = true;
         sink.1.notify_all();
     })
+}
+
+/// Makes `command` a master with `--ready-fd` on a new pipe (added as its first arguments) and returns
+/// the pipe's read end. The write end is close-on-exec here, so that no other child of this test
+/// process holds it: only the master inherits it, and the reader sees end of file when the master (and
+/// every image of it after upgrades) is gone.
+fn pass_ready_fd(command: &mut Command) -> OwnedFd {
+    let (ready_read, ready_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
+    let ready_fd = ready_write.as_raw_fd();
+    command.arg("--ready-fd").arg(ready_fd.to_string());
+    // SAFETY: fcntl is async-signal-safe; the child runs nothing else before exec.
+    unsafe {
+        command.pre_exec(move || {
+            // The closure owns the write end until the command is dropped after the spawn.
+            let _owned = &ready_write;
+            if libc::fcntl(ready_fd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    ready_read
 }
 
 /// Waits until the stream behind `collected` has ended, or `deadline`.
@@ -82,35 +104,38 @@ impl Cluster {
 
     /// Like [`Cluster::start_with`], with `program` as the master's binary (a copy, for upgrade tests).
     pub fn start_program(program: &std::path::Path, yaml: &str, adjust: impl FnOnce(&mut Command)) -> Cluster {
-        let mut cluster = Cluster::spawn_program(program, yaml, adjust);
-        let listening = cluster.wait_for_event("listening", 1, Duration::from_secs(20));
-        cluster.port = listening["port"].as_u64().and_then(|port| u16::try_from(port).ok()).unwrap();
-        cluster
+        Cluster::spawn_program(program, yaml, adjust).listens()
     }
 
-    /// Starts the master with `--ready-fd` on a pipe whose other end this process reads.
+    /// Starts the binary with these arguments only (no file), and waits for it to listen.
+    pub fn start_args(args: &[&std::ffi::OsStr]) -> Cluster {
+        let mut command = Command::new(binary());
+        let ready = pass_ready_fd(&mut command);
+        command.args(args);
+        Cluster::spawn_command(command, ready, tempfile::tempdir().unwrap()).listens()
+    }
+
+    /// Waits for the `listening` line and takes the port from it.
+    fn listens(mut self) -> Cluster {
+        let listening = self.wait_for_event("listening", 1, Duration::from_secs(20));
+        self.port = listening["port"].as_u64().and_then(|port| u16::try_from(port).ok()).unwrap();
+        self
+    }
+
     fn spawn_program(program: &std::path::Path, yaml: &str, adjust: impl FnOnce(&mut Command)) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("cluster.yaml");
         std::fs::write(&config, config_text(yaml)).unwrap();
-        // Close-on-exec here, so no other child of this test process holds the write end; only the
-        // master inherits it.
-        let (ready_read, ready_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
-        let ready_fd = ready_write.as_raw_fd();
         let mut command = Command::new(program);
-        command.arg("--config").arg(&config).arg("--ready-fd").arg(ready_fd.to_string());
-        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-        // SAFETY: fcntl is async-signal-safe; the child runs nothing else before exec.
-        unsafe {
-            command.pre_exec(move || {
-                let _keep_open = &ready_write;
-                if libc::fcntl(ready_fd, libc::F_SETFD, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        let ready = pass_ready_fd(&mut command);
+        command.arg("--config").arg(&config);
         adjust(&mut command);
+        Cluster::spawn_command(command, ready, dir)
+    }
+
+    /// Starts `command` (its ready fd's read end is `ready`), collecting its stderr and ready lines.
+    fn spawn_command(mut command: Command, ready_read: OwnedFd, dir: tempfile::TempDir) -> Cluster {
+        command.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = command.spawn().unwrap();
         // The master holds the write end now: the reader sees end of file when the master is gone.
         drop(command);

@@ -2,7 +2,7 @@
 //! thread of its own, the test worker as workers, a message to stop it, and its `Stats` to assert on.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -21,7 +21,9 @@ pub struct InProcess {
     /// Where clients dial: 127.0.0.1 on the dual-stack listener's port.
     pub server: SocketAddr,
     stop: UnboundedSender<Stop>,
-    outcome: mpsc::Receiver<sticky_cluster::Result<Outcome>>,
+    /// Where the master's thread sends how the run ended (in a mutex: tests share the handle between
+    /// client threads).
+    outcome: Mutex<mpsc::Receiver<sticky_cluster::Result<Outcome>>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -47,7 +49,12 @@ impl InProcess {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             let _ = done.send(runtime.block_on(master::run(config, listener, stop_rx)));
         });
-        InProcess { server: SocketAddr::from(([127, 0, 0, 1], port)), stop, outcome, thread: Some(thread) }
+        InProcess {
+            server: SocketAddr::from(([127, 0, 0, 1], port)),
+            stop,
+            outcome: Mutex::new(outcome),
+            thread: Some(thread),
+        }
     }
 
     /// `GET path` from `client`; the worker's JSON answer.
@@ -68,7 +75,8 @@ impl InProcess {
     /// Stops with `request` and waits for the run's outcome (at most a minute).
     pub fn stop_with(mut self, request: Stop) -> Outcome {
         let _ = self.stop.send(request);
-        let outcome = self.outcome.recv_timeout(STOP_LIMIT).expect("the master stops within a minute");
+        let outcome = self.outcome.get_mut().unwrap().recv_timeout(STOP_LIMIT);
+        let outcome = outcome.expect("the master stops within a minute");
         if let Some(thread) = self.thread.take() {
             thread.join().expect("the master's thread ends");
         }
@@ -80,7 +88,9 @@ impl Drop for InProcess {
     fn drop(&mut self) {
         if let Some(thread) = self.thread.take() {
             let _ = self.stop.send(Stop::Hard);
-            let _ = self.outcome.recv_timeout(STOP_LIMIT);
+            if let Ok(outcome) = self.outcome.get_mut() {
+                let _ = outcome.recv_timeout(STOP_LIMIT);
+            }
             let _ = thread.join();
         }
     }
