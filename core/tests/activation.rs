@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -44,8 +43,7 @@ fn wait_accepting(cluster: &Cluster, index: u32, generation: u64) -> u32 {
 }
 
 fn metrics_page(cluster: &Cluster) -> String {
-    let line = cluster.wait_for_log("metrics on http://", LONG);
-    let address: SocketAddr = line.split("http://").nth(1).unwrap().trim_end_matches("/metrics").parse().unwrap();
+    let address = cluster.metrics_address();
     http_text(address, "/metrics").unwrap()
 }
 

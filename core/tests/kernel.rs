@@ -97,8 +97,7 @@ fn connections_completed_before_sigterm_are_all_served() {
         "routing: kernel\nconcurrency: 2\nmetrics:\n  port: 0\nhardShutdownDelay: 10s\n\
          env:\n  TEST_SLOW_INDEX: '0'\n  TEST_ACCEPT_PAUSE_MS: '1500'\n",
     );
-    let line = cluster.wait_for_log("metrics on http://", LONG);
-    let metrics: SocketAddr = line.split("http://").nth(1).unwrap().trim_end_matches("/metrics").parse().unwrap();
+    let metrics = cluster.metrics_address();
     cluster.get(clients_for(1, 2, 1, 0)[0], "/").unwrap();
     let address = server(&cluster);
     let queued: Vec<_> = clients_for(0, 2, 8, 0)
