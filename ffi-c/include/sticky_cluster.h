@@ -229,6 +229,7 @@ extern "C" {
  * worker), `STICKY_ECONFIG` (the last error names the field), `STICKY_ELISTEN`, `STICKY_EIO`. A worker
  * that cannot be started later is logged and retried, as by `sticky_run`. Workers are tied to the
  * master's thread: stop and wait for the cluster before the program exits, or they are killed with it.
+ * `STICKY_CLUSTER_READY_FD` is honoured as by `sticky_run` (the first cluster started takes it).
  *
  * # Safety
  * `opts` must be NULL or an initialised `sticky_options` whose strings and arrays are valid during

@@ -271,15 +271,19 @@ fn os_failure(context: &str) -> Failure {
 /// to that fd (the program a driver started is the master, as the binary would be).
 fn run_master(config: Result<Config, Failure>, on_hangup: OnHangup) -> Result<c_int, Failure> {
     let ready = ReadyFd::from_env().map_err(|reason| Failure::new(STICKY_ECONFIG, reason))?;
-    let answer = config.and_then(|config| {
+    let bound = config.and_then(|config| {
         sticky_cluster::logging::init(&config.prefix, config.debug);
-        let listener = master::bind(&config)?;
-        cluster::run_master(config, listener, Requests::Signals(on_hangup), ready.as_ref())
+        Ok((master::bind(&config)?, config))
     });
-    if let (Some(ready), Err(failure)) = (&ready, &answer) {
-        ready.error(&failure.message);
+    match bound {
+        Ok((listener, config)) => cluster::run_master(config, listener, Requests::Signals(on_hangup), ready.as_ref()),
+        Err(failure) => {
+            if let Some(ready) = &ready {
+                ready.error(&failure.message);
+            }
+            Err(failure)
+        }
     }
-    answer
 }
 
 /// What SIGHUP means to a master that `sticky_run*` runs.
