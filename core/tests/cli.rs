@@ -166,12 +166,12 @@ fn a_bad_file_is_also_an_error_line_on_the_ready_fd() {
     let ready = dir.path().join("ready");
     let file = std::fs::File::create(&ready).unwrap();
     use std::os::unix::process::CommandExt;
-    let mut command = Command::new(support::binary());
-    command.arg("--config").arg(&path).args(["--ready-fd", "3"]);
     let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
-    // SAFETY: dup2 is async-signal-safe; the child runs nothing else before exec.
+    let mut command = Command::new(support::binary());
+    command.arg("--config").arg(&path).args(["--ready-fd", &fd.to_string()]);
+    // SAFETY: fcntl is async-signal-safe; the child runs nothing else before exec.
     unsafe {
-        command.pre_exec(move || match libc::dup2(fd, 3) {
+        command.pre_exec(move || match libc::fcntl(fd, libc::F_SETFD, 0) {
             -1 => Err(std::io::Error::last_os_error()),
             _ => Ok(()),
         });
