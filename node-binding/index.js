@@ -5,6 +5,7 @@
 // is built for the platform, the same contract runs in JavaScript (js/), loaded only then.
 
 const fs = require('fs');
+const http = require('http');
 const net = require('net');
 const os = require('os');
 const util = require('util');
@@ -366,7 +367,8 @@ function runWorker(startFn, settings) {
 
   startFn(function callback(userServer) {
     if (drain.server || drain.draining) return;
-    if (!(userServer instanceof net.Server)) {
+    // Bun's http.Server is no net.Server (it is its own class over Bun's server), and serves sockets all the same.
+    if (!(userServer instanceof net.Server || userServer instanceof http.Server)) {
       throw new TypeError('sticky-cluster-native: callback(server) needs a net.Server (http.Server, https.Server, ...)');
     }
     drain.serve(userServer);
