@@ -312,6 +312,15 @@ function applyPerWorkerEnvironment() {
   if (own && typeof own === 'object') Object.assign(process.env, own);
 }
 
+/**
+ * A net.Socket over a connected socket fd this process owns. Bun (1.4) leaves `new net.Socket({ fd })`
+ * without a handle (nothing is read, writes fail with ERR_SOCKET_CLOSED); its `connect({ fd })` adopts it.
+ */
+function adoptSocket(fd, allowHalfOpen) {
+  if (process.versions.bun) return new net.Socket({ allowHalfOpen }).connect({ fd });
+  return new net.Socket({ fd, readable: true, writable: true, allowHalfOpen });
+}
+
 function runWorker(startFn, settings) {
   const native = load();
   const worker = native.openWorker();
@@ -333,12 +342,7 @@ function runWorker(startFn, settings) {
     const server = drain.server;
     let socket;
     try {
-      socket = new net.Socket({
-        fd: routed.fd,
-        readable: true,
-        writable: true,
-        allowHalfOpen: Boolean(server.allowHalfOpen),
-      });
+      socket = adoptSocket(routed.fd, Boolean(server.allowHalfOpen));
     } catch (error) {
       fs.closeSync(routed.fd);
       logLine(settings.prefix, 'error', `worker ${worker.index}: cannot open routed connection: ${error.message}`);
