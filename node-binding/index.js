@@ -150,7 +150,7 @@ function normalizeOptions(options) {
 function runMaster(settings) {
   const implementation = selectImplementation(settings);
   const { shared, perWorker } = splitEnvironment(settings);
-  const command = [process.execPath, ...process.execArgv, ...process.argv.slice(1)];
+  const command = relaunchCommand();
   let signals = 0;
   let cluster = null;
   const onSignal = (signal) => {
@@ -231,6 +231,21 @@ function runMaster(settings) {
     port: cluster.port,
     stop: (hard = false) => cluster.stop(Boolean(hard)),
   };
+}
+
+/**
+ * How a worker is started: the primary's own runtime, flags, script and arguments. Deno's
+ * process.execArgv is empty: its flags (`run`, the permissions, `--config`) are in the kernel's copy of
+ * the command line, which Deno lets a program read only with --allow-all.
+ */
+function relaunchCommand() {
+  if (!process.versions.deno) return [process.execPath, ...process.execArgv, ...process.argv.slice(1)];
+  try {
+    return [process.execPath, ...fs.readFileSync('/proc/self/cmdline', 'utf8').split('\0').slice(1, -1)];
+  } catch {
+    // What Deno's own child_process does with a Node-style command line of the deno binary.
+    return [process.execPath, 'run', '-A', ...process.argv.slice(1)];
+  }
 }
 
 /** What the primary gets from the JavaScript master: address and port are read once it is bound. */
