@@ -175,6 +175,13 @@ function runMaster(settings) {
         '(the JavaScript implementation routes by the TCP peer only)'
     );
   }
+  if (settings.routing === 'kernel' && process.versions.bun) {
+    // Its http.Server.listen({ fd }) binds a new port instead: workers would say ready and never accept.
+    throw new TypeError(
+      `sticky-cluster-native: options.routing 'kernel' needs server.listen({ fd }) in the workers, which Bun ${process.versions.bun} ` +
+        "does not do (it listens on a new port instead); use routing 'handoff' under Bun"
+    );
+  }
   if (implementation.name === 'js' && settings.routing === 'kernel') {
     throw new TypeError("sticky-cluster-native: options.routing 'kernel' needs the native addon (the JavaScript implementation routes in the master)");
   }
