@@ -58,7 +58,11 @@ function createDrain({ debug, stopRouting, waitForChannelWithoutServer }) {
       if ((channelEnded || !waitForChannelWithoutServer) && exitIsOurs()) process.exit(0);
       return;
     }
-    server.close(() => {});
+    // Bun (1.4) calls back but never emits 'close' for a server that never listened, and engine.io
+    // closes its clients on that event: emit it then.
+    let closed = false;
+    server.once('close', () => (closed = true));
+    server.close(() => closed || server.emit('close'));
     setImmediate(sweep);
     sweeper = setInterval(sweep, SWEEP_INTERVAL_MS);
     exitWhenDrained();
