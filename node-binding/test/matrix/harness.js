@@ -85,10 +85,10 @@ async function eventually(check, ms, what) {
  * Starts `file` of `app` with `entry`'s runtime: STICKY_CLUSTER_NATIVE for `implementation`, options
  * (port 0 and debug, whose lines name every worker's pid, unless given) as FIXTURE_OPTIONS. Waits for the
  * master's listening line and checks the implementation the fixture reports. The primary and every
- * worker it ever started are killed when the test ends.
+ * worker it ever started are killed when the test ends. `denoAllowAll`: Deno runs it with -A.
  */
-async function startCluster(t, entry, app, file, { implementation, options = {}, env = {}, waitForListening = true } = {}) {
-  const [bin, ...args] = entry.argv(file);
+async function startCluster(t, entry, app, file, { implementation, options = {}, env = {}, waitForListening = true, denoAllowAll = false } = {}) {
+  const [bin, ...args] = entry.argv(file, { denoAllowAll });
   const child = spawn(bin, args, {
     cwd: app.dir,
     env: {

@@ -25,7 +25,11 @@ function pinnedVersion(id) {
  */
 const DENO_PERMISSIONS = ['--allow-env', '--allow-read', '--allow-net', '--allow-run', '--allow-ffi', '--allow-sys'];
 
-/** Every runtime of the matrix, oldest Node first. `argv(script)` is the command that runs `script`. */
+/**
+ * Every runtime of the matrix, oldest Node first. `argv(script, { denoAllowAll })` is the command that runs
+ * `script`: under Deno with the permissions above, or with -A (which also lets a program read its own
+ * command line).
+ */
 function runtimes() {
   const list = [
     {
@@ -42,8 +46,8 @@ function runtimes() {
   for (const entry of list) {
     entry.version = entry.machine ? machineNodeVersion(entry.bin) : pinnedVersion(entry.id);
     entry.label = `${entry.runtime} ${entry.version}`;
-    entry.argv = (script, ...args) =>
-      entry.runtime === 'Deno' ? [entry.bin, 'run', ...DENO_PERMISSIONS, script, ...args] : [entry.bin, script, ...args];
+    entry.argv = (script, { denoAllowAll = false } = {}) =>
+      entry.runtime === 'Deno' ? [entry.bin, 'run', ...(denoAllowAll ? ['-A'] : DENO_PERMISSIONS), script] : [entry.bin, script];
   }
   return list;
 }
