@@ -11,22 +11,24 @@ const fs = require('fs');
 const http = require('http');
 const path = require('path');
 const { io } = require('socket.io-client');
-const { addressesPerIndex, waitFor, within } = require('../helpers');
+const { addressesPerIndex, getJson, routeIndex, waitFor, within } = require('../helpers');
 const { installApp, runtimeUnderTest, startCluster } = require('./harness');
 
 const entry = runtimeUnderTest();
 const tag = `[${entry.id} examples]`;
 const packageDir = path.resolve(__dirname, '..', '..');
 const runtimeNumber = { node: 0, node22: 1, node24: 2, node26: 3, bun: 4, deno: 5 }[entry.id];
+// Client address blocks (127.<block>.x.y): the smoke set has 100-215; here block and block + 6 per test,
+// migration 220-231, chat example 232-243, TypeScript 244-255.
 
 /** The example's folder copied into an installed app: `files` from it, the packages linked from its node_modules. */
-function exampleApp(t, name, exampleDir, files, packages) {
+function exampleApp(t, name, exampleDir, files, packages, type = 'commonjs') {
   const sources = Object.fromEntries(files.map((file) => [file, fs.readFileSync(path.join(exampleDir, file), 'utf8')]));
   const app = installApp(`${name}-${entry.id}`, { files: sources, packages, modulesDir: exampleDir });
   t.after(app.remove);
-  // Deno takes a .js file for CommonJS only when its package.json says so (Node and Bun need nothing).
+  // As the examples' own package.json say: Deno takes a .js file for CommonJS only when told so.
   const manifestFile = path.join(app.dir, 'package.json');
-  fs.writeFileSync(manifestFile, JSON.stringify({ ...JSON.parse(fs.readFileSync(manifestFile, 'utf8')), type: 'commonjs' }, null, 2));
+  fs.writeFileSync(manifestFile, JSON.stringify({ ...JSON.parse(fs.readFileSync(manifestFile, 'utf8')), type }, null, 2));
   return app;
 }
 
@@ -74,7 +76,7 @@ test(`${tag} ${entry.label}: the npm sticky-cluster example runs with only its r
   assert.match(cluster.stderr, /^sticky-cluster: debug implementation: native \(the addon loaded\)$/m);
 
   // Clients that come during the workers' 2 s async init wait for callback(server); two per worker index.
-  const block = 230 + runtimeNumber;
+  const block = 220 + runtimeNumber;
   const addresses = [addressesPerIndex(block, 2), addressesPerIndex(block + 6, 2)];
   const clients = await within(
     30000,
@@ -103,7 +105,7 @@ test(`${tag} ${entry.label}: the socket.io chat example serves its page and rela
   const cluster = await startCluster(t, entry, app, 'index.js', { env: { PORT: '0', WEB_CONCURRENCY: '2', STICKY_CLUSTER_NATIVE: '' }, waitForListening: false });
   cluster.port = await waitFor(cluster, () => Number((cluster.stderr.match(/listening on \S*:(\d+) with 2 workers/) || [])[1]), 30000);
 
-  const block = 240 + runtimeNumber;
+  const block = 232 + runtimeNumber;
   const page = await getText(cluster.port, `127.${block}.0.1`);
   assert.strictEqual(page.status, 200);
   assert.match(page.body, /<title>sticky-cluster chat<\/title>/);
@@ -117,3 +119,26 @@ test(`${tag} ${entry.label}: the socket.io chat example serves its page and rela
   assert.strictEqual((await within(10000, heard, 'chat relay')).text, 'hello from alice');
   await sigterm(cluster);
 });
+
+/** Node strips TypeScript's types by itself from 22.18 on; Bun and Deno always run TypeScript. */
+function runsTypeScript() {
+  if (entry.runtime !== 'Node') return true;
+  const [major, minor] = entry.version.split('.').map(Number);
+  return major > 22 || (major === 22 && minor >= 18);
+}
+
+if (runsTypeScript()) {
+  test(`${tag} ${entry.label}: the TypeScript example runs as it is, every option set`, { timeout: 60000 }, async (t) => {
+    const exampleDir = path.join(packageDir, 'examples', 'typescript');
+    const app = exampleApp(t, 'typescript', exampleDir, ['app.ts'], [], 'module');
+    const cluster = await startCluster(t, entry, app, 'app.ts', { env: { PORT: '0', STICKY_CLUSTER_NATIVE: '' }, waitForListening: false });
+    cluster.port = await waitFor(cluster, () => Number((cluster.stderr.match(/^ts-app: info listening on \S*:(\d+) with 2 workers$/m) || [])[1]), 30000);
+    assert.match(cluster.stderr, /^ts-app: native master on /m);
+    const block = 244 + runtimeNumber;
+    for (const address of [...addressesPerIndex(block, 2), ...addressesPerIndex(block + 6, 2)]) {
+      const seen = await within(10000, getJson(cluster.port, '/', address), `GET / from ${address}`);
+      assert.deepStrictEqual([seen.shard, seen.you], [`shard-${routeIndex(address, 2)}`, `::ffff:${address}`]);
+    }
+    await sigterm(cluster);
+  });
+}
