@@ -39,6 +39,8 @@ suite node bash node-binding/run-tests.sh
 # After node: the matrix reuses the tarballs (the one release build of the addon) run-tests.sh packed.
 suite runtimes env STICKY_CLUSTER_NATIVE_PACKED="${CARGO_TARGET_DIR:-$PWD/target}/npm-packages" bash node-binding/run-matrix.sh
 suite docker bash docker/run-tests.sh
+# After docker: the wheel reuses the static binary docker/run-tests.sh built.
+suite python bash python/run-tests.sh
 suite benchmark bash benchmark/test.sh
 
 echo

@@ -98,7 +98,7 @@ declare -A variant_flags=(
 )
 for variant in plain asan; do
     read -r -a flags <<<"${variant_flags[$variant]}"
-    for test in errors blocking_worker epoll_worker sticky_client; do
+    for test in errors blocking_worker epoll_worker sticky_client reload stop_worker; do
         check "compile tests/$test.c ($variant)" "$work/logs/cc-$test-$variant.log" \
             gcc -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror "${flags[@]}" -o "$bin/$test-$variant" \
             "$here/tests/$test.c" "${pkg_flags[@]}" -pthread "$rpath"
@@ -176,6 +176,142 @@ cluster_scenario() {
     fi
 }
 
+# wait_for_line FILE PATTERN: polls FILE (a process's output) for PATTERN for up to 30 s.
+wait_for_line() {
+    for _ in $(seq 300); do
+        grep -q "$2" "$1" 2>/dev/null && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+# one_at_a_time LOG CONCURRENCY: from the reload test workers' event lines, every index was replaced (its
+# generation 1 worker shut down and exited, its generation 2 worker started and became ready), and no two
+# indexes were being replaced at the same time: each replacement spans from the first of (old shutdown,
+# new start) to the last of (old exit, new ready), and these spans do not overlap.
+one_at_a_time() {
+    awk -v concurrency="$2" '
+        $1 == "reload-test:" && $2 == "worker" && $4 == "gen" { at[$3 "," $5 "," $6] = $7 }
+        END {
+            bad = 0
+            for (i = 0; i < concurrency; i++) {
+                split("1,shutdown 1,exit 2,start 2,ready", events, " ")
+                for (e in events) {
+                    if (!((i "," events[e]) in at)) { print "index " i ": no " events[e] " event"; bad = 1 }
+                }
+                first = at[i ",1,shutdown"] + 0; if (at[i ",2,start"] + 0 < first) first = at[i ",2,start"] + 0
+                last = at[i ",1,exit"] + 0; if (at[i ",2,ready"] + 0 > last) last = at[i ",2,ready"] + 0
+                begin[i] = first; end[i] = last
+            }
+            for (i = 0; i < concurrency; i++) for (j = i + 1; j < concurrency; j++) {
+                if (!(end[i] <= begin[j] || end[j] <= begin[i])) {
+                    print "indexes " i " and " j " were replaced at the same time"; bad = 1
+                }
+            }
+            exit bad
+        }' "$1"
+}
+
+# stops_cleanly NAME VARIANT LOG: SIGTERM to the master afterwards: exit 0 and no FAIL line in LOG.
+stops_cleanly() {
+    stop_cluster
+    if [ "$STATUS" -eq 0 ] && ! grep -q "FAIL" "$3"; then
+        pass "$1 ($2): SIGTERM to the master afterwards -> exit 0"
+    else
+        fail "$1 ($2): SIGTERM to the master afterwards" "master exit $STATUS" "$3"
+    fi
+}
+
+# reload_scenario NAME VARIANT SEND_SIGHUP COMMAND...: a client connects back to back while the master gets
+# SIGHUP (SEND_SIGHUP is a function that sends it, and may first try a bad configuration); the client must
+# see every index answer from generation 2 with no connection lost, no two indexes may restart at once,
+# and SIGTERM must still end the master with status 0.
+reload_scenario() {
+    local name="$1" variant="$2" send_sighup="$3" concurrency=2
+    shift 3
+    local log="$work/logs/$name-$variant.log" client_log="$work/logs/$name-client-$variant.log"
+    if ! start_cluster "$log" "$@"; then
+        fail "$name ($variant): cluster starts" "no 'listening on' line" "$log"
+        kill -KILL "$MASTER" 2>/dev/null
+        return
+    fi
+    timeout 120 "$bin/reload-$variant" client "$PORT" "$concurrency" 2 >"$client_log" 2>&1 &
+    local client=$!
+    started+=("$client")
+    if ! wait_for_line "$client_log" "^warm"; then
+        fail "$name ($variant): the client reaches every worker" "no 'warm' line" "$client_log"
+    elif ! "$send_sighup" "$log"; then
+        fail "$name ($variant): SIGHUP" "see the master's log" "$log"
+    fi
+    wait "$client"
+    local client_status=$?
+    if [ "$client_status" -eq 0 ]; then
+        pass "$name ($variant): SIGHUP, $(tail -1 "$client_log")"
+    else
+        fail "$name ($variant): SIGHUP restarts every worker with no connection lost" \
+            "client exit status $client_status" "$client_log"
+    fi
+    if one_at_a_time "$log" "$concurrency" >"$work/logs/$name-order-$variant.log"; then
+        pass "$name ($variant): the workers were replaced one index at a time"
+    else
+        fail "$name ($variant): the workers were replaced one index at a time" "overlap" \
+            "$work/logs/$name-order-$variant.log"
+    fi
+    stops_cleanly "$name" "$variant" "$log"
+}
+
+# The embedding (tests/reload.c handle) answers SIGHUP itself: a bad reload, then the new options.
+sighup_handle() {
+    kill -HUP "$MASTER" && wait_for_line "$1" "ok a bad reload is refused"
+}
+
+# sticky_run_config re-reads its file: first a broken one (refused, logged, nothing changes), then the
+# good one with the workers' environment changed.
+reload_yaml() {
+    printf 'host: 127.0.0.1\nport: 0\nconcurrency: 2\nhardShutdownDelay: 10s\nprefix: "reload-test:"\nenv:\n  RELOAD_GENERATION: %s\n' \
+        "$1" >"$work/reload.yaml"
+}
+sighup_file() {
+    printf 'backlog: 0\n' >>"$work/reload.yaml"
+    kill -HUP "$MASTER" && wait_for_line "$1" "reload refused, the cluster keeps its configuration: .*reload.yaml:8: backlog: must be at least 1, got 0" &&
+        reload_yaml 2 && kill -HUP "$MASTER"
+}
+
+# stop_scenario NAME VARIANT HOW: one worker serving 100 ms requests to four clients that connect back to back
+# (so connections wait in its channel) stops accepting: by itself (HOW=self, sticky_worker_stop_accepting
+# after 8 connections) or on a SIGTERM from outside (HOW=term). It must drain to STICKY_ECLOSED, its
+# successor must serve, no client may lose a connection, and SIGTERM to the master must still end in 0.
+stop_scenario() {
+    local name="$1" variant="$2" how="$3"
+    local log="$work/logs/$name-$variant.log" client_log="$work/logs/$name-client-$variant.log"
+    local settings=()
+    [ "$how" = self ] && settings=(STOP_TEST_SELF=8)
+    if ! start_cluster "$log" "${no_worker_env[@]}" "${settings[@]}" "$bin/stop_worker-$variant" master \
+        "$work/stop-marker-$name-$variant"; then
+        fail "$name ($variant): cluster starts" "no 'listening on' line" "$log"
+        kill -KILL "$MASTER" 2>/dev/null
+        return
+    fi
+    timeout 120 "$bin/stop_worker-$variant" client "$PORT" >"$client_log" 2>&1 &
+    local client=$!
+    started+=("$client")
+    if ! wait_for_line "$client_log" "^warm"; then
+        fail "$name ($variant): the client reaches the worker" "no 'warm' line" "$client_log"
+    elif [ "$how" = term ]; then
+        kill -TERM "$(sed -n 's/^warm //p' "$client_log" | head -1)"
+    fi
+    wait "$client"
+    local client_status=$?
+    if [ "$client_status" -eq 0 ] && grep -q "drained: served [0-9]*, STICKY_ECLOSED" "$log"; then
+        pass "$name ($variant): the worker drained to STICKY_ECLOSED, $(tail -1 "$client_log")"
+    else
+        fail "$name ($variant): a worker that stops accepting loses no connection" \
+            "client exit status $client_status" "$client_log"
+        sed 's/^/    | /' "$log" | tail -15
+    fi
+    stops_cleanly "$name" "$variant" "$log"
+}
+
 # asan_clean NAME: no AddressSanitizer/LeakSanitizer report was written by any process since the last call.
 asan_clean() {
     local reports=("$work"/asan/report*)
@@ -230,6 +366,20 @@ for variant in plain asan; do
     cluster_scenario c-server "$variant" 3 200 "c-server worker .*: STICKY_ESHUTDOWN, draining" \
         "${no_worker_env[@]}" "$bin/c-server-$variant" --port 0 --concurrency 3
     [ "$variant" = asan ] && asan_clean c-server
+
+    # SIGHUP: the embedding's own handling with sticky_cluster_reload, and sticky_run_config's.
+    reload_scenario reload-handle "$variant" sighup_handle "${no_worker_env[@]}" "$bin/reload-$variant" handle 2
+    [ "$variant" = asan ] && asan_clean reload-handle
+    reload_yaml 1
+    reload_scenario reload-file "$variant" sighup_file "${no_worker_env[@]}" "$bin/reload-$variant" file \
+        "$work/reload.yaml"
+    [ "$variant" = asan ] && asan_clean reload-file
+
+    # A worker that stops accepting with connections in flight: by its own call, and on SIGTERM from outside.
+    stop_scenario stop-accepting "$variant" self
+    [ "$variant" = asan ] && asan_clean stop-accepting
+    stop_scenario sigterm-from-outside "$variant" term
+    [ "$variant" = asan ] && asan_clean sigterm-from-outside
 done
 unset ASAN_OPTIONS
 

@@ -4,8 +4,12 @@
 //! - `TEST_INIT_DELAY_MS`: sleep before `ready()` (only for `TEST_SLOW_INDEX` when that is set)
 //! - `TEST_CRASH`: exit with status 3 right after joining
 //! - `TEST_IGNORE_TERM`: ignore SIGTERM and the shutdown message (for hard-shutdown tests)
+//! - `TEST_STOP_ON_TERM`: on SIGTERM, `stop_accepting()` and serve what still arrives, then exit 0 (a
+//!   worker signalled by someone else than the master: systemd's default kill mode, a pod's stop)
 //! - `TEST_MARKER_DIR`: create `<dir>/started-<pid>` at start
 //! - `TEST_ACCEPT_PAUSE_MS`: after `ready()`, wait that long before accepting (only `TEST_SLOW_INDEX` when set)
+//! - `TEST_ACCEPT_GATE`: after `ready()`, accept nothing until that file exists (a stuck worker the
+//!   test lets go when it has seen what it waits for)
 //! - `TEST_SERVE_INTERVAL_MS`: serve one connection at a time, pausing that long after each
 //! - `TEST_FAULT_INDEX`: the faults below happen only to that index; `TEST_ONCE_DIR`: only to the first
 //!   worker of each index (a marker in that directory remembers), so its revived successor behaves
@@ -13,7 +17,16 @@
 //! - `TEST_EXIT_AFTER`: exit after serving that many connections, leaving the rest in the channel
 //! - `TEST_SEND_GARBAGE`: send one malformed datagram of that class on the channel before ready
 //!   (`empty`, `oversize`, `magic`, `version`, `kind`, `short`, `hello-fd`, `ready-fds`, `ctrunc`)
+//! - `TEST_CHILD_DIR`: start a child process (`sleep 300`, in this worker's process group) and write its
+//!   pid into `<dir>/child-<pid>` before ready (for tests of what a hard stop leaves behind)
+//! - `TEST_SEND_LINGERING`: `<class>@<address>`: send the master TCP sockets connected to `address` (a
+//!   listener of the test that never accepts) with a full send queue and `SO_LINGER` 20 s, then close
+//!   this worker's copies, as a hostile worker would: `connection` (after ready, as a connection
+//!   message, which only the master may send) or `ready` (before ready, on a ready message, with a second
+//!   such datagram left unread in the channel); prints `test-worker: sending lingering sockets` just before
 //! - `GET /sleep/<ms>`: answer after that many milliseconds
+//! - a connection that starts with `LINES\n` is held: every later line is answered with one line of
+//!   `{"worker":i,"pid":p}` until the client closes it
 
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
@@ -21,6 +34,7 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sticky_cluster::hash::node_address_text;
+use sticky_cluster::protocol::Message;
 use sticky_cluster::{Error, Worker};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -67,6 +81,9 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         if let Ok(class) = std::env::var("TEST_SEND_GARBAGE") {
             send_garbage(&worker, &class)?;
         }
+        if let Some(target) = std::env::var("TEST_SEND_LINGERING").ok().filter(|v| v.starts_with("ready@")) {
+            send_lingering(&worker, &target[6..], &[Message::Ready, Message::Hello { index: 0, pid: 0 }])?;
+        }
         if env_flag("TEST_DIE_AFTER_READY") {
             // SAFETY: shutdown(2) on the channel fd this worker owns.
             unsafe { libc::shutdown(worker.channel_fd().as_raw_fd(), libc::SHUT_RD) };
@@ -78,11 +95,22 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
         if faulty { std::env::var("TEST_EXIT_AFTER").ok().and_then(|v| v.parse().ok()) } else { None };
     let serve_interval: Option<u64> = std::env::var("TEST_SERVE_INTERVAL_MS").ok().and_then(|v| v.parse().ok());
     let ignore_term = env_flag("TEST_IGNORE_TERM");
+    let stop_on_term = env_flag("TEST_STOP_ON_TERM");
+    let mut stopping = false;
     let mut terminate = signal(SignalKind::terminate())?;
     let slow_index: Option<u32> = std::env::var("TEST_SLOW_INDEX").ok().and_then(|v| v.parse().ok());
     let delay: u64 = std::env::var("TEST_INIT_DELAY_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
     if slow_index.is_none_or(|slow| slow == worker.index()) && delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    if let Some(dir) = std::env::var_os("TEST_CHILD_DIR") {
+        let child = std::process::Command::new("sleep")
+            .arg("300")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        std::fs::write(std::path::Path::new(&dir).join(format!("child-{}", child.id())), b"")?;
     }
     // Anything readable on the channel before ready() would be a connection sent too early.
     let mut poll = libc::pollfd { fd: worker.channel_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 };
@@ -92,6 +120,17 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
     let pause: Option<u64> = std::env::var("TEST_ACCEPT_PAUSE_MS").ok().and_then(|v| v.parse().ok());
     if let Some(pause) = pause.filter(|_| slow_index.is_none_or(|slow| slow == worker.index())) {
         tokio::time::sleep(Duration::from_millis(pause)).await;
+    }
+    if faulty {
+        if let Some(target) = std::env::var("TEST_SEND_LINGERING").ok().filter(|v| v.starts_with("connection@")) {
+            let connection = Message::Connection { peer: "127.0.0.1:1".parse()?, local: "127.0.0.1:2".parse()? };
+            send_lingering(&worker, &target[11..], &[connection])?;
+        }
+    }
+    if let Some(gate) = std::env::var_os("TEST_ACCEPT_GATE") {
+        while !std::path::Path::new(&gate).exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     let facts = std::sync::Arc::new(Facts {
         index: worker.index(),
@@ -126,8 +165,14 @@ async fn serve() -> Result<(), Box<dyn std::error::Error>> {
                 Err(Error::Shutdown | Error::ChannelClosed) => break,
                 Err(error) => return Err(error.into()),
             },
-            _ = terminate.recv() => {
+            _ = terminate.recv(), if !stopping => {
                 if ignore_term {
+                    continue;
+                }
+                if stop_on_term {
+                    // What the master already sent still arrives; then accept reports the end.
+                    worker.stop_accepting()?;
+                    stopping = true;
                     continue;
                 }
                 while let Ok(connection) = worker.try_accept() {
@@ -157,7 +202,7 @@ fn first_of_index(index: u32) -> std::io::Result<bool> {
 /// Sends one malformed datagram of `class` on the worker's channel, as a broken or hostile worker would.
 fn send_garbage(worker: &Worker, class: &str) -> Result<(), Box<dyn std::error::Error>> {
     use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
-    use sticky_cluster::protocol::{Message, PROTOCOL_VERSION};
+    use sticky_cluster::protocol::PROTOCOL_VERSION;
     let ready = Message::Ready.encode();
     let hello = Message::Hello { index: worker.index(), pid: std::process::id() }.encode();
     let (bytes, fd_count): (Vec<u8>, usize) = match class {
@@ -184,10 +229,61 @@ fn send_garbage(worker: &Worker, class: &str) -> Result<(), Box<dyn std::error::
     Ok(())
 }
 
+/// Sends each message with a TCP socket connected to `target` whose send queue is full and which
+/// lingers 20 s on close, then closes this process's copies: the master's close is the last one.
+fn send_lingering(worker: &Worker, target: &str, messages: &[Message]) -> Result<(), Box<dyn std::error::Error>> {
+    use nix::sys::socket::{sendmsg, setsockopt, sockopt, ControlMessage, MsgFlags, UnixAddr};
+    use std::io::Write;
+    // All made first, then sent back to back: the master may end this worker at the first datagram.
+    let mut streams = Vec::new();
+    for _ in messages {
+        let stream = std::net::TcpStream::connect(target)?;
+        setsockopt(&stream, sockopt::SndBuf, &4096)?;
+        stream.set_nonblocking(true)?;
+        let chunk = [b'x'; 16384];
+        loop {
+            match (&stream).write(&chunk) {
+                Ok(_) => continue,
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(error) => return Err(error.into()),
+            }
+        }
+        setsockopt(&stream, sockopt::Linger, &libc::linger { l_onoff: 1, l_linger: 20 })?;
+        streams.push(stream);
+    }
+    eprintln!("test-worker: sending lingering sockets");
+    for (message, stream) in messages.iter().zip(streams) {
+        let bytes = message.encode();
+        let fds = [stream.as_raw_fd()];
+        let rights = [ControlMessage::ScmRights(&fds)];
+        let iov = [std::io::IoSlice::new(&bytes)];
+        sendmsg::<UnixAddr>(worker.channel_fd().as_raw_fd(), &iov, &rights, MsgFlags::empty(), None)?;
+    }
+    Ok(())
+}
+
 /// The stream's first line as JSON-safe text: tells a test whether a proxy header reached the worker.
 fn first_line(text: &str) -> String {
     let line = text.split("\r\n").next().unwrap_or("");
     line.chars().map(|c| if c.is_ascii_graphic() && c != '"' && c != '\\' || c == ' ' { c } else { '?' }).collect()
+}
+
+/// A held connection: one `{"worker":i,"pid":p}` line for every line the client sends, until it closes.
+async fn hold(mut stream: TcpStream, mut pending: Vec<u8>, facts: &Facts) -> std::io::Result<()> {
+    let line = format!("{{\"worker\":{},\"pid\":{}}}\n", facts.index, std::process::id());
+    let mut buffer = [0u8; 1024];
+    loop {
+        let lines = pending.iter().filter(|&&byte| byte == b'\n').count();
+        pending.clear();
+        for _ in 0..lines {
+            stream.write_all(line.as_bytes()).await?;
+        }
+        let read = stream.read(&mut buffer).await?;
+        if read == 0 {
+            return Ok(());
+        }
+        pending.extend_from_slice(&buffer[..read]);
+    }
 }
 
 async fn answer(mut stream: TcpStream, peer: SocketAddr, facts: std::sync::Arc<Facts>) -> std::io::Result<()> {
@@ -200,6 +296,9 @@ async fn answer(mut stream: TcpStream, peer: SocketAddr, facts: std::sync::Arc<F
             return Ok(());
         }
         head.extend_from_slice(&buffer[..read]);
+        if head.starts_with(b"LINES\n") {
+            return hold(stream, head.split_off(6), &facts).await;
+        }
     }
     let text = String::from_utf8_lossy(&head);
     let path = text.split_whitespace().nth(1).unwrap_or("/");

@@ -5,8 +5,10 @@
 //! - [`Worker`] is the worker side (`from_env`, `ready`, `accept`);
 //! - [`hash`] is the routing contract, [`protocol`] the channel between the two.
 
+pub mod activation;
 pub mod attach;
 pub mod client_address;
+pub mod closer;
 pub mod config;
 pub mod error;
 pub mod hash;
@@ -17,6 +19,7 @@ pub mod protocol;
 /// Kernel routing: the `SO_REUSEPORT` group and the classic BPF program that computes the routing hash.
 pub mod reuseport;
 pub mod supervisor;
+pub mod upgrade;
 pub mod worker;
 
 pub use config::{Config, WorkerSource};

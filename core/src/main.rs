@@ -1,15 +1,17 @@
 //! The `sticky-cluster` binary: configuration from YAML and flags, signals to shutdown requests,
 //! errors to one `error: ...` line and a documented exit status.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use sticky_cluster::activation::WorkerProtocol;
 use sticky_cluster::client_address::Cidr;
 use sticky_cluster::config::{parse_duration, Config, Overrides, Routing};
 use sticky_cluster::master::{self, Stop};
-use sticky_cluster::Error;
+use sticky_cluster::{upgrade, Error};
 use tokio::signal::unix::{signal, SignalKind};
 
 /// Exit statuses: 0 clean shutdown, 1 runtime failure or hard shutdown, 2 bad configuration or usage.
@@ -51,6 +53,10 @@ struct Cli {
     /// Who routes: `handoff` (the master, default) or `kernel` (a SO_REUSEPORT group and a BPF program).
     #[arg(long, value_name = "MODE")]
     routing: Option<Routing>,
+    /// Whether workers speak the channel protocol: `channel` (default) or `none` (any server accepting
+    /// on the listener it inherits as fd 3; needs `--routing kernel`).
+    #[arg(long, value_name = "PROTOCOL")]
+    protocol: Option<WorkerProtocol>,
     /// Validate the configuration, print the effective one, and exit.
     #[arg(long)]
     check: bool,
@@ -60,16 +66,30 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    // An upgrade re-executes the binary at this path with these arguments (read before anything changes).
+    let binary = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("/proc/self/exe"));
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let inherited = match upgrade::inherited() {
+        Ok(inherited) => inherited,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
     let cli = Cli::parse();
     let (config, origin) = match load(&cli) {
         Ok(loaded) => loaded,
         Err(error) => {
             eprintln!("error: {error}");
+            if let Some(inherited) = inherited {
+                return roll_back(inherited, &error.to_string());
+            }
             return ExitCode::from(EXIT_CONFIG);
         }
     };
     if cli.check {
         print!("{}", config.to_yaml());
+        println!("{}", upgrade::check_line());
         if config.routing == Routing::Kernel {
             match kernel_program(&config) {
                 Ok(line) => println!("{line}"),
@@ -90,7 +110,13 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    match runtime.block_on(serve(config, cli)) {
+    let upgrade = Upgrade { binary, args };
+    let resumed = match inherited.map(|inherited| take_over(&config, inherited)) {
+        Some(Ok(checked)) => Some(checked),
+        Some(Err(exit)) => return exit,
+        None => None,
+    };
+    match runtime.block_on(serve(config, cli, upgrade, resumed)) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(EXIT_FAILURE),
         Err(error) => {
@@ -98,6 +124,40 @@ fn main() -> ExitCode {
             ExitCode::from(if matches!(error, Error::Config(_)) { EXIT_CONFIG } else { EXIT_FAILURE })
         }
     }
+}
+
+/// How this master re-executes itself on SIGUSR2.
+struct Upgrade {
+    binary: PathBuf,
+    args: Vec<OsString>,
+}
+
+/// This image is an upgrade: checks the state it inherited against the configuration, or goes back to
+/// the binary that handed it over (nothing lost: it takes the same state back).
+fn take_over(config: &Config, inherited: upgrade::Inherited) -> Result<master::Checked, ExitCode> {
+    let fault = if inherited.can_roll_back() { upgrade::fault() } else { None };
+    if let Some(ms) = fault.as_deref().and_then(|fault| fault.strip_prefix("pause ")) {
+        std::thread::sleep(Duration::from_millis(ms.trim().parse().unwrap_or(0)));
+    }
+    let checked = match fault.as_deref() {
+        Some("fail") => Err("the upgrade fault file says fail".to_string()),
+        _ => master::check_upgrade_state(config, &inherited.state, !inherited.can_roll_back()),
+    };
+    checked.map_err(|reason| roll_back(inherited, &reason))
+}
+
+/// Executes the previous binary again with the state it handed over; exits only when even that failed.
+fn roll_back(inherited: upgrade::Inherited, reason: &str) -> ExitCode {
+    if !inherited.can_roll_back() {
+        tracing::error!("cannot take over the cluster after rolling back: {reason}");
+        eprintln!("error: cannot take over the cluster after rolling back: {reason}");
+        return ExitCode::from(EXIT_FAILURE);
+    }
+    tracing::error!("upgrade failed: {reason}; going back to the previous binary");
+    eprintln!("sticky-cluster: error upgrade failed: {reason}; going back to the previous binary");
+    let error = inherited.roll_back();
+    eprintln!("error: cannot go back to the previous binary: {error}");
+    ExitCode::from(EXIT_FAILURE)
 }
 
 fn parse_cidr(text: &str) -> Result<Cidr, String> {
@@ -136,6 +196,7 @@ fn load(cli: &Cli) -> sticky_cluster::Result<(Config, String)> {
         command: cli.command.clone(),
         trusted_proxies: cli.trusted_proxies.clone(),
         routing: cli.routing,
+        protocol: cli.protocol,
     };
     Ok((config.apply(overrides, &origin)?, origin))
 }
@@ -151,15 +212,27 @@ fn kernel_program(config: &Config) -> sticky_cluster::Result<String> {
     Ok(format!("# kernel program: {} instructions; {}", program.instructions.len(), form.describe()))
 }
 
-/// Binds, then runs the master with SIGTERM/SIGINT as shutdown requests (the first is graceful, a
-/// second one is hard) and SIGHUP as a reload of the file. Returns whether the shutdown was graceful.
-async fn serve(config: Config, cli: Cli) -> sticky_cluster::Result<bool> {
-    let listener = master::bind(&config)?;
+/// Binds (or, after an upgrade, takes over what the previous image had), then runs the master with
+/// SIGTERM/SIGINT as shutdown requests (the first is graceful, a second one is hard), SIGHUP as a reload
+/// of the file and SIGUSR2 as an upgrade in place. Returns whether the shutdown was graceful.
+async fn serve(
+    config: Config,
+    cli: Cli,
+    upgrade: Upgrade,
+    resumed: Option<master::Checked>,
+) -> sticky_cluster::Result<bool> {
+    let listener = match resumed {
+        Some(_) => None,
+        None => Some(master::bind(&config)?),
+    };
     let install =
         |kind: SignalKind, name: &str| signal(kind).map_err(|e| Error::io(format!("install the {name} handler"), e));
     let mut terminate = install(SignalKind::terminate(), "SIGTERM")?;
     let mut interrupt = install(SignalKind::interrupt(), "SIGINT")?;
     let mut hangup = install(SignalKind::hangup(), "SIGHUP")?;
+    let mut user2 = install(SignalKind::user_defined2(), "SIGUSR2")?;
+    // An upgraded image starts with every signal blocked: what came during the exec is delivered now.
+    upgrade::unblock_signals();
     let (stop, stop_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut stop_request = Stop::Graceful;
@@ -171,12 +244,31 @@ async fn serve(config: Config, cli: Cli) -> sticky_cluster::Result<bool> {
                     Some(config) => Stop::Reload(Box::new(config)),
                     None => continue,
                 },
+                _ = user2.recv() => {
+                    tracing::info!("SIGUSR2: checking {} for an upgrade in place", upgrade.binary.display());
+                    let (binary, args) = (upgrade.binary.clone(), upgrade.args.clone());
+                    match tokio::task::spawn_blocking(move || upgrade::preflight(&binary, &args)).await {
+                        Ok(Ok(plan)) => Stop::Upgrade(Box::new(plan)),
+                        Ok(Err(reason)) => {
+                            tracing::error!("upgrade refused, nothing changed: {reason}");
+                            continue;
+                        }
+                        Err(error) => {
+                            tracing::error!("upgrade refused, nothing changed: the preflight failed: {error}");
+                            continue;
+                        }
+                    }
+                }
             };
             if stop.send(request).is_err() {
                 return;
             }
         }
     });
-    let outcome = master::run(config, listener, stop_rx).await?;
+    let outcome = match (listener, resumed) {
+        (Some(listener), _) => master::run(config, listener, stop_rx).await?,
+        (None, Some(checked)) => master::resume(config, checked, stop_rx).await?,
+        (None, None) => return Err(Error::io("listen", std::io::Error::from(std::io::ErrorKind::NotFound))),
+    };
     Ok(outcome.graceful)
 }

@@ -13,7 +13,7 @@ use tracing::warn;
 use crate::client_address::header_wait::HeaderWaitGauge;
 
 /// Scrapes answered at once; more are closed unanswered (a scraper polls every few seconds).
-pub const SCRAPE_LIMIT: usize = 8;
+pub const SCRAPE_LIMIT: usize = crate::config::defaults::SCRAPE_LIMIT;
 
 /// One worker index as the metrics page shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,10 +29,7 @@ pub struct WorkerGauge {
 /// Renders the page in the Prometheus text format.
 pub fn render(
     workers: &[WorkerGauge],
-    redirected: u64,
-    closed: u64,
-    revivals: u64,
-    recovered: u64,
+    stats: &crate::master::Stats,
     header_wait: &HeaderWaitGauge,
     attach_handshakes: usize,
 ) -> String {
@@ -69,25 +66,31 @@ pub fn render(
         "sticky_cluster_connections_redirected_total",
         "counter",
         "Connections served by another worker because theirs was not ready in time.",
-        &mut std::iter::once((None, redirected.to_string())),
+        &mut std::iter::once((None, stats.redirected.to_string())),
     );
     family(
         "sticky_cluster_connections_closed_total",
         "counter",
         "Connections closed unserved (no ready worker in time, or shutdown).",
-        &mut std::iter::once((None, closed.to_string())),
+        &mut std::iter::once((None, stats.closed.to_string())),
     );
     family(
         "sticky_cluster_worker_revivals_total",
         "counter",
         "Worker processes started again after one died.",
-        &mut std::iter::once((None, revivals.to_string())),
+        &mut std::iter::once((None, stats.revivals.to_string())),
     );
     family(
         "sticky_cluster_connections_recovered_total",
         "counter",
         "Connections taken back from a dead worker's channel (sent, never received) and served by another.",
-        &mut std::iter::once((None, recovered.to_string())),
+        &mut std::iter::once((None, stats.recovered.to_string())),
+    );
+    family(
+        "sticky_cluster_reload_failures_total",
+        "counter",
+        "Reloads given up because a successor could not start or get ready; the old workers kept serving.",
+        &mut std::iter::once((None, stats.reload_failures.to_string())),
     );
     let mut single = |name: &str, kind: &str, help: &str, value: String| {
         family(name, kind, help, &mut std::iter::once((None, value)));
@@ -206,7 +209,15 @@ mod tests {
         let workers =
             [WorkerGauge { routed: 5, queued: 0, ready: true }, WorkerGauge { routed: 0, queued: 3, ready: false }];
         let waits = HeaderWaitGauge { waiting: 3, limit: 1024, refused: 7, rejected: 2, timed_out: 1 };
-        let page = render(&workers, 2, 1, 4, 9, &waits, 5);
+        let stats = crate::master::Stats {
+            routed: vec![5, 0],
+            redirected: 2,
+            closed: 1,
+            revivals: 4,
+            recovered: 9,
+            reload_failures: 6,
+        };
+        let page = render(&workers, &stats, &waits, 5);
         assert!(page.contains("sticky_cluster_connections_routed_total{worker=\"0\"} 5\n"));
         assert!(page.contains("sticky_cluster_queue_depth{worker=\"1\"} 3\n"));
         assert!(page.contains("sticky_cluster_worker_ready{worker=\"1\"} 0\n"));
@@ -214,6 +225,7 @@ mod tests {
         assert!(page.contains("sticky_cluster_connections_closed_total 1\n"));
         assert!(page.contains("sticky_cluster_worker_revivals_total 4\n"));
         assert!(page.contains("sticky_cluster_connections_recovered_total 9\n"));
+        assert!(page.contains("sticky_cluster_reload_failures_total 6\n"));
         assert!(page.contains("# TYPE sticky_cluster_queue_depth gauge\n"));
         assert!(page.contains("sticky_cluster_header_waiting 3\n"));
         assert!(page.contains("sticky_cluster_header_wait_refused_total 7\n"));

@@ -7,7 +7,7 @@
 //! | --- | --- |
 //! | 0..2 | magic `SC` |
 //! | 2 | protocol version ([`PROTOCOL_VERSION`]) |
-//! | 3 | kind: 1 hello, 2 ready, 3 connection, 4 shutdown, 5 welcome, 6 refused, 7 listener, 8 channel |
+//! | 3 | kind: 1 hello, 2 ready, 3 connection, 4 shutdown, 5 welcome, 6 refused, 7 listener, 8 channel, 9 stopping, 10 stopped |
 //! | 4.. | body |
 //!
 //! Bodies: hello `index u32, pid u32` (index `u32::MAX` = any free index, attach mode only); ready: empty;
@@ -18,8 +18,16 @@
 //! the worker never received survives its death, and the attach connection stays open only to tell the
 //! master when the worker is gone); listener: empty, with exactly one fd (`routing: kernel`, attach mode: the
 //! worker's `SO_REUSEPORT` listener, sent just before the welcome so the worker has it when the welcome
-//! arrives). Worker→master: hello, ready. Master→worker: listener, welcome, channel, refused (attach mode),
-//! connection, shutdown.
+//! arrives); stopping, stopped: empty. Worker→master: hello, ready, stopping. Master→worker: listener,
+//! welcome, channel, refused (attach mode), connection, shutdown, stopped.
+//!
+//! A worker that stops taking connections on its own (`Worker::stop_accepting`, e.g. on a SIGTERM that did
+//! not come from the master) says **stopping** and keeps reading its channel: the master routes nothing
+//! more to it (this index's connections wait for its successor, started at once in spawn mode), answers
+//! **stopped** after the last connection it ever sent on that channel, and never treats the worker as
+//! broken for draining. Everything before `stopped` is the worker's to serve; if it dies first, what it
+//! never received is taken back and served by its successor. The JavaScript implementation's `draining`
+//! message (node-binding/js/protocol.js) makes the same promises.
 
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -81,6 +89,10 @@ pub enum Message {
     Channel,
     /// Master→worker (attach, `routing: kernel`): the worker's listener; its fd travels with this message.
     Listener,
+    /// Worker→master: route nothing more to me; I serve what is already in my channel, then exit.
+    Stopping,
+    /// Master→worker, after `Stopping`: nothing follows on this channel but, maybe, a shutdown.
+    Stopped,
 }
 
 /// A message together with the fd that arrived with it ([`Message::Connection`] and [`Message::Listener`]).
@@ -103,6 +115,8 @@ impl Message {
             Message::Refused { .. } => 6,
             Message::Channel => 8,
             Message::Listener => 7,
+            Message::Stopping => 9,
+            Message::Stopped => 10,
         }
     }
 
@@ -117,7 +131,7 @@ impl Message {
                 bytes.extend_from_slice(&index.to_le_bytes());
                 bytes.extend_from_slice(&pid.to_le_bytes());
             }
-            Message::Ready | Message::Channel | Message::Listener => {}
+            Message::Ready | Message::Channel | Message::Listener | Message::Stopping | Message::Stopped => {}
             Message::Connection { peer, local } => {
                 encode_address(&mut bytes, peer);
                 encode_address(&mut bytes, local);
@@ -171,6 +185,8 @@ impl Message {
             6 => Ok(Message::Refused { reason: String::from_utf8_lossy(body).into_owned() }),
             8 => exact(0, "channel").map(|_| Message::Channel),
             7 => exact(0, "listener").map(|_| Message::Listener),
+            9 => exact(0, "stopping").map(|_| Message::Stopping),
+            10 => exact(0, "stopped").map(|_| Message::Stopped),
             kind => Err(Error::Protocol(format!("unknown message kind {kind}"))),
         }
     }
@@ -241,7 +257,20 @@ pub fn send_message(
 /// Receives one message. Every fd that arrives is owned at once (and closed again if the message is bad);
 /// control data cut short (`MSG_CTRUNC`) is a protocol error. End of channel is [`Error::ChannelClosed`];
 /// nothing waiting on a non-blocking receive is [`Error::WouldBlock`].
+///
+/// A process at its open-file limit cannot take the fd a connection (listener, channel) carries: the
+/// kernel would close it and report `MSG_CTRUNC`, destroying the connection. So such a message is left
+/// in the channel and the receive fails with [`is_fd_limit`]; messages without an fd still arrive.
 pub fn recv_message(channel: BorrowedFd<'_>, nonblocking: bool) -> Result<Received> {
+    if !has_fd_room(channel) {
+        match peek_kind(channel, nonblocking)? {
+            Some(kind) if KINDS_WITH_FD.contains(&kind) => {
+                return Err(fd_limit_error());
+            }
+            // No fd expected (or garbage, which is refused either way): receive it.
+            _ => {}
+        }
+    }
     let mut buffer = [0u8; MAX_DATAGRAM];
     // Room for more fds than any message carries, so a misbehaving peer shows up as extra fds, not loss.
     let mut control = nix::cmsg_space!([RawFd; 8]);
@@ -249,7 +278,7 @@ pub fn recv_message(channel: BorrowedFd<'_>, nonblocking: bool) -> Result<Receiv
     if nonblocking {
         flags |= MsgFlags::MSG_DONTWAIT;
     }
-    let (bytes, message_flags, mut fds) = loop {
+    let (bytes, message_flags, fds) = loop {
         control.iter_mut().for_each(|b| *b = 0);
         let mut iov = [IoSliceMut::new(&mut buffer)];
         match recvmsg::<UnixAddr>(channel.as_raw_fd(), &mut iov, Some(&mut control), flags) {
@@ -266,12 +295,14 @@ pub fn recv_message(channel: BorrowedFd<'_>, nonblocking: bool) -> Result<Receiv
             }
         }
     };
+    // Whatever arrived and is not handed over goes to `closer::discard`: a peer's fd may block its close.
+    let mut fds = Arrived(fds);
     if message_flags.contains(MsgFlags::MSG_CTRUNC) {
         // nix refuses to walk truncated control data; walk it by hand so no fd that did arrive leaks.
-        drop(unsafe { fds_in_truncated_control(&mut control) });
+        crate::closer::discard_all(unsafe { fds_in_truncated_control(&mut control) });
         return Err(Error::Protocol("control data truncated (MSG_CTRUNC): fds were lost".into()));
     }
-    if bytes == 0 && fds.is_empty() {
+    if bytes == 0 && fds.0.is_empty() {
         return Err(Error::ChannelClosed);
     }
     if message_flags.contains(MsgFlags::MSG_TRUNC) {
@@ -279,10 +310,73 @@ pub fn recv_message(channel: BorrowedFd<'_>, nonblocking: bool) -> Result<Receiv
     }
     let message = Message::decode(&buffer[..bytes])?;
     let wants_fd = matches!(message, Message::Connection { .. } | Message::Channel | Message::Listener);
-    match (wants_fd, fds.len()) {
-        (true, 1) => Ok(Received { message, fd: fds.pop() }),
+    match (wants_fd, fds.0.len()) {
+        (true, 1) => Ok(Received { message, fd: fds.0.pop() }),
         (false, 0) => Ok(Received { message, fd: None }),
         (_, count) => Err(Error::Protocol(format!("message kind {} arrived with {count} fds", message_name(&message)))),
+    }
+}
+
+/// The fds one datagram brought; those still here when it is dropped are discarded.
+struct Arrived(Vec<OwnedFd>);
+
+impl Drop for Arrived {
+    fn drop(&mut self) {
+        crate::closer::discard_all(self.0.drain(..));
+    }
+}
+
+/// Kinds that carry an fd: connection, listener, channel.
+const KINDS_WITH_FD: [u8; 3] = [3, 7, 8];
+const FD_LIMIT_CONTEXT: &str =
+    "receive from the channel: no free file descriptor (open-file limit) for the next message's fd; it stays in the channel";
+
+/// Whether `error` is [`recv_message`]'s "at the open-file limit, the message stays in the channel":
+/// try again once fds are free, nothing was lost.
+pub fn is_fd_limit(error: &Error) -> bool {
+    matches!(error, Error::Io { context, .. } if context == FD_LIMIT_CONTEXT)
+}
+
+/// The error of a receive (or accept) left for later at the open-file limit; see [`is_fd_limit`].
+pub(crate) fn fd_limit_error() -> Error {
+    Error::io(FD_LIMIT_CONTEXT, Errno::EMFILE)
+}
+
+/// Whether this process can open one more fd now (a duplicate is made and closed again).
+fn has_fd_room(channel: BorrowedFd<'_>) -> bool {
+    match nix::fcntl::fcntl(channel, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(0)) {
+        Ok(fd) => {
+            // SAFETY: fcntl just made this descriptor for us alone.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+            true
+        }
+        Err(Errno::EMFILE | Errno::ENFILE) => false,
+        // Anything else is for the receive itself to report.
+        Err(_) => true,
+    }
+}
+
+/// The kind of the next datagram (`None`: not one of ours, or empty), read with `MSG_PEEK` and no room
+/// for control data, so no fd is installed and the datagram stays where it is.
+fn peek_kind(channel: BorrowedFd<'_>, nonblocking: bool) -> Result<Option<u8>> {
+    let mut header = [0u8; HEADER];
+    let mut flags = libc::MSG_PEEK;
+    if nonblocking {
+        flags |= libc::MSG_DONTWAIT;
+    }
+    loop {
+        // SAFETY: a receive into a buffer of `HEADER` bytes this function owns.
+        let peeked = unsafe { libc::recv(channel.as_raw_fd(), header.as_mut_ptr().cast(), HEADER, flags) };
+        if peeked >= 0 {
+            let ours = peeked as usize == HEADER && header[..2] == MAGIC[..];
+            return Ok(ours.then_some(header[3]));
+        }
+        match Errno::last() {
+            Errno::EINTR => continue,
+            Errno::EAGAIN => return Err(Error::WouldBlock),
+            Errno::ECONNRESET => return Err(Error::ChannelClosed),
+            errno => return Err(Error::io("receive from the channel", errno)),
+        }
     }
 }
 
@@ -296,6 +390,8 @@ fn message_name(message: &Message) -> &'static str {
         Message::Refused { .. } => "refused",
         Message::Channel => "channel",
         Message::Listener => "listener",
+        Message::Stopping => "stopping",
+        Message::Stopped => "stopped",
     }
 }
 
@@ -360,6 +456,9 @@ mod tests {
             Message::Welcome { index: 7, concurrency: 8 },
             Message::Refused { reason: "index 2 is already attached".into() },
             Message::Channel,
+            Message::Listener,
+            Message::Stopping,
+            Message::Stopped,
         ];
         for message in messages {
             assert_eq!(Message::decode(&message.encode()).unwrap(), message);
@@ -398,6 +497,22 @@ mod tests {
         let (payload, _keep) = pair();
         send_message(master.as_fd(), &Message::Ready, Some(payload.as_fd()), false).unwrap();
         assert!(matches!(recv_message(worker.as_fd(), false), Err(Error::Protocol(_))));
+    }
+
+    #[test]
+    fn peeking_at_a_connection_leaves_it_and_its_fd_in_the_channel() {
+        let (master, worker) = pair();
+        let (payload, _keep) = pair();
+        let message =
+            Message::Connection { peer: "127.0.0.5:1234".parse().unwrap(), local: "[::1]:80".parse().unwrap() };
+        send_message(master.as_fd(), &message, Some(payload.as_fd()), false).unwrap();
+        assert_eq!(peek_kind(worker.as_fd(), true).unwrap(), Some(3));
+        assert!(KINDS_WITH_FD.contains(&3));
+        let received = recv_message(worker.as_fd(), true).unwrap();
+        assert_eq!(received.message, message);
+        assert!(received.fd.is_some(), "the fd was still there after the peek");
+        assert!(matches!(peek_kind(worker.as_fd(), true), Err(Error::WouldBlock)));
+        assert!(is_fd_limit(&fd_limit_error()) && !is_fd_limit(&Error::WouldBlock));
     }
 
     #[test]

@@ -11,12 +11,13 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrLike, UnixAddr};
 use tokio::io::unix::AsyncFd;
 
 use crate::error::{Error, Result};
-use crate::protocol::{recv_message, send_message, Message, Received, ANY_INDEX};
+use crate::protocol::{is_fd_limit, recv_message, send_message, Message, Received, ANY_INDEX};
 
 mod kernel;
 use kernel::{inherited_listener, KernelListener};
@@ -57,9 +58,15 @@ pub struct Worker {
     /// Attach mode: the connection to the master's attach socket, held open for this process's lifetime.
     attach_link: Option<OwnedFd>,
     ready_sent: AtomicBool,
+    /// [`Worker::stop_accepting`] told the master.
+    stopping: AtomicBool,
+    /// The master's `stopped` arrived: nothing more comes on the channel.
+    stopped: AtomicBool,
     shutdown_deadline_ms: AtomicU64,
     /// `routing: kernel`: this worker's listener.
     kernel: Option<KernelListener>,
+    /// The episode at the open-file limit this worker is in (connections waited in its channel), if any.
+    at_fd_limit: std::sync::Mutex<Option<FdLimitEpisode>>,
 }
 
 /// A borrowed view of the channel for tokio's reactor; the [`Worker`] keeps ownership.
@@ -73,6 +80,14 @@ impl AsRawFd for ChannelFd {
 }
 
 const NOT_SHUTTING_DOWN: u64 = u64::MAX;
+
+/// A time at the open-file limit: when it began, when this worker last had to wait, how often it did.
+#[derive(Debug)]
+struct FdLimitEpisode {
+    since: Instant,
+    last_wait: Instant,
+    waits: u64,
+}
 
 impl Worker {
     /// Joins the cluster this process was started for: `STICKY_CLUSTER_FD` (spawned) or
@@ -167,9 +182,12 @@ impl Worker {
             channel,
             attach_link: None,
             ready_sent: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
             shutdown_deadline_ms: AtomicU64::new(NOT_SHUTTING_DOWN),
             async_channel: OnceLock::new(),
             kernel: None,
+            at_fd_limit: std::sync::Mutex::new(None),
         }
     }
 
@@ -226,15 +244,25 @@ impl Worker {
             if self.shutdown_deadline_ms().is_some() {
                 return Ok(());
             }
+            if self.stopped.load(Ordering::SeqCst) {
+                return Err(Error::ChannelClosed);
+            }
             let received = recv_message(self.channel.as_fd(), false)?;
             match received.message {
                 Message::Shutdown { deadline_ms } => {
                     self.shutdown_deadline_ms.store(deadline_ms.min(NOT_SHUTTING_DOWN - 1), Ordering::SeqCst);
                 }
                 Message::Welcome { .. } => {}
+                Message::Stopped => return Err(self.stopped_for_good()),
                 other => return Err(Error::Protocol(format!("unexpected message from the master: {other:?}"))),
             }
         }
+    }
+
+    /// The master's `stopped` arrived: from now on every receive reports the end of the channel.
+    fn stopped_for_good(&self) -> Error {
+        self.stopped.store(true, Ordering::SeqCst);
+        Error::ChannelClosed
     }
 
     /// Milliseconds the master granted for draining, once it has asked this worker to shut down.
@@ -255,27 +283,108 @@ impl Worker {
     /// Waits for the next routed connection, blocking the thread (unless the channel fd was made
     /// non-blocking: then [`Error::WouldBlock`] when none waits). [`Error::Shutdown`] means drain and exit;
     /// [`Error::ChannelClosed`] means the master is gone.
+    ///
+    /// At the open-file limit the next connection stays in the channel (where the master's queue and
+    /// redirect rules apply to what follows) and this waits, looking again after 10 ms, doubling up to
+    /// 1 s, until an fd is free; one line on stderr says so. With a non-blocking channel fd it returns
+    /// that error instead ([`crate::protocol::is_fd_limit`]).
     pub fn accept_blocking(&self) -> Result<Connection> {
-        if let Some(kernel) = &self.kernel {
-            return self.kernel_connection(kernel, !kernel.poll_nonblocking());
+        let mut attempt = 0;
+        loop {
+            let next = match &self.kernel {
+                Some(kernel) => self.kernel_connection(kernel, !kernel.poll_nonblocking()),
+                None => self.next_connection(|| recv_message(self.channel.as_fd(), false)),
+            };
+            match next {
+                Err(error) if is_fd_limit(&error) && !self.channel_nonblocking() => {
+                    std::thread::sleep(self.wait_at_fd_limit(attempt));
+                    attempt += 1;
+                }
+                other => return self.fd_limit_over(other),
+            }
         }
-        self.next_connection(|| recv_message(self.channel.as_fd(), false))
+    }
+
+    /// Whether the fd returned by [`Worker::channel_fd`] was made non-blocking by the caller.
+    fn channel_nonblocking(&self) -> bool {
+        if let Some(kernel) = &self.kernel {
+            return kernel.poll_nonblocking();
+        }
+        nix::fcntl::fcntl(&self.channel, nix::fcntl::FcntlArg::F_GETFL)
+            .is_ok_and(|flags| nix::fcntl::OFlag::from_bits_truncate(flags).contains(nix::fcntl::OFlag::O_NONBLOCK))
+    }
+
+    /// At the open-file limit: says so on stderr once per episode; how long to wait before looking again.
+    fn wait_at_fd_limit(&self, attempt: u32) -> Duration {
+        let mut episode = self.at_fd_limit.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now = Instant::now();
+        match episode.as_mut() {
+            Some(episode) => {
+                episode.last_wait = now;
+                episode.waits += 1;
+            }
+            None => {
+                *episode = Some(FdLimitEpisode { since: now, last_wait: now, waits: 1 });
+                let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                    .map_or_else(|_| "?".to_string(), |(soft, _)| soft.to_string());
+                eprintln!(
+                    "sticky-cluster: worker {} (pid {}) is at its open-file limit ({limit}): connections wait in \
+                     its channel until this process closes fds",
+                    self.index,
+                    std::process::id()
+                );
+            }
+        }
+        Duration::from_millis(10u64 << attempt.min(7)).min(Duration::from_secs(1))
+    }
+
+    /// Ends an episode at the open-file limit (with a line on stderr) once receives went through for a
+    /// second without meeting it: a worker that serves right at its limit is one episode, not one per fd.
+    fn fd_limit_over<T>(&self, result: Result<T>) -> Result<T> {
+        if result.as_ref().is_err_and(is_fd_limit) {
+            return result;
+        }
+        let mut episode = self.at_fd_limit.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if episode.as_ref().is_some_and(|episode| episode.last_wait.elapsed() >= Duration::from_secs(1)) {
+            if let Some(over) = episode.take() {
+                eprintln!(
+                    "sticky-cluster: worker {} (pid {}) receives connections again, after {:.1}s at its open-file \
+                     limit ({} waits)",
+                    self.index,
+                    std::process::id(),
+                    over.last_wait.duration_since(over.since).as_secs_f64(),
+                    over.waits
+                );
+            }
+        }
+        result
     }
 
     /// Stops taking connections, from any thread: a blocked or later `accept` still gets what the
     /// channel (with `routing: kernel`, the accept queue) already holds, then [`Error::ChannelClosed`]. The
-    /// master queues this index's next connections (and revives or redirects as usual).
+    /// master is told (a `stopping` message): it routes nothing more here, queues this index's next
+    /// connections for its successor, and answers `stopped` after the last one it sent. Calling it again
+    /// does nothing.
     pub fn stop_accepting(&self) -> Result<()> {
         if let Some(kernel) = &self.kernel {
             kernel.stopped.store(true, Ordering::SeqCst);
         }
-        socket::shutdown(self.channel.as_raw_fd(), socket::Shutdown::Read)
-            .map_err(|e| Error::io("shut the channel's read side", e))
+        if self.stopping.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        match self.send(&Message::Stopping) {
+            // A master that is gone has nothing more to send either.
+            Ok(()) | Err(Error::ChannelClosed) => Ok(()),
+            Err(error) => Err(error),
+        }
     }
 
     /// Takes a connection that is already waiting, never blocking (whatever the channel fd's mode):
     /// [`Error::WouldBlock`] when none is. A worker that got SIGTERM drains its channel with this, since
     /// the master sends the shutdown message before the signal.
+    ///
+    /// At the open-file limit the connection stays in the channel and this says so
+    /// ([`crate::protocol::is_fd_limit`]): try again once an fd is free.
     pub fn try_accept(&self) -> Result<Connection> {
         if let Some(kernel) = &self.kernel {
             return self.kernel_connection(kernel, false);
@@ -285,8 +394,13 @@ impl Worker {
 
     /// Waits for the next routed connection on the tokio reactor; the stream comes back non-blocking,
     /// with the client's address, like `tokio::net::TcpListener::accept`.
+    ///
+    /// At the open-file limit the next connection stays in the channel and this waits for a free fd, as
+    /// [`Worker::accept_blocking`] does (the wait runs on tokio's blocking pool, so a runtime without
+    /// timers works too).
     pub async fn accept(&self) -> Result<(tokio::net::TcpStream, SocketAddr)> {
         let channel = self.async_channel()?;
+        let mut attempt = 0;
         let connection = loop {
             let mut guard = channel.readable().await.map_err(|e| Error::io("wait on the channel", e))?;
             let next = match &self.kernel {
@@ -295,7 +409,15 @@ impl Worker {
             };
             match next {
                 Err(Error::WouldBlock) => guard.clear_ready(),
-                other => break other?,
+                Err(error) if is_fd_limit(&error) => {
+                    drop(guard);
+                    let wait = self.wait_at_fd_limit(attempt);
+                    attempt += 1;
+                    tokio::task::spawn_blocking(move || std::thread::sleep(wait))
+                        .await
+                        .map_err(|e| Error::io("wait for a free fd", std::io::Error::other(e)))?;
+                }
+                other => break self.fd_limit_over(other)?,
             }
         };
         connection.stream.set_nonblocking(true).map_err(|e| Error::io("set the connection non-blocking", e))?;
@@ -322,6 +444,9 @@ impl Worker {
         if self.shutdown_deadline_ms().is_some() {
             return Err(Error::Shutdown);
         }
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err(Error::ChannelClosed);
+        }
         loop {
             let received = receive()?;
             match (received.message, received.fd) {
@@ -337,6 +462,7 @@ impl Worker {
                     return Err(Error::Shutdown);
                 }
                 (Message::Welcome { .. }, _) => continue,
+                (Message::Stopped, _) => return Err(self.stopped_for_good()),
                 (other, _) => return Err(Error::Protocol(format!("unexpected message from the master: {other:?}"))),
             }
         }
@@ -409,7 +535,7 @@ fn inherited_socket(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::send_message;
+    use crate::protocol::{recv_message, send_message};
     use nix::sys::socket::socketpair;
 
     /// A handoff-mode worker of index 0 and the master's end of its channel (also for `kernel`'s tests).
@@ -431,8 +557,14 @@ mod tests {
         let (worker, master) = worker_and_master();
         send_connection(&master);
         worker.stop_accepting().unwrap();
+        worker.stop_accepting().unwrap();
+        // The master hears it once, and answers after the last connection it sent.
+        assert_eq!(recv_message(master.as_fd(), true).unwrap().message, Message::Stopping);
+        assert!(matches!(recv_message(master.as_fd(), true), Err(Error::WouldBlock)));
+        send_message(master.as_fd(), &Message::Stopped, None, false).unwrap();
         assert!(worker.accept_blocking().is_ok(), "the connection already in the channel still arrives");
         assert!(matches!(worker.accept_blocking(), Err(Error::ChannelClosed)));
+        assert!(matches!(worker.try_accept(), Err(Error::ChannelClosed)), "the end sticks");
     }
 
     #[test]

@@ -6,48 +6,23 @@ mod support;
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
 use sticky_cluster::protocol::{recv_message, Message};
-use support::{client_address, clients_for, expected_index, Cluster};
+use support::{attach_cluster, client_address, clients_for, expected_index, Attached, Cluster};
 
 const LONG: Duration = Duration::from_secs(30);
 
-struct Attached(Child);
-
-impl Drop for Attached {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn attach_worker(socket: &Path, index: Option<u32>) -> Attached {
-    let mut command = Command::new(support::test_worker());
-    command.env("STICKY_CLUSTER_SOCKET", socket).stdin(Stdio::null());
-    if let Some(index) = index {
-        command.env("STICKY_CLUSTER_WORKER_INDEX", index.to_string());
-    }
-    Attached(command.spawn().unwrap())
-}
-
-fn attach_cluster(concurrency: u32, extra: &str) -> (Cluster, std::path::PathBuf) {
-    let dir = tempfile::tempdir().unwrap().keep();
-    let socket = dir.join("workers.sock");
-    let yaml = format!(
-        "concurrency: {concurrency}\ndebug: true\nhardShutdownDelay: 5s\n{extra}workers:\n  socket: {:?}\n  mode: \"0666\"\n",
-        socket.display().to_string()
-    );
-    (Cluster::start(&yaml), socket)
+    Attached::start(socket, index, &[])
 }
 
 #[test]
 fn attached_workers_are_routed_stickily_and_a_missing_index_queues() {
     let (mut cluster, socket) = attach_cluster(4, "");
-    let workers: Vec<Attached> = (0..3).map(|i| attach_worker(&socket, Some(i))).collect();
+    let workers: Vec<Attached> = (0..3).map(|i| Attached::start(&socket, Some(i), &[])).collect();
     for index in 0..3 {
         cluster.wait_for_log(&format!("worker {index} (pid"), LONG);
     }
@@ -73,7 +48,7 @@ fn attached_workers_are_routed_stickily_and_a_missing_index_queues() {
 #[test]
 fn bad_claims_are_refused_and_the_master_keeps_serving() {
     let (mut cluster, socket) = attach_cluster(2, "");
-    let _workers: Vec<Attached> = (0..2).map(|i| attach_worker(&socket, Some(i))).collect();
+    let _workers: Vec<Attached> = (0..2).map(|i| Attached::start(&socket, Some(i), &[])).collect();
     cluster.wait_all_ready(2);
 
     // A second claim for a live index.
@@ -106,7 +81,7 @@ fn bad_claims_are_refused_and_the_master_keeps_serving() {
             "protocol version 9",
         ),
     ] {
-        let dialer = socket_client(&socket);
+        let dialer = support::dial(&socket);
         nix::sys::socket::send(dialer.as_raw_fd(), &datagram, nix::sys::socket::MsgFlags::empty()).unwrap();
         match recv_message(dialer.as_fd(), false).unwrap().message {
             Message::Refused { reason: text } => assert!(text.contains(reason), "{text}"),
@@ -138,7 +113,7 @@ fn bad_claims_are_refused_and_the_master_keeps_serving() {
 #[test]
 fn a_detached_index_waits_for_the_next_attach() {
     let (cluster, socket) = attach_cluster(2, "");
-    let mut workers: Vec<Attached> = (0..2).map(|i| attach_worker(&socket, Some(i))).collect();
+    let mut workers: Vec<Attached> = (0..2).map(|i| Attached::start(&socket, Some(i), &[])).collect();
     cluster.wait_all_ready(2);
     drop(workers.remove(0));
     cluster.wait_for_log("worker 0 (pid", LONG);
@@ -147,14 +122,8 @@ fn a_detached_index_waits_for_the_next_attach() {
     let server = std::net::SocketAddr::from(([127, 0, 0, 1], cluster.port));
     let waiting = std::thread::spawn(move || support::get(client, server, "/"));
     cluster.wait_for_log(&format!("connection ::ffff:{client} -> worker 0"), LONG);
-    let _again = attach_worker(&socket, Some(0));
+    let _again = Attached::start(&socket, Some(0), &[]);
     assert_eq!(waiting.join().unwrap().unwrap()["worker"], 0);
-}
-
-fn socket_client(path: &Path) -> std::os::fd::OwnedFd {
-    let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).unwrap();
-    connect(fd.as_raw_fd(), &UnixAddr::new(path).unwrap()).unwrap();
-    fd
 }
 
 #[test]
@@ -162,11 +131,7 @@ fn a_killed_attached_worker_loses_nothing_that_waited_in_its_channel() {
     // As for spawned workers: one attached worker serving one connection per 50 ms, 100 clients at once,
     // killed after 1 s; the worker attached next serves everything the dead one never received.
     let (cluster, socket) = attach_cluster(1, "queue:\n  maxWait: 30s\n");
-    let mut first = {
-        let mut command = Command::new(support::test_worker());
-        command.env("STICKY_CLUSTER_SOCKET", &socket).env("TEST_SERVE_INTERVAL_MS", "50").stdin(Stdio::null());
-        Attached(command.spawn().unwrap())
-    };
+    let mut first = { Attached::start(&socket, None, &[("TEST_SERVE_INTERVAL_MS", "50")]) };
     cluster.wait_all_ready(1);
     let server = std::net::SocketAddr::from(([127, 0, 0, 1], cluster.port));
     let clients: Vec<std::net::Ipv4Addr> = (0..100u8).map(|i| std::net::Ipv4Addr::new(127, 4, 1, i + 1)).collect();
@@ -180,7 +145,7 @@ fn a_killed_attached_worker_loses_nothing_that_waited_in_its_channel() {
     first.0.kill().unwrap();
     first.0.wait().unwrap();
     cluster.wait_for_log("detached; its connections wait for a new attach", LONG);
-    let _second = attach_worker(&socket, Some(0));
+    let _second = Attached::start(&socket, Some(0), &[]);
     let answers = load.join().unwrap();
     let served = answers.iter().filter(|answer| answer.is_ok()).count();
     let by_successor = answers
@@ -243,14 +208,14 @@ fn a_symlink_or_a_live_masters_socket_is_never_replaced() {
     let mut second = Cluster::spawn(&attach_yaml(&socket, "\"0600\"", "[]"), |_| {});
     assert_eq!(second.wait_exit(LONG).unwrap().code(), Some(1));
     second.wait_for_log("another master is listening on this socket", LONG);
-    let _workers: Vec<Attached> = (0..2).map(|i| attach_worker(&socket, Some(i))).collect();
+    let _workers: Vec<Attached> = (0..2).map(|i| Attached::start(&socket, Some(i), &[])).collect();
     first.wait_all_ready(2);
 
     // A stale socket file (its master gone) is replaced.
     drop((first, _workers));
     assert!(socket.exists(), "a killed master leaves its socket file behind");
     let again = Cluster::start(&attach_yaml(&socket, "\"0600\"", "[]"));
-    let _workers: Vec<Attached> = (0..2).map(|i| attach_worker(&socket, Some(i))).collect();
+    let _workers: Vec<Attached> = (0..2).map(|i| Attached::start(&socket, Some(i), &[])).collect();
     again.wait_all_ready(2);
 }
 
@@ -262,7 +227,7 @@ fn handshakes_are_bounded_and_silent_dialers_do_not_block_the_rest() {
     let yaml = format!("{}metrics:\n  port: {metrics}\n", attach_yaml(&socket, "\"0600\"", "[]"));
     let cluster = Cluster::start(&yaml);
     let silent: Vec<std::os::fd::OwnedFd> =
-        (0..sticky_cluster::attach::HANDSHAKE_LIMIT).map(|_| socket_client(&socket)).collect();
+        (0..sticky_cluster::attach::HANDSHAKE_LIMIT).map(|_| support::dial(&socket)).collect();
     // Every slot is held by a dialer that says nothing: the next one is refused with the reason.
     let mut refused = None;
     for _ in 0..50 {
@@ -283,7 +248,7 @@ fn handshakes_are_bounded_and_silent_dialers_do_not_block_the_rest() {
     drop(silent);
     // Each silent dialer's hang-up ends its handshake (logged as a refusal), freeing its slot.
     cluster.wait_for_log_count("refused a worker on", sticky_cluster::attach::HANDSHAKE_LIMIT, LONG);
-    let _workers: Vec<Attached> = (0..2).map(|i| attach_worker(&socket, Some(i))).collect();
+    let _workers: Vec<Attached> = (0..2).map(|i| Attached::start(&socket, Some(i), &[])).collect();
     cluster.wait_all_ready(2);
 }
 

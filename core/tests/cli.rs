@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
 
 fn run(args: &[&str], yaml: Option<&str>) -> (i32, String, String) {
@@ -17,11 +18,17 @@ fn run(args: &[&str], yaml: Option<&str>) -> (i32, String, String) {
     }
     let output = command.args(args).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr).replace(&path.display().to_string(), "FILE");
-    (output.status.code().unwrap(), String::from_utf8_lossy(&output.stdout).into_owned(), stderr)
+    // A death by signal reads as the shell shows it (134 for SIGABRT), so a failed assertion says what happened.
+    let code = output.status.code().or(output.status.signal().map(|signal| 128 + signal)).unwrap_or(-1);
+    (code, String::from_utf8_lossy(&output.stdout).into_owned(), stderr)
 }
 
 fn config_error(yaml: &str) -> String {
-    let (code, _, stderr) = run(&[], Some(yaml));
+    config_error_with(&[], yaml)
+}
+
+fn config_error_with(args: &[&str], yaml: &str) -> String {
+    let (code, _, stderr) = run(args, Some(yaml));
     assert_eq!(code, 2, "bad configuration exits 2: {stderr}");
     assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
     assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"));
@@ -86,4 +93,43 @@ fn a_worker_program_that_does_not_exist_is_one_line_exit_1() {
     assert_eq!(code, 1);
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(errors, ["error: cannot start worker 0 (/nonexistent/worker): No such file or directory (os error 2)"]);
+}
+
+#[test]
+fn concurrency_and_hard_shutdown_delay_have_upper_bounds_in_the_file_and_the_flags() {
+    // 4000000000 workers used to abort the master (exit 134, an allocation failure) after it bound the port.
+    let worker = "worker:\n  command: [/bin/true]\n";
+    assert_eq!(
+        config_error(&format!("port: 0\n\nconcurrency: 4000000000\n{worker}")),
+        "error: FILE:3: concurrency: must be at most 1024, got 4000000000"
+    );
+    // --check: the same validation, and a master that accepted the value would run until killed.
+    assert_eq!(
+        config_error_with(&["--check"], &format!("port: 0\nconcurrency: 1\nhardShutdownDelay: 2147483648\n{worker}")),
+        "error: FILE:3: hardShutdownDelay: must be at most 2147483647, got 2147483648"
+    );
+    // Nested keys keep their line too.
+    assert_eq!(
+        config_error_with(&["--check"], &format!("port: 0\nqueue:\n  maxWait: 5s\n  limit: 0\n{worker}")),
+        "error: FILE:4: queue.limit: must be at least 1, got 0"
+    );
+    for (args, expected) in [
+        (&["--concurrency", "4000000000"][..], "error: --concurrency: must be at most 1024, got 4000000000"),
+        (&["--concurrency", "1025"][..], "error: --concurrency: must be at most 1024, got 1025"),
+        (
+            &["--check", "--concurrency", "1", "--hard-shutdown-delay", "2147483648"][..],
+            "error: --hard-shutdown-delay: must be at most 2147483647, got 2147483648",
+        ),
+    ] {
+        let args: Vec<&str> = args.iter().copied().chain(["--port", "0", "--", "/bin/true"]).collect();
+        let (code, _, stderr) = run(&args, None);
+        assert_eq!((code, stderr.trim_end()), (2, expected), "{args:?}");
+    }
+    // The bounds themselves are accepted.
+    let (code, _, stderr) =
+        run(&["--check", "--concurrency", "1024", "--hard-shutdown-delay", "2147483647", "--", "/bin/true"], None);
+    assert_eq!(code, 0, "{stderr}");
+    // A flag that fixes the file's value wins, as every override does.
+    let (code, _, stderr) = run(&["--check", "--concurrency", "2"], Some(&format!("concurrency: 1024\n{worker}")));
+    assert_eq!(code, 0, "{stderr}");
 }

@@ -8,16 +8,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use support::{clients_for, Cluster};
+use support::{clients_for, get_all, Cluster};
 
 const LONG: Duration = Duration::from_secs(30);
-
-/// One request per client, each on its own thread, all at once; the answers (or errors) in order.
-fn get_all(server: SocketAddr, clients: &[Ipv4Addr]) -> Vec<std::io::Result<serde_json::Value>> {
-    let threads: Vec<_> =
-        clients.iter().map(|&client| std::thread::spawn(move || support::get(client, server, "/"))).collect();
-    threads.into_iter().map(|thread| thread.join().unwrap()).collect()
-}
 
 fn server(cluster: &Cluster) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], cluster.port))
@@ -178,4 +171,31 @@ fn every_malformed_datagram_class_ends_the_worker_and_its_index_is_revived() {
         assert!(cluster.running(), "{class}: the master stays up");
         assert_eq!(stopped_counter(&mut cluster, "closed"), 0, "{class}");
     }
+}
+
+#[test]
+fn a_worker_stopped_from_outside_finishes_its_work_and_loses_nothing() {
+    // systemd's default kill mode (and a pod's stop) signals every process: the worker gets SIGTERM from
+    // someone else than the master, stops accepting and serves what it holds while clients keep coming.
+    let cluster = Cluster::start("concurrency: 1\nenv:\n  TEST_STOP_ON_TERM: '1'\n");
+    let old_pid = cluster.get(Ipv4Addr::new(127, 4, 0, 1), "/").unwrap()["pid"].as_u64().unwrap();
+    let lists = (0..4u8).map(|t| (1..=20u8).map(|i| Ipv4Addr::new(127, 4, t + 1, i)).collect()).collect();
+    let load = support::SteadyLoad::start(server(&cluster), "/sleep/100", lists);
+    std::thread::sleep(Duration::from_millis(400));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(old_pid as i32), Signal::SIGTERM).unwrap();
+    cluster.wait_for_log("stopped taking connections", LONG);
+    cluster.wait_for_log(&format!("worker 0 (pid {old_pid}) stopped (exit status 0)"), LONG);
+    std::thread::sleep(Duration::from_millis(400));
+    let (served, failed) = load.stop();
+    let log = cluster.log().join("\n");
+    eprintln!(
+        "figures: worker stopped from outside under load: sent {}, served {served}, lost {failed}",
+        served + failed
+    );
+    assert_eq!(failed, 0, "a draining worker is not killed and nothing is lost:\n{log}");
+    assert!(served > 20, "{served}");
+    assert!(!log.contains("ending it"), "the draining worker was taken for a broken one:\n{log}");
+    let after = cluster.get(Ipv4Addr::new(127, 4, 0, 1), "/").unwrap();
+    assert_eq!(after["worker"], 0);
+    assert_ne!(after["pid"].as_u64(), Some(old_pid), "its successor serves the index");
 }

@@ -4,12 +4,11 @@
 mod support;
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use support::{client_address, clients_for, Cluster, SteadyLoad};
+use support::{client_address, clients_for, Attached, Cluster, SteadyLoad};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -36,21 +35,6 @@ fn spawned_workers_get_every_client_on_its_contract_index() {
     assert_eq!(cluster.wait_exit(LONG).unwrap().code(), Some(0), "graceful exit");
 }
 
-struct Attached(Child);
-
-impl Drop for Attached {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn attach_worker(socket: &Path, index: u32) -> Attached {
-    let mut command = Command::new(support::test_worker());
-    command.env("STICKY_CLUSTER_SOCKET", socket).env("STICKY_CLUSTER_WORKER_INDEX", index.to_string());
-    Attached(command.stdin(Stdio::null()).spawn().unwrap())
-}
-
 #[test]
 fn attached_workers_receive_their_listener_and_are_routed_by_the_kernel() {
     let dir = tempfile::tempdir().unwrap();
@@ -64,13 +48,13 @@ fn attached_workers_receive_their_listener_and_are_routed_by_the_kernel() {
     let waiting_client = clients_for(2, 3, 1, 0)[0];
     let address = server(&cluster);
     let waiting = std::thread::spawn(move || support::get(waiting_client, address, "/"));
-    let workers: Vec<Attached> = (0..2).map(|i| attach_worker(&socket, i)).collect();
+    let workers: Vec<Attached> = (0..2).map(|i| Attached::start(&socket, Some(i), &[])).collect();
     for index in 0..2 {
         cluster.wait_for_log(&format!("worker {index} attached"), LONG);
     }
     std::thread::sleep(Duration::from_millis(300));
     assert!(!waiting.is_finished(), "nobody serves index 2 yet");
-    let last = attach_worker(&socket, 2);
+    let last = Attached::start(&socket, Some(2), &[]);
     assert_eq!(waiting.join().unwrap().unwrap()["worker"], 2, "the waiting client reached index 2");
     assert_sticky(&cluster, 3);
     cluster.signal(Signal::SIGTERM);

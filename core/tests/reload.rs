@@ -86,3 +86,53 @@ fn a_bad_reload_is_one_line_and_changes_nothing() {
     cluster.signal(Signal::SIGTERM);
     assert_eq!(cluster.wait_exit(LONG).unwrap().code(), Some(0));
 }
+
+/// The master's metrics address, from its start-up line.
+fn metrics_address(cluster: &Cluster) -> std::net::SocketAddr {
+    let line = cluster.wait_for_log("metrics on http://", LONG);
+    line.split("http://").nth(1).unwrap().trim_end_matches("/metrics").parse().unwrap()
+}
+
+#[test]
+fn a_reload_whose_program_cannot_start_keeps_every_old_worker() {
+    // Two kinds of broken release: a program that is not there, and one that dies before it is ready.
+    // Each successor is started before the worker it would replace stops, so nothing changes.
+    let base = "concurrency: 2\nhardShutdownDelay: 10s\nmetrics:\n  port: 0\n";
+    let good = format!("{base}env:\n  TEST_ECHO: 'v1-{{index}}'\n");
+    let cluster = Cluster::start(&good);
+    let metrics = metrics_address(&cluster);
+    cluster.wait_all_ready(2);
+    let before = answers_by_index(&cluster);
+    let broken = [
+        format!("{base}env:\n  TEST_ECHO: 'v2-{{index}}'\nworker:\n  command: [/nonexistent/sticky-worker]\n"),
+        format!("{base}env:\n  TEST_ECHO: 'v3-{{index}}'\n  TEST_CRASH: '1'\n"),
+    ];
+    for (attempt, config) in broken.iter().enumerate() {
+        cluster.rewrite_config(config);
+        cluster.signal(Signal::SIGHUP);
+        let line = cluster.wait_for_log_count("reload failed", attempt + 1, LONG);
+        assert!(line.contains("worker 0's successor"), "{line}");
+        let after = answers_by_index(&cluster);
+        for index in 0..2 {
+            assert_eq!(after[index]["pid"], before[index]["pid"], "worker {index} kept its process: {line}");
+            assert_eq!(after[index]["echo"], format!("v1-{index}"));
+        }
+        let page = support::http_text(metrics, "/metrics").unwrap();
+        assert!(page.contains(&format!("sticky_cluster_reload_failures_total {}\n", attempt + 1)), "{page}");
+    }
+    // Nothing changed: a worker revived after the failed reloads runs the program and environment it ran.
+    let pid = before[0]["pid"].as_u64().unwrap() as i32;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+    cluster.wait_for_log("reviving in", LONG);
+    let revived = (0..100)
+        .find_map(|_| {
+            let answer = cluster.get(clients_for(0, 2, 1, 0)[0], "/").ok()?;
+            (answer["pid"] != before[0]["pid"]).then_some(answer).or_else(|| {
+                std::thread::sleep(Duration::from_millis(50));
+                None
+            })
+        })
+        .expect("index 0 is revived");
+    assert_eq!(revived["echo"], "v1-0");
+    assert!(!cluster.log().iter().any(|l| l.contains("stopped for the reload")), "no old worker was stopped");
+}

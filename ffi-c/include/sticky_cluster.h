@@ -4,6 +4,8 @@
  * Two roles, one library:
  *   - sticky_run() / sticky_run_config(): be the master in the process you start and run your serve()
  *     callback in each of the worker copies it spawns;
+ *   - sticky_cluster_start() ... sticky_cluster_free(): the master as a handle, on a thread of its own, for a
+ *     program that owns its signals (sticky_cluster_reload() on SIGHUP, sticky_cluster_stop() on SIGTERM);
  *   - sticky_worker_open() ... sticky_worker_close(): be a worker inside your own event loop.
  *
  * Every function returns an int error code (STICKY_OK = 0) unless documented otherwise;
@@ -50,7 +52,8 @@
 #define STICKY_ESHUTDOWN 4
 
 /**
- * The channel to the master is closed (the master is gone): exit.
+ * The channel to the master is closed (the master is gone, or it sent its last connection to a worker
+ * that stopped accepting): exit.
  */
 #define STICKY_ECLOSED 5
 
@@ -96,6 +99,14 @@
 #define STICKY_EINTERNAL 13
 
 /**
+ * A running cluster started by `sticky_cluster_start`: the master's thread and the way to reach it.
+ *
+ * Opaque: released by `sticky_cluster_free`. `reload`, `stop`, `port` and `wait` may be called from any
+ * thread, at the same time.
+ */
+typedef struct sticky_cluster sticky_cluster;
+
+/**
  * A worker's membership in a sticky cluster: its index and its channel to the master.
  *
  * Opaque: created by `sticky_worker_open` (or handed to the `serve` callback by `sticky_run`) and
@@ -107,9 +118,10 @@ typedef struct sticky_worker sticky_worker;
  * Cluster options: the fields of the YAML file (see the project's README), in C types.
  *
  * Always start from `sticky_options_init`, then change fields: a zeroed struct is not a valid
- * configuration. Strings and arrays are borrowed: they must stay valid during the `sticky_run`
- * call only. These options always spawn workers; for attach mode (the YAML `workers:` section, workers
- * started elsewhere dial a Unix socket) use `sticky_run_config`.
+ * configuration. Strings and arrays are borrowed: they must stay valid during the call they are given
+ * to only (`sticky_run`, `sticky_cluster_start`, `sticky_cluster_reload`). These options always spawn
+ * workers; for attach mode (the YAML `workers:` section, workers started elsewhere dial a Unix socket)
+ * use `sticky_run_config` or `sticky_cluster_start_config`.
  */
 typedef struct sticky_options {
     /**
@@ -122,7 +134,7 @@ typedef struct sticky_options {
      */
     const char *host;
     /**
-     * Number of workers, at least 1. Default: the number of CPUs.
+     * Number of workers, 1 to 1024. Default: the number of CPUs (at most 1024).
      */
     uint32_t concurrency;
     /**
@@ -135,7 +147,7 @@ typedef struct sticky_options {
     const char *prefix;
     /**
      * Milliseconds a graceful shutdown may take before the remaining workers are killed
-     * (YAML `hardShutdownDelay`). Default 60000.
+     * (YAML `hardShutdownDelay`), 0 to 2147483647 (Node's largest timer). Default 60000.
      */
     uint64_t hard_shutdown_delay_ms;
     /**
@@ -201,6 +213,120 @@ extern "C" {
 #endif // __cplusplus
 
 /**
+ * Starts a cluster's master on a thread of its own and returns as soon as it listens: the handle for an
+ * embedding that keeps its own main loop and its own signal handling (see `sticky_cluster_reload`).
+ *
+ * Workers are spawned as `opts` says (NULL: the defaults; `worker_command` NULL: copies of this
+ * executable, which then find themselves in a worker environment: call `sticky_run` or
+ * `sticky_worker_open` there, see `sticky_in_worker`). Installs no signal handler: SIGTERM, SIGINT and
+ * SIGHUP are the program's (call `sticky_cluster_stop` and `sticky_cluster_reload`). Block the signals
+ * you `sigwait` for before this call, in every thread: the master's thread inherits the mask (workers
+ * start with an empty one).
+ *
+ * On success writes a new handle to `*out` (release it with `sticky_cluster_free`) and returns
+ * `STICKY_OK`. Errors, with nothing started: `STICKY_EINVAL` (out is NULL, or this process is a
+ * worker), `STICKY_ECONFIG` (the last error names the field), `STICKY_ELISTEN`, `STICKY_EIO`. A worker
+ * that cannot be started later is logged and retried, as by `sticky_run`. Workers are tied to the
+ * master's thread: stop and wait for the cluster before the program exits, or they are killed with it.
+ *
+ * # Safety
+ * `opts` must be NULL or an initialised `sticky_options` whose strings and arrays are valid during
+ * the call; `out` must be NULL or point to writable memory for one pointer.
+ */
+int sticky_cluster_start(const struct sticky_options *opts,
+                         struct sticky_cluster **out);
+
+/**
+ * `sticky_cluster_start` with the options of a YAML file (the `sticky-cluster --config` format); without a
+ * `worker.command` there, workers are copies of this executable. A file that cannot be read or is
+ * invalid gives `STICKY_ECONFIG` with the file, line and key in the last error message.
+ *
+ * # Safety
+ * `yaml_path` must be NULL or a NUL-terminated string; `out` as for `sticky_cluster_start`.
+ */
+int sticky_cluster_start_config(const char *yaml_path,
+                                struct sticky_cluster **out);
+
+/**
+ * The TCP port the cluster listens on (the one the kernel picked when `port` was 0), or -1 when
+ * `cluster` is NULL. Thread-safe.
+ *
+ * # Safety
+ * `cluster` must be NULL or a live handle.
+ */
+int sticky_cluster_port(const struct sticky_cluster *cluster);
+
+/**
+ * Hands the running cluster new options, as SIGHUP does for the `sticky-cluster` binary: the options are
+ * checked first, and invalid ones change nothing (`STICKY_ECONFIG`, the last error names the field).
+ * Valid ones are applied by the master: when the workers' command or environment changed, the workers are
+ * restarted one index at a time, each successor ready before the next index is replaced, with no
+ * connection lost (what waits for an index being replaced is queued for its successor). `port`, `host`,
+ * `concurrency`, `routing`, `backlog`, `debug` and `prefix` need a restart: the master keeps them and logs
+ * one line. `clientAddress`, `trusted_proxies` and the queue settings apply to new connections.
+ *
+ * Returns `STICKY_OK` once the master has the new options (it applies them in the background), or
+ * `STICKY_EINVAL` (NULL), `STICKY_ECONFIG`, `STICKY_ECLOSED` (the cluster has stopped). Thread-safe, but
+ * not async-signal-safe: never call it inside a signal handler (see the README: `sigwait` or a
+ * `signalfd` in a thread of your own).
+ *
+ * # Safety
+ * `cluster` must be NULL or a live handle; `opts` must be NULL or an initialised `sticky_options`
+ * whose strings and arrays are valid during the call.
+ */
+int sticky_cluster_reload(const struct sticky_cluster *cluster,
+                          const struct sticky_options *opts);
+
+/**
+ * `sticky_cluster_reload` with the options of a YAML file, read again now: a file that cannot be read or
+ * is invalid changes nothing (`STICKY_ECONFIG`, with the file, line and key).
+ *
+ * # Safety
+ * `cluster` must be NULL or a live handle; `yaml_path` NULL or a NUL-terminated string.
+ */
+int sticky_cluster_reload_config(const struct sticky_cluster *cluster,
+                                 const char *yaml_path);
+
+/**
+ * Asks the cluster to stop: gracefully (close the listener, let the workers drain, kill the rest after
+ * `hard_shutdown_delay_ms`), or at once when `hard` (what a second SIGTERM does to `sticky_run`). Returns
+ * at once (`sticky_cluster_wait` waits): `STICKY_OK`, `STICKY_EINVAL` (NULL) or `STICKY_ECLOSED` (it had
+ * already stopped). Thread-safe; not async-signal-safe.
+ *
+ * # Safety
+ * `cluster` must be NULL or a live handle.
+ */
+int sticky_cluster_stop(const struct sticky_cluster *cluster,
+                        bool hard);
+
+/**
+ * Waits until the cluster has stopped (after `sticky_cluster_stop`, or on its own after a fatal error) and
+ * returns how: `STICKY_OK` (every worker exited in time), `STICKY_EHARD` (some were killed), or the
+ * error that stopped the master. Later calls return the same. Thread-safe.
+ *
+ * # Safety
+ * `cluster` must be NULL or a live handle.
+ */
+int sticky_cluster_wait(const struct sticky_cluster *cluster);
+
+/**
+ * Releases the handle. A cluster still running is stopped hard first and waited for (its workers are
+ * killed): stop it gracefully and wait before, to let them drain. NULL does nothing. No other call may use
+ * the handle during or after this one.
+ *
+ * # Safety
+ * `cluster` must be NULL or a live handle from `sticky_cluster_start` that no other thread is using.
+ */
+void sticky_cluster_free(struct sticky_cluster *cluster);
+
+/**
+ * Whether this process was started as a sticky-cluster worker (`STICKY_CLUSTER_FD` or
+ * `STICKY_CLUSTER_SOCKET` is set): a program that starts copies of itself with `sticky_cluster_start`
+ * asks this first, and serves as a worker (`sticky_run` or `sticky_worker_open`) when it is one.
+ */
+bool sticky_in_worker(void);
+
+/**
  * Describes an error code in one short English sentence.
  *
  * Returns a pointer to a static string (never NULL, never to be freed); an unknown code gives
@@ -240,18 +366,25 @@ void sticky_options_init(struct sticky_options *opts);
  * says (NULL: the defaults), spawns `concurrency` copies of the current executable with the same
  * arguments (or `opts->worker_command`), routes every client address to the same worker, revives
  * workers that die, and blocks the calling thread until SIGTERM or SIGINT: the first one drains the
- * workers, a second one (or `hard_shutdown_delay_ms` running out) kills them. Installs the
- * process's SIGTERM/SIGINT handlers for that (they stay installed after the call) and logs on
- * stderr. Returns `STICKY_OK` after a graceful shutdown, `STICKY_EHARD` when workers had to be
+ * workers, a second one (or `hard_shutdown_delay_ms` running out) kills them. SIGHUP is logged and
+ * changes nothing: the options are the program's, in memory (to reload from C, run the master with
+ * `sticky_cluster_start` and call `sticky_cluster_reload`). Installs the process's SIGTERM, SIGINT and
+ * SIGHUP handlers for that (they stay installed after the call) and logs on stderr. Returns `STICKY_OK` after a graceful shutdown, `STICKY_EHARD` when workers had to be
  * killed, or `STICKY_EINVAL`, `STICKY_ECONFIG`, `STICKY_ELISTEN`, `STICKY_ESPAWN`, `STICKY_EIO` before
  * or while starting. Call it from the main thread, once, before starting other threads.
  *
  * Worker role: opens the worker (as `sticky_worker_open`), calls `serve(worker, user)`, closes the
  * worker, and returns what `serve` returned (return `STICKY_OK` from `serve` for a clean exit);
  * `STICKY_ENOTWORKER` or another code when the worker cannot be opened (then `serve` is not called).
- * Before calling `serve` it sets SIGTERM to ignored when it still has its default action, so the
- * master's shutdown arrives as `STICKY_ESHUTDOWN` instead of killing the worker mid-request
- * (workers are still killed after `hard_shutdown_delay_ms`).
+ * While `serve` runs, SIGTERM (when it still has its default action, which would kill the worker
+ * mid-request) is handled: the master's own SIGTERM comes after its shutdown message, which `accept`
+ * reports first as `STICKY_ESHUTDOWN`; a SIGTERM from someone else (systemd signals every process of a
+ * unit, an operator's `kill`) makes the worker stop accepting as `sticky_worker_stop_accepting` does, so
+ * `accept` returns what was already sent here, then `STICKY_ECLOSED`, and the master starts a successor.
+ * SIGTERM is blocked in the calling thread meanwhile (a thread of the library takes it), so none of
+ * `serve`'s blocking calls is interrupted; threads `serve` starts inherit that, and so do programs it
+ * executes: unblock SIGTERM in those (`posix_spawnattr_setsigmask`) if they must be signalled.
+ * Workers are still killed after `hard_shutdown_delay_ms`.
  *
  * `serve` must not be NULL (`STICKY_EINVAL`).
  *
@@ -269,6 +402,9 @@ int sticky_run(const struct sticky_options *opts,
  * When the file has no `worker.command`, workers are copies of the current executable with the same
  * arguments. In a worker process the file is not read. Errors as `sticky_run`; a file that cannot be
  * read or is invalid gives `STICKY_ECONFIG` with the file, line and key in the last error message.
+ * SIGHUP reads the file again and applies it as `sticky_cluster_reload` would (workers whose command
+ * or environment changed restart one index at a time); a file that has become invalid is logged as
+ * one line and changes nothing, like the `sticky-cluster` binary's SIGHUP.
  *
  * # Safety
  * `yaml_path` must be NULL or a NUL-terminated string; `serve` must be safe to call with a worker
@@ -343,6 +479,23 @@ int sticky_worker_fd(const struct sticky_worker *worker);
 int sticky_worker_ready(struct sticky_worker *worker);
 
 /**
+ * Stops taking connections, from any thread: the master routes nothing more to this worker (the
+ * index's next connections wait for its successor, which the master starts), and `sticky_worker_accept`
+ * still returns every connection already sent here, then `STICKY_ECLOSED` once the master has confirmed
+ * the last one. So a worker that wants to leave (SIGTERM from someone else than the master, an upgrade,
+ * a fault of its own) loses no connection: call this, accept until `STICKY_ECLOSED`, finish what it
+ * holds, exit. `sticky_run` does it by itself when its worker gets SIGTERM. Calling it again does
+ * nothing.
+ *
+ * Returns `STICKY_OK` (also when the master is already gone), `STICKY_EINVAL` (NULL) or `STICKY_EIO`.
+ * Thread-safe; not async-signal-safe (from a signal, wake a thread that calls it: a pipe, `sigwait`).
+ *
+ * # Safety
+ * `worker` must be NULL or a live handle.
+ */
+int sticky_worker_stop_accepting(const struct sticky_worker *worker);
+
+/**
  * Takes the next connection routed to this worker.
  *
  * Blocks until one arrives, unless the worker fd was made non-blocking. On `STICKY_OK` writes the
@@ -355,7 +508,8 @@ int sticky_worker_ready(struct sticky_worker *worker);
  *
  * Errors: `STICKY_EAGAIN` (non-blocking and nothing waits), `STICKY_ESHUTDOWN` (the master asks this
  * worker to drain: finish the connections in hand and exit; every later call answers the same),
- * `STICKY_ECLOSED` (the master is gone), `STICKY_EINVAL` (`worker` or `conn_fd` is NULL),
+ * `STICKY_ECLOSED` (the master is gone, or it sent its last connection after
+ * `sticky_worker_stop_accepting`: exit), `STICKY_EINVAL` (`worker` or `conn_fd` is NULL),
  * `STICKY_EPROTOCOL`, `STICKY_EIO`. Thread-safe: concurrent callers each get a different connection.
  *
  * # Safety

@@ -16,7 +16,8 @@ pub const STICKY_ENOTWORKER: c_int = 2;
 pub const STICKY_EAGAIN: c_int = 3;
 /// The master asked this worker to drain: finish the connections in hand and return or exit.
 pub const STICKY_ESHUTDOWN: c_int = 4;
-/// The channel to the master is closed (the master is gone): exit.
+/// The channel to the master is closed (the master is gone, or it sent its last connection to a worker
+/// that stopped accepting): exit.
 pub const STICKY_ECLOSED: c_int = 5;
 /// The master sent something this library does not understand (a version mismatch or a bug).
 pub const STICKY_EPROTOCOL: c_int = 6;
@@ -37,7 +38,7 @@ pub const STICKY_EHARD: c_int = 12;
 pub const STICKY_EINTERNAL: c_int = 13;
 
 /// A failure on its way to C: the code to return and the message for `sticky_last_error_message`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Failure {
     pub(crate) code: c_int,
     pub(crate) message: String,
@@ -115,11 +116,6 @@ pub(crate) fn boundary<T>(on_failure: impl Fn(c_int) -> T, body: impl FnOnce() -
     on_failure(failure.code)
 }
 
-/// Runs a body that returns an error code ([`STICKY_OK`] on success).
-pub(crate) fn code_boundary(body: impl FnOnce() -> Result<c_int, Failure>) -> c_int {
-    boundary(|code| code, body)
-}
-
 /// Reads a C string argument as UTF-8; `what` names it in the error.
 ///
 /// # Safety
@@ -131,53 +127,50 @@ pub(crate) unsafe fn utf8_argument<'a>(text: *const c_char, what: &str) -> Resul
     CStr::from_ptr(text).to_str().map_err(|_| Failure::new(STICKY_EINVAL, format!("{what} is not UTF-8")))
 }
 
-/// Describes an error code in one short English sentence.
-///
-/// Returns a pointer to a static string (never NULL, never to be freed); an unknown code gives
-/// "unknown sticky-cluster error code". Thread-safe.
-#[no_mangle]
-pub extern "C" fn sticky_strerror(code: c_int) -> *const c_char {
-    let text: &'static CStr = match code {
-        STICKY_OK => c"success",
-        STICKY_EINVAL => c"invalid argument (NULL pointer or non-UTF-8 string)",
-        STICKY_ENOTWORKER => c"not a sticky-cluster worker (start this program through sticky-cluster)",
-        STICKY_EAGAIN => c"no connection is waiting (the worker fd is non-blocking)",
-        STICKY_ESHUTDOWN => c"the master is shutting down: drain and exit",
-        STICKY_ECLOSED => c"the master closed the channel",
-        STICKY_EPROTOCOL => c"channel protocol error",
-        STICKY_ECONFIG => c"invalid configuration",
-        STICKY_ELISTEN => c"cannot listen on the configured address",
-        STICKY_ESPAWN => c"cannot start a worker process",
-        STICKY_EATTACH => c"cannot attach to the master's socket",
-        STICKY_EIO => c"operating-system error",
-        STICKY_EHARD => c"hard shutdown: workers were killed",
-        STICKY_EINTERNAL => c"internal error in sticky-cluster",
-        _ => c"unknown sticky-cluster error code",
-    };
-    text.as_ptr()
+sticky_fn! {
+    /// Describes an error code in one short English sentence.
+    ///
+    /// Returns a pointer to a static string (never NULL, never to be freed); an unknown code gives
+    /// "unknown sticky-cluster error code". Thread-safe.
+    pub fn sticky_strerror(code: c_int) -> *const c_char {
+        let text: &'static CStr = match code {
+            STICKY_OK => c"success",
+            STICKY_EINVAL => c"invalid argument (NULL pointer or non-UTF-8 string)",
+            STICKY_ENOTWORKER => c"not a sticky-cluster worker (start this program through sticky-cluster)",
+            STICKY_EAGAIN => c"no connection is waiting (the worker fd is non-blocking)",
+            STICKY_ESHUTDOWN => c"the master is shutting down: drain and exit",
+            STICKY_ECLOSED => c"the master closed the channel (or sent its last connection): exit",
+            STICKY_EPROTOCOL => c"channel protocol error",
+            STICKY_ECONFIG => c"invalid configuration",
+            STICKY_ELISTEN => c"cannot listen on the configured address",
+            STICKY_ESPAWN => c"cannot start a worker process",
+            STICKY_EATTACH => c"cannot attach to the master's socket",
+            STICKY_EIO => c"operating-system error",
+            STICKY_EHARD => c"hard shutdown: workers were killed",
+            STICKY_EINTERNAL => c"internal error in sticky-cluster",
+            _ => c"unknown sticky-cluster error code",
+        };
+        Ok(text.as_ptr())
+    }
 }
 
-/// The message of the most recent failed sticky_ call on the calling thread, naming what went
-/// wrong (the variable, the file and line, the address), or "" when no call has failed yet.
-///
-/// The string belongs to the library and stays valid until the next failing sticky_ call on the
-/// same thread; copy it to keep it. Successful calls leave it unchanged (like errno). Thread-safe:
-/// each thread has its own.
-#[no_mangle]
-pub extern "C" fn sticky_last_error_message() -> *const c_char {
-    catch_unwind(|| {
-        LAST_MESSAGE
-            .try_with(|last| last.borrow().as_ref().map(|text| text.as_ptr()))
-            .ok()
-            .flatten()
-            .unwrap_or(c"".as_ptr())
-    })
-    .unwrap_or(c"".as_ptr())
+sticky_fn! {
+    /// The message of the most recent failed sticky_ call on the calling thread, naming what went
+    /// wrong (the variable, the file and line, the address), or "" when no call has failed yet.
+    ///
+    /// The string belongs to the library and stays valid until the next failing sticky_ call on the
+    /// same thread; copy it to keep it. Successful calls leave it unchanged (like errno). Thread-safe:
+    /// each thread has its own.
+    pub fn sticky_last_error_message() -> *const c_char {
+        let last = LAST_MESSAGE.try_with(|last| last.borrow().as_ref().map(|text| text.as_ptr()));
+        Ok(last.ok().flatten().unwrap_or(c"".as_ptr()))
+    }
 }
 
-/// The operating-system errno behind the most recent failed sticky_ call on the calling thread
-/// (for example `EADDRINUSE` after `STICKY_ELISTEN`), or 0 when there was none. Thread-safe.
-#[no_mangle]
-pub extern "C" fn sticky_last_os_error() -> c_int {
-    LAST_OS_ERROR.try_with(Cell::get).unwrap_or(0)
+sticky_fn! {
+    /// The operating-system errno behind the most recent failed sticky_ call on the calling thread
+    /// (for example `EADDRINUSE` after `STICKY_ELISTEN`), or 0 when there was none. Thread-safe.
+    pub fn sticky_last_os_error() -> c_int {
+        Ok(LAST_OS_ERROR.try_with(Cell::get).unwrap_or(0))
+    } ?= 0
 }

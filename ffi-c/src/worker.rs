@@ -7,7 +7,7 @@ use std::os::fd::{AsRawFd, IntoRawFd};
 
 use sticky_cluster::Worker;
 
-use crate::error::{boundary, code_boundary, Failure, STICKY_OK};
+use crate::error::{Failure, STICKY_OK};
 
 /// A worker's membership in a sticky cluster: its index and its channel to the master.
 ///
@@ -22,6 +22,11 @@ impl sticky_worker {
     pub(crate) fn new(inner: Worker) -> sticky_worker {
         sticky_worker { inner }
     }
+
+    /// The core worker.
+    pub(crate) fn inner(&self) -> &Worker {
+        &self.inner
+    }
 }
 
 /// Borrows the worker behind a C pointer, or fails with `STICKY_EINVAL` for NULL.
@@ -32,111 +37,132 @@ unsafe fn worker_ref<'a>(worker: *const sticky_worker) -> Result<&'a Worker, Fai
     worker.as_ref().map(|handle| &handle.inner).ok_or_else(|| Failure::null("worker"))
 }
 
-/// Joins the cluster this process was started for, from the environment: `STICKY_CLUSTER_FD`
-/// (spawned by the master) or `STICKY_CLUSTER_SOCKET` (attached), and says hello to the master.
-///
-/// On success writes a new handle to `*out` (owned by the caller: release it with
-/// `sticky_worker_close`) and returns `STICKY_OK`; connections flow only after `sticky_worker_ready`.
-/// On failure `*out` is left untouched. Errors: `STICKY_EINVAL` (out is NULL), `STICKY_ENOTWORKER`
-/// (no worker environment, or it names something that is not a channel), `STICKY_EATTACH`,
-/// `STICKY_ECLOSED` (the master is already gone), `STICKY_EIO`.
-///
-/// Signals are left alone: the master sends SIGTERM together with its shutdown message, so a worker
-/// that wants to drain (see `STICKY_ESHUTDOWN`) must ignore or handle SIGTERM itself.
-/// Call it once per process; the handle may then be used from any thread.
-///
-/// # Safety
-/// `out` must be NULL or point to writable memory for one pointer.
-#[no_mangle]
-pub unsafe extern "C" fn sticky_worker_open(out: *mut *mut sticky_worker) -> c_int {
-    code_boundary(|| {
+sticky_fn! {
+    /// Joins the cluster this process was started for, from the environment: `STICKY_CLUSTER_FD`
+    /// (spawned by the master) or `STICKY_CLUSTER_SOCKET` (attached), and says hello to the master.
+    ///
+    /// On success writes a new handle to `*out` (owned by the caller: release it with
+    /// `sticky_worker_close`) and returns `STICKY_OK`; connections flow only after `sticky_worker_ready`.
+    /// On failure `*out` is left untouched. Errors: `STICKY_EINVAL` (out is NULL), `STICKY_ENOTWORKER`
+    /// (no worker environment, or it names something that is not a channel), `STICKY_EATTACH`,
+    /// `STICKY_ECLOSED` (the master is already gone), `STICKY_EIO`.
+    ///
+    /// Signals are left alone: the master sends SIGTERM together with its shutdown message, so a worker
+    /// that wants to drain (see `STICKY_ESHUTDOWN`) must ignore or handle SIGTERM itself.
+    /// Call it once per process; the handle may then be used from any thread.
+    ///
+    /// # Safety
+    /// `out` must be NULL or point to writable memory for one pointer.
+    pub unsafe fn sticky_worker_open(out: *mut *mut sticky_worker) -> c_int {
         if out.is_null() {
             return Err(Failure::null("out"));
         }
         let worker = Worker::from_env()?;
         *out = Box::into_raw(Box::new(sticky_worker::new(worker)));
         Ok(STICKY_OK)
-    })
+    }
 }
 
-/// This worker's index (0 to concurrency-1); it stays the same when the worker is revived.
-/// The same value is in the environment as `STICKY_CLUSTER_WORKER_INDEX`.
-/// Returns -1 when `worker` is NULL. Thread-safe.
-///
-/// # Safety
-/// `worker` must be NULL or a live handle.
-#[no_mangle]
-pub unsafe extern "C" fn sticky_worker_index(worker: *const sticky_worker) -> c_int {
-    boundary(|_| -1, || Ok(c_int::try_from(worker_ref(worker)?.index()).unwrap_or(c_int::MAX)))
+sticky_fn! {
+    /// This worker's index (0 to concurrency-1); it stays the same when the worker is revived.
+    /// The same value is in the environment as `STICKY_CLUSTER_WORKER_INDEX`.
+    /// Returns -1 when `worker` is NULL. Thread-safe.
+    ///
+    /// # Safety
+    /// `worker` must be NULL or a live handle.
+    pub unsafe fn sticky_worker_index(worker: *const sticky_worker) -> c_int {
+        Ok(c_int::try_from(worker_ref(worker)?.index()).unwrap_or(c_int::MAX))
+    } ?= -1
 }
 
-/// How many workers the cluster has. Returns -1 when `worker` is NULL. Thread-safe.
-///
-/// # Safety
-/// `worker` must be NULL or a live handle.
-#[no_mangle]
-pub unsafe extern "C" fn sticky_worker_concurrency(worker: *const sticky_worker) -> c_int {
-    boundary(|_| -1, || Ok(c_int::try_from(worker_ref(worker)?.concurrency()).unwrap_or(c_int::MAX)))
+sticky_fn! {
+    /// How many workers the cluster has. Returns -1 when `worker` is NULL. Thread-safe.
+    ///
+    /// # Safety
+    /// `worker` must be NULL or a live handle.
+    pub unsafe fn sticky_worker_concurrency(worker: *const sticky_worker) -> c_int {
+        Ok(c_int::try_from(worker_ref(worker)?.concurrency()).unwrap_or(c_int::MAX))
+    } ?= -1
 }
 
-/// The channel fd, for epoll/poll/kqueue: it becomes readable when a connection is waiting (and
-/// also when the master asks for shutdown or goes away; `sticky_worker_accept` then says which).
-///
-/// The fd stays owned by the worker: never close it or read from it yourself; it is valid until
-/// `sticky_worker_close`. You may make it non-blocking (`fcntl(fd, F_SETFL, O_NONBLOCK)`), after which
-/// `sticky_worker_accept` answers `STICKY_EAGAIN` instead of waiting. After `STICKY_ESHUTDOWN` or
-/// `STICKY_ECLOSED` remove it from your poll set: it may stay readable (end of channel).
-/// Returns -1 when `worker` is NULL. Thread-safe.
-///
-/// # Safety
-/// `worker` must be NULL or a live handle.
-#[no_mangle]
-pub unsafe extern "C" fn sticky_worker_fd(worker: *const sticky_worker) -> c_int {
-    boundary(|_| -1, || Ok(worker_ref(worker)?.channel_fd().as_raw_fd()))
+sticky_fn! {
+    /// The channel fd, for epoll/poll/kqueue: it becomes readable when a connection is waiting (and
+    /// also when the master asks for shutdown or goes away; `sticky_worker_accept` then says which).
+    ///
+    /// The fd stays owned by the worker: never close it or read from it yourself; it is valid until
+    /// `sticky_worker_close`. You may make it non-blocking (`fcntl(fd, F_SETFL, O_NONBLOCK)`), after which
+    /// `sticky_worker_accept` answers `STICKY_EAGAIN` instead of waiting. After `STICKY_ESHUTDOWN` or
+    /// `STICKY_ECLOSED` remove it from your poll set: it may stay readable (end of channel).
+    /// Returns -1 when `worker` is NULL. Thread-safe.
+    ///
+    /// # Safety
+    /// `worker` must be NULL or a live handle.
+    pub unsafe fn sticky_worker_fd(worker: *const sticky_worker) -> c_int {
+        Ok(worker_ref(worker)?.channel_fd().as_raw_fd())
+    } ?= -1
 }
 
-/// Tells the master this worker has finished initialising; connections routed to it (and those
-/// queued while it started) flow from now on. Calling it again does nothing.
-///
-/// Returns `STICKY_OK`, or `STICKY_EINVAL` (NULL), `STICKY_ECLOSED` (the master is gone), `STICKY_EIO`.
-/// Thread-safe.
-///
-/// # Safety
-/// `worker` must be NULL or a live handle.
-#[no_mangle]
-pub unsafe extern "C" fn sticky_worker_ready(worker: *mut sticky_worker) -> c_int {
-    code_boundary(|| {
+sticky_fn! {
+    /// Tells the master this worker has finished initialising; connections routed to it (and those
+    /// queued while it started) flow from now on. Calling it again does nothing.
+    ///
+    /// Returns `STICKY_OK`, or `STICKY_EINVAL` (NULL), `STICKY_ECLOSED` (the master is gone), `STICKY_EIO`.
+    /// Thread-safe.
+    ///
+    /// # Safety
+    /// `worker` must be NULL or a live handle.
+    pub unsafe fn sticky_worker_ready(worker: *mut sticky_worker) -> c_int {
         worker_ref(worker)?.ready()?;
         Ok(STICKY_OK)
-    })
+    }
 }
 
-/// Takes the next connection routed to this worker.
-///
-/// Blocks until one arrives, unless the worker fd was made non-blocking. On `STICKY_OK` writes the
-/// client socket to `*conn_fd`: a connected TCP socket in blocking mode with `FD_CLOEXEC` set, owned
-/// by the caller (close it when done). When `peer` is not NULL it receives the client's address,
-/// the one the routing hash was computed from, as `accept(2)` would give it (on the default
-/// dual-stack listener an IPv4 client is an `AF_INET6` `::ffff:a.b.c.d` address); when `peer_len`
-/// is not NULL it receives that address's length (its input value is ignored: `peer` always has room).
-/// Nothing is written on failure.
-///
-/// Errors: `STICKY_EAGAIN` (non-blocking and nothing waits), `STICKY_ESHUTDOWN` (the master asks this
-/// worker to drain: finish the connections in hand and exit; every later call answers the same),
-/// `STICKY_ECLOSED` (the master is gone), `STICKY_EINVAL` (`worker` or `conn_fd` is NULL),
-/// `STICKY_EPROTOCOL`, `STICKY_EIO`. Thread-safe: concurrent callers each get a different connection.
-///
-/// # Safety
-/// `worker` must be NULL or a live handle; `conn_fd`, `peer` and `peer_len` must each be NULL or
-/// point to writable memory of their type.
-#[no_mangle]
-pub unsafe extern "C" fn sticky_worker_accept(
-    worker: *mut sticky_worker,
-    conn_fd: *mut c_int,
-    peer: *mut libc::sockaddr_storage,
-    peer_len: *mut libc::socklen_t,
-) -> c_int {
-    code_boundary(|| {
+sticky_fn! {
+    /// Stops taking connections, from any thread: the master routes nothing more to this worker (the
+    /// index's next connections wait for its successor, which the master starts), and `sticky_worker_accept`
+    /// still returns every connection already sent here, then `STICKY_ECLOSED` once the master has confirmed
+    /// the last one. So a worker that wants to leave (SIGTERM from someone else than the master, an upgrade,
+    /// a fault of its own) loses no connection: call this, accept until `STICKY_ECLOSED`, finish what it
+    /// holds, exit. `sticky_run` does it by itself when its worker gets SIGTERM. Calling it again does
+    /// nothing.
+    ///
+    /// Returns `STICKY_OK` (also when the master is already gone), `STICKY_EINVAL` (NULL) or `STICKY_EIO`.
+    /// Thread-safe; not async-signal-safe (from a signal, wake a thread that calls it: a pipe, `sigwait`).
+    ///
+    /// # Safety
+    /// `worker` must be NULL or a live handle.
+    pub unsafe fn sticky_worker_stop_accepting(worker: *const sticky_worker) -> c_int {
+        worker_ref(worker)?.stop_accepting()?;
+        Ok(STICKY_OK)
+    }
+}
+
+sticky_fn! {
+    /// Takes the next connection routed to this worker.
+    ///
+    /// Blocks until one arrives, unless the worker fd was made non-blocking. On `STICKY_OK` writes the
+    /// client socket to `*conn_fd`: a connected TCP socket in blocking mode with `FD_CLOEXEC` set, owned
+    /// by the caller (close it when done). When `peer` is not NULL it receives the client's address,
+    /// the one the routing hash was computed from, as `accept(2)` would give it (on the default
+    /// dual-stack listener an IPv4 client is an `AF_INET6` `::ffff:a.b.c.d` address); when `peer_len`
+    /// is not NULL it receives that address's length (its input value is ignored: `peer` always has room).
+    /// Nothing is written on failure.
+    ///
+    /// Errors: `STICKY_EAGAIN` (non-blocking and nothing waits), `STICKY_ESHUTDOWN` (the master asks this
+    /// worker to drain: finish the connections in hand and exit; every later call answers the same),
+    /// `STICKY_ECLOSED` (the master is gone, or it sent its last connection after
+    /// `sticky_worker_stop_accepting`: exit), `STICKY_EINVAL` (`worker` or `conn_fd` is NULL),
+    /// `STICKY_EPROTOCOL`, `STICKY_EIO`. Thread-safe: concurrent callers each get a different connection.
+    ///
+    /// # Safety
+    /// `worker` must be NULL or a live handle; `conn_fd`, `peer` and `peer_len` must each be NULL or
+    /// point to writable memory of their type.
+    pub unsafe fn sticky_worker_accept(
+        worker: *mut sticky_worker,
+        conn_fd: *mut c_int,
+        peer: *mut libc::sockaddr_storage,
+        peer_len: *mut libc::socklen_t,
+    ) -> c_int {
         let worker = worker_ref(worker)?;
         if conn_fd.is_null() {
             return Err(Failure::null("conn_fd"));
@@ -151,42 +177,37 @@ pub unsafe extern "C" fn sticky_worker_accept(
         }
         *conn_fd = connection.stream.into_raw_fd();
         Ok(STICKY_OK)
-    })
+    }
 }
 
-/// Milliseconds the master granted for draining once it asked for shutdown (the time left before it
-/// kills this worker, as of the shutdown message), or -1 while no shutdown was asked (or `worker` is
-/// NULL). Thread-safe.
-///
-/// # Safety
-/// `worker` must be NULL or a live handle.
-#[no_mangle]
-pub unsafe extern "C" fn sticky_worker_shutdown_deadline_ms(worker: *const sticky_worker) -> i64 {
-    boundary(
-        |_| -1,
-        || Ok(worker_ref(worker)?.shutdown_deadline_ms().map_or(-1, |ms| i64::try_from(ms).unwrap_or(i64::MAX))),
-    )
+sticky_fn! {
+    /// Milliseconds the master granted for draining once it asked for shutdown (the time left before it
+    /// kills this worker, as of the shutdown message), or -1 while no shutdown was asked (or `worker` is
+    /// NULL). Thread-safe.
+    ///
+    /// # Safety
+    /// `worker` must be NULL or a live handle.
+    pub unsafe fn sticky_worker_shutdown_deadline_ms(worker: *const sticky_worker) -> i64 {
+        let deadline = worker_ref(worker)?.shutdown_deadline_ms();
+        Ok(deadline.map_or(-1, |ms| i64::try_from(ms).unwrap_or(i64::MAX)))
+    } ?= -1
 }
 
-/// Releases the handle and closes the channel (the master then sees this worker leave).
-/// Connections already accepted stay open: they belong to the caller. NULL does nothing.
-/// Not thread-safe against other calls on the same handle: no call may use it afterwards.
-/// Never call it on the handle `sticky_run` passes to `serve`: `sticky_run` closes that one.
-///
-/// # Safety
-/// `worker` must be NULL or a live handle from `sticky_worker_open` that no other thread is using;
-/// it is invalid afterwards.
-#[no_mangle]
-pub unsafe extern "C" fn sticky_worker_close(worker: *mut sticky_worker) {
-    boundary(
-        |_| (),
-        || {
-            if !worker.is_null() {
-                drop(Box::from_raw(worker));
-            }
-            Ok(())
-        },
-    )
+sticky_fn! {
+    /// Releases the handle and closes the channel (the master then sees this worker leave).
+    /// Connections already accepted stay open: they belong to the caller. NULL does nothing.
+    /// Not thread-safe against other calls on the same handle: no call may use it afterwards.
+    /// Never call it on the handle `sticky_run` passes to `serve`: `sticky_run` closes that one.
+    ///
+    /// # Safety
+    /// `worker` must be NULL or a live handle from `sticky_worker_open` that no other thread is using;
+    /// it is invalid afterwards.
+    pub unsafe fn sticky_worker_close(worker: *mut sticky_worker) {
+        if !worker.is_null() {
+            drop(Box::from_raw(worker));
+        }
+        Ok(())
+    }
 }
 
 /// The peer address as `accept(2)` would write it, with its length.

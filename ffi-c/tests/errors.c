@@ -89,6 +89,23 @@ static void null_arguments(void) {
     CHECK(sticky_run(NULL, NULL, NULL) == STICKY_EINVAL, "run without serve");
     CHECK(sticky_run_config(NULL, never_serve, NULL) == STICKY_EINVAL, "run_config without a path");
     CHECK(serve_calls == 0, "serve was called");
+    CHECK(sticky_worker_stop_accepting(NULL) == STICKY_EINVAL, "stop_accepting(NULL)");
+
+    /* The cluster handle: every call checks it, out-pointers stay untouched on failure. */
+    sticky_cluster *cluster = (sticky_cluster *)0x1;
+    sticky_options options;
+    sticky_options_init(&options);
+    CHECK(sticky_cluster_start(&options, NULL) == STICKY_EINVAL, "start without out");
+    CHECK(sticky_cluster_start_config(NULL, &cluster) == STICKY_EINVAL && cluster == (sticky_cluster *)0x1,
+          "start_config without a path");
+    CHECK(sticky_cluster_port(NULL) == -1, "port(NULL)");
+    CHECK(sticky_cluster_reload(NULL, &options) == STICKY_EINVAL, "reload(NULL)");
+    CHECK(strcmp(sticky_last_error_message(), "cluster must not be NULL") == 0, "%s", sticky_last_error_message());
+    CHECK(sticky_cluster_reload_config(NULL, "x.yaml") == STICKY_EINVAL, "reload_config(NULL)");
+    CHECK(sticky_cluster_stop(NULL, false) == STICKY_EINVAL, "stop(NULL)");
+    CHECK(sticky_cluster_wait(NULL) == STICKY_EINVAL, "wait(NULL)");
+    sticky_cluster_free(NULL);
+    CHECK(!sticky_in_worker(), "in_worker without a worker environment");
 }
 
 static void missing_environment(void) {
@@ -122,6 +139,15 @@ static void missing_environment(void) {
           sticky_last_error_message());
     close(pair[0]);
     close(pair[1]);
+
+    /* A program that is a worker starts no cluster of its own. */
+    set_worker_env("abc", "0");
+    CHECK(sticky_in_worker(), "in_worker with STICKY_CLUSTER_FD set");
+    sticky_cluster *cluster = (sticky_cluster *)0x1;
+    CHECK(sticky_cluster_start(NULL, &cluster) == STICKY_EINVAL && cluster == (sticky_cluster *)0x1,
+          "start in a worker");
+    CHECK(strstr(sticky_last_error_message(), "is a sticky-cluster worker") != NULL, "%s", sticky_last_error_message());
+    clear_worker_env();
 
     /* sticky_run in a worker environment that is wrong: an error, and serve is never called. */
     set_worker_env("abc", "0");
@@ -183,13 +209,40 @@ static void bad_configuration(void) {
               options.queue_limit == 1024 && options.queue_max_wait_ms == 10000 && options.env == NULL &&
               options.worker_command == NULL && !options.debug && options.backlog == 1024,
           "defaults");
+    /* Loopback and port 0: an option that slipped through would bind nothing anyone else needs. */
+    options.host = "127.0.0.1";
+    options.port = 0;
     options.backlog = 0;
     CHECK(sticky_run(&options, never_serve, NULL) == STICKY_ECONFIG, "backlog 0");
-    CHECK(strstr(sticky_last_error_message(), "backlog must be at least 1") != NULL, "%s", sticky_last_error_message());
+    CHECK(strcmp(sticky_last_error_message(), "sticky_options.backlog: must be at least 1, got 0") == 0, "%s",
+          sticky_last_error_message());
     options.backlog = 1024;
     options.concurrency = 0;
     CHECK(sticky_run(&options, never_serve, NULL) == STICKY_ECONFIG, "concurrency 0");
-    CHECK(strstr(sticky_last_error_message(), "concurrency must be at least 1") != NULL, "%s",
+    CHECK(strcmp(sticky_last_error_message(), "sticky_options.concurrency: must be at least 1, got 0") == 0, "%s",
+          sticky_last_error_message());
+    /* 4000000000 workers used to abort the master inside sticky_run, and this process with it (exit 134). */
+    options.concurrency = 4000000000u;
+    CHECK(sticky_run(&options, never_serve, NULL) == STICKY_ECONFIG, "concurrency 4000000000");
+    CHECK(strcmp(sticky_last_error_message(), "sticky_options.concurrency: must be at most 1024, got 4000000000") == 0,
+          "%s", sticky_last_error_message());
+    options.concurrency = 1;
+    options.hard_shutdown_delay_ms = 2147483648u;
+    CHECK(sticky_run(&options, never_serve, NULL) == STICKY_ECONFIG, "hard_shutdown_delay_ms 2^31");
+    CHECK(strcmp(sticky_last_error_message(),
+                 "sticky_options.hard_shutdown_delay_ms: must be at most 2147483647, got 2147483648") == 0,
+          "%s", sticky_last_error_message());
+    options.hard_shutdown_delay_ms = 60000;
+    sticky_cluster *cluster = (sticky_cluster *)0x1;
+    options.concurrency = 4000000000u;
+    CHECK(sticky_cluster_start(&options, &cluster) == STICKY_ECONFIG && cluster == (sticky_cluster *)0x1,
+          "sticky_cluster_start with concurrency 4000000000");
+    CHECK(strcmp(sticky_last_error_message(), "sticky_options.concurrency: must be at most 1024, got 4000000000") == 0,
+          "%s", sticky_last_error_message());
+    options.concurrency = 1;
+    options.queue_limit = 0;
+    CHECK(sticky_run(&options, never_serve, NULL) == STICKY_ECONFIG, "queue_limit 0");
+    CHECK(strcmp(sticky_last_error_message(), "sticky_options.queue_limit: must be at least 1, got 0") == 0, "%s",
           sticky_last_error_message());
 
     sticky_options_init(&options);
@@ -218,6 +271,18 @@ static void bad_configuration(void) {
     CHECK(strstr(sticky_last_error_message(), ":2: unknown key `concurency`") != NULL, "%s",
           sticky_last_error_message());
     unlink(path);
+
+    /* The same bound from a YAML file, with its line. */
+    char bounds_path[] = "/tmp/sticky-errors-XXXXXX";
+    file = mkstemp(bounds_path);
+    const char bounds_yaml[] = "host: 127.0.0.1\nport: 0\nconcurrency: 4000000000\n";
+    CHECK(write(file, bounds_yaml, sizeof bounds_yaml - 1) == (ssize_t)(sizeof bounds_yaml - 1), "write yaml");
+    close(file);
+    CHECK(sticky_run_config(bounds_path, never_serve, NULL) == STICKY_ECONFIG, "concurrency 4000000000 in YAML");
+    char expected[128];
+    snprintf(expected, sizeof expected, "%s:3: concurrency: must be at most 1024, got 4000000000", bounds_path);
+    CHECK(strcmp(sticky_last_error_message(), expected) == 0, "%s", sticky_last_error_message());
+    unlink(bounds_path);
     CHECK(serve_calls == 0, "serve was called");
 }
 

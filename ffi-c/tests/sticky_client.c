@@ -13,49 +13,14 @@
 #include <sys/time.h>
 #include <unistd.h>
 
+#include "http_client.h"
+
 static uint32_t string_hash(const char *text) {
     uint32_t hash = 5381;
     for (size_t i = strlen(text); i > 0; i--) {
         hash = (hash * 33u) ^ (uint32_t)(unsigned char)text[i - 1];
     }
     return hash;
-}
-
-/* One GET from `source` to 127.0.0.1:port; the whole answer (headers and body) goes to `answer`. */
-static int fetch(const char *source, int port, char *answer, size_t size) {
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0) {
-        return -1;
-    }
-    struct timeval timeout = {10, 0};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof timeout);
-    struct sockaddr_in local = {.sin_family = AF_INET};
-    inet_pton(AF_INET, source, &local.sin_addr);
-    struct sockaddr_in server = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    inet_pton(AF_INET, "127.0.0.1", &server.sin_addr);
-    const char request[] = "GET / HTTP/1.1\r\nHost: sticky\r\nConnection: close\r\n\r\n";
-    if (bind(fd, (struct sockaddr *)&local, sizeof local) < 0 ||
-        connect(fd, (struct sockaddr *)&server, sizeof server) < 0 ||
-        send(fd, request, sizeof request - 1, MSG_NOSIGNAL) != (ssize_t)(sizeof request - 1)) {
-        perror(source);
-        close(fd);
-        return -1;
-    }
-    size_t used = 0;
-    for (;;) {
-        ssize_t got = recv(fd, answer + used, size - 1 - used, 0);
-        if (got <= 0) {
-            break;
-        }
-        used += (size_t)got;
-        if (used == size - 1) {
-            break;
-        }
-    }
-    answer[used] = '\0';
-    close(fd);
-    return used > 0 ? 0 : -1;
 }
 
 int main(int argc, char **argv) {
@@ -78,7 +43,7 @@ int main(int argc, char **argv) {
             snprintf(mapped, sizeof mapped, "::ffff:%s", source);
             int expected = (int)(string_hash(mapped) % (uint32_t)concurrency);
             requests++;
-            if (fetch(source, port, answer, sizeof answer) < 0) {
+            if (http_get(source, port, 10, answer, sizeof answer) == 0) {
                 fprintf(stderr, "FAIL %s: no answer\n", source);
                 failures++;
                 continue;

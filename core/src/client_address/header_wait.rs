@@ -43,6 +43,20 @@ struct Shared {
     /// The limit was reached and said so; quiet until the queue has drained to half.
     limit_logged: AtomicBool,
     peer_log: Mutex<HashMap<IpAddr, PeerLog>>,
+    /// The connections waiting now, by a number of their own: an upgrade in place hands them over.
+    connections: Mutex<HashMap<u64, WaitingConnection>>,
+    next_id: AtomicU64,
+}
+
+/// A connection waiting for its header, as an upgrade in place hands it to the next image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaitingConnection {
+    /// Its socket, owned by the task that waits on it.
+    pub fd: RawFd,
+    /// The TCP peer (a trusted proxy).
+    pub peer: SocketAddr,
+    /// When it was accepted.
+    pub arrived: Instant,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -145,10 +159,60 @@ impl HeaderWait {
             }
             return Admission::Refused;
         }
+        self.wait(stream, peer, Instant::now(), done);
+        Admission::Waiting
+    }
+
+    /// Takes a connection that waited for its header in the previous image of this master (an upgrade in
+    /// place): it goes on waiting for what is left of `headerWait.maxWait` since `arrived`.
+    pub fn admit_inherited(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        arrived: Instant,
+        done: impl FnOnce(Identified) + Send + 'static,
+    ) {
+        self.wait(stream, peer, arrived, done);
+    }
+
+    /// The connections waiting now.
+    pub fn waiting_connections(&self) -> Vec<WaitingConnection> {
+        let connections = self.shared.connections.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        connections.values().copied().collect()
+    }
+
+    /// The counters (refused, rejected, timed out) as an upgrade hands them on.
+    pub fn counters(&self) -> [u64; 3] {
+        let shared = &self.shared;
+        [&shared.refused, &shared.rejected, &shared.timed_out].map(|counter| counter.load(Ordering::SeqCst))
+    }
+
+    /// Goes on counting from what the previous image of this master counted.
+    pub fn restore_counters(&self, counters: [u64; 3]) {
+        let shared = &self.shared;
+        for (counter, value) in [&shared.refused, &shared.rejected, &shared.timed_out].into_iter().zip(counters) {
+            counter.store(value, Ordering::SeqCst);
+        }
+    }
+
+    /// Waits for the header of an admitted connection on a task.
+    fn wait(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        arrived: Instant,
+        done: impl FnOnce(Identified) + Send + 'static,
+    ) {
+        let shared = &self.shared;
         shared.waiting.fetch_add(1, Ordering::SeqCst);
-        let (settings, shared) = (settings.clone(), shared.clone());
+        let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
+        let entry = WaitingConnection { fd: stream.as_raw_fd(), peer, arrived };
+        shared.connections.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(id, entry);
+        let (settings, shared) = (self.settings.clone(), shared.clone());
         tokio::spawn(async move {
-            let outcome = wait_for_header(stream, peer, &settings).await;
+            let max_wait = settings.max_wait.saturating_sub(arrived.elapsed());
+            let outcome = wait_for_header(stream, peer, &settings, max_wait).await;
+            shared.connections.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&id);
             let left = shared.waiting.fetch_sub(1, Ordering::SeqCst) - 1;
             if left <= settings.limit / 2 {
                 shared.limit_logged.store(false, Ordering::SeqCst);
@@ -167,7 +231,6 @@ impl HeaderWait {
                 }
             }
         });
-        Admission::Waiting
     }
 
     /// The counters and the gauge as they are now.
@@ -237,11 +300,12 @@ async fn wait_for_header(
     stream: TcpStream,
     peer: SocketAddr,
     settings: &Settings,
+    max_wait: Duration,
 ) -> Result<(TcpStream, SocketAddr), Failure> {
     stream.set_nonblocking(true).map_err(Failure::lost)?;
     let stream = tokio::net::TcpStream::from_std(stream).map_err(Failure::lost)?;
     let proxy_protocol = settings.source == ClientAddressSource::ProxyProtocol;
-    let decision = match tokio::time::timeout(settings.max_wait, read_header(&stream, peer, settings)).await {
+    let decision = match tokio::time::timeout(max_wait, read_header(&stream, peer, settings)).await {
         Ok(Ok(decision)) => decision,
         Ok(Err(ReadEnd::Lost(error))) => return Err(Failure::lost(error)),
         // A connection closed before its first byte is a TCP health check (kubelet, HAProxy `check`): not

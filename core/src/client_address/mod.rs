@@ -8,7 +8,6 @@ mod proxy_protocol;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
-use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -53,10 +52,6 @@ impl FromStr for ClientAddressSource {
 
 /// The most bytes peeked for a header: a PROXY v2 header with TLVs, or an HTTP request head.
 pub const PEEK_LIMIT: usize = 8192;
-/// Default of `headerWait.maxWait`: how long a connection from a trusted proxy may take to send its header.
-pub const DEFAULT_HEADER_WAIT: Duration = Duration::from_secs(5);
-/// Default of `headerWait.limit`: connections that may wait for their header at once.
-pub const DEFAULT_HEADER_WAIT_LIMIT: usize = 1024;
 
 /// A block of addresses such as `10.0.0.0/8`, `2001:db8::/32` or a single `192.0.2.7`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,7 +20,7 @@ use super::{parse_duration, parse_file_mode, Routing};
 pub(super) struct FileConfig {
     pub(super) port: Option<u16>,
     pub(super) host: Option<String>,
-    pub(super) concurrency: Option<Concurrency>,
+    pub(super) concurrency: Option<Count>,
     pub(super) debug: Option<bool>,
     pub(super) prefix: Option<String>,
     pub(super) hard_shutdown_delay: Option<Millis>,
@@ -31,7 +31,7 @@ pub(super) struct FileConfig {
     pub(super) metrics: Option<MetricsSection>,
     pub(super) client_address: Option<ClientAddressSource>,
     pub(super) routing: Option<Routing>,
-    pub(super) backlog: Option<Concurrency>,
+    pub(super) backlog: Option<Count>,
     pub(super) trusted_proxies: Option<Vec<CidrText>>,
     pub(super) header_wait: Option<HeaderWaitSection>,
 }
@@ -39,7 +39,7 @@ pub(super) struct FileConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct HeaderWaitSection {
-    pub(super) limit: Option<Concurrency>,
+    pub(super) limit: Option<Count>,
     pub(super) max_wait: Option<Millis>,
 }
 
@@ -65,6 +65,7 @@ pub(super) struct MetricsSection {
 pub(super) struct WorkerSection {
     pub(super) command: Option<Argv>,
     pub(super) cwd: Option<PathBuf>,
+    pub(super) protocol: Option<crate::activation::WorkerProtocol>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -79,8 +80,9 @@ pub(super) struct AttachSection {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub(super) struct QueueSection {
-    pub(super) limit: Option<Concurrency>,
+    pub(super) limit: Option<Count>,
     pub(super) max_wait: Option<Millis>,
+    pub(super) per_source: Option<Count>,
 }
 
 /// Reads a YAML scalar (string, number or boolean) as text and converts it with `convert`, inside the
@@ -121,16 +123,15 @@ where
     deserializer.deserialize_any(Visitor { expecting, convert })
 }
 
-/// A count that must be at least 1.
+/// A whole number that fits a `u32`; its bounds are the validation's (`Config::validate`).
 #[derive(Debug, Clone, Copy)]
-pub(super) struct Concurrency(pub(super) u32);
+pub(super) struct Count(pub(super) u32);
 
-impl<'de> Deserialize<'de> for Concurrency {
+impl<'de> Deserialize<'de> for Count {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        scalar_with(deserializer, "a whole number of at least 1", |text| match text.parse::<u64>() {
-            Ok(0) => Err("must be at least 1, got 0".into()),
-            Ok(n) => u32::try_from(n).map(Concurrency).map_err(|_| format!("{n} is too large")),
-            Err(_) => Err(format!("{text:?} is not a whole number of at least 1")),
+        scalar_with(deserializer, "a whole number", |text| match text.parse::<u64>() {
+            Ok(n) => u32::try_from(n).map(Count).map_err(|_| format!("{n} is too large (at most {})", u32::MAX)),
+            Err(_) => Err(format!("{text:?} is not a whole number")),
         })
     }
 }
@@ -207,5 +208,93 @@ impl<'de> Deserialize<'de> for FileMode {
         // As text, the scalar exactly as written: a YAML integer would have lost `0o660` (read as 432)
         // or a decimal `660` would pass for a mode.
         deserializer.deserialize_str(Visitor)
+    }
+}
+
+/// The line of `key` (dotted: `queue.limit`) in a YAML document, or `None` when the document does not set
+/// it. The YAML library tells lines only with its errors, so the search stops with one at the key's value.
+pub(super) fn line_of(text: &str, key: &str) -> Option<usize> {
+    let path: Vec<&str> = key.split('.').collect();
+    let error = de::DeserializeSeed::deserialize(KeyPath(&path), serde_yaml::Deserializer::from_str(text)).err()?;
+    // Only the stop at the key counts (an empty document is an error of its own).
+    if !error.to_string().contains(HERE) {
+        return None;
+    }
+    error.location().map(|location| location.line())
+}
+
+/// Walks mappings along a key path and fails at the value of its last key (`Here`).
+struct KeyPath<'a, 'b>(&'a [&'b str]);
+
+impl<'de> de::DeserializeSeed<'de> for KeyPath<'_, '_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> de::Visitor<'de> for KeyPath<'_, '_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any YAML value")
+    }
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<serde_yaml::Value>()? {
+            match self.0.split_first() {
+                Some((first, rest)) if key.as_str() == Some(first) => {
+                    return match rest.is_empty() {
+                        true => map.next_value_seed(Here),
+                        false => map.next_value_seed(KeyPath(rest)),
+                    };
+                }
+                _ => {
+                    map.next_value::<de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(())
+    }
+    // Scalars and sequences hold no keys: not found.
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element::<de::IgnoredAny>()?.is_some() {}
+        Ok(())
+    }
+}
+
+/// The value that was looked for: refuses whatever it is, so the error carries its line.
+struct Here;
+
+/// What `Here` expects, to tell its error from any other.
+const HERE: &str = "nothing (this is where the key is)";
+
+impl<'de> de::DeserializeSeed<'de> for Here {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(Here)
+    }
+}
+
+impl de::Visitor<'_> for Here {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(HERE)
     }
 }

@@ -8,18 +8,20 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::client_address::{
-    Cidr, ClientAddressSource, TrustedProxies, DEFAULT_HEADER_WAIT, DEFAULT_HEADER_WAIT_LIMIT,
-};
+use crate::activation::WorkerProtocol;
+use crate::client_address::{Cidr, ClientAddressSource, TrustedProxies};
 use crate::error::Error;
 
 type Result<T, E = Error> = std::result::Result<T, E>;
 
+pub mod defaults;
 mod file;
 #[cfg(test)]
 mod tests;
+mod validate;
 
 use file::*;
+pub use validate::Invalid;
 
 /// The effective configuration of one cluster.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +46,9 @@ pub struct Config {
     pub queue_limit: usize,
     /// How long a connection may wait for its worker before it goes to the next ready one.
     pub queue_max_wait: Duration,
+    /// Connections from one client address that may wait in the master at once, over every worker's
+    /// queue (`queue.perSource`); past it that address's new connections are closed and counted.
+    pub queue_per_source: usize,
     /// Where to serve Prometheus metrics (`GET /metrics`); none when absent.
     pub metrics: Option<SocketAddr>,
     /// Where the routing hash takes the client address from (the TCP peer unless behind a proxy).
@@ -58,6 +63,9 @@ pub struct Config {
     pub routing: Routing,
     /// Listen backlog of the client listener (of each listener of the group in kernel mode).
     pub backlog: u32,
+    /// Whether spawned workers speak the channel protocol (`worker.protocol`; `none`: any server
+    /// accepting on its inherited listener, `routing: kernel` only).
+    pub worker_protocol: WorkerProtocol,
 }
 
 /// Who puts each connection on its worker (YAML `routing`).
@@ -117,27 +125,33 @@ pub struct AttachOptions {
     pub allow_uids: Vec<u32>,
 }
 
-/// Defaults as in the npm module: port 8080, dual-stack, one worker per CPU, 60 s hard delay.
+/// Defaults as in the npm module: port 8080, dual-stack, one worker per CPU, 60 s hard delay (all in
+/// [`defaults`]).
 impl Default for Config {
     fn default() -> Self {
         Config {
-            port: 8080,
-            host: "::".into(),
-            concurrency: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
-            debug: false,
-            prefix: "sticky-cluster:".into(),
-            hard_shutdown_delay: Duration::from_secs(60),
+            port: defaults::PORT,
+            host: defaults::HOST.into(),
+            // Bounded, so that a machine with more CPUs than workers a cluster may have still gets a valid default.
+            concurrency: std::thread::available_parallelism()
+                .map_or(defaults::MIN_CONCURRENCY, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+                .clamp(defaults::MIN_CONCURRENCY, defaults::MAX_CONCURRENCY),
+            debug: defaults::DEBUG,
+            prefix: defaults::PREFIX.into(),
+            hard_shutdown_delay: defaults::HARD_SHUTDOWN_DELAY,
             env: BTreeMap::new(),
             workers: WorkerSource::Spawn { command: Vec::new(), cwd: None },
-            queue_limit: 1024,
-            queue_max_wait: Duration::from_secs(10),
+            queue_limit: defaults::QUEUE_LIMIT,
+            queue_max_wait: defaults::QUEUE_MAX_WAIT,
+            queue_per_source: defaults::QUEUE_PER_SOURCE,
             metrics: None,
             client_address: ClientAddressSource::Peer,
             trusted_proxies: TrustedProxies::default(),
-            header_wait_limit: DEFAULT_HEADER_WAIT_LIMIT,
-            header_wait_max_wait: DEFAULT_HEADER_WAIT,
+            header_wait_limit: defaults::HEADER_WAIT_LIMIT,
+            header_wait_max_wait: defaults::HEADER_WAIT_MAX_WAIT,
             routing: Routing::Handoff,
-            backlog: 1024,
+            backlog: defaults::BACKLOG,
+            worker_protocol: WorkerProtocol::Channel,
         }
     }
 }
@@ -193,6 +207,8 @@ pub struct Overrides {
     pub trusted_proxies: Vec<Cidr>,
     /// `--routing`.
     pub routing: Option<Routing>,
+    /// `--protocol`.
+    pub protocol: Option<WorkerProtocol>,
 }
 
 impl Config {
@@ -211,6 +227,14 @@ impl Config {
             serde_yaml::from_str(text).map_err(|error| Error::Config(yaml_error_line(origin, &error)))?
         };
         let defaults = Config::default();
+        let worker_protocol = file.worker.as_ref().and_then(|worker| worker.protocol).unwrap_or_default();
+        if let (WorkerProtocol::None, Some(queue)) = (worker_protocol, &file.queue) {
+            let key = if queue.limit.is_some() { "queue.limit" } else { "queue.maxWait" };
+            return Err(Error::Config(format!(
+                "{origin}: {key}: does not apply to `worker.protocol: none` (such a worker's clients wait in its \
+                 own listener's accept queue, bounded by `backlog`); remove it"
+            )));
+        }
         let workers = match (file.workers, file.worker) {
             (Some(_), Some(_)) => {
                 return Err(Error::Config(format!(
@@ -219,7 +243,7 @@ impl Config {
             }
             (Some(attach), None) => WorkerSource::Attach(AttachOptions {
                 socket: attach.socket,
-                mode: attach.mode.map_or(0o600, |m| m.0),
+                mode: attach.mode.map_or(defaults::ATTACH_MODE, |m| m.0),
                 allow_uids: attach.allow_uids,
             }),
             (None, worker) => {
@@ -229,7 +253,7 @@ impl Config {
         };
         let queue = file.queue.unwrap_or_default();
         let header_wait = file.header_wait.unwrap_or_default();
-        Ok(Config {
+        let config = Config {
             port: file.port.unwrap_or(defaults.port),
             host: file.host.unwrap_or(defaults.host),
             concurrency: file.concurrency.map_or(defaults.concurrency, |c| c.0),
@@ -240,21 +264,41 @@ impl Config {
             workers,
             queue_limit: queue.limit.map_or(defaults.queue_limit, |l| l.0 as usize),
             queue_max_wait: queue.max_wait.map_or(defaults.queue_max_wait, |m| m.0),
+            queue_per_source: queue.per_source.map_or(defaults.queue_per_source, |l| l.0 as usize),
             client_address: file.client_address.unwrap_or_default(),
             trusted_proxies: TrustedProxies(
                 file.trusted_proxies.unwrap_or_default().into_iter().map(|c| c.0).collect(),
             ),
             header_wait_limit: header_wait.limit.map_or(defaults.header_wait_limit, |l| l.0 as usize),
             header_wait_max_wait: header_wait.max_wait.map_or(defaults.header_wait_max_wait, |m| m.0),
-            metrics: file.metrics.map(|m| SocketAddr::new(m.host.unwrap_or(IpAddr::from([127, 0, 0, 1])), m.port)),
+            metrics: file
+                .metrics
+                .map(|m| SocketAddr::new(m.host.unwrap_or(IpAddr::V4(defaults::METRICS_HOST)), m.port)),
             routing: file.routing.unwrap_or_default(),
             backlog: file.backlog.map_or(defaults.backlog, |b| b.0),
-        })
+            worker_protocol,
+        };
+        // The values the file set are checked now, while their lines are known; the combinations wait
+        // for the flags (`apply`).
+        config.check_values().map_err(|invalid| match line_of(text, invalid.key) {
+            Some(line) => Error::Config(format!("{origin}:{line}: {invalid}")),
+            None => Error::Config(format!("{origin}: {invalid}")),
+        })?;
+        Ok(config)
     }
 
-    /// Applies command-line overrides, then checks what only the whole picture can tell
-    /// (a spawn-mode cluster needs a command). `origin` names the file in errors.
+    /// Applies command-line overrides, then [`Config::validate`]s the result. An error names the flag when
+    /// a flag set the value, else `origin` (usually the file).
     pub fn apply(mut self, overrides: Overrides, origin: &str) -> Result<Config> {
+        // The keys a flag set, so that their errors name the flag the user typed.
+        let flags: Vec<(&str, &str)> = [
+            ("concurrency", overrides.concurrency.is_some(), "--concurrency"),
+            ("hardShutdownDelay", overrides.hard_shutdown_delay.is_some(), "--hard-shutdown-delay"),
+        ]
+        .into_iter()
+        .filter(|&(_, given, _)| given)
+        .map(|(key, _, flag)| (key, flag))
+        .collect();
         if let Some(port) = overrides.port {
             self.port = port;
         }
@@ -262,9 +306,6 @@ impl Config {
             self.host = host;
         }
         if let Some(concurrency) = overrides.concurrency {
-            if concurrency == 0 {
-                return Err(Error::Config("--concurrency: must be at least 1, got 0".into()));
-            }
             self.concurrency = concurrency;
         }
         self.debug |= overrides.debug;
@@ -284,32 +325,16 @@ impl Config {
         if let Some(routing) = overrides.routing {
             self.routing = routing;
         }
-        if self.routing == Routing::Kernel && self.client_address != ClientAddressSource::Peer {
-            return Err(Error::Config(format!(
-                "{origin}: clientAddress: only `peer` works with `routing: kernel` (the kernel routes on the SYN, \
-                 before any header is sent)"
-            )));
+        if let Some(protocol) = overrides.protocol {
+            self.worker_protocol = protocol;
         }
         if !overrides.trusted_proxies.is_empty() {
             self.trusted_proxies = TrustedProxies(overrides.trusted_proxies);
         }
-        if self.client_address != ClientAddressSource::Peer && self.trusted_proxies.0.is_empty() {
-            return Err(Error::Config(format!(
-                "{origin}: trustedProxies is required when clientAddress is {}: list the proxies' addresses \
-                 (CIDRs such as 10.0.0.0/8), or 0.0.0.0/0 and ::/0 when every peer is a proxy",
-                self.client_address.as_str()
-            )));
-        }
-        if self.header_wait_max_wait.is_zero() {
-            return Err(Error::Config(format!("{origin}: headerWait.maxWait must be more than 0")));
-        }
-        if let WorkerSource::Spawn { command, .. } = &self.workers {
-            if command.is_empty() {
-                return Err(Error::Config(format!(
-                    "{origin}: worker.command is required in spawn mode (or give the command after `--`)"
-                )));
-            }
-        }
+        self.validate().map_err(|invalid| match flags.iter().find(|(key, _)| *key == invalid.key) {
+            Some((_, flag)) => Error::Config(invalid.naming(flag)),
+            None => Error::Config(format!("{origin}: {invalid}")),
+        })?;
         Ok(self)
     }
 
@@ -358,6 +383,7 @@ impl Config {
                 if let Some(cwd) = cwd {
                     out += &format!("  cwd: {}\n", quote(&cwd.display().to_string()));
                 }
+                out += &format!("  protocol: {}\n", self.worker_protocol.as_str());
             }
             WorkerSource::Attach(attach) => {
                 out += &format!(
@@ -368,7 +394,12 @@ impl Config {
                 );
             }
         }
-        out += &format!("queue:\n  limit: {}\n  maxWait: {}\n", self.queue_limit, self.queue_max_wait.as_millis());
+        out += &format!(
+            "queue:\n  limit: {}\n  maxWait: {}\n  perSource: {}\n",
+            self.queue_limit,
+            self.queue_max_wait.as_millis(),
+            self.queue_per_source
+        );
         out += &format!("clientAddress: {}\n", self.client_address.as_str());
         let proxies: Vec<String> = self.trusted_proxies.0.iter().map(|c| quote(&c.to_string())).collect();
         out += &format!("trustedProxies: [{}]\n", proxies.join(", "));

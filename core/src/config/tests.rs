@@ -140,3 +140,77 @@ fn default_host_falls_back_to_ipv4_any() {
     let addresses = config.listen_addresses().unwrap();
     assert_eq!(addresses, vec!["[::]:80".parse().unwrap(), "0.0.0.0:80".parse().unwrap()]);
 }
+
+#[test]
+fn queue_per_source_is_read_defaulted_and_at_least_one() {
+    assert_eq!(Config::from_yaml("queue:\n  perSource: 16\n", "f").unwrap().queue_per_source, 16);
+    assert_eq!(Config::default().queue_per_source, 1024);
+    assert!(Config::default().to_yaml().contains("  perSource: 1024\n"));
+    let zero = error_of("queue:\n  perSource: 0\n");
+    assert!(zero.starts_with("cluster.yaml:2: queue.perSource: must be at least 1"), "{zero}");
+}
+
+#[test]
+fn validate_holds_the_bounds_for_every_front_end() {
+    let valid = Config { workers: WorkerSource::Spawn { command: vec!["./w".into()], cwd: None }, ..Config::default() };
+    assert_eq!(valid.validate(), Ok(()));
+    assert!(valid.concurrency >= defaults::MIN_CONCURRENCY && valid.concurrency <= defaults::MAX_CONCURRENCY);
+    let refused = |config: Config| config.validate().unwrap_err();
+    let error = refused(Config { concurrency: 4_000_000_000, ..valid.clone() });
+    assert_eq!(
+        (error.key, error.to_string().as_str()),
+        ("concurrency", "concurrency: must be at most 1024, got 4000000000")
+    );
+    assert_eq!(
+        error.naming("sticky_options.concurrency"),
+        "sticky_options.concurrency: must be at most 1024, got 4000000000"
+    );
+    assert_eq!(
+        refused(Config { concurrency: 0, ..valid.clone() }).to_string(),
+        "concurrency: must be at least 1, got 0"
+    );
+    assert_eq!(Config { concurrency: 1024, ..valid.clone() }.validate(), Ok(()));
+    let delay = |ms| Config { hard_shutdown_delay: Duration::from_millis(ms), ..valid.clone() };
+    assert_eq!(delay(2_147_483_647).validate(), Ok(()));
+    assert_eq!(delay(0).validate(), Ok(()));
+    assert_eq!(
+        refused(delay(2_147_483_648)).to_string(),
+        "hardShutdownDelay: must be at most 2147483647, got 2147483648"
+    );
+    assert_eq!(refused(Config { backlog: 0, ..valid.clone() }).key, "backlog");
+    assert_eq!(refused(Config { queue_limit: 0, ..valid.clone() }).key, "queue.limit");
+    assert_eq!(refused(Config { header_wait_limit: 0, ..valid.clone() }).key, "headerWait.limit");
+    assert_eq!(refused(Config { header_wait_max_wait: Duration::ZERO, ..valid.clone() }).key, "headerWait.maxWait");
+    let kernel =
+        Config { routing: Routing::Kernel, client_address: ClientAddressSource::ProxyProtocol, ..valid.clone() };
+    assert_eq!(refused(kernel).key, "clientAddress");
+    let no_command = Config { workers: WorkerSource::Spawn { command: vec![" ".into()], cwd: None }, ..valid };
+    assert_eq!(
+        refused(no_command).naming("sticky_options.worker_command"),
+        "sticky_options.worker_command is required in spawn mode (or give the command after `--`)"
+    );
+}
+
+#[test]
+fn a_value_out_of_bounds_names_the_line_of_its_key_in_any_yaml_style() {
+    assert_eq!(
+        error_of("# comment\nconcurrency: 4000000000\n"),
+        "cluster.yaml:2: concurrency: must be at most 1024, got 4000000000"
+    );
+    assert_eq!(
+        error_of("port: 1\nqueue: {maxWait: 5, limit: 0}\n"),
+        "cluster.yaml:2: queue.limit: must be at least 1, got 0"
+    );
+    assert_eq!(
+        error_of("headerWait:\n  limit: 3\n  maxWait:\n    0\n"),
+        "cluster.yaml:4: headerWait.maxWait: must be more than 0"
+    );
+    assert_eq!(
+        error_of("concurrency: 5000000000\n"),
+        "cluster.yaml:1: concurrency: 5000000000 is too large (at most 4294967295)"
+    );
+    assert_eq!(file::line_of("a: 1\nb:\n  c: 2\n", "b.c"), Some(3));
+    assert_eq!(file::line_of("a: 1\nb:\n  c: 2\n", "b.d"), None);
+    assert_eq!(file::line_of("a: 1\nb: [1, 2]\n", "b.c"), None);
+    assert_eq!(file::line_of("", "a"), None);
+}

@@ -6,10 +6,9 @@ use std::os::fd::BorrowedFd;
 
 use tracing::info;
 
+use super::Master;
 use crate::error::{Error, Result};
 use crate::reuseport::{accept_queue, ReuseportGroup};
-
-use super::*;
 
 /// Checks that the group has one listener per worker and says in the log what the kernel hashes.
 pub(super) fn checked(group: ReuseportGroup, concurrency: u32) -> Result<ReuseportGroup> {

@@ -9,11 +9,11 @@ use tokio::io::unix::AsyncFd;
 use tokio::time::Instant as TokioInstant;
 use tracing::{info, warn};
 
+use super::handoff::Handoff;
+use super::{Event, Master};
 use crate::client_address::header_wait::{Admission, Identified};
 use crate::config::{Config, Routing};
 use crate::error::{Error, Result};
-
-use super::*;
 
 /// What [`bind`] made: the master's one client listener (handoff) or the kernel's listener group.
 #[derive(Debug)]
@@ -137,28 +137,23 @@ impl Master {
     pub(super) fn on_scrapes(&mut self, scrapes: io::Result<Vec<(TcpStream, SocketAddr)>>) {
         let scrapes = match scrapes {
             Ok(scrapes) => scrapes,
-            Err(error) => return self.pause_accepting(error),
+            Err(error) => return self.accept_backoff.failed(&error),
         };
+        self.accept_backoff.succeeded();
         let workers: Vec<crate::metrics::WorkerGauge> = self
             .slots
             .iter()
             .map(|slot| crate::metrics::WorkerGauge {
                 routed: self.stats.routed[slot.index as usize],
                 queued: slot.queue.len(),
-                ready: slot.state == SlotState::Ready,
+                ready: slot.life.is_ready(),
             })
             .collect();
         let header_wait = self.header_wait.gauge();
-        let mut page = crate::metrics::render(
-            &workers,
-            self.stats.redirected,
-            self.stats.closed,
-            self.stats.revivals,
-            self.stats.recovered,
-            &header_wait,
-            self.handshakes.active(),
-        );
+        let mut page = crate::metrics::render(&workers, &self.stats, &header_wait, self.handshakes.active());
         page += &self.accept_queue_metrics();
+        page += &crate::closer::metrics();
+        page += &self.per_source_metrics();
         for (stream, _) in scrapes {
             self.scrapes.serve(stream, page.clone());
         }
@@ -167,40 +162,104 @@ impl Master {
     pub(super) fn on_accepted(&mut self, batch: io::Result<Vec<(TcpStream, SocketAddr)>>) {
         match batch {
             Ok(batch) => {
-                self.accept_backoff = Duration::ZERO;
+                self.accept_backoff.succeeded();
                 for (stream, peer) in batch {
                     let local = self.listen_address;
                     let arrived = Instant::now();
-                    let events = self.events.clone();
-                    let identified = move |outcome| {
-                        let event = match outcome {
-                            Identified::Route { stream, client } => {
-                                Event::Identified(Handoff { stream, peer: client, local, arrived })
-                            }
-                            Identified::Closed { peer, reason } => Event::Unidentified { peer, reason },
-                        };
-                        let _ = events.send(event);
-                    };
+                    let identified = self.when_identified(arrived);
                     // Peer mode and untrusted peers come back at once; trusted proxies' connections
                     // wait for their header (bounded) and arrive later as Identified/Unidentified.
                     match self.header_wait.admit(stream, peer, identified) {
-                        Admission::Route { stream, client } => {
-                            self.route(Handoff { stream, peer: client, local, arrived })
-                        }
+                        Admission::Route { stream, client } => self.route(Handoff::new(stream, client, local, arrived)),
                         Admission::Waiting => {}
                         Admission::Refused => self.stats.closed += 1,
                     }
                 }
             }
-            Err(error) => self.pause_accepting(error),
+            Err(error) => self.accept_backoff.failed(&error),
         }
     }
 
-    /// EMFILE/ENFILE/ENOBUFS/ENOMEM: stop accepting (clients and scrapes) for a growing moment so fds or
-    /// memory can free up, instead of spinning on the error.
-    pub(super) fn pause_accepting(&mut self, error: io::Error) {
-        self.accept_backoff = (self.accept_backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
-        warn!("accept failed: {error}; retrying in {:?}", self.accept_backoff);
-        self.accept_paused_until = Some(TokioInstant::now() + self.accept_backoff);
+    /// What to do with a connection accepted at `arrived` once its header has been read (or given up on).
+    pub(super) fn when_identified(&self, arrived: Instant) -> impl FnOnce(Identified) + Send + 'static {
+        let local = self.listen_address;
+        let events = self.events.clone();
+        move |outcome| {
+            let event = match outcome {
+                Identified::Route { stream, client } => Event::Identified(Handoff::new(stream, client, local, arrived)),
+                Identified::Closed { peer, reason } => Event::Unidentified { peer, reason },
+            };
+            let _ = events.send(event);
+        }
+    }
+}
+
+/// The back-off of one accepting socket (clients and scrapes share one; the attach socket has its own):
+/// after an accept error (EMFILE, ENFILE, ENOBUFS, ENOMEM) that socket is not polled for a growing moment,
+/// 10 ms doubling to 1 s, so fds or memory can free up, while every other event is served. One line when
+/// an episode starts, one when accepting works again.
+#[derive(Debug)]
+pub(super) struct AcceptBackoff {
+    /// The socket, for the log (`the client listener`, `the attach socket`).
+    what: &'static str,
+    delay: Duration,
+    paused_until: Option<TokioInstant>,
+    /// When the current episode of failures began and how many accepts failed in it.
+    episode: Option<(Instant, u64)>,
+}
+
+const FIRST_ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+impl AcceptBackoff {
+    /// A socket that accepts freely.
+    pub(super) fn new(what: &'static str) -> AcceptBackoff {
+        AcceptBackoff { what, delay: Duration::ZERO, paused_until: None, episode: None }
+    }
+
+    /// An accept failed: pause, twice as long as last time in this episode.
+    pub(super) fn failed(&mut self, error: &io::Error) {
+        self.delay = (self.delay * 2).clamp(FIRST_ACCEPT_BACKOFF, MAX_ACCEPT_BACKOFF);
+        self.paused_until = Some(TokioInstant::now() + self.delay);
+        match &mut self.episode {
+            Some((_, failures)) => *failures += 1,
+            None => {
+                warn!(
+                    "accepting on {} failed: {error}; retrying after {FIRST_ACCEPT_BACKOFF:?}, doubling up to \
+                     {MAX_ACCEPT_BACKOFF:?}, until it works (logged again when it does)",
+                    self.what
+                );
+                self.episode = Some((Instant::now(), 1));
+            }
+        }
+    }
+
+    /// An accept worked: the episode, if any, is over.
+    pub(super) fn succeeded(&mut self) {
+        self.delay = Duration::ZERO;
+        if let Some((since, failures)) = self.episode.take() {
+            info!(
+                "accepting on {} again, after {failures} failed attempts over {:.1}s",
+                self.what,
+                since.elapsed().as_secs_f64()
+            );
+        }
+    }
+
+    /// Not to be polled now.
+    pub(super) fn is_paused(&self) -> bool {
+        self.paused_until.is_some()
+    }
+
+    /// When the pause ends, if paused.
+    pub(super) fn resume_at(&self) -> Option<TokioInstant> {
+        self.paused_until
+    }
+
+    /// Ends the pause once its time has come.
+    pub(super) fn resume_if_due(&mut self, now: TokioInstant) {
+        if self.paused_until.is_some_and(|until| until <= now) {
+            self.paused_until = None;
+        }
     }
 }

@@ -1,13 +1,15 @@
-//! SIGHUP: apply a new configuration, restarting workers one at a time when their command or
-//! environment changed.
+//! SIGHUP: apply a new configuration; when the workers' command or environment changed, replace them one
+//! index at a time, each successor started and ready before the worker it replaces stops.
+
+use std::collections::VecDeque;
 
 use nix::sys::signal::Signal;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
+use super::slot::{Life, Retirement, Role};
+use super::{after, Event, Master};
 use crate::config::{Config, WorkerSource};
 use crate::supervisor::signal_worker;
-
-use super::*;
 
 impl Master {
     /// Applies what can change while running; workers whose command or environment changed are
@@ -28,7 +30,7 @@ impl Master {
         }
         let workers_changed = match (&new.workers, &old.workers) {
             (WorkerSource::Spawn { .. }, WorkerSource::Spawn { .. }) => {
-                new.workers != old.workers || new.env != old.env
+                new.workers != old.workers || new.env != old.env || new.worker_protocol != old.worker_protocol
             }
             (WorkerSource::Attach(new_attach), WorkerSource::Attach(old_attach)) => {
                 if (&new_attach.socket, new_attach.mode) != (&old_attach.socket, old_attach.mode) {
@@ -61,11 +63,15 @@ impl Master {
             env: if workers_changed { new.env.clone() } else { old.env.clone() },
             ..new
         };
-        self.config = kept;
+        let previous = std::mem::replace(&mut self.config, kept);
         // clientAddress, trustedProxies and headerWait apply to connections accepted from now on.
         self.header_wait.reconfigure(&self.config);
         if workers_changed {
             info!("reload: restarting {} workers one at a time", self.config.concurrency);
+            // A successor that cannot start takes the workers back to this.
+            if self.before_reload.is_none() {
+                self.before_reload = Some(Box::new(previous));
+            }
             self.restarts_pending = (0..self.config.concurrency).collect();
             if self.restarting.is_none() {
                 self.restart_next();
@@ -75,33 +81,87 @@ impl Master {
         }
     }
 
-    /// Asks the next worker of a rolling restart to stop; its successor starts when it exits.
+    /// Starts the successor of the next worker of a rolling restart; the worker it replaces keeps serving
+    /// until the successor is ready.
     pub(super) fn restart_next(&mut self) {
-        let deadline_ms = self.config.hard_shutdown_delay.as_millis().min(u64::MAX as u128) as u64;
         while let Some(index) = self.restarts_pending.pop_front() {
-            let slot = &mut self.slots[index as usize];
-            if !slot.alive {
-                // Down and waiting for its revival, which uses the new configuration anyway.
+            let Some(slot) = self.slots.get(index as usize) else { continue };
+            let Life::Ready { successor: None, .. } = &slot.life else {
+                // Down or still starting: its next start uses the new configuration anyway.
                 continue;
+            };
+            let successor = match self.spawn_process(index) {
+                Ok(successor) => successor,
+                Err(error) => return self.reload_failed(index, &format!("could not start: {error}")),
+            };
+            let generation = successor.generation;
+            if let Some(Life::Ready { successor: place, .. }) =
+                self.slots.get_mut(index as usize).map(|slot| &mut slot.life)
+            {
+                *place = Some(successor);
             }
-            slot.retiring = true;
-            // New connections for this index queue for the successor instead of reaching a draining worker.
-            slot.state = SlotState::Down;
-            // What waits for room in its channel stays queued for the successor.
-            if slot.channel.is_some() {
-                slot.pending_shutdown = Some(PendingShutdown { deadline_ms, terminate: true });
-            } else {
-                signal_worker(slot.pid, Signal::SIGTERM);
-            }
-            let (events, generation, delay) = (self.events.clone(), slot.generation, self.config.hard_shutdown_delay);
-            tokio::spawn(async move {
-                tokio::time::sleep(delay).await;
-                let _ = events.send(Event::RetireDeadline { index, generation });
-            });
+            after(self.config.hard_shutdown_delay, &self.events, Event::ReloadDeadline { index, generation });
             self.restarting = Some(index);
-            self.flush(index);
             return;
         }
+        self.before_reload = None;
         info!("reload: every worker runs the new configuration");
+    }
+
+    /// A reload's successor is ready: it takes the index's connections and the worker it replaces stops.
+    pub(super) fn successor_ready(&mut self, index: u32) {
+        let deadline_ms = self.config.hard_shutdown_delay.as_millis().min(u64::MAX as u128) as u64;
+        let Some(slot) = self.slots.get_mut(index as usize) else { return };
+        let Some(mut old) = slot.life.hand_over() else { return };
+        let generation = old.generation;
+        old.farewell_shutdown(deadline_ms);
+        slot.retire(old, Retirement::Reload);
+        after(self.config.hard_shutdown_delay, &self.events, Event::ReloadDeadline { index, generation });
+        self.flush(index);
+        if self.restarting == Some(index) {
+            self.restarting = None;
+            self.restart_next();
+        }
+    }
+
+    /// `hardShutdownDelay` after a reload started a successor or retired a worker: a successor that is not
+    /// ready yet fails the reload; a retired worker that has not stopped is killed.
+    pub(super) fn on_reload_deadline(&mut self, index: u32, generation: u64) {
+        let Some(slot) = self.slots.get_mut(index as usize) else { return };
+        let Some(role) = slot.role_of(generation) else { return };
+        match role {
+            Role::Current => {}
+            Role::Successor => {
+                let Some((_, successor)) = slot.remove(generation) else { return };
+                signal_worker(successor.pid, Signal::SIGKILL);
+                slot.retire(successor, Retirement::Reload);
+                self.reload_failed(index, "was not ready within hardShutdownDelay");
+            }
+            Role::Retiring(_) => {
+                let Some(process) = slot.process_mut(generation) else { return };
+                if process.spawned {
+                    warn!(
+                        "worker {index} (pid {}) did not stop within hardShutdownDelay for the reload; killing it",
+                        process.pid
+                    );
+                    signal_worker(process.pid, Signal::SIGKILL);
+                }
+            }
+        }
+    }
+
+    /// A successor could not start or get ready: the rolling restart ends there, the workers not yet
+    /// replaced keep serving, and their command and environment stay the ones they run.
+    pub(super) fn reload_failed(&mut self, index: u32, why: &str) {
+        self.stats.reload_failures += 1;
+        self.restarts_pending = VecDeque::new();
+        self.restarting = None;
+        if let Some(before) = self.before_reload.take() {
+            self.config.workers = before.workers;
+            self.config.env = before.env;
+        }
+        error!(
+            "reload failed: worker {index}'s successor {why}; the workers keep their previous command and environment"
+        );
     }
 }

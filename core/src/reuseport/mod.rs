@@ -109,6 +109,28 @@ impl ReuseportGroup {
         self.listeners
     }
 
+    /// Takes over a group this process made before it re-executed itself (an upgrade in place), as it is:
+    /// the same listeners in the same order, the program already attached. `interfaces` is the table the
+    /// program was generated with, so [`ReuseportGroup::program`] describes what the kernel runs.
+    pub fn adopt(listeners: Vec<OwnedFd>, interfaces: Vec<(u32, String)>) -> Result<ReuseportGroup> {
+        let first = listeners.first().ok_or_else(|| Error::Config("concurrency: no listener".into()))?;
+        let address = bound_address(first).map_err(|e| Error::io("read an inherited listener's address", e))?;
+        for listener in &listeners {
+            let bound = bound_address(listener).map_err(|e| Error::io("read an inherited listener's address", e))?;
+            let listening = socket::getsockopt(listener, sockopt::AcceptConn).unwrap_or(false);
+            if bound != address || !listening {
+                return Err(Error::io(
+                    format!("adopt the listener group on {address}"),
+                    io::Error::other(format!("fd {} is not one of its listeners", listener.as_raw_fd())),
+                ));
+            }
+        }
+        let form = text_form(address);
+        let concurrency = listeners.len() as u32;
+        let program = program::generate(form, concurrency, &interfaces).map_err(Error::Config)?;
+        Ok(ReuseportGroup { listeners, address, form, program })
+    }
+
     /// Changes the group to `concurrency` listeners (a reload) and attaches a program for the new size,
     /// generated with the interfaces present now. Growing: the new listeners join at the end and receive
     /// nothing until the new program is attached. Shrinking: the new program stops sending SYNs to the

@@ -142,6 +142,10 @@ impl KernelListener {
                 }
                 Err(nix::errno::Errno::EAGAIN) => return Ok(None),
                 Err(nix::errno::Errno::EINTR | nix::errno::Errno::ECONNABORTED) => continue,
+                // The connection stays in the accept queue: as for the channel, wait for a free fd.
+                Err(nix::errno::Errno::EMFILE | nix::errno::Errno::ENFILE) => {
+                    return Err(crate::protocol::fd_limit_error())
+                }
                 Err(errno) => return Err(Error::io("accept from the listener", errno)),
             }
         }

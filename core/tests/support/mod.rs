@@ -72,18 +72,27 @@ impl Cluster {
 
     /// Like [`Cluster::start`], letting the test adjust the master's command first.
     pub fn start_with(yaml: &str, adjust: impl FnOnce(&mut Command)) -> Cluster {
-        let mut cluster = Cluster::spawn(yaml, adjust);
+        Cluster::start_program(&binary(), yaml, adjust)
+    }
+
+    /// Starts the master without waiting for it to listen (for tests of start-up failures).
+    pub fn spawn(yaml: &str, adjust: impl FnOnce(&mut Command)) -> Cluster {
+        Cluster::spawn_program(&binary(), yaml, adjust)
+    }
+
+    /// Like [`Cluster::start_with`], with `program` as the master's binary (a copy, for upgrade tests).
+    pub fn start_program(program: &std::path::Path, yaml: &str, adjust: impl FnOnce(&mut Command)) -> Cluster {
+        let mut cluster = Cluster::spawn_program(program, yaml, adjust);
         let line = cluster.wait_for_log("listening on", Duration::from_secs(20));
         cluster.port = line.rsplit(':').next().unwrap().split_whitespace().next().unwrap().parse().unwrap();
         cluster
     }
 
-    /// Starts the master without waiting for it to listen (for tests of start-up failures).
-    pub fn spawn(yaml: &str, adjust: impl FnOnce(&mut Command)) -> Cluster {
+    fn spawn_program(program: &std::path::Path, yaml: &str, adjust: impl FnOnce(&mut Command)) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("cluster.yaml");
         std::fs::write(&config, config_text(yaml)).unwrap();
-        let mut command = Command::new(binary());
+        let mut command = Command::new(program);
         command.arg("--config").arg(&config).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         adjust(&mut command);
         let mut child = command.spawn().unwrap();
@@ -141,6 +150,23 @@ impl Cluster {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 panic!("no {count} log lines with {needle:?} within {timeout:?}; log:\n{}", lines.join("\n"));
+            }
+            lines = changed.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
+    /// Waits for a log line containing any of `needles` and returns it; panics with the log after `timeout`.
+    pub fn wait_for_any_log(&self, needles: &[&str], timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let (lines, changed) = &*self.log;
+        let mut lines = lines.lock().unwrap();
+        loop {
+            if let Some(line) = lines.iter().find(|l| needles.iter().any(|needle| l.contains(needle))) {
+                return line.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                panic!("no log line with any of {needles:?} within {timeout:?}; log:\n{}", lines.join("\n"));
             }
             lines = changed.wait_timeout(lines, left).unwrap().0;
         }
@@ -282,6 +308,12 @@ pub fn request(client: Ipv4Addr, server: SocketAddr, raw: &str) -> std::io::Resu
     serde_json::from_str(body.trim()).map_err(|e| std::io::Error::other(format!("{e}: {body:?}")))
 }
 
+/// One request per client, each on its own thread, all at once; the answers (or errors) in order.
+pub fn get_all(server: SocketAddr, clients: &[Ipv4Addr]) -> Vec<std::io::Result<Value>> {
+    let threads: Vec<_> = clients.iter().map(|&client| std::thread::spawn(move || get(client, server, "/"))).collect();
+    threads.into_iter().map(|thread| thread.join().unwrap()).collect()
+}
+
 /// Every client asks `GET /` `rounds` times, `per_thread` clients to a thread; each answer with its client.
 pub fn ask_all(cluster: &Cluster, clients: &[Ipv4Addr], per_thread: usize, rounds: u32) -> Vec<(Ipv4Addr, Value)> {
     std::thread::scope(|scope| {
@@ -361,4 +393,111 @@ impl SteadyLoad {
         self.threads.into_iter().for_each(|t| t.join().unwrap());
         (self.served.load(Ordering::SeqCst), self.failed.load(Ordering::SeqCst))
     }
+}
+
+/// Sets the soft open-file limit of process `pid` (the hard one stays) and returns the soft limit it had.
+pub fn set_open_file_limit(pid: u32, soft: u64) -> std::io::Result<u64> {
+    let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: reads the current limits of `pid` into `old`.
+    if unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let new = libc::rlimit { rlim_cur: soft.min(old.rlim_max), rlim_max: old.rlim_max };
+    // SAFETY: sets the limits of `pid` from `new`; the hard limit is unchanged.
+    if unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(old.rlim_cur)
+}
+
+/// Number of open fds of any process.
+pub fn open_fds_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
+}
+
+/// The open fds of process `pid` once the count is the same twice 100 ms apart (up to 5 s).
+pub fn settled_fds_of(pid: u32) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut last = open_fds_of(pid);
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = open_fds_of(pid);
+        if now == last || Instant::now() > deadline {
+            return now;
+        }
+        last = now;
+    }
+}
+
+/// Clock ticks per second, the unit of [`Cluster::cpu_ticks`].
+pub fn ticks_per_second() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }).max(1) as u64
+}
+
+/// A cluster whose workers attach at a fresh socket path (`debug: true`, mode 0666): the cluster and the path.
+pub fn attach_cluster(concurrency: u32, extra: &str) -> (Cluster, PathBuf) {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let socket = dir.join("workers.sock");
+    let yaml = format!(
+        "concurrency: {concurrency}\ndebug: true\nhardShutdownDelay: 5s\n{extra}workers:\n  socket: {:?}\n  mode: \"0666\"\n",
+        socket.display().to_string()
+    );
+    (Cluster::start(&yaml), socket)
+}
+
+/// A test worker attached at `socket` (claiming `index` when given), killed on drop.
+pub struct Attached(pub Child);
+
+impl Attached {
+    /// Starts the test worker with `STICKY_CLUSTER_SOCKET` (and `extra` environment).
+    pub fn start(socket: &std::path::Path, index: Option<u32>, extra: &[(&str, &str)]) -> Attached {
+        let mut command = Command::new(test_worker());
+        command.env("STICKY_CLUSTER_SOCKET", socket).stdin(Stdio::null());
+        if let Some(index) = index {
+            command.env("STICKY_CLUSTER_WORKER_INDEX", index.to_string());
+        }
+        command.envs(extra.iter().copied());
+        Attached(command.spawn().unwrap())
+    }
+}
+
+impl Drop for Attached {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Dials a master's attach socket as a raw peer would (no hello sent yet).
+pub fn dial(path: &std::path::Path) -> std::os::fd::OwnedFd {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).unwrap();
+    connect(fd.as_raw_fd(), &UnixAddr::new(path).unwrap()).unwrap();
+    fd
+}
+
+/// A listener that never accepts, with a small receive buffer that its connections inherit: a socket
+/// connected to it soon has a send queue that cannot drain.
+pub fn never_accepting_listener() -> std::net::TcpListener {
+    use nix::sys::socket::{bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType};
+    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).unwrap();
+    setsockopt(&fd, sockopt::RcvBuf, &4096).unwrap();
+    let address = nix::sys::socket::SockaddrIn::new(127, 0, 0, 1, 0);
+    bind(fd.as_raw_fd(), &address).unwrap();
+    listen(&fd, Backlog::new(64).unwrap()).unwrap();
+    std::net::TcpListener::from(fd)
+}
+
+/// A TCP socket connected to `listener` (which never accepts) with a full send queue and SO_LINGER of
+/// `seconds`: closing the last copy of it blocks for that long.
+pub fn lingering_socket(listener: &std::net::TcpListener, seconds: i32) -> TcpStream {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let stream = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    setsockopt(&stream, sockopt::SndBuf, &4096).unwrap();
+    stream.set_nonblocking(true).unwrap();
+    let chunk = [b'x'; 16384];
+    while (&stream).write(&chunk).is_ok() {}
+    setsockopt(&stream, sockopt::Linger, &libc::linger { l_onoff: 1, l_linger: seconds }).unwrap();
+    stream
 }
