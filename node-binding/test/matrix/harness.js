@@ -34,10 +34,10 @@ function installApp(name, { files = {}, packages = ['socket.io', 'express'], mod
   fs.writeFileSync(path.join(dir, 'package.json'), JSON.stringify({ name, private: true, version: '1.0.0' }, null, 2));
   const { main, platform } = packedTarballs();
   npmOffline(['install', platform, main], dir, envWithoutRust());
-  for (const name_ of packages) {
-    const target = path.join(modulesDir, 'node_modules', name_);
+  for (const pkg of packages) {
+    const target = path.join(modulesDir, 'node_modules', pkg);
     assert.ok(fs.existsSync(target), `${target} is missing: npm ci in ${modulesDir}`);
-    fs.symlinkSync(target, path.join(dir, 'node_modules', name_));
+    fs.symlinkSync(target, path.join(dir, 'node_modules', pkg));
   }
   for (const [file, text] of Object.entries(files)) fs.writeFileSync(path.join(dir, file), text);
   return { dir, remove: () => fs.rmSync(dir, { recursive: true, force: true }) };
