@@ -5,6 +5,7 @@
 // is built for the platform, the same contract runs in JavaScript (js/), loaded only then.
 
 const fs = require('fs');
+const http = require('http');
 const net = require('net');
 const os = require('os');
 const util = require('util');
@@ -149,7 +150,7 @@ function normalizeOptions(options) {
 function runMaster(settings) {
   const implementation = selectImplementation(settings);
   const { shared, perWorker } = splitEnvironment(settings);
-  const command = [process.execPath, ...process.execArgv, ...process.argv.slice(1)];
+  const command = relaunchCommand();
   let signals = 0;
   let cluster = null;
   const onSignal = (signal) => {
@@ -172,6 +173,13 @@ function runMaster(settings) {
     throw new TypeError(
       `sticky-cluster-native: options.clientAddress '${settings.clientAddress}' needs the native addon ` +
         '(the JavaScript implementation routes by the TCP peer only)'
+    );
+  }
+  if (settings.routing === 'kernel' && process.versions.bun) {
+    // Its http.Server.listen({ fd }) binds a new port instead: workers would say ready and never accept.
+    throw new TypeError(
+      `sticky-cluster-native: options.routing 'kernel' needs server.listen({ fd }) in the workers, which Bun ${process.versions.bun} ` +
+        "does not do (it listens on a new port instead); use routing 'handoff' under Bun"
     );
   }
   if (implementation.name === 'js' && settings.routing === 'kernel') {
@@ -230,6 +238,21 @@ function runMaster(settings) {
     port: cluster.port,
     stop: (hard = false) => cluster.stop(Boolean(hard)),
   };
+}
+
+/**
+ * How a worker is started: the primary's own runtime, flags, script and arguments. Deno's
+ * process.execArgv is empty: its flags (`run`, the permissions, `--config`) are in the kernel's copy of
+ * the command line, which Deno lets a program read only with --allow-all.
+ */
+function relaunchCommand() {
+  if (!process.versions.deno) return [process.execPath, ...process.execArgv, ...process.argv.slice(1)];
+  try {
+    return [process.execPath, ...fs.readFileSync('/proc/self/cmdline', 'utf8').split('\0').slice(1, -1)];
+  } catch {
+    // What Deno's own child_process does with a Node-style command line of the deno binary.
+    return [process.execPath, 'run', '-A', ...process.argv.slice(1)];
+  }
 }
 
 /** What the primary gets from the JavaScript master: address and port are read once it is bound. */
@@ -311,6 +334,15 @@ function applyPerWorkerEnvironment() {
   if (own && typeof own === 'object') Object.assign(process.env, own);
 }
 
+/**
+ * A net.Socket over a connected socket fd this process owns. Bun (1.4) leaves `new net.Socket({ fd })`
+ * without a handle (nothing is read, writes fail with ERR_SOCKET_CLOSED); its `connect({ fd })` adopts it.
+ */
+function adoptSocket(fd, allowHalfOpen) {
+  if (process.versions.bun) return new net.Socket({ allowHalfOpen }).connect({ fd });
+  return new net.Socket({ fd, readable: true, writable: true, allowHalfOpen });
+}
+
 function runWorker(startFn, settings) {
   const native = load();
   const worker = native.openWorker();
@@ -332,12 +364,7 @@ function runWorker(startFn, settings) {
     const server = drain.server;
     let socket;
     try {
-      socket = new net.Socket({
-        fd: routed.fd,
-        readable: true,
-        writable: true,
-        allowHalfOpen: Boolean(server.allowHalfOpen),
-      });
+      socket = adoptSocket(routed.fd, Boolean(server.allowHalfOpen));
     } catch (error) {
       fs.closeSync(routed.fd);
       logLine(settings.prefix, 'error', `worker ${worker.index}: cannot open routed connection: ${error.message}`);
@@ -366,7 +393,8 @@ function runWorker(startFn, settings) {
 
   startFn(function callback(userServer) {
     if (drain.server || drain.draining) return;
-    if (!(userServer instanceof net.Server)) {
+    // Bun's http.Server is no net.Server (it is its own class over Bun's server), and serves sockets all the same.
+    if (!(userServer instanceof net.Server || userServer instanceof http.Server)) {
       throw new TypeError('sticky-cluster-native: callback(server) needs a net.Server (http.Server, https.Server, ...)');
     }
     drain.serve(userServer);

@@ -173,13 +173,15 @@ fn set_cloexec(fd: RawFd, on: bool) -> std::io::Result<()> {
 
 /// A memfd holding `bytes`, positioned at the start, close-on-exec until [`exec`] says otherwise.
 fn memfd_with(bytes: &[u8]) -> std::io::Result<OwnedFd> {
-    // SAFETY: a NUL-terminated name; the kernel returns a new fd or -1.
-    let fd = unsafe { libc::memfd_create(c"sticky-cluster-state".as_ptr(), libc::MFD_CLOEXEC) };
+    // The system call itself: glibc's wrapper is newer (2.27) than the oldest glibc the npm addon, which
+    // links this crate, supports (2.17).
+    // SAFETY: a NUL-terminated name and flags; the kernel returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_memfd_create, c"sticky-cluster-state".as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: memfd_create just returned this descriptor; nothing else owns it.
-    let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
     file.write_all(bytes)?;
     file.rewind()?;
     Ok(OwnedFd::from(file))

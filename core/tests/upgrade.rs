@@ -205,6 +205,10 @@ fn three_upgrades(build: &Build, cluster: &mut Cluster, concurrency: u32, held: 
         assert_eq!(answer["worker"], expected_index(held.client, concurrency), "{}", held.client);
     }
     let (fds, _) = cluster.settled_fds(None, Duration::from_secs(5));
+    // The same load for as long without an upgrade: what "longest" is on this machine at this moment.
+    let baseline = Load::start(server(cluster), concurrency, 4);
+    std::thread::sleep(Duration::from_millis(1200));
+    let baseline = baseline.stop();
     let load = Load::start(server(cluster), concurrency, 4);
     std::thread::sleep(Duration::from_millis(300));
     let mut builds = vec![];
@@ -220,7 +224,13 @@ fn three_upgrades(build: &Build, cluster: &mut Cluster, concurrency: u32, held: 
     }
     let took = started.elapsed();
     let counts = load.stop();
-    eprintln!("figures: three upgrades in {took:?} under load: {counts:?}, {} held connections", held.len());
+    eprintln!(
+        "figures: three upgrades in {took:?} under load: {counts:?}, {} held connections; without an upgrade, \
+         the longest request took {} ms of {} served",
+        held.len(),
+        baseline.longest_ms,
+        baseline.served
+    );
     builds.dedup();
     assert_eq!(builds.len(), 3, "three distinct builds took over: {builds:?}");
     assert_eq!(
