@@ -36,6 +36,8 @@ cargo build --workspace --all-targets
 suite rust cargo test --workspace --exclude sticky-cluster-bench
 suite ffi-c bash ffi-c/run-tests.sh
 suite node bash node-binding/run-tests.sh
+# After node: the matrix reuses the tarballs (the one release build of the addon) run-tests.sh packed.
+suite runtimes env STICKY_CLUSTER_NATIVE_PACKED="${CARGO_TARGET_DIR:-$PWD/target}/npm-packages" bash node-binding/run-matrix.sh
 suite docker bash docker/run-tests.sh
 # After docker: the wheel reuses the static binary docker/run-tests.sh built.
 suite python bash python/run-tests.sh

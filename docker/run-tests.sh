@@ -65,7 +65,7 @@ worker_pids=()   # the `timeout` wrappers
 worker_children=()   # the hello-workers themselves
 cleanup() {
     local pid name
-    for pid in "${worker_children[@]}" "${worker_pids[@]}"; do kill -KILL "$pid" 2>/dev/null; done
+    for pid in "${worker_children[@]}" "${worker_pids[@]}" ${ready_follower:-}; do kill -KILL "$pid" 2>/dev/null; done
     for name in "${containers[@]}"; do docker rm -f "$name" >/dev/null 2>&1; done
     docker rmi -f "$tag" "$worker_tag" >/dev/null 2>&1
     rm -rf "$tmp"
@@ -180,19 +180,37 @@ bad_yaml_exits_nonzero_with_one_error_line() {
 }
 
 # ---- tests 3 and 4: attach-mode sidecar, sticky routing, graceful docker stop --------------------
-free_port() {
-    python3 -c 'import socket; s = socket.socket(socket.AF_INET6); s.bind(("::", 0)); print(s.getsockname()[1])'
+# The sidecar writes its ready lines (STICKY_CLUSTER_READY_FD=1) on the container's stdout and logs on its
+# stderr: `docker logs --follow` of stdout alone is the ready fd here, read as fd $ready.
+
+# ready_field LINE KEY: the value of KEY in a ready line (a number, true/false, or a "string" without
+# escapes, as the format's fields are), or nothing.
+ready_field() {
+    local pattern="\"$2\":(\"[^\"]*\"|[^,}]*)"
+    [[ $1 =~ $pattern ]] && echo "${BASH_REMATCH[1]}"
+}
+
+# read_ready EVENT SECONDS: reads ready lines until a version 1 line of EVENT, left in LINE; fails at the end
+# of the stream or after SECONDS.
+read_ready() {
+    local deadline=$((SECONDS + $2))
+    while [ "$SECONDS" -lt "$deadline" ] && IFS= read -r -t "$((deadline - SECONDS))" -u "$ready" LINE; do
+        [ "$(ready_field "$LINE" version)" = 1 ] && [ "$(ready_field "$LINE" event)" = "\"$1\"" ] && return 0
+    done
+    LINE=""
+    return 1
 }
 
 sidecar=""
 worker_container=""
 sidecar_port=""
+ready=""
+ready_follower=""
 hard_delay_seconds=10
 attached_workers_route_200_addresses_stickily() {
     local name="attached_workers_route_200_addresses_stickily"
     local socket_dir="$tmp/socket" index waited pid_args=() check_output
     sidecar="sticky-cluster-sidecar-$$"
-    sidecar_port=$(free_port)
     mkdir -p "$socket_dir"
     # The image runs as uid 65532: the bind-mounted socket directory must be writable by it.
     if [ "$(id -u)" -eq 0 ]; then
@@ -202,7 +220,7 @@ attached_workers_route_200_addresses_stickily() {
         user_args=(--user "$(id -u):$(id -g)")
     fi
     cat >"$tmp/cluster.yaml" <<EOF
-port: $sidecar_port
+port: 0
 host: "::"
 concurrency: 4
 debug: true
@@ -215,19 +233,23 @@ EOF
     chmod 644 "$tmp/cluster.yaml"
     containers+=("$sidecar")
     # Host networking: clients bound to 127.0.x.y reach the master with their own source address.
-    if ! docker run -d --name "$sidecar" --network host "${user_args[@]}" \
+    if ! docker run -d --name "$sidecar" --network host "${user_args[@]}" -e STICKY_CLUSTER_READY_FD=1 \
         -v "$socket_dir:/run/sticky-cluster" \
         -v "$tmp/cluster.yaml:/etc/sticky-cluster/sticky-cluster.yaml:ro" "$tag" >/dev/null; then
         fail "$name" "docker run failed"
         return
     fi
-    for waited in $(seq 100); do
-        if grep -q "listening on" <<<"$(docker logs "$sidecar" 2>&1)" && [ -S "$socket_dir/workers.sock" ]; then break; fi
-        if [ "$(docker inspect -f '{{.State.Running}}' "$sidecar")" != "true" ]; then break; fi
-        sleep 0.1
-    done
-    if ! [ -S "$socket_dir/workers.sock" ]; then
-        fail "$name" "no worker socket after ${waited}0 ms; container logs:" "$(docker logs "$sidecar" 2>&1 | tail -n 10)"
+    exec {ready}< <(exec docker logs --follow "$sidecar" 2>/dev/null)
+    ready_follower=$!
+    # The master listens (its attach socket bound before that) or says why not; the port is the kernel's pick.
+    if ! read_ready listening 30; then
+        fail "$name" "no listening line on the ready fd; container logs:" "$(docker logs "$sidecar" 2>&1 | tail -n 10)"
+        return
+    fi
+    sidecar_port=$(ready_field "$LINE" port)
+    if [ "$(ready_field "$LINE" attach_socket)" != '"/run/sticky-cluster/workers.sock"' ] ||
+        ! [ -S "$socket_dir/workers.sock" ]; then
+        fail "$name" "the listening line names no attach socket, or it is missing: $LINE"
         return
     fi
     # Workers 0 and 1 run on the host as root (always allowed); worker 2 on the host as uid 1000
@@ -326,8 +348,20 @@ docker_stop_shuts_the_cluster_down_gracefully() {
         [ "$status" = "0" ] || problems+=("worker 3 (container) exit code '$status': $(docker logs "$worker_container" 2>&1 | tail -n 2)")
     fi
     [ -e "$tmp/socket/workers.sock" ] && problems+=("the master left its socket behind")
+    # The ready fd's last line: graceful, and every one of the 400 requests routed once by the master.
+    if ! read_ready stopped 15; then
+        problems+=("no stopped line on the ready fd")
+    else
+        local routed total=0 count
+        [[ $LINE =~ \"routed\":\[([0-9,]*)\] ]] && routed="${BASH_REMATCH[1]}"
+        for count in ${routed//,/ }; do total=$((total + count)); done
+        [ "$(ready_field "$LINE" graceful)" = true ] || problems+=("the stopped line says not graceful: $LINE")
+        [ "$total" -eq 400 ] || problems+=("the stopped line says $total connections routed, the client made 400: $LINE")
+    fi
+    exec {ready}<&-
+    ready=
     if [ ${#problems[@]} -eq 0 ]; then
-        pass "$name (exit 0 after $elapsed_ms ms; 3 host workers and the worker container exited 0)"
+        pass "$name (exit 0 after $elapsed_ms ms; 3 host workers and the worker container exited 0; the stopped line: graceful, 400 routed)"
     else
         fail "$name" "${problems[@]}" "container logs:" "$(docker logs "$sidecar" 2>&1 | tail -n 10)"
     fi

@@ -5,6 +5,8 @@
 # installed pkg-config file, and runs every scenario twice: plain and under AddressSanitizer with
 # LeakSanitizer (any report from any process, master or worker, is a failure).
 # Real processes throughout: clusters listen on loopback, clients connect from 127.0.x.y addresses.
+# Masters are waited for on their ready fd (STICKY_CLUSTER_READY_FD: the binary and the C library's masters
+# both write JSON lines there), never by reading their log.
 # Ends with "N passed, N failed"; exits non-zero on any failure. Needs: cargo, gcc (libasan), pkg-config.
 set -uo pipefail
 
@@ -114,26 +116,47 @@ check "compile tests/errors.c against libsticky_cluster.a (pkg-config --static)"
     $(pkg-config --static --libs-only-l sticky_cluster | sed 's/-lsticky_cluster//')
 
 # --- scenarios ----------------------------------------------------------------------------------------
-# start_cluster LOG COMMAND...: starts a master, waits for its "listening on" line, sets PORT and MASTER.
-start_cluster() {
-    local log="$1"
-    shift
-    "$@" 2>"$log" &
-    MASTER=$!
-    started+=("$MASTER")
-    PORT=""
-    for _ in $(seq 300); do
-        PORT="$(sed -n 's/.* listening on .*:\([0-9][0-9]*\) with .*/\1/p' "$log" | head -1)"
-        [ -n "$PORT" ] && return 0
-        kill -0 "$MASTER" 2>/dev/null || return 1
-        sleep 0.1
+# ready_field LINE KEY: the value of KEY in a ready line (a number, true/false, or a "string" without
+# escapes, as the format's fields are), or nothing.
+ready_field() {
+    local pattern="\"$2\":(\"[^\"]*\"|[^,}]*)"
+    [[ $1 =~ $pattern ]] && echo "${BASH_REMATCH[1]}"
+}
+
+# read_ready EVENT: reads ready lines from the master's ready fd (READY) until one of EVENT, left in LINE;
+# fails at the end of the fd or after 30 s. Only version 1 lines count.
+read_ready() {
+    while IFS= read -r -t 30 -u "$READY" LINE; do
+        [ "$(ready_field "$LINE" version)" = 1 ] && [ "$(ready_field "$LINE" event)" = "\"$1\"" ] && return 0
     done
+    LINE=""
     return 1
 }
 
-# stop_cluster: SIGTERM to the master, then its exit status in STATUS (124 when it outlived 30 s).
+# start_cluster LOG COMMAND...: starts a master with STICKY_CLUSTER_READY_FD on a pipe (fd READY here),
+# its stderr in LOG, and waits for its "listening" line; sets PORT and MASTER.
+start_cluster() {
+    local log="$1"
+    shift
+    exec {READY}< <(STICKY_CLUSTER_READY_FD=3 exec "$@" 3>&1 1>&2 2>"$log")
+    MASTER=$!
+    started+=("$MASTER")
+    PORT=""
+    if ! read_ready listening; then
+        exec {READY}<&-
+        return 1
+    fi
+    PORT="$(ready_field "$LINE" port)"
+    [ -n "$PORT" ]
+}
+
+# stop_cluster: SIGTERM to the master, then its exit status in STATUS (124 when it outlived 30 s), and its
+# "stopped" line in STOPPED (empty when there was none).
 stop_cluster() {
     kill -TERM "$MASTER"
+    STOPPED=""
+    if read_ready stopped; then STOPPED="$LINE"; fi
+    exec {READY}<&-
     for _ in $(seq 300); do
         if ! kill -0 "$MASTER" 2>/dev/null; then
             wait "$MASTER"
@@ -147,15 +170,24 @@ stop_cluster() {
     STATUS=124
 }
 
-# cluster_scenario NAME VARIANT CONCURRENCY ADDRESSES DRAIN_PATTERN COMMAND...
-# Stickiness through the client, then SIGTERM: the master must exit 0 and every worker must log
-# DRAIN_PATTERN (its STICKY_ESHUTDOWN line), with no FAIL line anywhere.
+# routed_total: the connections the master's "stopped" line says it handed to workers, summed.
+routed_total() {
+    local routed total=0 count
+    [[ $STOPPED =~ \"routed\":\[([0-9,]*)\] ]] && routed="${BASH_REMATCH[1]}"
+    for count in ${routed//,/ }; do total=$((total + count)); done
+    echo "$total"
+}
+
+# cluster_scenario NAME VARIANT CONCURRENCY ADDRESSES ROUTED DRAIN_PATTERN COMMAND...
+# Stickiness through the client, then SIGTERM: the master must exit 0, its "stopped" line must say graceful
+# and ROUTED connections handed over (every request with handoff routing, 0 when the kernel routes), and
+# every worker must log DRAIN_PATTERN (its STICKY_ESHUTDOWN line), with no FAIL line anywhere.
 cluster_scenario() {
-    local name="$1" variant="$2" concurrency="$3" addresses="$4" drain="$5"
-    shift 5
+    local name="$1" variant="$2" concurrency="$3" addresses="$4" routed="$5" drain="$6"
+    shift 6
     local log="$work/logs/$name-$variant.log"
     if ! start_cluster "$log" "$@"; then
-        fail "$name ($variant): cluster starts" "no 'listening on' line" "$log"
+        fail "$name ($variant): cluster starts" "no 'listening' line on the ready fd" "$log"
         kill -KILL "$MASTER" 2>/dev/null
         return
     fi
@@ -174,6 +206,11 @@ cluster_scenario() {
     else
         fail "$name ($variant): SIGTERM drains" "master exit $STATUS, $drained/$concurrency drain lines" "$log"
     fi
+    if [ "$(ready_field "$STOPPED" graceful)" = true ] && [ "$(routed_total)" -eq "$routed" ]; then
+        pass "$name ($variant): the stopped line says graceful, $routed connections routed by the master"
+    else
+        fail "$name ($variant): the stopped line" "expected graceful and $routed routed, got '$STOPPED'" "$log"
+    fi
 }
 
 # wait_for_line FILE PATTERN: polls FILE (a process's output) for PATTERN for up to 30 s.
@@ -186,9 +223,10 @@ wait_for_line() {
 }
 
 # one_at_a_time LOG CONCURRENCY: from the reload test workers' event lines, every index was replaced (its
-# generation 1 worker shut down and exited, its generation 2 worker started and became ready), and no two
-# indexes were being replaced at the same time: each replacement spans from the first of (old shutdown,
-# new start) to the last of (old exit, new ready), and these spans do not overlap.
+# generation 1 worker shut down and exited, its generation 2 worker started and became ready), each old worker
+# got its shutdown only after its successor was ready (successor first), and no two successors were starting at
+# the same time: the spans from a successor's start to its ready do not overlap. (An old worker may still be
+# draining while the next index's successor starts: that is the design, not two replacements at once.)
 one_at_a_time() {
     awk -v concurrency="$2" '
         $1 == "reload-test:" && $2 == "worker" && $4 == "gen" { at[$3 "," $5 "," $6] = $7 }
@@ -199,9 +237,10 @@ one_at_a_time() {
                 for (e in events) {
                     if (!((i "," events[e]) in at)) { print "index " i ": no " events[e] " event"; bad = 1 }
                 }
-                first = at[i ",1,shutdown"] + 0; if (at[i ",2,start"] + 0 < first) first = at[i ",2,start"] + 0
-                last = at[i ",1,exit"] + 0; if (at[i ",2,ready"] + 0 > last) last = at[i ",2,ready"] + 0
-                begin[i] = first; end[i] = last
+                begin[i] = at[i ",2,start"] + 0; end[i] = at[i ",2,ready"] + 0
+                if (at[i ",1,shutdown"] + 0 < end[i]) {
+                    print "index " i ": the old worker was told to shut down before its successor was ready"; bad = 1
+                }
             }
             for (i = 0; i < concurrency; i++) for (j = i + 1; j < concurrency; j++) {
                 if (!(end[i] <= begin[j] || end[j] <= begin[i])) {
@@ -212,13 +251,14 @@ one_at_a_time() {
         }' "$1"
 }
 
-# stops_cleanly NAME VARIANT LOG: SIGTERM to the master afterwards: exit 0 and no FAIL line in LOG.
+# stops_cleanly NAME VARIANT LOG: SIGTERM to the master afterwards: exit 0, a graceful stopped line, and no
+# FAIL line in LOG.
 stops_cleanly() {
     stop_cluster
-    if [ "$STATUS" -eq 0 ] && ! grep -q "FAIL" "$3"; then
+    if [ "$STATUS" -eq 0 ] && [ "$(ready_field "$STOPPED" graceful)" = true ] && ! grep -q "FAIL" "$3"; then
         pass "$1 ($2): SIGTERM to the master afterwards -> exit 0"
     else
-        fail "$1 ($2): SIGTERM to the master afterwards" "master exit $STATUS" "$3"
+        fail "$1 ($2): SIGTERM to the master afterwards" "master exit $STATUS, stopped line '$STOPPED'" "$3"
     fi
 }
 
@@ -231,9 +271,17 @@ reload_scenario() {
     shift 3
     local log="$work/logs/$name-$variant.log" client_log="$work/logs/$name-client-$variant.log"
     if ! start_cluster "$log" "$@"; then
-        fail "$name ($variant): cluster starts" "no 'listening on' line" "$log"
+        fail "$name ($variant): cluster starts" "no 'listening' line on the ready fd" "$log"
         kill -KILL "$MASTER" 2>/dev/null
         return
+    fi
+    if [ "$name" = reload-handle ]; then
+        # The embedding prints sticky_cluster_port(): the library's answer and the ready line agree.
+        if wait_for_line "$log" "reload-test: the cluster listens on port $PORT\$"; then
+            pass "$name ($variant): sticky_cluster_port is the listening line's port ($PORT)"
+        else
+            fail "$name ($variant): sticky_cluster_port is the listening line's port" "ready fd said $PORT" "$log"
+        fi
     fi
     timeout 120 "$bin/reload-$variant" client "$PORT" "$concurrency" 2 >"$client_log" 2>&1 &
     local client=$!
@@ -288,7 +336,7 @@ stop_scenario() {
     [ "$how" = self ] && settings=(STOP_TEST_SELF=8)
     if ! start_cluster "$log" "${no_worker_env[@]}" "${settings[@]}" "$bin/stop_worker-$variant" master \
         "$work/stop-marker-$name-$variant"; then
-        fail "$name ($variant): cluster starts" "no 'listening on' line" "$log"
+        fail "$name ($variant): cluster starts" "no 'listening' line on the ready fd" "$log"
         kill -KILL "$MASTER" 2>/dev/null
         return
     fi
@@ -348,22 +396,22 @@ for variant in plain asan; do
         "$work/logs/errors-$variant.log" timeout 60 "${no_worker_env[@]}" "$bin/errors-$variant"
     [ "$variant" = asan ] && asan_clean errors
 
-    cluster_scenario sticky_run-blocking "$variant" 4 200 "ok STICKY_ESHUTDOWN" \
+    cluster_scenario sticky_run-blocking "$variant" 4 200 400 "ok STICKY_ESHUTDOWN" \
         "${no_worker_env[@]}" "$bin/blocking_worker-$variant" 0 4
     [ "$variant" = asan ] && asan_clean sticky_run-blocking
 
-    cluster_scenario epoll-nonblocking "$variant" 2 100 "ok STICKY_ESHUTDOWN" \
+    cluster_scenario epoll-nonblocking "$variant" 2 100 200 "ok STICKY_ESHUTDOWN" \
         "${no_worker_env[@]}" "$sticky_cluster" --port 0 --concurrency 2 --hard-shutdown-delay 10s \
         -- "$bin/epoll_worker-$variant"
     [ "$variant" = asan ] && asan_clean epoll-nonblocking
 
     # routing: kernel: the same worker, unchanged, accepting from its own SO_REUSEPORT listener.
-    cluster_scenario epoll-kernel-routing "$variant" 2 100 "ok STICKY_ESHUTDOWN" \
+    cluster_scenario epoll-kernel-routing "$variant" 2 100 0 "ok STICKY_ESHUTDOWN" \
         "${no_worker_env[@]}" "$sticky_cluster" --port 0 --concurrency 2 --hard-shutdown-delay 10s \
         --routing kernel -- "$bin/epoll_worker-$variant"
     [ "$variant" = asan ] && asan_clean epoll-kernel-routing
 
-    cluster_scenario c-server "$variant" 3 200 "c-server worker .*: STICKY_ESHUTDOWN, draining" \
+    cluster_scenario c-server "$variant" 3 200 400 "c-server worker .*: STICKY_ESHUTDOWN, draining" \
         "${no_worker_env[@]}" "$bin/c-server-$variant" --port 0 --concurrency 3
     [ "$variant" = asan ] && asan_clean c-server
 

@@ -203,7 +203,21 @@ impl Setup {
         matches!(self, Setup::NodeBinding | Setup::KernelNodeBinding)
     }
 
-    /// Starts the workers (and master) of this setup on `port`.
+    /// Starts this setup and says where its clients connect: a free port asked of the kernel for the
+    /// setups that need a number up front, our master's own pick (from its `listening` line) for ours.
+    pub fn started(self, programs: &Programs, concurrency: u32) -> Result<(Running, SocketAddr), String> {
+        let port = procs::free_port()?;
+        let running = self.start(programs, port, concurrency)?;
+        let port = match running.listening_port(Duration::from_secs(30)) {
+            Some(Ok(port)) => port,
+            Some(Err(reason)) => return Err(format!("{reason}; stderr: {}", running.log_tail(3))),
+            None => port,
+        };
+        Ok((running, SocketAddr::from((Ipv4Addr::LOCALHOST, port))))
+    }
+
+    /// Starts the workers (and master) of this setup on `port` (our master: on a port of the kernel's
+    /// choice, which [`Setup::started`] reads).
     pub fn start(self, programs: &Programs, port: u16, concurrency: u32) -> Result<Running, String> {
         let bench_worker = |style: &str| -> Vec<String> {
             vec![programs.bench.display().to_string(), "worker".into(), "--style".into(), style.into()]
@@ -225,14 +239,14 @@ impl Setup {
                 running.ok_or_else(|| "concurrency must be at least 1".into())
             }
             Setup::MasterTokio | Setup::KernelTokio => {
-                start_master(programs, port, concurrency, &bench_worker("tokio"), self)
+                start_master(programs, concurrency, &bench_worker("tokio"), self)
             }
             Setup::MasterBlocking | Setup::KernelBlocking => {
-                start_master(programs, port, concurrency, &bench_worker("blocking"), self)
+                start_master(programs, concurrency, &bench_worker("blocking"), self)
             }
             Setup::MasterHelloWorker | Setup::KernelHelloWorker => {
                 let command = [programs.hello_worker.display().to_string()];
-                start_master(programs, port, concurrency, &command, self)
+                start_master(programs, concurrency, &command, self)
             }
             Setup::DirectNode
             | Setup::NpmStickyCluster
@@ -262,20 +276,15 @@ impl Setup {
     }
 }
 
-fn start_master(
-    programs: &Programs,
-    port: u16,
-    concurrency: u32,
-    worker: &[String],
-    setup: Setup,
-) -> Result<Running, String> {
+/// Our master on a port the kernel picks (its `listening` line names it: [`Running::listening_port`]).
+fn start_master(programs: &Programs, concurrency: u32, worker: &[String], setup: Setup) -> Result<Running, String> {
     let routing = if setup.is_kernel() { "kernel" } else { "handoff" };
     let mut command = Command::new(&programs.master);
     command
-        .args(["--port", &port.to_string(), "--concurrency", &concurrency.to_string()])
+        .args(["--port", "0", "--concurrency", &concurrency.to_string()])
         .args(["--routing", routing, "--hard-shutdown-delay", "2s", "--"])
         .args(worker);
-    Running::spawn(setup.label(), &mut command)
+    Running::spawn_master(setup.label(), command)
 }
 
 /// Options of the handoff benchmark.
@@ -365,9 +374,7 @@ pub fn measure(setup: Setup, programs: &Programs, options: &HandoffOptions) -> R
             return Err(format!("{} does not exist yet", index.display()));
         }
     }
-    let port = procs::free_port()?;
-    let target = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut running = setup.start(programs, port, options.concurrency)?;
+    let (mut running, target) = setup.started(programs, options.concurrency)?;
     let failed = |running: &mut Running, reason: String| {
         let exited = running.exited().map(|s| format!("; exited with {s}")).unwrap_or_default();
         format!("{reason}{exited}; stderr: {}", running.log_tail(3))
@@ -406,9 +413,23 @@ pub fn measure(setup: Setup, programs: &Programs, options: &HandoffOptions) -> R
         );
     }
     running.stop();
+    note_master_counters(setup, &running);
     let master_cpu = (!master.is_empty()).then_some(cpu_after - cpu_before);
     let rates = vec![load.rate()];
     Ok(MeasuredRun { load, master_cpu, master_rss_kib, rates })
+}
+
+/// What our master's stopped line says when it is worth a look: connections it closed unserved, or a
+/// stop that had to kill workers.
+pub fn note_master_counters(setup: Setup, running: &Running) {
+    if let Some(stopped) = running.stopped().filter(|stopped| stopped.closed > 0 || !stopped.graceful) {
+        eprintln!(
+            "  ({}) the master closed {} connections unserved{}",
+            setup.letter(),
+            stopped.closed,
+            if stopped.graceful { "" } else { " and had to kill workers at the stop" }
+        );
+    }
 }
 
 /// Waits up to 30 s for the server to answer, giving up at once when its first process has exited.

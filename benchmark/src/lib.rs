@@ -10,5 +10,6 @@ pub mod master_cost;
 pub mod node;
 pub mod procs;
 pub mod proxy;
+pub mod ready;
 pub mod stream;
 pub mod worker;

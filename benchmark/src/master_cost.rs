@@ -1,7 +1,6 @@
 //! `master-cost`: what the master itself costs, in handoff and kernel routing: CPU seconds per 100k routed
 //! connections (read from /proc/<pid>/stat around a count-bounded load) and resident memory with N hello-workers.
 
-use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use crate::handoff::{Programs, Setup};
@@ -95,9 +94,7 @@ pub fn run(programs: &Programs, options: &CostOptions) -> Result<Vec<Cost>, Stri
 }
 
 fn measure(programs: &Programs, options: &CostOptions, workers: u32, setup: Setup) -> Result<Cost, String> {
-    let port = procs::free_port()?;
-    let target = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut running = setup.start(programs, port, workers)?;
+    let (mut running, target) = setup.started(programs, workers)?;
     let pid = running.pid();
     load::wait_until_answering(target, Duration::from_secs(60))
         .map_err(|reason| format!("{reason}; stderr: {}", running.log_tail(3)))?;
@@ -124,6 +121,7 @@ fn measure(programs: &Programs, options: &CostOptions, workers: u32, setup: Setu
         return Err(format!("the master exited during the run ({status}); stderr: {}", running.log_tail(3)));
     }
     running.stop();
+    crate::handoff::note_master_counters(setup, &running);
     Ok(Cost {
         routing: if setup.is_kernel() { "kernel" } else { "handoff" },
         workers,

@@ -6,21 +6,55 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use sticky_cluster::ready::Stopped;
+
+use crate::ready::ReadyLines;
+
 /// A started server (a master and its workers, or a set of direct workers sharing a group), ended on drop.
 pub struct Running {
     name: String,
     children: Vec<Child>,
     log: PathBuf,
     dirs: Vec<PathBuf>,
+    /// Our master's ready lines, when the first process is one.
+    ready: Option<ReadyLines>,
 }
 
 impl Running {
     /// Starts `command` in a process group of its own, stderr to a log file read back on failure.
     pub fn spawn(name: &str, command: &mut Command) -> Result<Running, String> {
-        let mut running =
-            Running { name: name.to_string(), children: Vec::new(), log: log_path(name), dirs: Vec::new() };
+        let mut running = Running {
+            name: name.to_string(),
+            children: Vec::new(),
+            log: log_path(name),
+            dirs: Vec::new(),
+            ready: None,
+        };
         running.add(command)?;
         Ok(running)
+    }
+
+    /// [`Running::spawn`] for our master: its ready lines are read (see [`Running::listening_port`]).
+    pub fn spawn_master(name: &str, mut command: Command) -> Result<Running, String> {
+        let ready = ReadyLines::attach(&mut command)?;
+        let mut running = Running::spawn(name, &mut command)?;
+        // The master alone holds the write end now: its end of file is the master's exit.
+        drop(command);
+        running.ready = Some(ready);
+        Ok(running)
+    }
+
+    /// The port our master listens on, from its `listening` line (waiting up to `timeout`); `None` for
+    /// servers that are not our master.
+    pub fn listening_port(&self, timeout: Duration) -> Option<Result<u16, String>> {
+        let ready = self.ready.as_ref()?;
+        Some(ready.listening(timeout).map(|listening| listening.port).map_err(|e| format!("{}: {e}", self.name)))
+    }
+
+    /// Our master's counters once it has stopped (after [`Running::stop`]); `None` for other servers or
+    /// a master that was killed before it could say.
+    pub fn stopped(&self) -> Option<Stopped> {
+        self.ready.as_ref()?.stopped(Duration::from_secs(1))
     }
 
     /// Starts one more process under this guard (another direct worker).

@@ -201,9 +201,7 @@ impl Shared {
 
 /// Measures one setup: start it, open every client's stream, warm up, count bytes and CPU, stop.
 pub fn measure(setup: Setup, programs: &Programs, options: &StreamOptions) -> Result<StreamRun, String> {
-    let port = procs::free_port()?;
-    let target = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let mut running = setup.start(programs, port, options.concurrency)?;
+    let (mut running, target) = setup.started(programs, options.concurrency)?;
     if let Err(reason) = crate::handoff::wait_for_server(&mut running, target) {
         let exited = running.exited().map(|s| format!("; exited with {s}")).unwrap_or_default();
         return Err(format!("{reason}{exited}; stderr: {}", running.log_tail(3)));
@@ -261,6 +259,7 @@ pub fn measure(setup: Setup, programs: &Programs, options: &StreamOptions) -> Re
         return Err(format!("the server exited during the run ({status}); stderr: {}", running.log_tail(3)));
     }
     running.stop();
+    crate::handoff::note_master_counters(setup, &running);
     Ok(run)
 }
 

@@ -3,7 +3,8 @@
 //!
 //! - [`master::run`] runs a cluster (listen, route, supervise, shut down);
 //! - [`Worker`] is the worker side (`from_env`, `ready`, `accept`);
-//! - [`hash`] is the routing contract, [`protocol`] the channel between the two.
+//! - [`hash`] is the routing contract, [`protocol`] the channel between the two;
+//! - [`ready`] is the binary's `--ready-fd` lines, the contract for programs that drive a master.
 
 pub mod activation;
 pub mod attach;
@@ -16,6 +17,7 @@ pub mod logging;
 pub mod master;
 pub mod metrics;
 pub mod protocol;
+pub mod ready;
 /// Kernel routing: the `SO_REUSEPORT` group and the classic BPF program that computes the routing hash.
 pub mod reuseport;
 pub mod supervisor;

@@ -2,6 +2,7 @@
 //! errors to one `error: ...` line and a documented exit status.
 
 use std::ffi::OsString;
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use sticky_cluster::activation::WorkerProtocol;
 use sticky_cluster::client_address::Cidr;
 use sticky_cluster::config::{parse_duration, Config, Overrides, Routing};
 use sticky_cluster::master::{self, Stop};
+use sticky_cluster::ready::{self, ReadyFd};
 use sticky_cluster::{upgrade, Error};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -57,7 +59,11 @@ struct Cli {
     /// on the listener it inherits as fd 3; needs `--routing kernel`).
     #[arg(long, value_name = "PROTOCOL")]
     protocol: Option<WorkerProtocol>,
-    /// Validate the configuration, print the effective one, and exit.
+    /// Write one JSON line to this fd (inherited from the caller, kept open across an upgrade in place)
+    /// when the master listens, after an upgrade and when it stops: see the README's "Ready fd".
+    #[arg(long, value_name = "FD", env = ready::ENV_READY_FD, value_parser = ready::parse_fd)]
+    ready_fd: Option<RawFd>,
+    /// Validate the configuration, print the effective one, and exit (the ready fd is not looked at).
     #[arg(long)]
     check: bool,
     /// Worker command and its arguments (after `--`), run once per index.
@@ -83,6 +89,12 @@ fn main() -> ExitCode {
             eprintln!("error: {error}");
             if let Some(inherited) = inherited {
                 return roll_back(inherited, &error.to_string());
+            }
+            // A driver waiting on the ready fd hears why, when there is one to tell.
+            if let Some(fd) = cli.ready_fd.filter(|&fd| !cli.check && ready::check(fd).is_ok()) {
+                if let Ok(ready) = ReadyFd::take(fd) {
+                    ready.error(&error);
+                }
             }
             return ExitCode::from(EXIT_CONFIG);
         }
@@ -111,18 +123,97 @@ fn main() -> ExitCode {
         }
     };
     let upgrade = Upgrade { binary, args };
+    let arrival = match &inherited {
+        None => Arrival::Started,
+        Some(inherited) if inherited.can_roll_back() => Arrival::Upgraded,
+        Some(_) => Arrival::RolledBack,
+    };
+    // Checked before the take-over, so that an image that cannot use it still goes back with it intact.
+    let ready_fd = match ready_fd_number(&cli, inherited.is_some()) {
+        Ok(fd) => fd,
+        Err(reason) => {
+            eprintln!("error: {reason}");
+            return match inherited {
+                Some(inherited) => roll_back(inherited, &reason),
+                None => ExitCode::from(EXIT_CONFIG),
+            };
+        }
+    };
     let resumed = match inherited.map(|inherited| take_over(&config, inherited)) {
         Some(Ok(checked)) => Some(checked),
         Some(Err(exit)) => return exit,
         None => None,
     };
-    match runtime.block_on(serve(config, cli, upgrade, resumed)) {
+    // Read now: workers must not find a variable naming an fd they do not have.
+    std::env::remove_var(ready::ENV_READY_FD);
+    std::env::remove_var(ready::ENV_UPGRADE_READY_FD);
+    let ready = match ready_fd.map(ReadyFd::take).transpose() {
+        Ok(ready) => ready,
+        Err(reason) if resumed.is_some() => {
+            // The cluster is this image's now: it goes on without the lines rather than stop.
+            tracing::error!("the ready fd {}: {reason}; no lines are written", ready_fd.unwrap_or(-1));
+            None
+        }
+        Err(reason) => {
+            eprintln!("error: --ready-fd {}: {reason}", ready_fd.unwrap_or(-1));
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match runtime.block_on(serve(config, cli, upgrade, resumed, ReadyLines { fd: ready.clone(), arrival })) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(EXIT_FAILURE),
         Err(error) => {
             eprintln!("error: {error}");
+            if let Some(ready) = &ready {
+                ready.error(&error);
+            }
             ExitCode::from(if matches!(error, Error::Config(_)) { EXIT_CONFIG } else { EXIT_FAILURE })
         }
+    }
+}
+
+/// How this image came to run the cluster, which its first ready line says.
+#[derive(Debug, Clone, Copy)]
+enum Arrival {
+    /// Started by its caller: `listening`.
+    Started,
+    /// Executed by the previous image on SIGUSR2: `upgraded`.
+    Upgraded,
+    /// The previous binary again, after the new one could not take over: `rolled_back`.
+    RolledBack,
+}
+
+/// The ready fd, if any, and which line announces this image.
+struct ReadyLines {
+    fd: Option<ReadyFd>,
+    arrival: Arrival,
+}
+
+impl ReadyLines {
+    /// The first line: where the cluster listens, as this image's arrival calls it.
+    fn listening(&self, at: &master::Listening) {
+        let Some(fd) = &self.fd else { return };
+        let at = ready::Listening::of(at);
+        fd.write(match self.arrival {
+            Arrival::Started => ready::Event::Listening(at),
+            Arrival::Upgraded => ready::Event::Upgraded(at),
+            Arrival::RolledBack => ready::Event::RolledBack(at),
+        });
+    }
+}
+
+/// The ready fd's number, checked: an upgraded image's is the one the previous image passed on (the
+/// caller's number on the command line may be closed by then); a fresh start's is `--ready-fd`.
+fn ready_fd_number(cli: &Cli, upgraded: bool) -> Result<Option<RawFd>, String> {
+    if upgraded {
+        let Some(text) = std::env::var_os(ready::ENV_UPGRADE_READY_FD) else { return Ok(None) };
+        let text = text.to_string_lossy();
+        let fd = ready::parse_fd(&text).map_err(|reason| format!("{}: {reason}", ready::ENV_UPGRADE_READY_FD))?;
+        return ready::check(fd).map(|()| Some(fd)).map_err(|reason| format!("the ready fd {fd}: {reason}"));
+    }
+    match cli.ready_fd {
+        Some(fd) => ready::check(fd).map(|()| Some(fd)).map_err(|reason| format!("--ready-fd {fd}: {reason}")),
+        None => Ok(None),
     }
 }
 
@@ -220,6 +311,7 @@ async fn serve(
     cli: Cli,
     upgrade: Upgrade,
     resumed: Option<master::Checked>,
+    ready: ReadyLines,
 ) -> sticky_cluster::Result<bool> {
     let listener = match resumed {
         Some(_) => None,
@@ -234,6 +326,7 @@ async fn serve(
     // An upgraded image starts with every signal blocked: what came during the exec is delivered now.
     upgrade::unblock_signals();
     let (stop, stop_rx) = tokio::sync::mpsc::unbounded_channel();
+    let ready_fd = ready.fd.clone();
     tokio::spawn(async move {
         let mut stop_request = Stop::Graceful;
         loop {
@@ -247,14 +340,20 @@ async fn serve(
                 _ = user2.recv() => {
                     tracing::info!("SIGUSR2: checking {} for an upgrade in place", upgrade.binary.display());
                     let (binary, args) = (upgrade.binary.clone(), upgrade.args.clone());
-                    match tokio::task::spawn_blocking(move || upgrade::preflight(&binary, &args)).await {
-                        Ok(Ok(plan)) => Stop::Upgrade(Box::new(plan)),
-                        Ok(Err(reason)) => {
-                            tracing::error!("upgrade refused, nothing changed: {reason}");
-                            continue;
+                    let preflight = tokio::task::spawn_blocking(move || upgrade::preflight(&binary, &args)).await;
+                    match preflight.map_err(|error| format!("the preflight failed: {error}")).and_then(|plan| plan) {
+                        Ok(mut plan) => {
+                            // The caller's fd stays open in the new image, which writes `upgraded` to it.
+                            if let Some(fd) = &ready_fd {
+                                plan.pass_on.push((ready::ENV_UPGRADE_READY_FD.into(), fd.fd()));
+                            }
+                            Stop::Upgrade(Box::new(plan))
                         }
-                        Err(error) => {
-                            tracing::error!("upgrade refused, nothing changed: the preflight failed: {error}");
+                        Err(reason) => {
+                            tracing::error!("upgrade refused, nothing changed: {reason}");
+                            if let Some(fd) = &ready_fd {
+                                fd.write(ready::Event::UpgradeRefused { reason });
+                            }
                             continue;
                         }
                     }
@@ -265,10 +364,14 @@ async fn serve(
             }
         }
     });
+    let listening = |at: &master::Listening| ready.listening(at);
     let outcome = match (listener, resumed) {
-        (Some(listener), _) => master::run(config, listener, stop_rx).await?,
-        (None, Some(checked)) => master::resume(config, checked, stop_rx).await?,
+        (Some(listener), _) => master::run_reporting(config, listener, stop_rx, listening).await?,
+        (None, Some(checked)) => master::resume(config, checked, stop_rx, listening).await?,
         (None, None) => return Err(Error::io("listen", std::io::Error::from(std::io::ErrorKind::NotFound))),
     };
+    if let Some(fd) = &ready.fd {
+        fd.stopped(&outcome);
+    }
     Ok(outcome.graceful)
 }

@@ -70,6 +70,9 @@ pub struct Plan {
     pub new_build: String,
     /// This binary's build id.
     pub old_build: String,
+    /// Fds of this master's caller that the new image keeps as well (the `--ready-fd` pipe), each with
+    /// the environment variable that names it there.
+    pub pass_on: Vec<(String, RawFd)>,
 }
 
 /// Runs `binary --check` with this master's arguments and reads what it says: it must accept the
@@ -128,6 +131,7 @@ pub fn preflight(binary: &Path, args: &[OsString]) -> Result<Plan, String> {
         args: args.to_vec(),
         new_build: build.trim().to_string(),
         old_build: build_id(),
+        pass_on: Vec::new(),
     })
 }
 
@@ -215,12 +219,18 @@ pub fn exec(plan: &Plan, state: &[u8], keep: &[RawFd]) -> std::io::Error {
         let old_binary = std::fs::File::open("/proc/self/exe")?;
         let path = c_string(plan.binary.as_os_str())?;
         let args: Vec<CString> = plan.args.iter().map(|arg| c_string(arg)).collect::<std::io::Result<_>>()?;
-        let env = environment(&[
+        let mut extra = vec![
             (ENV_STATE_FD, state_fd.as_raw_fd().to_string()),
             (ENV_ROLLBACK_FD, old_binary.as_raw_fd().to_string()),
-        ])?;
-        let inherited: Vec<RawFd> =
-            keep.iter().copied().chain([state_fd.as_raw_fd(), old_binary.as_raw_fd()]).collect();
+        ];
+        extra.extend(plan.pass_on.iter().map(|(name, fd)| (name.as_str(), fd.to_string())));
+        let env = environment(&extra)?;
+        let inherited: Vec<RawFd> = keep
+            .iter()
+            .copied()
+            .chain([state_fd.as_raw_fd(), old_binary.as_raw_fd()])
+            .chain(plan.pass_on.iter().map(|(_, fd)| *fd))
+            .collect();
         let error = exec_keeping(&path, &args, &env, &inherited, |path, argv, envp| {
             // SAFETY: NUL-terminated strings and NULL-terminated arrays that outlive the call.
             unsafe { libc::execve(path, argv, envp) };
@@ -371,6 +381,7 @@ mod tests {
             args: vec!["sticky-cluster".into()],
             new_build: "x".into(),
             old_build: "y".into(),
+            pass_on: Vec::new(),
         };
         let error = exec(&plan, b"{}", &[fd]);
         assert_eq!(error.raw_os_error(), Some(libc::ENOENT), "{error}");

@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -44,8 +43,7 @@ fn wait_accepting(cluster: &Cluster, index: u32, generation: u64) -> u32 {
 }
 
 fn metrics_page(cluster: &Cluster) -> String {
-    let line = cluster.wait_for_log("metrics on http://", LONG);
-    let address: SocketAddr = line.split("http://").nth(1).unwrap().trim_end_matches("/metrics").parse().unwrap();
+    let address = cluster.metrics_address();
     http_text(address, "/metrics").unwrap()
 }
 
@@ -54,7 +52,7 @@ fn protocol_none_workers_are_socket_activated_and_routed_stickily() {
     let cluster = start(2, "metrics:\n  port: 0\n", &["--index={index}", "--fd={listen_fd}", "--backlog={backlog}"]);
     let pids = [wait_accepting(&cluster, 0, 1), wait_accepting(&cluster, 1, 1)];
     let clients: Vec<_> = (0..120).map(client_address).collect();
-    let answers = ask_all(&cluster, &clients, 30, 2);
+    let answers = ask_all(cluster.server(), &clients, 30, 2);
     assert_sticky(&answers, 2);
     for (_, answer) in &answers {
         let index = answer["worker"].as_u64().unwrap() as usize;

@@ -133,3 +133,54 @@ fn concurrency_and_hard_shutdown_delay_have_upper_bounds_in_the_file_and_the_fla
     let (code, _, stderr) = run(&["--check", "--concurrency", "2"], Some(&format!("concurrency: 1024\n{worker}")));
     assert_eq!(code, 0, "{stderr}");
 }
+
+#[test]
+fn a_ready_fd_that_cannot_take_lines_is_one_line_and_exit_2() {
+    let yaml = "port: 0\nconcurrency: 1\nworker:\n  command: [/bin/true]\n";
+    assert_eq!(
+        config_error_with(&["--ready-fd", "97"], yaml),
+        "error: --ready-fd 97: not an open file descriptor (Bad file descriptor (os error 9))"
+    );
+    // stdin is /dev/null here, open for reading only.
+    let (code, _, stderr) = run(&["--ready-fd", "0"], Some(yaml));
+    assert_eq!((code, stderr.trim_end()), (2, "error: --ready-fd 0: open for reading only"));
+    // From the environment, as from the flag; clap's own usage error for a value that is no number.
+    let output = Command::new(support::binary())
+        .args(["--port", "0", "--", "/bin/true"])
+        .env("STICKY_CLUSTER_READY_FD", "ready")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr.starts_with("error: invalid value 'ready' for '--ready-fd <FD>': not an fd number"), "{stderr}");
+    // --check does not look at the fd (an upgrade's preflight runs with the master's arguments).
+    let (code, _, stderr) = run(&["--check", "--ready-fd", "97"], Some(yaml));
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn a_bad_file_is_also_an_error_line_on_the_ready_fd() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cluster.yaml");
+    std::fs::write(&path, "concurrency: 0\n").unwrap();
+    let ready = dir.path().join("ready");
+    let file = std::fs::File::create(&ready).unwrap();
+    use std::os::unix::process::CommandExt;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+    let mut command = Command::new(support::binary());
+    command.arg("--config").arg(&path).args(["--ready-fd", &fd.to_string()]);
+    // SAFETY: fcntl is async-signal-safe; the child runs nothing else before exec.
+    unsafe {
+        command.pre_exec(move || match libc::fcntl(fd, libc::F_SETFD, 0) {
+            -1 => Err(std::io::Error::last_os_error()),
+            _ => Ok(()),
+        });
+    }
+    let output = command.output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines = std::fs::read_to_string(&ready).unwrap();
+    let line: serde_json::Value = serde_json::from_str(lines.trim()).unwrap();
+    assert_eq!((&line["version"], &line["event"]), (&1.into(), &"error".into()), "{lines}");
+    assert_eq!(format!("error: {}", line["message"].as_str().unwrap()), stderr.trim_end());
+}

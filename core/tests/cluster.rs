@@ -1,5 +1,7 @@
-//! The master's behaviour, end to end: the real binary, real worker processes, real TCP clients from
-//! many loopback source addresses.
+//! The binary's promises, end to end: the real binary, real worker processes, real TCP clients from many
+//! loopback source addresses: signals and exit statuses, one-line errors, the log people read (one test
+//! pins its format), the metrics page. Routing itself is asserted on the master's counters in
+//! `routing.rs`, with the master in the test process.
 
 mod support;
 
@@ -11,47 +13,6 @@ use nix::sys::signal::Signal;
 use support::{client_address, clients_for, expected_index, Cluster, SteadyLoad};
 
 const LONG: Duration = Duration::from_secs(30);
-
-#[test]
-fn every_client_address_sticks_to_its_string_hash_worker() {
-    let concurrency = 4;
-    let cluster = Cluster::start(&format!("concurrency: {concurrency}\nenv:\n  TEST_ECHO: 'w{{index}}'\n"));
-    let clients: Vec<Ipv4Addr> = (0..200).map(client_address).collect();
-    let answers = support::ask_all(&cluster, &clients, 25, 3);
-    assert_eq!(answers.len(), 600);
-    support::assert_sticky(&answers, concurrency);
-    for (_, answer) in &answers {
-        assert_eq!(answer["echo"], format!("w{}", answer["worker"]), "env value with {{index}} substituted");
-    }
-}
-
-#[test]
-fn a_slow_worker_gets_nothing_before_ready_and_loses_nothing() {
-    let cluster = Cluster::start("concurrency: 2\nenv:\n  TEST_SLOW_INDEX: '0'\n  TEST_INIT_DELAY_MS: '2000'\n");
-    let slow_clients = clients_for(0, 2, 20, 0);
-    let fast_clients = clients_for(1, 2, 5, 0);
-    let (slow, fast) = std::thread::scope(|scope| {
-        let cluster = &cluster;
-        let slow: Vec<_> = slow_clients.iter().map(|&c| scope.spawn(move || cluster_get(cluster, c))).collect();
-        let fast: Vec<_> = fast_clients.iter().map(|&c| cluster_get(cluster, c)).collect();
-        (slow.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>(), fast)
-    });
-    let slow_ready = slow[0]["ready_ms"].as_u64().unwrap();
-    for answer in &slow {
-        assert_eq!(answer["worker"], 0, "a connection for the slow worker was served by its own worker");
-        assert_eq!(answer["early"], false, "the master sent a connection before ready");
-        assert!(answer["accepted_ms"].as_u64().unwrap() >= slow_ready);
-    }
-    // The fast worker answered while the slow one was still initialising.
-    for answer in &fast {
-        assert_eq!(answer["worker"], 1);
-        assert!(answer["accepted_ms"].as_u64().unwrap() < slow_ready, "fast worker waited for the slow one");
-    }
-
-    fn cluster_get(cluster: &Cluster, client: Ipv4Addr) -> serde_json::Value {
-        cluster.get(client, "/").unwrap_or_else(|e| panic!("{client}: {e}"))
-    }
-}
 
 #[test]
 fn a_killed_worker_is_revived_under_its_index_and_queued_clients_are_served() {
@@ -84,6 +45,7 @@ fn a_killed_worker_is_revived_under_its_index_and_queued_clients_are_served() {
     assert!(failed <= 4, "lost {failed} connections");
     let mut cluster = cluster;
     assert!(cluster.running(), "the master never exits because a worker died");
+    assert_eq!(cluster.stop()["revivals"], 1, "one revival, counted");
 }
 
 #[test]
@@ -129,6 +91,7 @@ fn graceful_shutdown_during_a_slow_request(signal: Signal) {
     assert_eq!(answer["worker"].as_u64().unwrap() as u32, expected_index(client, 2));
     let status = cluster.wait_exit(LONG).expect("master exits after its workers");
     assert_eq!(status.code(), Some(0), "graceful shutdown exits 0");
+    assert_eq!(cluster.wait_for_event("stopped", 1, LONG)["graceful"], true, "the ready fd agrees");
     let exits = cluster.log().iter().filter(|l| l.contains("exited: exit status 0")).count();
     assert_eq!(exits, 2, "every worker exited on its own:\n{}", cluster.log().join("\n"));
 }
@@ -152,6 +115,7 @@ fn a_worker_ignoring_sigterm_is_killed_at_the_hard_shutdown_delay() {
     cluster.signal(Signal::SIGTERM);
     let status = cluster.wait_exit(LONG).expect("master exits after the hard delay");
     assert_eq!(status.code(), Some(1), "a hard shutdown exits 1");
+    assert_eq!(cluster.wait_for_event("stopped", 1, LONG)["graceful"], false, "the ready fd agrees");
     assert!(cluster.log().iter().any(|l| l.contains("hardShutdownDelay of 1s passed")));
     for pid in workers {
         assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "worker {pid} was left running");
@@ -186,6 +150,8 @@ fn a_port_in_use_is_one_clear_line_and_no_worker_starts() {
     let log = cluster.log();
     assert_eq!(log.len(), 1, "exactly one line: {log:?}");
     assert_eq!(log[0], format!("error: cannot listen on [::]:{port}: Address already in use (os error 98)"));
+    let error = cluster.wait_for_event("error", 1, LONG);
+    assert_eq!(format!("error: {}", error["message"].as_str().unwrap()), log[0], "the ready fd says the same");
     assert_eq!(std::fs::read_dir(markers.path()).unwrap().count(), 0, "no worker was started");
 }
 
@@ -327,20 +293,20 @@ fn quiet_by_default() {
 
 #[test]
 fn quick_start_from_flags_without_a_file() {
-    let mut command = std::process::Command::new(support::binary());
-    command.args(["--port", "0", "--concurrency", "3", "--debug", "--"]).arg(support::test_worker());
-    command.stderr(std::process::Stdio::piped());
-    let mut child = command.spawn().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stderr));
-    let listening = lines.by_ref().map(|l| l.unwrap()).find(|l| l.contains("listening on")).unwrap();
-    assert!(listening.ends_with("with 3 workers"), "{listening}");
-    let port: u16 = listening.rsplit("]:").next().unwrap().split(' ').next().unwrap().parse().unwrap();
+    let worker = support::test_worker();
+    let args: Vec<&std::ffi::OsStr> =
+        ["--port", "0", "--concurrency", "3", "--debug", "--"].iter().map(|a| a.as_ref()).collect();
+    let mut cluster = Cluster::start_args(&[&args[..], &[worker.as_os_str()]].concat());
+    let listening = cluster.listening();
+    assert_eq!(
+        (&listening["host"], &listening["workers"], &listening["routing"]),
+        (&"::".into(), &3.into(), &"handoff".into())
+    );
     let client = client_address(9);
-    let answer = support::get(client, std::net::SocketAddr::from(([127, 0, 0, 1], port)), "/").unwrap();
+    let answer = cluster.get(client, "/").unwrap();
     assert_eq!(answer["worker"].as_u64().unwrap() as u32, expected_index(client, 3));
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-    let status = child.wait().unwrap();
+    cluster.signal(Signal::SIGTERM);
+    let status = cluster.wait_exit(LONG).unwrap();
     assert_eq!(status.code(), Some(0), "{:?}", status.signal());
 }
 
@@ -349,9 +315,7 @@ fn metrics_show_routes_queues_readiness_and_revivals() {
     let cluster = Cluster::start(
         "concurrency: 2\nmetrics:\n  port: 0\nenv:\n  TEST_SLOW_INDEX: '1'\n  TEST_INIT_DELAY_MS: '1500'\n",
     );
-    let line = cluster.wait_for_log("metrics on http://", LONG);
-    let address: std::net::SocketAddr =
-        line.split("http://").nth(1).unwrap().trim_end_matches("/metrics").parse().unwrap();
+    let address = cluster.metrics_address();
     let page = || support::http_text(address, "/metrics").unwrap();
 
     // A client of the slow worker waits in its queue meanwhile.
@@ -382,20 +346,6 @@ fn metrics_show_routes_queues_readiness_and_revivals() {
 }
 
 #[test]
-fn an_ipv6_client_is_hashed_by_its_node_text() {
-    let cluster = Cluster::start("concurrency: 4\n");
-    let mut stream = std::net::TcpStream::connect(("::1", cluster.port)).unwrap();
-    use std::io::{Read, Write};
-    stream.write_all(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let body: serde_json::Value = serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap().trim()).unwrap();
-    assert_eq!(body["remote"], "::1");
-    let expected = sticky_cluster::hash::route_index("::1".parse().unwrap(), 4);
-    assert_eq!(body["worker"], u64::from(expected));
-}
-
-#[test]
 fn a_full_channel_keeps_connections_queued_and_loses_nothing() {
     // The worker says ready and then reads nothing for a while: the channel to it fills up, and the rest
     // wait in the master's queue (room for all 2,000 here) until the worker reads again.
@@ -419,4 +369,48 @@ fn a_full_channel_keeps_connections_queued_and_loses_nothing() {
         std::io::Read::read_to_string(stream, &mut response).unwrap();
         assert!(response.starts_with("HTTP/1.1 200 OK") && response.contains("\"worker\":0"), "{response:?}");
     }
+}
+
+#[test]
+fn the_human_log_format_stays_as_documented() {
+    // People (and their log tooling) read these lines; programs read the ready fd, whose counters the
+    // stopped line must agree with.
+    let mut cluster = Cluster::start(
+        "concurrency: 2
+prefix: 'demo:'
+hardShutdownDelay: 20s
+",
+    );
+    let port = cluster.port;
+    // The ready line may come before the log line's reader has it.
+    cluster.wait_for_log("listening on", LONG);
+    let log = cluster.log();
+    assert_eq!(log.first(), Some(&format!("demo: info listening on [::]:{port} with 2 workers")), "{log:?}");
+    let victim = clients_for(0, 2, 1, 0)[0];
+    let pid = cluster.get(victim, "/").unwrap()["pid"].as_u64().unwrap();
+    cluster.get(clients_for(1, 2, 1, 0)[0], "/").unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+    let revival = cluster.wait_for_log("reviving in", LONG);
+    let head = format!("demo: warn worker 0 (pid {pid}) exited after ");
+    let (lived, tail) = revival.strip_prefix(&head).and_then(|rest| rest.split_once("s: ")).expect(&revival);
+    assert!(lived.parse::<f64>().is_ok_and(|s| s >= 0.0) && lived.contains('.'), "{revival}");
+    // Back-off 100 ms after a short life (a crash), none after a long one.
+    let tails =
+        ["signal 9 (SIGKILL); reviving in 100ms (attempt 1)", "signal 9 (SIGKILL); reviving in 0ns (attempt 1)"];
+    assert!(tails.contains(&tail), "{revival}");
+    cluster.get(victim, "/").expect("index 0 serves again");
+    let stopped = cluster.stop();
+    let routed: Vec<u64> = stopped["routed"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).collect();
+    assert_eq!(routed, vec![2, 1]);
+    let expected = format!(
+        "demo: info stopped: routed {} connections {routed:?}, redirected {}, closed {}, revivals {}, recovered {}",
+        routed.iter().sum::<u64>(),
+        stopped["redirected"],
+        stopped["closed"],
+        stopped["revivals"],
+        stopped["recovered"]
+    );
+    let log = cluster.log();
+    assert_eq!(log.last(), Some(&expected), "{log:?}");
+    assert!(log.contains(&"demo: info shutting down: 2 workers have 20s to finish".to_string()), "{log:?}");
 }

@@ -116,8 +116,6 @@ fn a_master_at_its_fd_limit_keeps_what_it_takes_back_until_it_has_fds() {
     eprintln!("figures: master at its fd limit, kill -9: sent 100, served {served}, by the successor {by_successor}");
     assert!(served >= 99, "{served} of 100 answered (only the one in the dead worker's hands may be lost):\n{log}");
     assert!(!log.contains("held a bad message"), "nothing taken back was destroyed:\n{log}");
-    cluster.signal(nix::sys::signal::Signal::SIGTERM);
-    cluster.wait_exit(LONG).expect("the master exits on SIGTERM");
-    let stopped = cluster.wait_for_log("stopped: routed", LONG);
-    assert!(stopped.contains("closed 0,"), "nothing closed: {stopped}");
+    let stopped = cluster.stop();
+    assert_eq!(stopped["closed"], 0, "nothing closed: {stopped}");
 }

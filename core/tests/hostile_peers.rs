@@ -15,10 +15,9 @@ const LONG: Duration = Duration::from_secs(60);
 /// The SO_LINGER of the hostile sockets (the test worker's too): a close that blocks blocks this long.
 const LINGER: Duration = Duration::from_secs(20);
 
-/// The metrics address a cluster logged.
+/// The metrics address, from the cluster's listening line.
 fn metrics(cluster: &Cluster) -> SocketAddr {
-    let line = cluster.wait_for_log("metrics on http://", LONG);
-    line.split("http://").nth(1).unwrap().trim_end_matches("/metrics").parse().unwrap()
+    cluster.metrics_address()
 }
 
 /// How long 10 requests from `clients` (one after the other) and a scrape take.

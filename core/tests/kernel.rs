@@ -20,7 +20,7 @@ fn server(cluster: &Cluster) -> SocketAddr {
 /// from the same process, Node's text of the client address.
 fn assert_sticky(cluster: &Cluster, concurrency: u32) {
     let clients: Vec<Ipv4Addr> = (0..220).map(client_address).collect();
-    let answers = support::ask_all(cluster, &clients, 22, 2);
+    let answers = support::ask_all(cluster.server(), &clients, 22, 2);
     assert_eq!(answers.len(), 440);
     support::assert_sticky(&answers, concurrency);
 }
@@ -97,8 +97,7 @@ fn connections_completed_before_sigterm_are_all_served() {
         "routing: kernel\nconcurrency: 2\nmetrics:\n  port: 0\nhardShutdownDelay: 10s\n\
          env:\n  TEST_SLOW_INDEX: '0'\n  TEST_ACCEPT_PAUSE_MS: '1500'\n",
     );
-    let line = cluster.wait_for_log("metrics on http://", LONG);
-    let metrics: SocketAddr = line.split("http://").nth(1).unwrap().trim_end_matches("/metrics").parse().unwrap();
+    let metrics = cluster.metrics_address();
     cluster.get(clients_for(1, 2, 1, 0)[0], "/").unwrap();
     let address = server(&cluster);
     let queued: Vec<_> = clients_for(0, 2, 8, 0)

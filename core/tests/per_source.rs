@@ -6,7 +6,6 @@ mod support;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use nix::sys::signal::Signal;
 use support::{clients_for, expected_index, Cluster};
 
 const LONG: Duration = Duration::from_secs(60);
@@ -22,8 +21,7 @@ fn one_address_flooding_stuck_workers_cannot_fill_every_queue() {
          env:\n  TEST_ACCEPT_GATE: {:?}\n",
         gate.display().to_string()
     ));
-    let line = cluster.wait_for_log("metrics on http://", LONG);
-    let metrics: SocketAddr = line.split("http://").nth(1).unwrap().trim_end_matches("/metrics").parse().unwrap();
+    let metrics = cluster.metrics_address();
     for index in 0..2 {
         cluster.wait_for_log(&format!("worker {index} (pid"), LONG);
     }
@@ -46,10 +44,7 @@ fn one_address_flooding_stuck_workers_cannot_fill_every_queue() {
     let log = cluster.log();
     let closing_lines = log.iter().filter(|line| line.contains("closing connection")).count();
     let served = answers.iter().filter(|answer| answer.is_ok()).count();
-    cluster.signal(Signal::SIGTERM);
-    cluster.wait_exit(LONG).expect("the master exits on SIGTERM");
-    let stopped = cluster.wait_for_log("stopped: routed", LONG);
-    let closed: u64 = stopped.split("closed ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+    let closed = cluster.stop()["closed"].as_u64().unwrap();
     let per_source: u64 = page
         .lines()
         .find_map(|line| line.strip_prefix("sticky_cluster_connections_per_source_closed_total "))

@@ -87,20 +87,14 @@ fn a_bad_reload_is_one_line_and_changes_nothing() {
     assert_eq!(cluster.wait_exit(LONG).unwrap().code(), Some(0));
 }
 
-/// The master's metrics address, from its start-up line.
-fn metrics_address(cluster: &Cluster) -> std::net::SocketAddr {
-    let line = cluster.wait_for_log("metrics on http://", LONG);
-    line.split("http://").nth(1).unwrap().trim_end_matches("/metrics").parse().unwrap()
-}
-
 #[test]
 fn a_reload_whose_program_cannot_start_keeps_every_old_worker() {
     // Two kinds of broken release: a program that is not there, and one that dies before it is ready.
     // Each successor is started before the worker it would replace stops, so nothing changes.
     let base = "concurrency: 2\nhardShutdownDelay: 10s\nmetrics:\n  port: 0\n";
     let good = format!("{base}env:\n  TEST_ECHO: 'v1-{{index}}'\n");
-    let cluster = Cluster::start(&good);
-    let metrics = metrics_address(&cluster);
+    let mut cluster = Cluster::start(&good);
+    let metrics = cluster.metrics_address();
     cluster.wait_all_ready(2);
     let before = answers_by_index(&cluster);
     let broken = [
@@ -135,4 +129,5 @@ fn a_reload_whose_program_cannot_start_keeps_every_old_worker() {
         .expect("index 0 is revived");
     assert_eq!(revived["echo"], "v1-0");
     assert!(!cluster.log().iter().any(|l| l.contains("stopped for the reload")), "no old worker was stopped");
+    assert_eq!(cluster.stop()["reload_failures"], 2, "both failed reloads counted");
 }

@@ -54,11 +54,6 @@ impl Build {
     }
 }
 
-/// The build id in an `upgraded in place: now build X (was Y)` line.
-fn new_build(line: &str) -> String {
-    line.split("now build ").nth(1).unwrap().split_whitespace().next().unwrap().to_string()
-}
-
 fn parent_of(pid: u32) -> u32 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     stat[stat.rfind(')').unwrap() + 2..].split_whitespace().nth(1).unwrap().parse().unwrap()
@@ -200,11 +195,6 @@ fn routed_total(metrics: SocketAddr) -> u64 {
         .sum()
 }
 
-fn metrics_address(cluster: &Cluster) -> SocketAddr {
-    let line = cluster.wait_for_log("metrics on http://", LONG);
-    line.split("http://").nth(1).unwrap().trim_end_matches("/metrics").parse().unwrap()
-}
-
 /// Three upgrades in a row under load, with 200 connections held, checked as the issue asks.
 fn three_upgrades(build: &Build, cluster: &mut Cluster, concurrency: u32, held: &mut [Held]) {
     let master = cluster.pid();
@@ -226,9 +216,10 @@ fn three_upgrades(build: &Build, cluster: &mut Cluster, concurrency: u32, held: 
     for generation in 1..=3 {
         build.replace(generation);
         cluster.signal(Signal::SIGUSR2);
-        let line = cluster.wait_for_log_count("upgraded in place", generation, LONG);
-        builds.push(new_build(&line));
-        assert!(line.contains(&format!("pid {master}")), "{line}");
+        let upgraded = cluster.wait_for_event("upgraded", generation, LONG);
+        builds.push(upgraded["build"].as_str().unwrap().to_string());
+        assert_eq!(upgraded["pid"], master, "{upgraded}");
+        assert_eq!(upgraded["port"], cluster.port, "the same listener: {upgraded}");
         std::thread::sleep(Duration::from_millis(300));
     }
     let took = started.elapsed();
@@ -266,17 +257,21 @@ fn three_upgrades(build: &Build, cluster: &mut Cluster, concurrency: u32, held: 
 fn three_upgrades_under_load_keep_every_connection_worker_and_counter() {
     let build = Build::new();
     let mut cluster = Cluster::start_program(&build.path, "concurrency: 4\nmetrics:\n  port: 0\n", |_| {});
-    let metrics = metrics_address(&cluster);
+    let metrics = cluster.metrics_address();
     cluster.wait_all_ready(4);
     let mut held: Vec<Held> = (0..200u32)
         .map(|i| Held::open(Ipv4Addr::new(127, 20, (i / 100) as u8, (i % 100 + 1) as u8), server(&cluster)))
         .collect();
     let routed_before = routed_total(metrics);
     three_upgrades(&build, &mut cluster, 4, &mut held);
-    assert!(routed_total(metrics) > routed_before + 100, "the counters went on");
+    let routed_after = routed_total(metrics);
+    assert!(routed_after > routed_before + 100, "the counters went on");
     drop(held);
-    cluster.signal(Signal::SIGTERM);
-    assert_eq!(cluster.wait_exit(LONG).unwrap().code(), Some(0));
+    let stopped = cluster.stop();
+    assert_eq!(stopped["graceful"], true);
+    let routed: u64 = stopped["routed"].as_array().unwrap().iter().map(|n| n.as_u64().unwrap()).sum();
+    assert!(routed >= routed_after, "the last image's counters include the first's: {stopped}");
+    assert_eq!(cluster.ready_lines().len(), 5, "listening, three upgraded, stopped: {:?}", cluster.ready_lines());
 }
 
 #[test]
@@ -287,12 +282,15 @@ fn a_build_that_fails_its_preflight_changes_nothing() {
     let workers = sorted(cluster.worker_pids());
     build.replace_with_script("echo 'not a sticky-cluster'; exit 0");
     cluster.signal(Signal::SIGUSR2);
-    let line = cluster.wait_for_log("upgrade refused", LONG);
-    assert!(line.contains("does not say which state versions it reads"), "{line}");
+    let refused = cluster.wait_for_event("upgrade_refused", 1, LONG);
+    assert!(refused["reason"].as_str().unwrap().contains("does not say which state versions it reads"), "{refused}");
     build.replace_with_script("echo 'error: cluster.yaml:1: no' >&2; exit 2");
     cluster.signal(Signal::SIGUSR2);
+    let refused = cluster.wait_for_event("upgrade_refused", 2, LONG);
+    let reason = refused["reason"].as_str().unwrap();
+    assert!(reason.contains("refused the configuration") && reason.contains("cluster.yaml:1: no"), "{refused}");
     let line = cluster.wait_for_log_count("upgrade refused", 2, LONG);
-    assert!(line.contains("refused the configuration") && line.contains("cluster.yaml:1: no"), "{line}");
+    assert!(line.ends_with(reason), "the log says the same: {line}");
     assert_eq!(sorted(cluster.worker_pids()), workers);
     cluster.get(Ipv4Addr::new(127, 21, 0, 1), "/").expect("still serving");
     assert!(!cluster.log().iter().any(|l| l.contains("upgrading in place")));
@@ -316,7 +314,8 @@ fn a_build_that_fails_after_the_exec_rolls_back_and_loses_nothing() {
     cluster.signal(Signal::SIGUSR2);
     let line = cluster.wait_for_log("going back to the previous binary", LONG);
     assert!(line.contains("fault file says fail"), "{line}");
-    cluster.wait_for_log("upgraded in place", LONG);
+    let rolled_back = cluster.wait_for_event("rolled_back", 1, LONG);
+    assert_eq!(rolled_back["build"], cluster.listening()["build"], "the previous build runs again");
     std::thread::sleep(Duration::from_millis(300));
     let counts = load.stop();
     eprintln!("figures: a failed upgrade rolled back under load: {counts:?}");
@@ -332,6 +331,8 @@ fn a_build_that_fails_after_the_exec_rolls_back_and_loses_nothing() {
     drop(held);
     cluster.signal(Signal::SIGTERM);
     assert_eq!(cluster.wait_exit(LONG).unwrap().code(), Some(0));
+    let events: Vec<Value> = cluster.ready_lines().iter().map(|line| line["event"].clone()).collect();
+    assert_eq!(events, ["listening", "rolled_back", "stopped"], "no upgraded line for an upgrade that failed");
 }
 
 #[test]
@@ -344,7 +345,7 @@ fn sigterm_right_after_sigusr2_is_an_ordered_stop() {
     std::thread::sleep(Duration::from_millis(1));
     cluster.signal(Signal::SIGTERM);
     assert_eq!(cluster.wait_exit(LONG).unwrap().code(), Some(0), "{:?}", cluster.log());
-    assert!(cluster.log().iter().any(|l| l.contains("stopped: routed")));
+    assert_eq!(cluster.wait_for_event("stopped", 1, LONG)["graceful"], true);
 }
 
 #[test]
@@ -372,7 +373,7 @@ fn connections_queued_for_a_starting_worker_and_a_worker_killed_in_the_gap_are_a
     cluster.wait_for_log("upgrading in place", LONG);
     std::thread::sleep(Duration::from_millis(200));
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
-    cluster.wait_for_log("upgraded in place", LONG);
+    cluster.wait_for_event("upgraded", 1, LONG);
     let answers: Vec<_> = requests.into_iter().map(|request| request.join().unwrap()).collect();
     let failed: Vec<String> = answers.iter().filter_map(|a| a.as_ref().err().map(|e| e.to_string())).collect();
     let log = cluster.log().join("\n");
@@ -422,7 +423,8 @@ fn attached_workers_stay_attached_through_three_upgrades() {
     for generation in 1..=3 {
         build.replace(generation);
         cluster.signal(Signal::SIGUSR2);
-        cluster.wait_for_log_count("upgraded in place", generation, LONG);
+        let upgraded = cluster.wait_for_event("upgraded", generation, LONG);
+        assert_eq!(upgraded["attach_socket"], socket.display().to_string(), "{upgraded}");
     }
     std::thread::sleep(Duration::from_millis(300));
     let counts = load.stop();
@@ -456,6 +458,7 @@ fn a_connection_waiting_for_its_proxy_header_is_handed_over_with_what_it_sent() 
     std::thread::sleep(Duration::from_millis(200));
     build.replace(1);
     cluster.signal(Signal::SIGUSR2);
+    cluster.wait_for_event("upgraded", 1, LONG);
     let line = cluster.wait_for_log("upgraded in place", LONG);
     assert!(line.contains("1 waiting for a header"), "{line}");
     proxied.write_all(b"8080\r\nGET / HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
@@ -476,7 +479,7 @@ fn a_worker_dialing_during_the_upgrade_is_welcomed_by_the_new_image() {
     let path = dir.path().join("workers.sock");
     let yaml = format!("concurrency: 1\nmetrics:\n  port: 0\nworkers:\n  socket: {:?}\n", path.display().to_string());
     let cluster = Cluster::start_program(&build.path, &yaml, |_| {});
-    let metrics = metrics_address(&cluster);
+    let metrics = cluster.metrics_address();
     let dialer = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None).unwrap();
     connect(dialer.as_raw_fd(), &UnixAddr::new(&path).unwrap()).unwrap();
     // Its uid is checked at accept; the master now waits for its hello.
@@ -487,7 +490,7 @@ fn a_worker_dialing_during_the_upgrade_is_welcomed_by_the_new_image() {
     }
     build.replace(1);
     cluster.signal(Signal::SIGUSR2);
-    cluster.wait_for_log("upgraded in place", LONG);
+    cluster.wait_for_event("upgraded", 1, LONG);
     send_message(dialer.as_fd(), &Message::Hello { index: 0, pid: std::process::id() }, None, false).unwrap();
     let answer = recv_message(dialer.as_fd(), false).unwrap();
     assert_eq!(answer.message, Message::Welcome { index: 0, concurrency: 1 });

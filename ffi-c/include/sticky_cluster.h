@@ -125,7 +125,8 @@ typedef struct sticky_worker sticky_worker;
  */
 typedef struct sticky_options {
     /**
-     * TCP port clients connect to; 0 picks a free one (the log line "listening on" names it).
+     * TCP port clients connect to; 0 picks a free one (`sticky_cluster_port` names it, and so does the
+     * `listening` line on `STICKY_CLUSTER_READY_FD` for `sticky_run`).
      * Default 8080.
      */
     uint16_t port;
@@ -228,6 +229,7 @@ extern "C" {
  * worker), `STICKY_ECONFIG` (the last error names the field), `STICKY_ELISTEN`, `STICKY_EIO`. A worker
  * that cannot be started later is logged and retried, as by `sticky_run`. Workers are tied to the
  * master's thread: stop and wait for the cluster before the program exits, or they are killed with it.
+ * `STICKY_CLUSTER_READY_FD` is honoured as by `sticky_run` (the first cluster started takes it).
  *
  * # Safety
  * `opts` must be NULL or an initialised `sticky_options` whose strings and arrays are valid during
@@ -372,6 +374,10 @@ void sticky_options_init(struct sticky_options *opts);
  * SIGHUP handlers for that (they stay installed after the call) and logs on stderr. Returns `STICKY_OK` after a graceful shutdown, `STICKY_EHARD` when workers had to be
  * killed, or `STICKY_EINVAL`, `STICKY_ECONFIG`, `STICKY_ELISTEN`, `STICKY_ESPAWN`, `STICKY_EIO` before
  * or while starting. Call it from the main thread, once, before starting other threads.
+ * With `STICKY_CLUSTER_READY_FD=N` in the environment (a driver that started this program), it
+ * writes the `sticky-cluster` binary's ready lines to fd N (JSON: `listening` with the port,
+ * `stopped` with the counters, `error`; see the README) and removes the variable; an N that is not
+ * an open, writable fd is `STICKY_ECONFIG`.
  *
  * Worker role: opens the worker (as `sticky_worker_open`), calls `serve(worker, user)`, closes the
  * worker, and returns what `serve` returned (return `STICKY_OK` from `serve` for a clean exit);

@@ -7,9 +7,12 @@ use std::thread::JoinHandle;
 
 use ::sticky_cluster::config::Config;
 use ::sticky_cluster::master::{self, Listener, Stop};
+use ::sticky_cluster::ready::ReadyFd;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
-use crate::error::{utf8_argument, Failure, STICKY_ECLOSED, STICKY_EHARD, STICKY_EINTERNAL, STICKY_EINVAL, STICKY_OK};
+use crate::error::{
+    utf8_argument, Failure, STICKY_ECLOSED, STICKY_ECONFIG, STICKY_EHARD, STICKY_EINTERNAL, STICKY_EINVAL, STICKY_OK,
+};
 use crate::options::{config_from_file, config_from_options, sticky_options};
 use crate::run::{forward_signals, in_worker_environment, OnHangup};
 
@@ -48,14 +51,19 @@ impl sticky_cluster {
             ));
         }
         ::sticky_cluster::logging::init(&config.prefix, config.debug);
-        let listener = master::bind(&config)?;
+        let ready = ReadyFd::from_env().map_err(|reason| Failure::new(STICKY_ECONFIG, reason))?;
+        let listener = master::bind(&config).inspect_err(|error| {
+            if let Some(ready) = &ready {
+                ready.error(error);
+            }
+        })?;
         let port =
             listener.local_addr().map_err(|e| ::sticky_cluster::Error::io("read the listener address", e))?.port();
         let (requests, received) = unbounded_channel();
         // One thread for the master's whole life: workers' PR_SET_PDEATHSIG is tied to the spawning thread.
         let thread = std::thread::Builder::new()
             .name("sticky-cluster-master".into())
-            .spawn(move || run_master(config, listener, Requests::Handle(received)))
+            .spawn(move || run_master(config, listener, Requests::Handle(received), ready.as_ref()))
             .map_err(|e| ::sticky_cluster::Error::io("start the master thread", e))?;
         Ok(sticky_cluster { requests, port, master: Mutex::new(MasterThread { thread: Some(thread), outcome: None }) })
     }
@@ -89,20 +97,39 @@ pub(crate) enum Requests {
     Signals(OnHangup),
 }
 
-/// Runs the master on the calling thread's own current-thread runtime until it stops.
-pub(crate) fn run_master(config: Config, listener: Listener, requests: Requests) -> Result<c_int, Failure> {
+/// Runs the master on the calling thread's own current-thread runtime until it stops, writing the
+/// `listening` and then the `stopped` (or `error`) line to `ready` when there is one.
+pub(crate) fn run_master(
+    config: Config,
+    listener: Listener,
+    requests: Requests,
+    ready: Option<&ReadyFd>,
+) -> Result<c_int, Failure> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| ::sticky_cluster::Error::io("start the master's runtime", e))?;
-    let outcome = runtime.block_on(async move {
-        let requests = match requests {
-            Requests::Handle(received) => received,
-            // Installed inside the runtime: tokio's signal handlers need its context.
-            Requests::Signals(on_hangup) => forward_signals(on_hangup)?,
-        };
-        master::run(config, listener, requests).await
-    })?;
+        .map_err(|e| ::sticky_cluster::Error::io("start the master's runtime", e));
+    let outcome = runtime.and_then(|runtime| {
+        runtime.block_on(async move {
+            let requests = match requests {
+                Requests::Handle(received) => received,
+                // Installed inside the runtime: tokio's signal handlers need its context.
+                Requests::Signals(on_hangup) => forward_signals(on_hangup)?,
+            };
+            let listening = |at: &master::Listening| {
+                if let Some(ready) = ready {
+                    ready.listening(at);
+                }
+            };
+            master::run_reporting(config, listener, requests, listening).await
+        })
+    });
+    match (&outcome, ready) {
+        (Ok(outcome), Some(ready)) => ready.stopped(outcome),
+        (Err(error), Some(ready)) => ready.error(error),
+        (_, None) => {}
+    }
+    let outcome = outcome?;
     if outcome.graceful {
         Ok(STICKY_OK)
     } else {
@@ -142,6 +169,7 @@ sticky_fn! {
     /// worker), `STICKY_ECONFIG` (the last error names the field), `STICKY_ELISTEN`, `STICKY_EIO`. A worker
     /// that cannot be started later is logged and retried, as by `sticky_run`. Workers are tied to the
     /// master's thread: stop and wait for the cluster before the program exits, or they are killed with it.
+    /// `STICKY_CLUSTER_READY_FD` is honoured as by `sticky_run` (the first cluster started takes it).
     ///
     /// # Safety
     /// `opts` must be NULL or an initialised `sticky_options` whose strings and arrays are valid during

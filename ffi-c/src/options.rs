@@ -21,7 +21,8 @@ use crate::error::{utf8_argument, Failure, STICKY_ECONFIG};
 /// use `sticky_run_config` or `sticky_cluster_start_config`.
 #[repr(C)]
 pub struct sticky_options {
-    /// TCP port clients connect to; 0 picks a free one (the log line "listening on" names it).
+    /// TCP port clients connect to; 0 picks a free one (`sticky_cluster_port` names it, and so does the
+    /// `listening` line on `STICKY_CLUSTER_READY_FD` for `sticky_run`).
     /// Default 8080.
     pub port: u16,
     /// Address to listen on. Default "::" (dual-stack, like Node; falls back to 0.0.0.0 without IPv6).

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 
 use sticky_cluster::config::Config;
 use sticky_cluster::master::{self, Stop};
+use sticky_cluster::ready::ReadyFd;
 use sticky_cluster::worker::{ENV_CHANNEL_FD, ENV_SOCKET};
 use sticky_cluster::Worker;
 use tokio::signal::unix::{signal, SignalKind};
@@ -14,7 +15,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 use tracing::{error, info, warn};
 
 use crate::cluster::{self, Requests};
-use crate::error::{utf8_argument, Failure, STICKY_EIO};
+use crate::error::{utf8_argument, Failure, STICKY_ECONFIG, STICKY_EIO};
 use crate::options::{config_from_file, config_of, sticky_options};
 use crate::worker::sticky_worker;
 
@@ -38,6 +39,10 @@ sticky_fn! {
     /// SIGHUP handlers for that (they stay installed after the call) and logs on stderr. Returns `STICKY_OK` after a graceful shutdown, `STICKY_EHARD` when workers had to be
     /// killed, or `STICKY_EINVAL`, `STICKY_ECONFIG`, `STICKY_ELISTEN`, `STICKY_ESPAWN`, `STICKY_EIO` before
     /// or while starting. Call it from the main thread, once, before starting other threads.
+    /// With `STICKY_CLUSTER_READY_FD=N` in the environment (a driver that started this program), it
+    /// writes the `sticky-cluster` binary's ready lines to fd N (JSON: `listening` with the port,
+    /// `stopped` with the counters, `error`; see the README) and removes the variable; an N that is not
+    /// an open, writable fd is `STICKY_ECONFIG`.
     ///
     /// Worker role: opens the worker (as `sticky_worker_open`), calls `serve(worker, user)`, closes the
     /// worker, and returns what `serve` returned (return `STICKY_OK` from `serve` for a clean exit);
@@ -62,7 +67,7 @@ sticky_fn! {
         if in_worker_environment() {
             return run_worker(serve, user);
         }
-        run_master(config_of(opts)?, OnHangup::Nothing)
+        run_master(config_of(opts), OnHangup::Nothing)
     }
 }
 
@@ -85,7 +90,7 @@ sticky_fn! {
         if in_worker_environment() {
             return run_worker(serve, user);
         }
-        run_master(config_from_file(path)?, OnHangup::ReadFile(path.to_string()))
+        run_master(config_from_file(path), OnHangup::ReadFile(path.to_string()))
     }
 }
 
@@ -262,10 +267,23 @@ fn os_failure(context: &str) -> Failure {
 
 /// Master role: bind, then run on a current-thread runtime in the calling thread. Workers get
 /// PR_SET_PDEATHSIG tied to the spawning thread, and this thread lives exactly as long as the master.
-fn run_master(config: Config, on_hangup: OnHangup) -> Result<c_int, Failure> {
-    sticky_cluster::logging::init(&config.prefix, config.debug);
-    let listener = master::bind(&config)?;
-    cluster::run_master(config, listener, Requests::Signals(on_hangup))
+/// Master role of `sticky_run*`: with `STICKY_CLUSTER_READY_FD` set, the binary's `--ready-fd` lines go
+/// to that fd (the program a driver started is the master, as the binary would be).
+fn run_master(config: Result<Config, Failure>, on_hangup: OnHangup) -> Result<c_int, Failure> {
+    let ready = ReadyFd::from_env().map_err(|reason| Failure::new(STICKY_ECONFIG, reason))?;
+    let bound = config.and_then(|config| {
+        sticky_cluster::logging::init(&config.prefix, config.debug);
+        Ok((master::bind(&config)?, config))
+    });
+    match bound {
+        Ok((listener, config)) => cluster::run_master(config, listener, Requests::Signals(on_hangup), ready.as_ref()),
+        Err(failure) => {
+            if let Some(ready) = &ready {
+                ready.error(&failure.message);
+            }
+            Err(failure)
+        }
+    }
 }
 
 /// What SIGHUP means to a master that `sticky_run*` runs.

@@ -58,7 +58,12 @@ function createDrain({ debug, stopRouting, waitForChannelWithoutServer }) {
       if ((channelEnded || !waitForChannelWithoutServer) && exitIsOurs()) process.exit(0);
       return;
     }
-    server.close(() => {});
+    if (process.versions.deno) delete server.listening;
+    // Bun (1.4) calls back but never emits 'close' for a server that never listened, and engine.io
+    // closes its clients on that event: emit it then.
+    let closed = false;
+    server.once('close', () => (closed = true));
+    server.close(() => closed || server.emit('close'));
     setImmediate(sweep);
     sweeper = setInterval(sweep, SWEEP_INTERVAL_MS);
     exitWhenDrained();
@@ -76,6 +81,10 @@ function createDrain({ debug, stopRouting, waitForChannelWithoutServer }) {
     /** Takes the user's server: connections are served on it from now on. */
     serve(userServer) {
       server = userServer;
+      // Deno (2.9) ends every connection of a server that is not listening after its first response, which
+      // breaks HTTP keep-alive and socket.io's long-polling: this server does serve, so it says it listens
+      // (until the drain closes it).
+      if (process.versions.deno) Object.defineProperty(server, 'listening', { value: true, configurable: true });
     },
     /** Counts a connection until it closes (a second call for the same socket does nothing). */
     track(socket) {

@@ -74,6 +74,13 @@ function listenError(failure) {
  * later, as with the npm module's `server.on('error')`). Throws a TypeError for an option out of bounds.
  */
 function start(settings, addon) {
+  if (settings.routing === 'kernel' && process.versions.bun) {
+    // Its http.Server.listen({ fd }) binds a new port instead: workers would say ready and never accept.
+    throw new TypeError(
+      `sticky-cluster-native: options.routing 'kernel' needs server.listen({ fd }) in the workers, which Bun ${process.versions.bun} ` +
+        "does not do (it listens on a new port instead); use routing 'handoff' under Bun"
+    );
+  }
   const command = workerCommand();
   const options = fullOptions(addon, settings, command);
   const signals = primarySignals(settings);

@@ -3,12 +3,22 @@
 // takes each routed socket on the event loop and serves it on the user's server. Shutdown is js/drain.js.
 
 const fs = require('fs');
+const http = require('http');
 const net = require('net');
 const { load } = require('../binding');
 const { createLogger } = require('./log');
 
 /** Connections a native worker takes from its channel per event-loop turn before it lets I/O run. */
 const TAKE_BATCH = 64;
+
+/**
+ * A net.Socket over a connected socket fd this process owns. Bun (1.4) leaves `new net.Socket({ fd })`
+ * without a handle (nothing is read, writes fail with ERR_SOCKET_CLOSED); its `connect({ fd })` adopts it.
+ */
+function adoptSocket(fd, allowHalfOpen) {
+  if (process.versions.bun) return new net.Socket({ allowHalfOpen }).connect({ fd });
+  return new net.Socket({ fd, readable: true, writable: true, allowHalfOpen });
+}
 
 /** Runs `startFn(callback)` in a worker started by the native master. */
 function runNativeWorker(startFn, settings) {
@@ -31,12 +41,7 @@ function runNativeWorker(startFn, settings) {
     const server = drain.server;
     let socket;
     try {
-      socket = new net.Socket({
-        fd: routed.fd,
-        readable: true,
-        writable: true,
-        allowHalfOpen: Boolean(server.allowHalfOpen),
-      });
+      socket = adoptSocket(routed.fd, Boolean(server.allowHalfOpen));
     } catch (error) {
       fs.closeSync(routed.fd);
       log.error(`worker ${worker.index}: cannot open routed connection: ${error.message}`);
@@ -65,7 +70,8 @@ function runNativeWorker(startFn, settings) {
 
   startFn(function callback(userServer) {
     if (drain.server || drain.draining) return;
-    if (!(userServer instanceof net.Server)) {
+    // Bun's http.Server is no net.Server (it is its own class over Bun's server), and serves sockets all the same.
+    if (!(userServer instanceof net.Server || userServer instanceof http.Server)) {
       throw new TypeError('sticky-cluster-native: callback(server) needs a net.Server (http.Server, https.Server, ...)');
     }
     drain.serve(userServer);

@@ -3,15 +3,26 @@
 // as a worker, and the signals (SIGTERM/SIGINT drain, a second one stops at once; the exit code when the
 // cluster has ended). SIGHUP is left to the embedding: see the README's "Reloading".
 
+const fs = require('fs');
 const { createLogger } = require('./log');
 
 /** Counts the reloads in a worker's environment: each reload changes it, so every worker restarts (with
  * the code now on disk) even when its options did not change. */
 const RELOAD_ENV = 'STICKY_CLUSTER_RELOAD';
 
-/** The command that re-runs this script as a worker: node, its flags, the script and its arguments. */
+/**
+ * The command that re-runs this script as a worker: the primary's own runtime, flags, script and
+ * arguments. Deno's process.execArgv is empty: its flags (`run`, the permissions, `--config`) are in the
+ * kernel's copy of the command line, which Deno lets a program read only with --allow-all.
+ */
 function workerCommand() {
-  return [process.execPath, ...process.execArgv, ...process.argv.slice(1)];
+  if (!process.versions.deno) return [process.execPath, ...process.execArgv, ...process.argv.slice(1)];
+  try {
+    return [process.execPath, ...fs.readFileSync('/proc/self/cmdline', 'utf8').split('\0').slice(1, -1)];
+  } catch {
+    // What Deno's own child_process does with a Node-style command line of the deno binary.
+    return [process.execPath, 'run', '-A', ...process.argv.slice(1)];
+  }
 }
 
 /**

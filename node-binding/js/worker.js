@@ -2,6 +2,7 @@
 // A worker of the JavaScript master: this same script, started with an IPC channel, serving the client
 // sockets the master passes over it on the user's server. Shutdown is the native worker's (drain.js).
 
+const http = require('http');
 const net = require('net');
 const protocol = require('./protocol');
 const { createLogger } = require('./log');
@@ -67,7 +68,8 @@ function runJsWorker(startFn, settings) {
 
   startFn(function callback(userServer) {
     if (drain.server || drain.draining) return;
-    if (!(userServer instanceof net.Server)) {
+    // Bun's http.Server is no net.Server (it is its own class over Bun's server), and serves sockets all the same.
+    if (!(userServer instanceof net.Server || userServer instanceof http.Server)) {
       throw new TypeError('sticky-cluster-native: callback(server) needs a net.Server (http.Server, https.Server, ...)');
     }
     drain.serve(userServer);

@@ -1,6 +1,8 @@
 """Starts the real sticky-cluster binary (or a server on its own) as a child process, collects its log
-lines, and waits on them: the tests synchronise on what the processes say, never on sleeps."""
+lines and the master's ready lines (--ready-fd), and waits on them: the tests synchronise on what the
+processes say, never on sleeps."""
 
+import json
 import os
 import re
 import signal
@@ -29,13 +31,13 @@ def free_port():
 class Process:
     """A child process whose stdout and stderr lines are kept; killed (with its process group) on close."""
 
-    def __init__(self, argv, cwd=APP_DIR, env=None):
+    def __init__(self, argv, cwd=APP_DIR, env=None, pass_fds=()):
         self.argv = argv
         self.lines = []
         self.changed = threading.Condition()
         self.child = subprocess.Popen(
             argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True)
+            stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True, pass_fds=pass_fds)
         self.reader = threading.Thread(target=self._read, daemon=True)
         self.reader.start()
 
@@ -94,15 +96,65 @@ class Process:
 
 class Cluster(Process):
     """sticky-cluster running `server_argv` with `flags` (by default `routing: kernel`, `worker.protocol:
-    none`), on a free port, with debug logs."""
+    none`), on a port the kernel picks (read from its `listening` line), with debug logs."""
 
     def __init__(self, server_argv, concurrency=2, flags=None, cwd=APP_DIR, env=None):
         if flags is None:
             flags = ["--routing", "kernel", "--protocol", "none", "--concurrency", str(concurrency)]
-        argv = [binary(), *flags, "--port", "0", "--debug", "--hard-shutdown-delay", "20s", "--", *server_argv]
-        super().__init__(argv, cwd=cwd, env=env)
+        # The write end goes to the master alone (pipes are not inheritable otherwise), so the reader sees
+        # the end of it when the master is gone.
+        ready_read, ready_write = os.pipe()
+        argv = [binary(), *flags, "--ready-fd", str(ready_write), "--port", "0", "--debug",
+                "--hard-shutdown-delay", "20s", "--", *server_argv]
+        try:
+            super().__init__(argv, cwd=cwd, env=env, pass_fds=(ready_write,))
+        finally:
+            os.close(ready_write)
+        self.ready = []
+        self.ready_ended = False
+        self.ready_reader = threading.Thread(target=self._read_ready, args=(ready_read,), daemon=True)
+        self.ready_reader.start()
         self.concurrency = concurrency
-        self.port = int(self.wait_for(r"listening on \S+:(\d+) with")[0].group(1))
+        try:
+            self.listening = self.wait_event("listening")
+        except BaseException:
+            self.close()
+            raise
+        self.port = self.listening["port"]
+
+    def _read_ready(self, fd):
+        with open(fd, encoding="utf-8", errors="replace") as stream:
+            for line in stream:
+                try:
+                    parsed = json.loads(line)
+                except ValueError:
+                    parsed = {"unparsed": line.rstrip("\n")}
+                with self.changed:
+                    self.ready.append(parsed)
+                    self.changed.notify_all()
+        with self.changed:
+            self.ready_ended = True
+            self.changed.notify_all()
+
+    def wait_event(self, event, count=1, timeout=30):
+        """Waits for the `count`-th ready line of `event` (format version 1) and returns it; fails with the
+        log's tail when the ready fd ends or `timeout` passes first."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                found = [line for line in self.ready if line.get("event") == event and line.get("version") == 1]
+                if len(found) >= count:
+                    return found[count - 1]
+                left = deadline - time.monotonic()
+                if left <= 0 or self.ready_ended:
+                    raise AssertionError("no %d %r ready lines (%s; exit %s); ready lines %s; log tail:\n%s" % (
+                        count, event, "the fd ended" if self.ready_ended else "%ss" % timeout, self.child.poll(),
+                        self.ready, "\n".join(self.lines[-25:])))
+                self.changed.wait(min(left, 0.5))
+
+    def close(self):
+        super().close()
+        self.ready_reader.join(5)
 
     def started(self, index, generation=1):
         """The pid of worker `index`'s process of that generation, from the master's debug log."""

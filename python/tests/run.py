@@ -68,7 +68,7 @@ SERVERS = {
 
 
 def activated(name):
-    """A cluster running the README's line for `name`, on a free port, with debug logs."""
+    """A cluster running the README's line for `name`, on a port of the kernel's choice, with debug logs."""
     flags, server = ONE_LINERS[name]
     assert "--concurrency" in flags and flags[flags.index("--concurrency") + 1] == str(CONCURRENCY), flags
     return Cluster(server, CONCURRENCY, flags=flags, cwd=APP_COPY)
@@ -152,6 +152,10 @@ def sigterm_ends_the_cluster_with_exit_0(name):
         cluster.signal(signal.SIGTERM)
         status = cluster.wait_exit(30)
         assert status == 0, "exit status %s after SIGTERM; log tail:\n%s" % (status, "\n".join(cluster.log()[-15:]))
+        stopped = cluster.wait_event("stopped")
+        assert stopped["graceful"] is True, stopped
+        # Kernel routing: the listeners' program put every connection on its worker, the master none.
+        assert cluster.listening["routing"] == "kernel" and stopped["routed"] == [0] * CONCURRENCY, stopped
         figures.append("%s: SIGTERM -> exit 0 in %.1fs" % (name, time.monotonic() - begun))
 
 

@@ -23,6 +23,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
 
@@ -32,7 +33,7 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::time::{sleep_until, Instant as TokioInstant};
 use tracing::{debug, info, warn};
 
-use crate::config::{Config, WorkerSource};
+use crate::config::{Config, Routing, WorkerSource};
 use crate::error::{Error, Result};
 use crate::protocol::Message;
 use handoff::Handoff;
@@ -79,6 +80,22 @@ pub struct Stats {
     pub recovered: u64,
     /// Reloads given up because a successor could not start; the old workers kept serving.
     pub reload_failures: u64,
+}
+
+/// Where a master listens: reported once its sockets are registered, before its workers start, and
+/// again by [`resume`] once an upgraded image has taken them over (the binary's `--ready-fd` line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listening {
+    /// The client listener's address (with the port the kernel picked when the configuration said 0).
+    pub address: SocketAddr,
+    /// The Prometheus page's address, when `metrics` is configured.
+    pub metrics: Option<SocketAddr>,
+    /// Attach mode: the Unix socket workers dial.
+    pub attach_socket: Option<PathBuf>,
+    /// Worker indexes (`concurrency`).
+    pub workers: u32,
+    /// Who routes connections.
+    pub routing: Routing,
 }
 
 /// Where the master is in its life.
@@ -247,6 +264,17 @@ impl Sockets {
 /// Runs a cluster on `listener` (what [`bind`] returned) until `stop` asks it to end (first
 /// [`Stop::Graceful`], then [`Stop::Hard`] for a second signal), and reports how it ended.
 pub async fn run(config: Config, listener: impl Into<Listener>, stop: UnboundedReceiver<Stop>) -> Result<Outcome> {
+    run_reporting(config, listener, stop, |_| {}).await
+}
+
+/// [`run`], telling `listening` where the cluster listens once every socket is registered (before the
+/// first worker starts; connections that come meanwhile wait for their worker).
+pub async fn run_reporting(
+    config: Config,
+    listener: impl Into<Listener>,
+    stop: UnboundedReceiver<Stop>,
+    listening: impl FnOnce(&Listening),
+) -> Result<Outcome> {
     raise_fd_limit();
     let attach = match &config.workers {
         WorkerSource::Spawn { .. } => None,
@@ -268,6 +296,7 @@ pub async fn run(config: Config, listener: impl Into<Listener>, stop: UnboundedR
     let sockets = Sockets::register(&config, listener.into(), attach, metrics)?;
     let (mut master, mut event_rx) = Master::new(config, sockets);
     info!("listening on {} with {} workers", master.listen_address, master.config.concurrency);
+    listening(&master.listening());
     let spawned_workers = if master.spawns() { master.config.concurrency } else { 0 };
     for index in 0..spawned_workers {
         if let Err(error) = master.start_worker(index) {
@@ -394,6 +423,20 @@ impl Master {
             stats.recovered
         );
         Ok(Outcome { graceful: self.phase != Phase::Killed, stats })
+    }
+
+    /// Where this master listens.
+    fn listening(&self) -> Listening {
+        Listening {
+            address: self.listen_address,
+            metrics: self.metrics.as_ref().and_then(|metrics| metrics.get_ref().local_addr().ok()),
+            attach_socket: match &self.config.workers {
+                WorkerSource::Attach(options) => Some(options.socket.clone()),
+                WorkerSource::Spawn { .. } => None,
+            },
+            workers: self.config.concurrency,
+            routing: self.config.routing,
+        }
     }
 
     /// Whether this master starts its workers itself (spawn mode) rather than waiting for attaches.

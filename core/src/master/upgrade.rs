@@ -21,7 +21,7 @@ use super::channel::WorkerChannel;
 use super::handoff::Handoff;
 use super::listen::Listener;
 use super::slot::{AttachLink, Farewell, Life, PendingShutdown, Process, Retirement, WorkerSlot};
-use super::{after, Event, Master, Outcome, Sockets, Stats, Stop};
+use super::{after, Event, Listening, Master, Outcome, Sockets, Stats, Stop};
 use crate::config::{Config, WorkerSource};
 use crate::error::{Error, Result};
 use crate::upgrade::{Plan, STATE_VERSION};
@@ -399,8 +399,14 @@ fn own(fd: RawFd) -> OwnedFd {
 }
 
 /// Goes on as the master the state describes, with `config` (re-read from the same arguments) and
-/// `stop` for shutdown requests: the same listeners, workers, queues and counters.
-pub async fn resume(config: Config, checked: Checked, stop: UnboundedReceiver<Stop>) -> Result<Outcome> {
+/// `stop` for shutdown requests: the same listeners, workers, queues and counters. `listening` hears
+/// where it listens once everything is taken over.
+pub async fn resume(
+    config: Config,
+    checked: Checked,
+    stop: UnboundedReceiver<Stop>,
+    listening: impl FnOnce(&Listening),
+) -> Result<Outcome> {
     let (state, rolled_back) = (checked.state, checked.rolled_back);
     let listener = match (state.listener, state.group) {
         (Some(fd), _) => Listener::Handoff(TcpListener::from(own(fd))),
@@ -462,6 +468,7 @@ pub async fn resume(config: Config, checked: Checked, stop: UnboundedReceiver<St
         state.build,
         std::process::id()
     );
+    listening(&master.listening());
     master.serve(event_rx, stop).await
 }
 

@@ -1,19 +1,26 @@
-//! Test support: start the real `sticky-cluster` binary with real worker processes, read its log,
-//! and talk HTTP to it from chosen loopback source addresses. Everything started is killed on drop.
+//! Test support: start the real `sticky-cluster` binary with real worker processes (waiting on its
+//! `--ready-fd` lines, keeping its log), or run `master::run` in this process ([`InProcess`]), and talk
+//! HTTP to either from chosen loopback source addresses. Everything started is killed on drop.
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod cluster;
+mod in_process;
+
+use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use serde_json::Value;
+
+#[allow(unused_imports)]
+pub use cluster::Cluster;
+#[allow(unused_imports)]
+pub use in_process::InProcess;
 
 /// The binary under test.
 pub fn binary() -> PathBuf {
@@ -49,223 +56,6 @@ fn config_text(yaml: &str) -> String {
         format!("port: 0\n{yaml}")
     } else {
         format!("port: 0\n{yaml}\nworker:\n  command: [{:?}]\n", test_worker().display().to_string())
-    }
-}
-
-/// A running master, its collected log lines, and the temp dir holding its config.
-pub struct Cluster {
-    child: Option<Child>,
-    /// The client port the master listens on.
-    pub port: u16,
-    log: Arc<(Mutex<Vec<String>>, Condvar)>,
-    /// The thread reading the master's stderr: it ends at end of file, after the master's last line.
-    reader: Option<std::thread::JoinHandle<()>>,
-    /// Scratch directory of this cluster (config file, markers).
-    pub dir: tempfile::TempDir,
-}
-
-impl Cluster {
-    /// Starts the master with `yaml` (port 0 added) and the test worker as `worker.command`.
-    pub fn start(yaml: &str) -> Cluster {
-        Cluster::start_with(yaml, |_| {})
-    }
-
-    /// Like [`Cluster::start`], letting the test adjust the master's command first.
-    pub fn start_with(yaml: &str, adjust: impl FnOnce(&mut Command)) -> Cluster {
-        Cluster::start_program(&binary(), yaml, adjust)
-    }
-
-    /// Starts the master without waiting for it to listen (for tests of start-up failures).
-    pub fn spawn(yaml: &str, adjust: impl FnOnce(&mut Command)) -> Cluster {
-        Cluster::spawn_program(&binary(), yaml, adjust)
-    }
-
-    /// Like [`Cluster::start_with`], with `program` as the master's binary (a copy, for upgrade tests).
-    pub fn start_program(program: &std::path::Path, yaml: &str, adjust: impl FnOnce(&mut Command)) -> Cluster {
-        let mut cluster = Cluster::spawn_program(program, yaml, adjust);
-        let line = cluster.wait_for_log("listening on", Duration::from_secs(20));
-        cluster.port = line.rsplit(':').next().unwrap().split_whitespace().next().unwrap().parse().unwrap();
-        cluster
-    }
-
-    fn spawn_program(program: &std::path::Path, yaml: &str, adjust: impl FnOnce(&mut Command)) -> Cluster {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("cluster.yaml");
-        std::fs::write(&config, config_text(yaml)).unwrap();
-        let mut command = Command::new(program);
-        command.arg("--config").arg(&config).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-        adjust(&mut command);
-        let mut child = command.spawn().unwrap();
-        let log = Arc::new((Mutex::new(Vec::new()), Condvar::new()));
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                eprintln!("[master] {line}");
-                sink.0.lock().unwrap().push(line);
-                sink.1.notify_all();
-            }
-        });
-        Cluster { child: Some(child), port: 0, log, reader: Some(reader), dir }
-    }
-
-    /// Waits until every worker answers (so each has installed its signal handling).
-    pub fn wait_all_ready(&self, concurrency: u32) {
-        for index in 0..concurrency {
-            self.get(clients_for(index, concurrency, 1, 1000)[0], "/").unwrap();
-        }
-    }
-
-    /// Replaces the configuration file (as [`Cluster::start`] writes it), for reload tests.
-    pub fn rewrite_config(&self, yaml: &str) {
-        std::fs::write(self.dir.path().join("cluster.yaml"), config_text(yaml)).unwrap();
-    }
-
-    /// The master's pid.
-    pub fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
-    /// Every log line so far.
-    pub fn log(&self) -> Vec<String> {
-        self.log.0.lock().unwrap().clone()
-    }
-
-    /// Waits for a log line containing `needle` and returns it; panics with the log after `timeout`.
-    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
-        self.wait_for_log_count(needle, 1, timeout)
-    }
-
-    /// Waits until `count` log lines contain `needle`; returns the last of them.
-    pub fn wait_for_log_count(&self, needle: &str, count: usize, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        let (lines, changed) = &*self.log;
-        let mut lines = lines.lock().unwrap();
-        loop {
-            let found: Vec<&String> = lines.iter().filter(|l| l.contains(needle)).collect();
-            if found.len() >= count {
-                return found[count - 1].clone();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                panic!("no {count} log lines with {needle:?} within {timeout:?}; log:\n{}", lines.join("\n"));
-            }
-            lines = changed.wait_timeout(lines, left).unwrap().0;
-        }
-    }
-
-    /// Waits for a log line containing any of `needles` and returns it; panics with the log after `timeout`.
-    pub fn wait_for_any_log(&self, needles: &[&str], timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        let (lines, changed) = &*self.log;
-        let mut lines = lines.lock().unwrap();
-        loop {
-            if let Some(line) = lines.iter().find(|l| needles.iter().any(|needle| l.contains(needle))) {
-                return line.clone();
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                panic!("no log line with any of {needles:?} within {timeout:?}; log:\n{}", lines.join("\n"));
-            }
-            lines = changed.wait_timeout(lines, left).unwrap().0;
-        }
-    }
-
-    /// Sends a signal to the master.
-    pub fn signal(&self, signal: Signal) {
-        kill(Pid::from_raw(self.pid() as i32), signal).unwrap();
-    }
-
-    /// Waits for the master to exit; `None` if it still runs after `timeout`.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        let child = self.child.as_mut().unwrap();
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                // The reader has every line once it has seen the end of the master's stderr (workers
-                // that inherited it die with the master).
-                let reader_deadline = Instant::now() + Duration::from_secs(5);
-                while self.reader.as_ref().is_some_and(|reader| !reader.is_finished())
-                    && Instant::now() < reader_deadline
-                {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Whether the master process is still running.
-    pub fn running(&mut self) -> bool {
-        self.child.as_mut().unwrap().try_wait().unwrap().is_none()
-    }
-
-    /// Number of open fds of the master.
-    pub fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).unwrap().count()
-    }
-
-    /// The master's open fds once it has settled: a connection's fd may outlive its answer by a moment
-    /// (the worker can serve it before the master's thread runs the close after `sendmsg`), so this waits
-    /// up to `timeout` for `expected` (or, without one, for two equal counts 100 ms apart) and returns the
-    /// last count and what the fds were.
-    pub fn settled_fds(&self, expected: Option<usize>, timeout: Duration) -> (usize, Vec<String>) {
-        let deadline = Instant::now() + timeout;
-        let mut last = self.open_fds();
-        loop {
-            std::thread::sleep(Duration::from_millis(100));
-            let now = self.open_fds();
-            let done = match expected {
-                Some(expected) => now == expected,
-                None => now == last,
-            };
-            if done || Instant::now() >= deadline {
-                let targets = std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
-                    .map(|entries| {
-                        entries
-                            .flatten()
-                            .map(|e| std::fs::read_link(e.path()).map_or("?".into(), |t| t.display().to_string()))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                return (now, targets);
-            }
-            last = now;
-        }
-    }
-
-    /// Pids of the master's worker processes (its children).
-    pub fn worker_pids(&self) -> Vec<u32> {
-        let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.pid())).unwrap_or_default();
-        children.split_whitespace().map(|p| p.parse().unwrap()).collect()
-    }
-
-    /// Utime + stime of the master in clock ticks.
-    pub fn cpu_ticks(&self) -> u64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap();
-        let after_name = &stat[stat.rfind(')').unwrap() + 2..];
-        let fields: Vec<&str> = after_name.split_whitespace().collect();
-        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-    }
-
-    /// `GET path` from `client` to the master; the worker's JSON answer.
-    pub fn get(&self, client: Ipv4Addr, path: &str) -> std::io::Result<Value> {
-        get(client, SocketAddr::from(([127, 0, 0, 1], self.port)), path)
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // Workers carry PR_SET_PDEATHSIG, so killing the master takes them along.
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 
@@ -314,8 +104,9 @@ pub fn get_all(server: SocketAddr, clients: &[Ipv4Addr]) -> Vec<std::io::Result<
     threads.into_iter().map(|thread| thread.join().unwrap()).collect()
 }
 
-/// Every client asks `GET /` `rounds` times, `per_thread` clients to a thread; each answer with its client.
-pub fn ask_all(cluster: &Cluster, clients: &[Ipv4Addr], per_thread: usize, rounds: u32) -> Vec<(Ipv4Addr, Value)> {
+/// Every client asks `server` for `GET /` `rounds` times, `per_thread` clients to a thread; each answer with
+/// its client.
+pub fn ask_all(server: SocketAddr, clients: &[Ipv4Addr], per_thread: usize, rounds: u32) -> Vec<(Ipv4Addr, Value)> {
     std::thread::scope(|scope| {
         let handles: Vec<_> = clients
             .chunks(per_thread)
@@ -325,7 +116,7 @@ pub fn ask_all(cluster: &Cluster, clients: &[Ipv4Addr], per_thread: usize, round
                     for round in 0..rounds {
                         for &client in chunk {
                             let answer =
-                                cluster.get(client, "/").unwrap_or_else(|e| panic!("{client} round {round}: {e}"));
+                                get(client, server, "/").unwrap_or_else(|e| panic!("{client} round {round}: {e}"));
                             answers.push((client, answer));
                         }
                     }
