@@ -9,7 +9,7 @@ declare namespace stickyCluster {
   type InitializeFn = (callback: Callback) => void;
 
   interface Options {
-    /** Number of workers. Default: the number of CPUs. */
+    /** Number of workers, 1 to 1024. Default: the number of CPUs (at most 1024). */
     concurrency?: number;
     /** Port clients connect to. Default: 8080; 0 picks a free port. */
     port?: number;
@@ -21,7 +21,7 @@ declare namespace stickyCluster {
     prefix?: string;
     /** Extra environment per worker index. Default: `index => ({ stickycluster_worker_index: index })`. */
     env?: (index: number) => Record<string, string | number | boolean | undefined>;
-    /** Milliseconds a graceful shutdown may take before workers are killed. Default: 60000. */
+    /** Milliseconds a graceful shutdown may take before workers are killed, 0 to 2147483647. Default: 60000. */
     hardShutdownDelay?: number;
     /** Where the routing hash takes the client address from (native master only). Default: 'peer'. */
     clientAddress?: 'peer' | 'proxy-protocol' | 'x-forwarded-for';
@@ -32,6 +32,13 @@ declare namespace stickyCluster {
     routing?: 'handoff' | 'kernel';
     /** Listen backlog of the client listener (each worker's with routing 'kernel'). Default: 1024. */
     backlog?: number;
+    /** Connections that wait for one worker that does not take them (starting, or its event loop blocked):
+     *  at most `limit` (default 1024) for at most `maxWait` ms (default 10000), then the next ready worker;
+     *  at most `perSource` (default 1024) from one client address over every queue, past it closed and counted. */
+    queue?: { limit?: number; maxWait?: number; perSource?: number };
+    /** Serve Prometheus metrics (`GET /metrics`: routed, queue depth, readiness, redirected, closed, revivals,
+     *  recovered) on `host` (default 127.0.0.1) and `port` (0 picks a free one, logged as `metrics on ...`). */
+    metrics?: { port: number; host?: string };
     /** Gets listen errors (a Node-style Error with `code`, e.g. EADDRINUSE). Default: log and exit 1. */
     errorHandler?: (error: NodeJS.ErrnoException & { address?: string; port?: number }) => void;
   }
@@ -49,6 +56,12 @@ declare namespace stickyCluster {
     readonly port: number | null;
     /** Stops the cluster as SIGTERM does; `hard` kills the workers at once. False once it has ended. */
     stop(hard?: boolean): boolean;
+    /** Restarts the workers one at a time (each successor ready before the next index stops; no connection
+     *  is lost), with `changes` applied over the options `start` was given: `env`, `queue` and
+     *  `hardShutdownDelay` take effect; port, host, concurrency, routing, backlog, debug and prefix need a
+     *  restart (logged). Throws a TypeError for an option out of bounds; false once the cluster has ended.
+     *  Call it from your own `process.on('SIGHUP')` (see the README's "Reloading"). */
+    reload(changes?: Options): boolean;
   }
 }
 

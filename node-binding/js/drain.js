@@ -11,7 +11,7 @@ const IDLE_GRACE_MS = 2000;
 /**
  * The drain state of one worker. `stopRouting()` runs when the drain starts (tell the master, or shut the
  * channel's read side); `waitForChannelWithoutServer`: a worker with no server yet still waits for the
- * channel's end before it exits (the JavaScript master answers the worker's DRAINING with SHUTDOWN).
+ * channel's end before it exits (the JavaScript master answers the worker's STOPPING with STOPPED).
  */
 function createDrain({ debug, stopRouting, waitForChannelWithoutServer }) {
   const sockets = new Set();

@@ -4,11 +4,12 @@
 
 const { spawn } = require('child_process');
 const { JS_WORKER_ENV } = require('./protocol');
+const defaults = require('./defaults.json');
 
-/** A worker that lived shorter than this counts as a crash for back-off purposes (core: CRASH_UPTIME). */
-const CRASH_UPTIME_MS = 2000;
-const FIRST_BACKOFF_MS = 100;
-const MAX_BACKOFF_MS = 30000;
+/** A worker that lived shorter than this counts as a crash for back-off purposes (core's CRASH_UPTIME). */
+const CRASH_UPTIME_MS = defaults.crashUptimeMs;
+const FIRST_BACKOFF_MS = defaults.firstBackoffMs;
+const MAX_BACKOFF_MS = defaults.maxBackoffMs;
 
 /** Delay before the next revival after `crashes` consecutive short-lived runs (0: revive at once). */
 function revivalDelay(crashes) {

@@ -22,18 +22,24 @@ function runJsWorker(startFn, settings) {
   const debug = (message) => log.debug(`worker ${index} (pid ${process.pid}) ${message}`);
   const drain = createDrain({
     debug,
-    // A SIGTERM from elsewhere: the master stops routing here and answers with the shutdown message.
+    // A SIGTERM from elsewhere: the master stops routing here and answers STOPPED after the last one.
     stopRouting: (channelEnded) => {
-      if (!channelEnded && process.connected) process.send(protocol.message(protocol.DRAINING), () => {});
+      if (!channelEnded && process.connected) process.send(protocol.message(protocol.STOPPING), () => {});
     },
     waitForChannelWithoutServer: true,
   });
 
   process.on('message', (message, handle) => {
     const kind = protocol.kindOf(message);
-    if (kind === protocol.CONNECTION) onConnection(handle);
+    if (kind === protocol.CONNECTION) {
+      // Said before the socket is used: the master then closes its copy (until now it could take the
+      // connection back if this process died).
+      process.send(protocol.message(protocol.TAKEN, { seq: message.seq }), () => {});
+      onConnection(handle);
+    }
     // Node's IPC keeps order: every connection sent before the shutdown message has arrived by now.
     else if (kind === protocol.SHUTDOWN) drain.channelEnded('the master says shut down', 'shutdown');
+    else if (kind === protocol.STOPPED) drain.channelEnded('the master routes nothing more here', 'closed');
   });
   // The master is gone (killed, crashed): die with it, as native workers do through PR_SET_PDEATHSIG.
   // A master exits only after its workers, so a disconnect here never cuts a graceful shutdown short.

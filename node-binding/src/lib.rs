@@ -6,5 +6,5 @@
 mod master;
 mod worker;
 
-pub use master::{start_cluster, Cluster, ClusterEnd, ClusterOptions, ListenFailure, StartResult};
-pub use worker::{open_worker, RoutedConnection, WorkerEnd, WorkerHandle};
+pub use master::{check_options, start_cluster, Cluster, ClusterEnd, ClusterOptions, ListenFailure, StartResult};
+pub use worker::{open_worker, RoutedConnection, Taken, WorkerEnd, WorkerHandle};

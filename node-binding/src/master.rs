@@ -2,6 +2,7 @@
 //! synchronously), then run core's master on one dedicated thread until JS asks it to stop.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use napi::bindgen_prelude::{Either, Unknown};
@@ -9,7 +10,7 @@ use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::Status;
 use napi_derive::napi;
 use sticky_cluster::client_address::{Cidr, ClientAddressSource, TrustedProxies};
-use sticky_cluster::config::{Overrides, Routing};
+use sticky_cluster::config::{defaults, Routing};
 use sticky_cluster::master::{self, Stop};
 use sticky_cluster::{Config, Error, WorkerSource};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
@@ -17,12 +18,13 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 /// The cluster options after `index.js` applied the npm module's defaults.
 #[napi(object)]
 pub struct ClusterOptions {
-    /// TCP port clients connect to (0 picks a free one).
-    pub port: u32,
+    /// TCP port clients connect to (0 picks a free one). Numbers arrive as JS numbers (f64) so that no
+    /// value is wrapped to 32 bits on the way (2^32 + 1 would be 1).
+    pub port: f64,
     /// Address to listen on; `::` is dual-stack, like Node.
     pub host: String,
     /// Number of workers.
-    pub concurrency: u32,
+    pub concurrency: f64,
     /// Log every worker start/exit and every routed connection.
     pub debug: bool,
     /// Text in front of every log line.
@@ -42,7 +44,17 @@ pub struct ClusterOptions {
     /// own SO_REUSEPORT listener; a BPF program routes).
     pub routing: Option<String>,
     /// Listen backlog of the client listener (of each worker's listener with `routing: kernel`).
-    pub backlog: Option<u32>,
+    pub backlog: Option<f64>,
+    /// `queue.limit`: connections that may wait for one worker that is not taking them.
+    pub queue_limit: Option<f64>,
+    /// `queue.maxWait`: milliseconds a connection may wait for its worker before it goes to the next one.
+    pub queue_max_wait_ms: Option<f64>,
+    /// `queue.perSource`: connections of one client address that may wait in the master at once.
+    pub queue_per_source: Option<f64>,
+    /// The IP address of the Prometheus page (with `metricsPort`).
+    pub metrics_host: Option<String>,
+    /// The port of the Prometheus page (`GET /metrics`); none when absent.
+    pub metrics_port: Option<f64>,
 }
 
 /// Why the listener could not be opened: the OS error number and the address, for a Node-style Error.
@@ -94,6 +106,16 @@ impl Cluster {
         self.stop.send(request).is_ok()
     }
 
+    /// Applies new options to the running master (core's `Stop::Reload`): workers whose environment or
+    /// command changed are restarted one at a time, each successor ready before the next stops; port,
+    /// host, concurrency, routing, backlog, debug and prefix need a restart (core logs that). Throws
+    /// for an option out of bounds; returns false when the master has already ended.
+    #[napi]
+    pub fn reload(&self, options: ClusterOptions) -> napi::Result<bool> {
+        let config = config_from(options)?;
+        Ok(self.stop.send(Stop::Reload(Box::new(config))).is_ok())
+    }
+
     /// The IP address the listener is bound to, as Node prints it (`::`, `127.0.0.1`).
     #[napi(getter)]
     pub fn address(&self) -> String {
@@ -105,6 +127,12 @@ impl Cluster {
     pub fn port(&self) -> u32 {
         self.port
     }
+}
+
+/// Checks the options as `startCluster` would, without starting anything: throws the same one line.
+#[napi]
+pub fn check_options(options: ClusterOptions) -> napi::Result<()> {
+    config_from(options).map(|_| ())
 }
 
 /// Binds the client listener and starts the workers on a dedicated master thread. A listen error comes
@@ -175,18 +203,83 @@ fn let_workers_inherit_stdio() {
     }
 }
 
-/// Turns the JS options into a validated core [`Config`]; bad values are one clear thrown message.
+/// The longest `hardShutdownDelay` (Node's largest timer); the Node options bound `queue.maxWait` by it too.
+const MAX_DELAY_MS: f64 = defaults::MAX_HARD_SHUTDOWN_DELAY_MS as f64;
+/// The largest count a JS number reaches this binding as (backlog, queue.limit): a u32.
+const MAX_COUNT: f64 = u32::MAX as f64;
+
+/// A number as JavaScript prints it (`4000000000`, `1.5`, `Infinity`, `1e+21`): the text after `got`.
+fn js_number(value: f64) -> String {
+    if value.is_nan() {
+        "NaN".into()
+    } else if value.is_infinite() {
+        if value > 0.0 { "Infinity" } else { "-Infinity" }.into()
+    } else if value != 0.0 && (value.abs() >= 1e21 || value.abs() < 1e-6) {
+        let text = format!("{value:e}");
+        match text.split_once('e') {
+            Some((mantissa, exponent)) if !exponent.starts_with('-') => format!("{mantissa}e+{exponent}"),
+            _ => text,
+        }
+    } else {
+        format!("{value}")
+    }
+}
+
+/// `value` within `min..=max` (and whole when asked), or the one-line message js/validate.js gives too.
+/// Only what a JS number can be but core's integer types cannot (fractions, signs, sizes) is checked
+/// here, with core's own bounds; `Config::validate` then checks the configuration as for every front end.
+fn bounded(name: &str, value: f64, whole: bool, min: f64, max: f64) -> napi::Result<f64> {
+    let refuse = |message: String| Err(napi::Error::new(Status::InvalidArg, format!("{name}: {message}")));
+    if value.is_nan() {
+        return refuse("must be a number, got NaN".into());
+    }
+    if value < min {
+        return refuse(format!("must be at least {}, got {}", js_number(min), js_number(value)));
+    }
+    if value > max {
+        return refuse(format!("must be at most {}, got {}", js_number(max), js_number(value)));
+    }
+    if whole && value.fract() != 0.0 {
+        return refuse(format!("must be a whole number, got {}", js_number(value)));
+    }
+    Ok(value)
+}
+
+/// Turns the JS options into a core [`Config`] checked by `Config::validate`; bad values are one clear
+/// thrown message, in core's words.
 fn config_from(options: ClusterOptions) -> napi::Result<Config> {
     let invalid = |message: String| napi::Error::new(Status::InvalidArg, message);
-    let port =
-        u16::try_from(options.port).map_err(|_| invalid(format!("port: must be 0..65535, got {}", options.port)))?;
-    if options.concurrency == 0 {
-        return Err(invalid("concurrency: must be at least 1, got 0".into()));
-    }
-    let delay = options.hard_shutdown_delay_ms;
-    if !(delay.is_finite() && delay >= 0.0) {
-        return Err(invalid(format!("hardShutdownDelay: must be a number of milliseconds >= 0, got {delay}")));
-    }
+    // The order is js/validate.js's, so the first bad option is the same one in both implementations.
+    let (min, max) = (f64::from(defaults::MIN_CONCURRENCY), f64::from(defaults::MAX_CONCURRENCY));
+    let concurrency = bounded("concurrency", options.concurrency, true, min, max)? as u32;
+    let port = bounded("port", options.port, true, 0.0, 65535.0)? as u16;
+    let delay = bounded("hardShutdownDelay", options.hard_shutdown_delay_ms, false, 0.0, MAX_DELAY_MS)?;
+    let defaults = Config::default();
+    let backlog = match options.backlog {
+        None => defaults.backlog,
+        Some(backlog) => bounded("backlog", backlog, true, 1.0, MAX_COUNT)? as u32,
+    };
+    let queue_limit = match options.queue_limit {
+        None => defaults.queue_limit,
+        Some(limit) => bounded("queue.limit", limit, true, 1.0, MAX_COUNT)? as usize,
+    };
+    let queue_max_wait = match options.queue_max_wait_ms {
+        None => defaults.queue_max_wait,
+        Some(ms) => Duration::from_millis(bounded("queue.maxWait", ms, false, 0.0, MAX_DELAY_MS)? as u64),
+    };
+    let queue_per_source = match options.queue_per_source {
+        None => defaults.queue_per_source,
+        Some(count) => bounded("queue.perSource", count, true, 1.0, MAX_COUNT)? as usize,
+    };
+    let metrics = match options.metrics_port {
+        None => None,
+        Some(port) => {
+            let port = bounded("metrics.port", port, true, 0.0, 65535.0)? as u16;
+            let host = options.metrics_host.as_deref().unwrap_or("127.0.0.1");
+            let ip: IpAddr = host.parse().map_err(|_| invalid(format!("metrics.host: not an IP address: {host:?}")))?;
+            Some(SocketAddr::new(ip, port))
+        }
+    };
     let client_address = match options.client_address.as_deref() {
         None => ClientAddressSource::Peer,
         Some(text) => text.parse().map_err(|reason| invalid(format!("clientAddress: {reason}")))?,
@@ -200,16 +293,16 @@ fn config_from(options: ClusterOptions) -> napi::Result<Config> {
         None => Routing::Handoff,
         Some(text) => text.parse::<Routing>().map_err(|reason| invalid(format!("routing: {reason}")))?,
     };
-    if options.backlog == Some(0) {
-        return Err(invalid("backlog: must be at least 1, got 0".into()));
-    }
-    let defaults = Config::default();
     let config = Config {
         routing,
-        backlog: options.backlog.unwrap_or(defaults.backlog),
+        backlog,
+        queue_limit,
+        queue_max_wait,
+        queue_per_source,
+        metrics,
         port,
         host: options.host,
-        concurrency: options.concurrency,
+        concurrency,
         debug: options.debug,
         prefix: options.prefix,
         hard_shutdown_delay: Duration::from_millis(delay as u64),
@@ -219,5 +312,35 @@ fn config_from(options: ClusterOptions) -> napi::Result<Config> {
         trusted_proxies: TrustedProxies(trusted_proxies),
         ..defaults
     };
-    config.apply(Overrides::default(), "sticky-cluster-native options").map_err(|e| invalid(e.to_string()))
+    config.validate().map_err(|problem| invalid(problem.to_string()))?;
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_read_as_javascript_prints_them() {
+        let cases = [(4e9, "4000000000"), (1.5, "1.5"), (f64::INFINITY, "Infinity"), (1e21, "1e+21"), (-2.0, "-2")];
+        for (value, text) in cases {
+            assert_eq!(js_number(value), text);
+        }
+        assert_eq!(js_number(1e-7), "1e-7");
+    }
+
+    #[test]
+    fn a_bound_names_the_option_and_the_value() {
+        let message = |result: napi::Result<f64>| result.map_err(|e| e.reason.clone()).unwrap_err();
+        assert_eq!(
+            message(bounded("concurrency", 4e9, true, 1.0, f64::from(defaults::MAX_CONCURRENCY))),
+            "concurrency: must be at most 1024, got 4000000000"
+        );
+        assert_eq!(
+            message(bounded("concurrency", 1.5, true, 1.0, 9.0)),
+            "concurrency: must be a whole number, got 1.5"
+        );
+        assert_eq!(message(bounded("port", -1.0, true, 0.0, 9.0)), "port: must be at least 0, got -1");
+        assert_eq!(bounded("hardShutdownDelay", 1.5, false, 0.0, MAX_DELAY_MS).ok(), Some(1.5));
+    }
 }

@@ -1,16 +1,17 @@
 //! The worker side inside a re-launched Node process: join the cluster from the environment, say ready,
-//! and run one plain thread that blocks on the channel and hands each routed fd to JS.
+//! and run one plain thread that watches the channel and wakes JS, which takes each routed fd itself.
 
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
 use napi::bindgen_prelude::Unknown;
 use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
 use napi::Status;
 use napi_derive::napi;
 use sticky_cluster::hash::node_address_text;
+use sticky_cluster::worker::Connection;
 use sticky_cluster::{Error, Worker};
 
 /// A client connection routed to this worker: its fd (now owned by JS) and both ends' addresses.
@@ -42,14 +43,54 @@ pub struct WorkerEnd {
     pub deadline_ms: Option<f64>,
 }
 
-type ConnectionCallback = ThreadsafeFunction<RoutedConnection, Unknown<'static>, RoutedConnection, Status, false>;
-type EndCallback = ThreadsafeFunction<WorkerEnd, Unknown<'static>, WorkerEnd, Status, false>;
+/// What [`WorkerHandle::take`] hands JS: the next routed connection, or the end of the channel.
+#[napi(object)]
+pub struct Taken {
+    /// A connection that was waiting in the channel.
+    pub connection: Option<RoutedConnection>,
+    /// The channel has ended (shutdown, closed, error): nothing more will come.
+    pub end: Option<WorkerEnd>,
+}
+
+/// Called on the event loop when the channel has something to take; no payload.
+type WakeCallback = ThreadsafeFunction<(), Unknown<'static>, (), Status, false>;
+
+/// Where the watcher thread is between wake-ups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Watch {
+    /// JS was woken and takes what waits; the thread waits for it to find the channel empty.
+    Taking,
+    /// JS found the channel empty: watch it again.
+    Rearmed,
+    /// The channel has ended: the thread lets go of the event loop.
+    Ended,
+}
+
+/// Shared by the watcher thread and the JS calls.
+#[derive(Debug)]
+struct WatchState {
+    watch: Mutex<Watch>,
+    changed: Condvar,
+    /// Why the watcher itself stopped (a failed poll or wait), told to JS by the next `take`.
+    failure: Mutex<Option<String>>,
+}
+
+impl WatchState {
+    fn set(&self, watch: Watch) {
+        let mut current = self.watch.lock().unwrap_or_else(PoisonError::into_inner);
+        if *current != Watch::Ended {
+            *current = watch;
+        }
+        self.changed.notify_all();
+    }
+}
 
 /// This process's membership in the cluster, as JS holds it.
 #[napi]
 pub struct WorkerHandle {
     worker: Arc<Worker>,
     started: AtomicBool,
+    state: Arc<WatchState>,
 }
 
 /// Joins the cluster this process was started for (`STICKY_CLUSTER_FD` or `STICKY_CLUSTER_SOCKET`);
@@ -57,9 +98,9 @@ pub struct WorkerHandle {
 #[napi]
 pub fn open_worker() -> napi::Result<WorkerHandle> {
     let worker = Worker::from_env().map_err(|e| napi::Error::from_reason(e.to_string()))?;
-    Ok(WorkerHandle { worker: Arc::new(worker), started: AtomicBool::new(false) })
+    let state = WatchState { watch: Mutex::new(Watch::Rearmed), changed: Condvar::new(), failure: Mutex::new(None) };
+    Ok(WorkerHandle { worker: Arc::new(worker), started: AtomicBool::new(false), state: Arc::new(state) })
 }
-
 #[napi]
 impl WorkerHandle {
     /// This worker's index: the same through death and revival.
@@ -97,19 +138,50 @@ impl WorkerHandle {
         self.worker.ready().map_err(|e| napi::Error::from_reason(e.to_string()))
     }
 
-    /// Starts the accept thread: `on_connection` for every routed connection, then `on_end` once when
-    /// the channel says shutdown or closes. Both callbacks keep the event loop alive until then.
+    /// Starts watching the channel: `on_readable` runs on the event loop whenever connections (or the
+    /// end) wait, and JS then calls [`WorkerHandle::take`] until it returns null. Nothing is received
+    /// from the channel but by `take`, so a worker whose event loop is blocked leaves its connections in
+    /// the channel, where the master sees them wait (and takes them back if this process dies). The
+    /// callback keeps the event loop alive until `take` has returned the end.
     #[napi]
-    pub fn start(&self, on_connection: ConnectionCallback, on_end: EndCallback) -> napi::Result<()> {
+    pub fn start(&self, on_readable: WakeCallback) -> napi::Result<()> {
         if self.started.swap(true, Ordering::SeqCst) {
-            return Err(napi::Error::from_reason("the worker's accept thread is already running"));
+            return Err(napi::Error::from_reason("the worker's channel is already watched"));
         }
-        let worker = self.worker.clone();
+        let (worker, state) = (self.worker.clone(), self.state.clone());
         std::thread::Builder::new()
-            .name("sticky-cluster-accept".into())
-            .spawn(move || accept_loop(&worker, on_connection, on_end))
-            .map_err(|e| napi::Error::from_reason(format!("start the accept thread: {e}")))?;
+            .name("sticky-cluster-watch".into())
+            .spawn(move || watch_channel(&worker, &state, on_readable))
+            .map_err(|e| napi::Error::from_reason(format!("start the channel watcher: {e}")))?;
         Ok(())
+    }
+
+    /// The next routed connection, never blocking: `{ connection }`, `{ end }` once the channel has
+    /// ended (shutdown, closed, error), or null when nothing waits (the watcher then wakes JS again).
+    #[napi]
+    pub fn take(&self) -> Option<Taken> {
+        let end = |reason: &str, message: String, deadline_ms: Option<f64>| {
+            self.state.set(Watch::Ended);
+            Some(Taken { connection: None, end: Some(WorkerEnd { reason: reason.into(), message, deadline_ms }) })
+        };
+        match self.worker.try_accept() {
+            Ok(connection) => Some(Taken { connection: Some(routed(connection)), end: None }),
+            Err(Error::WouldBlock) => {
+                let failure = self.state.failure.lock().unwrap_or_else(PoisonError::into_inner).take();
+                match failure {
+                    Some(message) => end("error", message, None),
+                    None => {
+                        self.state.set(Watch::Rearmed);
+                        None
+                    }
+                }
+            }
+            Err(Error::Shutdown) => {
+                end("shutdown", Error::Shutdown.to_string(), self.worker.shutdown_deadline_ms().map(|ms| ms as f64))
+            }
+            Err(Error::ChannelClosed) => end("closed", Error::ChannelClosed.to_string(), None),
+            Err(error) => end("error", error.to_string(), None),
+        }
     }
 
     /// Stops taking connections: the channel's read side is shut, so the accept thread meets end of
@@ -122,60 +194,66 @@ impl WorkerHandle {
     }
 }
 
-/// Blocks on the channel and hands every connection to JS; ends (dropping both callbacks, so the
-/// worker can exit) at shutdown, end of channel or an error.
-fn accept_loop(worker: &Worker, on_connection: ConnectionCallback, on_end: EndCallback) {
+/// The watcher thread: waits until the channel has something to take, wakes JS, and waits for JS to
+/// have taken all of it before it watches again, so it never receives anything itself. Ends (dropping
+/// the callback, so the worker can exit) once `take` has returned the end.
+fn watch_channel(worker: &Worker, state: &WatchState, on_readable: WakeCallback) {
     if worker.listen_fd().is_some() {
-        // Kernel routing: Node accepts from the listener itself; this thread only waits for the shutdown,
-        // then takes what is still in the accept queue (JS closes its server on `onEnd`, after this).
+        // Kernel routing: Node accepts from the listener itself; the channel carries only the shutdown,
+        // after which `take` drains what is still in the accept queue (JS closes its server on the end).
         if let Err(error) = worker.wait_for_shutdown() {
-            let reason = if matches!(error, Error::ChannelClosed) { "closed" } else { "error" };
-            drop(on_connection);
-            on_end.call(
-                WorkerEnd { reason: reason.into(), message: error.to_string(), deadline_ms: None },
-                ThreadsafeFunctionCallMode::Blocking,
-            );
+            if !matches!(error, Error::ChannelClosed) {
+                *state.failure.lock().unwrap_or_else(PoisonError::into_inner) = Some(error.to_string());
+            }
+        }
+    } else if let Err(error) = wait_readable(worker.channel_fd().as_raw_fd()) {
+        *state.failure.lock().unwrap_or_else(PoisonError::into_inner) = Some(error);
+    }
+    loop {
+        state.set(Watch::Taking);
+        if on_readable.call((), ThreadsafeFunctionCallMode::Blocking) != Status::Ok {
+            // The environment is going away: nobody will take anything any more.
             return;
         }
-    }
-    let end = loop {
-        match worker.accept_blocking() {
-            Ok(connection) => {
-                let canonical = |address: SocketAddr| (address.ip().to_canonical(), address.port());
-                let proxied =
-                    connection.stream.peer_addr().is_ok_and(|tcp| canonical(tcp) != canonical(connection.peer));
-                let routed = RoutedConnection {
-                    fd: connection.stream.into_raw_fd(),
-                    remote_address: node_address_text(connection.peer.ip()),
-                    remote_port: u32::from(connection.peer.port()),
-                    local_address: node_address_text(connection.local.ip()),
-                    local_port: u32::from(connection.local.port()),
-                    proxied,
-                };
-                let fd = routed.fd;
-                if on_connection.call(routed, ThreadsafeFunctionCallMode::Blocking) != Status::Ok {
-                    // JS is going away and will never own this fd: close it here.
-                    // SAFETY: the fd came from into_raw_fd above and nothing else holds it.
-                    drop(unsafe { OwnedFd::from_raw_fd(fd) });
-                }
-            }
-            Err(Error::Shutdown) => {
-                break WorkerEnd {
-                    reason: "shutdown".into(),
-                    message: Error::Shutdown.to_string(),
-                    deadline_ms: worker.shutdown_deadline_ms().map(|ms| ms as f64),
-                }
-            }
-            Err(Error::ChannelClosed) => {
-                break WorkerEnd {
-                    reason: "closed".into(),
-                    message: Error::ChannelClosed.to_string(),
-                    deadline_ms: None,
-                }
-            }
-            Err(error) => break WorkerEnd { reason: "error".into(), message: error.to_string(), deadline_ms: None },
+        let mut watch = state.watch.lock().unwrap_or_else(PoisonError::into_inner);
+        while *watch == Watch::Taking {
+            watch = state.changed.wait(watch).unwrap_or_else(PoisonError::into_inner);
         }
-    };
-    drop(on_connection);
-    on_end.call(end, ThreadsafeFunctionCallMode::Blocking);
+        if *watch == Watch::Ended {
+            return;
+        }
+        drop(watch);
+        if let Err(error) = wait_readable(worker.channel_fd().as_raw_fd()) {
+            *state.failure.lock().unwrap_or_else(PoisonError::into_inner) = Some(error);
+        }
+    }
+}
+
+/// Blocks until `fd` is readable, hung up or in error (each of which `take` then reports).
+fn wait_readable(fd: RawFd) -> Result<(), String> {
+    loop {
+        let mut poll = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd on the worker's own open channel fd, no timeout.
+        if unsafe { libc::poll(&mut poll, 1, -1) } >= 0 {
+            return Ok(());
+        }
+        let error = std::io::Error::last_os_error();
+        if error.kind() != std::io::ErrorKind::Interrupted {
+            return Err(format!("wait on the channel: {error}"));
+        }
+    }
+}
+
+/// A received connection as JS gets it: the fd (owned by JS from now on) and both ends' addresses.
+fn routed(connection: Connection) -> RoutedConnection {
+    let canonical = |address: SocketAddr| (address.ip().to_canonical(), address.port());
+    let proxied = connection.stream.peer_addr().is_ok_and(|tcp| canonical(tcp) != canonical(connection.peer));
+    RoutedConnection {
+        remote_address: node_address_text(connection.peer.ip()),
+        remote_port: u32::from(connection.peer.port()),
+        local_address: node_address_text(connection.local.ip()),
+        local_port: u32::from(connection.local.port()),
+        proxied,
+        fd: connection.stream.into_raw_fd(),
+    }
 }

@@ -104,6 +104,51 @@ function waitFor(app, check, ms = 15000) {
   });
 }
 
+/** Like waitFor, for an async check: resolves with its first truthy result, polled one at a time. */
+async function waitUntil(app, check, ms = 15000) {
+  const started = Date.now();
+  for (;;) {
+    const value = await check();
+    if (value) return value;
+    if (app.child.exitCode !== null || app.child.signalCode !== null) {
+      throw new Error(`the app exited (${app.child.exitCode ?? app.child.signalCode}); stderr:\n${app.stderr}`);
+    }
+    if (Date.now() - started > ms) throw new Error(`timed out; stderr:\n${app.stderr}`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+/** GET `path` from 127.0.0.1:`port` (a metrics page); resolves with the body text. */
+function httpText(port, path_) {
+  return new Promise((resolve, reject) => {
+    http
+      .get({ host: '127.0.0.1', port, path: path_, agent: false }, (response) => {
+        let body = '';
+        response.setEncoding('utf8').on('data', (chunk) => (body += chunk));
+        response.on('end', () => resolve(body));
+      })
+      .on('error', reject);
+  });
+}
+
+/** The master's closing counters from its `stopped: routed N connections [..], ...` line. */
+function stoppedLine(stderr) {
+  const match = stderr.match(
+    /stopped: routed (\d+) connections \[([\d, ]*)\], redirected (\d+), closed (\d+), revivals (\d+), recovered (\d+)/
+  );
+  if (!match) throw new Error(`no complete 'stopped:' line in:\n${stderr}`);
+  const [text, routed, perWorker, redirected, closed, revivals, recovered] = match;
+  return {
+    text,
+    routed: Number(routed),
+    perWorker: perWorker.split(',').map(Number),
+    redirected: Number(redirected),
+    closed: Number(closed),
+    revivals: Number(revivals),
+    recovered: Number(recovered),
+  };
+}
+
 /** Rejects if `promise` takes longer than `ms`. */
 function within(ms, promise, what) {
   let timer;
@@ -229,10 +274,13 @@ module.exports = {
   expectedImplementation,
   failures,
   getJson,
+  httpText,
   routeIndex,
+  stoppedLine,
   startApp,
   stringHash,
   waitFor,
+  waitUntil,
   listenBacklogs,
   within,
 };

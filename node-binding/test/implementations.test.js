@@ -124,3 +124,40 @@ test('a bad STICKY_CLUSTER_NATIVE and a JS worker without a master are one clear
   assert.strictEqual(orphan.status, 4, orphan.stderr);
   assert.match(JSON.parse(orphan.stdout.trim()).thrown.message, /not a sticky-cluster worker: .*no IPC channel/);
 });
+
+/** Option values out of core's bounds (issue 18.9) and the one line both implementations must refuse each with. */
+const BAD_OPTIONS = [
+  [{ concurrency: 4e9 }, 'concurrency: must be at most 1024, got 4000000000'],
+  [{ concurrency: 2 ** 32 + 1 }, 'concurrency: must be at most 1024, got 4294967297'],
+  [{ concurrency: 3500 }, 'concurrency: must be at most 1024, got 3500'],
+  [{ concurrency: 1.5 }, 'concurrency: must be a whole number, got 1.5'],
+  [{ concurrency: -2 }, 'concurrency: must be at least 1, got -2'],
+  [{ hardShutdownDelay: 2 ** 31 }, 'hardShutdownDelay: must be at most 2147483647, got 2147483648'],
+  [{ hardShutdownDelay: '::Infinity' }, 'hardShutdownDelay: must be at most 2147483647, got Infinity'],
+  [{ hardShutdownDelay: -5 }, 'hardShutdownDelay: must be at least 0, got -5'],
+  [{ port: 70000 }, 'port: must be at most 65535, got 70000'],
+  [{ port: 80.5 }, 'port: must be a whole number, got 80.5'],
+  [{ backlog: -5 }, 'backlog: must be at least 1, got -5'],
+  [{ backlog: 2 ** 32 }, 'backlog: must be at most 4294967295, got 4294967296'],
+  [{ queue: { limit: 0.5 } }, 'queue.limit: must be at least 1, got 0.5'],
+  [{ queue: { maxWait: 2 ** 31 } }, 'queue.maxWait: must be at most 2147483647, got 2147483648'],
+  [{ queue: { perSource: 2.5 } }, 'queue.perSource: must be a whole number, got 2.5'],
+  [{ metrics: { port: 65536 } }, 'metrics.port: must be at most 65535, got 65536'],
+];
+
+test('every option out of bounds is the same one-line TypeError from both implementations', () => {
+  for (const [values, expected] of BAD_OPTIONS) {
+    const thrown = {};
+    for (const [name, native] of [['native', '1'], ['js', '0']]) {
+      const run = runPlainApp({ FIXTURE_OPTIONS: JSON.stringify({ port: 0, ...values }), STICKY_CLUSTER_NATIVE: native });
+      assert.strictEqual(run.status, 4, `${name} ${JSON.stringify(values)}: ${run.stderr}`);
+      thrown[name] = JSON.parse(run.stdout.trim()).thrown;
+    }
+    const line = `sticky-cluster-native: ${expected}`;
+    assert.deepStrictEqual(
+      { native: [thrown.native.name, thrown.native.message], js: [thrown.js.name, thrown.js.message] },
+      { native: ['TypeError', line], js: ['TypeError', line] },
+      JSON.stringify(values)
+    );
+  }
+});

@@ -52,5 +52,5 @@ test('a backlog that is not a positive integer is refused with the option\'s nam
   const app = await startApp(t, 'plain-app.js', options({ backlog: -5 }), { waitForListening: false });
   const { code } = await app.exited;
   assert.strictEqual(code, 4, app.stderr);
-  assert.match(app.stdout, /options\.backlog must be a positive integer, got -5/);
+  assert.match(app.stdout, /sticky-cluster-native: backlog: must be at least 1, got -5/);
 });

@@ -216,7 +216,7 @@ test('bad input is one clear line and a non-zero exit', () => {
 
   const badConcurrency = spawnSync(process.execPath, ['-e', `require(${JSON.stringify(pkg)})(() => {}, { concurrency: -2 })`], { encoding: 'utf8' });
   assert.notStrictEqual(badConcurrency.status, 0);
-  assert.match(badConcurrency.stderr, /options\.concurrency must be a positive integer, got -2/);
+  assert.match(badConcurrency.stderr, /TypeError: sticky-cluster-native: concurrency: must be at least 1, got -2/);
 
   const notAWorker = spawnSync(process.execPath, [path.join(__dirname, 'fixtures', 'chat-app.js')], {
     encoding: 'utf8',
