@@ -19,6 +19,9 @@ const options: Options = {
   trustedProxies: [],
   routing: 'handoff',
   backlog: 1024,
+  queue: { limit: 1024, maxWait: 10_000, perSource: 1024 },
+  // Port 0: a free one, logged as `metrics on http://...`.
+  metrics: { port: Number(process.env.METRICS_PORT ?? 0), host: '127.0.0.1' },
   errorHandler: (error) => {
     console.error(`cannot listen on ${error.address}:${error.port}: ${error.code}`);
     process.exit(1);
