@@ -20,6 +20,7 @@ pub mod protocol;
 pub mod ready;
 /// Kernel routing: the `SO_REUSEPORT` group and the classic BPF program that computes the routing hash.
 pub mod reuseport;
+pub mod signals;
 pub mod supervisor;
 pub mod upgrade;
 pub mod worker;

@@ -13,8 +13,7 @@ use sticky_cluster::client_address::Cidr;
 use sticky_cluster::config::{parse_duration, Config, Overrides, Routing};
 use sticky_cluster::master::{self, Stop};
 use sticky_cluster::ready::{self, ReadyFd};
-use sticky_cluster::{upgrade, Error};
-use tokio::signal::unix::{signal, SignalKind};
+use sticky_cluster::{signals, upgrade, Error};
 
 /// Exit statuses: 0 clean shutdown, 1 runtime failure or hard shutdown, 2 bad configuration or usage.
 const EXIT_FAILURE: u8 = 1;
@@ -317,53 +316,33 @@ async fn serve(
         Some(_) => None,
         None => Some(master::bind(&config)?),
     };
-    let install =
-        |kind: SignalKind, name: &str| signal(kind).map_err(|e| Error::io(format!("install the {name} handler"), e));
-    let mut terminate = install(SignalKind::terminate(), "SIGTERM")?;
-    let mut interrupt = install(SignalKind::interrupt(), "SIGINT")?;
-    let mut hangup = install(SignalKind::hangup(), "SIGHUP")?;
-    let mut user2 = install(SignalKind::user_defined2(), "SIGUSR2")?;
+    let ready_fd = ready.fd.clone();
+    let on_upgrade: signals::OnUpgrade = Box::new(move || {
+        let (binary, args, ready_fd) = (upgrade.binary.clone(), upgrade.args.clone(), ready_fd.clone());
+        Box::pin(async move {
+            tracing::info!("SIGUSR2: checking {} for an upgrade in place", binary.display());
+            let checked = tokio::task::spawn_blocking(move || upgrade::preflight(&binary, &args)).await;
+            match checked.map_err(|error| format!("the preflight failed: {error}")).and_then(|plan| plan) {
+                Ok(mut plan) => {
+                    // The caller's fd stays open in the new image, which writes `upgraded` to it.
+                    if let Some(fd) = &ready_fd {
+                        plan.pass_on.push((ready::ENV_UPGRADE_READY_FD.into(), fd.fd()));
+                    }
+                    Some(Stop::Upgrade(Box::new(plan)))
+                }
+                Err(reason) => {
+                    tracing::error!("upgrade refused, nothing changed: {reason}");
+                    if let Some(fd) = &ready_fd {
+                        fd.write(ready::Event::UpgradeRefused { reason });
+                    }
+                    None
+                }
+            }
+        })
+    });
+    let stop_rx = signals::forward(move || reload(&cli), Some(on_upgrade))?;
     // An upgraded image starts with every signal blocked: what came during the exec is delivered now.
     upgrade::unblock_signals();
-    let (stop, stop_rx) = tokio::sync::mpsc::unbounded_channel();
-    let ready_fd = ready.fd.clone();
-    tokio::spawn(async move {
-        let mut stop_request = Stop::Graceful;
-        loop {
-            let request = tokio::select! {
-                _ = terminate.recv() => std::mem::replace(&mut stop_request, Stop::Hard),
-                _ = interrupt.recv() => std::mem::replace(&mut stop_request, Stop::Hard),
-                _ = hangup.recv() => match reload(&cli) {
-                    Some(config) => Stop::Reload(Box::new(config)),
-                    None => continue,
-                },
-                _ = user2.recv() => {
-                    tracing::info!("SIGUSR2: checking {} for an upgrade in place", upgrade.binary.display());
-                    let (binary, args) = (upgrade.binary.clone(), upgrade.args.clone());
-                    let preflight = tokio::task::spawn_blocking(move || upgrade::preflight(&binary, &args)).await;
-                    match preflight.map_err(|error| format!("the preflight failed: {error}")).and_then(|plan| plan) {
-                        Ok(mut plan) => {
-                            // The caller's fd stays open in the new image, which writes `upgraded` to it.
-                            if let Some(fd) = &ready_fd {
-                                plan.pass_on.push((ready::ENV_UPGRADE_READY_FD.into(), fd.fd()));
-                            }
-                            Stop::Upgrade(Box::new(plan))
-                        }
-                        Err(reason) => {
-                            tracing::error!("upgrade refused, nothing changed: {reason}");
-                            if let Some(fd) = &ready_fd {
-                                fd.write(ready::Event::UpgradeRefused { reason });
-                            }
-                            continue;
-                        }
-                    }
-                }
-            };
-            if stop.send(request).is_err() {
-                return;
-            }
-        }
-    });
     let listening = |at: &master::Listening| ready.listening(at);
     let outcome = match (listener, resumed) {
         (Some(listener), _) => master::run_reporting(config, listener, stop_rx, listening).await?,

@@ -10,8 +10,7 @@ use sticky_cluster::master::{self, Stop};
 use sticky_cluster::ready::ReadyFd;
 use sticky_cluster::worker::{ENV_CHANNEL_FD, ENV_SOCKET};
 use sticky_cluster::Worker;
-use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::mpsc::UnboundedReceiver;
 use tracing::{error, info, warn};
 
 use crate::cluster::{self, Requests};
@@ -318,31 +317,9 @@ impl OnHangup {
     }
 }
 
-/// SIGTERM and SIGINT as shutdown requests (the first graceful, the next hard), SIGHUP as `on_hangup` says.
-/// Must run inside the master's runtime; the handlers stay installed afterwards.
+/// SIGTERM and SIGINT as shutdown requests (the first graceful, the next hard), SIGHUP as `on_hangup` says
+/// (core's one signal loop; SIGUSR2 is left alone: an embedding cannot upgrade in place). Must run inside
+/// the master's runtime; the handlers stay installed afterwards.
 pub(crate) fn forward_signals(on_hangup: OnHangup) -> sticky_cluster::Result<UnboundedReceiver<Stop>> {
-    let install = |kind: SignalKind, name: &str| {
-        signal(kind).map_err(|e| sticky_cluster::Error::io(format!("install the {name} handler"), e))
-    };
-    let mut terminate = install(SignalKind::terminate(), "SIGTERM")?;
-    let mut interrupt = install(SignalKind::interrupt(), "SIGINT")?;
-    let mut hangup = install(SignalKind::hangup(), "SIGHUP")?;
-    let (requests, received) = unbounded_channel();
-    tokio::spawn(async move {
-        let mut stop_request = Stop::Graceful;
-        loop {
-            let request = tokio::select! {
-                _ = terminate.recv() => std::mem::replace(&mut stop_request, Stop::Hard),
-                _ = interrupt.recv() => std::mem::replace(&mut stop_request, Stop::Hard),
-                _ = hangup.recv() => match on_hangup.reload() {
-                    Some(config) => Stop::Reload(Box::new(config)),
-                    None => continue,
-                },
-            };
-            if requests.send(request).is_err() {
-                return;
-            }
-        }
-    });
-    Ok(received)
+    sticky_cluster::signals::forward(move || on_hangup.reload(), None)
 }
