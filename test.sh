@@ -14,6 +14,7 @@ suite() {
     local name=$1
     shift
     echo "== $name"
+    local started=$SECONDS
     local status=0
     "$@" 2>&1 | tee "$log_dir/$name.log" || status=$?
     local counts
@@ -21,6 +22,7 @@ suite() {
         | awk '{p += $1; f += $3} END {print p+0, f+0}')
     passed=$((passed + ${counts% *}))
     failed=$((failed + ${counts#* }))
+    echo "== $name took $((SECONDS - started)) s"
     if [ "$status" -ne 0 ]; then
         echo "suite $name failed (exit $status)"
         failed=$((failed + 1))
