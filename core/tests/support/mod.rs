@@ -6,6 +6,7 @@
 
 mod cluster;
 mod in_process;
+pub mod netns;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
