@@ -48,8 +48,14 @@ impl Build {
     }
 
     fn install(&self, bytes: &[u8]) {
-        let next = self.dir.path().join(".next");
-        std::fs::write(&next, bytes).unwrap();
+        // A file that some process has open for writing cannot be executed (ETXTBSY), and a child that
+        // another test's thread forks while this process holds a write fd keeps a copy of it until its own
+        // exec. So this process writes only a staging file that is never run, and `cp`, a process of its
+        // own that starts nothing, writes the file that is.
+        let (staged, next) = (self.dir.path().join(".staged"), self.dir.path().join(".next"));
+        std::fs::write(&staged, bytes).unwrap();
+        let copied = std::process::Command::new("cp").arg(&staged).arg(&next).status().unwrap();
+        assert!(copied.success(), "cp {}: {copied}", next.display());
         std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::rename(&next, &self.path).unwrap();
     }
