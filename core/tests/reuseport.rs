@@ -10,16 +10,11 @@ use nix::sys::time::TimeVal;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, TcpListener};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::process::{Command, Stdio};
 use sticky_cluster::hash::route_index;
 use sticky_cluster::reuseport::{
     accept_queue, bind_group, node_peer_text, peer_index, AcceptQueue, ReuseportGroup, TextForm,
 };
-
-/// Under CI every test here must run: a missing capability is a failure there, a skip elsewhere.
-fn must_run() -> bool {
-    std::env::var("CI").as_deref() == Ok("true")
-}
+use support::netns::{interface_index, must_run, run_ip, VethPair};
 
 /// A blocking client connected from `source` (port chosen by the kernel) to `target`.
 fn connect_from(source: SocketAddr, target: SocketAddr) -> io::Result<OwnedFd> {
@@ -133,77 +128,6 @@ fn dual_stack_listener_hashes_ipv4_clients_as_mapped_and_ipv6_loopback() {
         route_index(peer.ip(), n)
     });
     assert!(per_listener.iter().all(|&count| count > 0), "{per_listener:?}");
-}
-
-/// A named network namespace, deleted (with its interfaces) when dropped.
-struct Namespace(String);
-
-impl Namespace {
-    fn create(name: String) -> Namespace {
-        run_ip(&["netns", "add", &name], "");
-        Namespace(name)
-    }
-
-    /// Enters this namespace on the calling thread (network namespaces are per thread).
-    fn enter(&self) {
-        let file = std::fs::File::open(format!("/run/netns/{}", self.0)).expect("open the namespace");
-        // SAFETY: file is an open namespace fd; setns only changes this thread's network namespace.
-        let status = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(status, 0, "setns {}: {}", self.0, io::Error::last_os_error());
-    }
-}
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn run_ip(args: &[&str], stdin: &str) {
-    let mut child = Command::new("ip").args(args).stdin(Stdio::piped()).spawn().expect("run ip");
-    io::Write::write_all(&mut child.stdin.take().expect("ip's stdin"), stdin.as_bytes()).expect("feed ip");
-    let status = child.wait().expect("wait for ip");
-    assert!(status.success(), "ip {args:?} failed: {status}");
-}
-
-/// Two namespaces joined by a veth pair (`server_if` in the server's, `client_if` in the client's), every
-/// link up; deleted when dropped. None without root and iproute2 (a skip, and a failure under CI).
-struct VethPair {
-    server: Namespace,
-    client: Namespace,
-    server_if: String,
-    client_if: String,
-}
-
-impl VethPair {
-    /// `tag` keeps the names of concurrent tests apart.
-    fn create(tag: char) -> Option<VethPair> {
-        // SAFETY: geteuid has no preconditions.
-        let root = unsafe { libc::geteuid() } == 0;
-        let have_ip = Command::new("ip").arg("-V").output().is_ok_and(|out| out.status.success());
-        if !(root && have_ip) {
-            assert!(!must_run(), "CI=true: this test needs root and iproute2 (root: {root}, ip: {have_ip})");
-            eprintln!("skipped: needs root and iproute2");
-            return None;
-        }
-        let id = std::process::id();
-        let (server_if, client_if) = (format!("s{tag}s{id}"), format!("s{tag}c{id}"));
-        let server = Namespace::create(format!("sticky-{tag}-srv-{id}"));
-        let client = Namespace::create(format!("sticky-{tag}-cli-{id}"));
-        run_ip(
-            &["-n", &server.0, "-batch", "-"],
-            &format!(
-                "link add {server_if} type veth peer name {client_if} netns {}\nlink set lo up\nlink set {server_if} up\n",
-                client.0
-            ),
-        );
-        run_ip(&["-n", &client.0, "-batch", "-"], &format!("link set lo up\nlink set {client_if} up\n"));
-        Some(VethPair { server, client, server_if, client_if })
-    }
-}
-
-fn interface_index(name: &str) -> u32 {
-    nix::net::if_::if_nametoindex(name).unwrap_or_else(|e| panic!("index of {name}: {e}"))
 }
 
 #[test]

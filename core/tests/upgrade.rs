@@ -5,7 +5,7 @@
 mod support;
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
+use support::netns::{run_ip, VethPair};
 use support::{connect_from, expected_index, Attached, Cluster};
 
 const LONG: Duration = Duration::from_secs(30);
@@ -47,8 +48,14 @@ impl Build {
     }
 
     fn install(&self, bytes: &[u8]) {
-        let next = self.dir.path().join(".next");
-        std::fs::write(&next, bytes).unwrap();
+        // A file that some process has open for writing cannot be executed (ETXTBSY), and a child that
+        // another test's thread forks while this process holds a write fd keeps a copy of it until its own
+        // exec. So this process writes only a staging file that is never run, and `cp`, a process of its
+        // own that starts nothing, writes the file that is.
+        let (staged, next) = (self.dir.path().join(".staged"), self.dir.path().join(".next"));
+        std::fs::write(&staged, bytes).unwrap();
+        let copied = std::process::Command::new("cp").arg(&staged).arg(&next).status().unwrap();
+        assert!(copied.success(), "cp {}: {copied}", next.display());
         std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::rename(&next, &self.path).unwrap();
     }
@@ -64,15 +71,38 @@ fn sorted(mut pids: Vec<u32>) -> Vec<u32> {
     pids
 }
 
+/// Where clients dial the master: its address of each family, on its port.
+#[derive(Clone, Copy)]
+struct ServerAddresses {
+    v4: Ipv4Addr,
+    v6: Ipv6Addr,
+    port: u16,
+}
+
+impl ServerAddresses {
+    fn loopback(cluster: &Cluster) -> ServerAddresses {
+        ServerAddresses { v4: Ipv4Addr::LOCALHOST, v6: Ipv6Addr::LOCALHOST, port: cluster.port }
+    }
+
+    /// The server's address in `client`'s family.
+    fn for_client(&self, client: IpAddr) -> SocketAddr {
+        match client {
+            IpAddr::V4(_) => SocketAddr::new(self.v4.into(), self.port),
+            IpAddr::V6(_) => SocketAddr::new(self.v6.into(), self.port),
+        }
+    }
+}
+
 /// A connection held open that answers `{"worker","pid"}` for every line.
 struct Held {
-    client: Ipv4Addr,
+    client: IpAddr,
     stream: TcpStream,
 }
 
 impl Held {
-    fn open(client: Ipv4Addr, server: SocketAddr) -> Held {
-        let mut stream = connect_from(client, server).unwrap();
+    fn open(client: impl Into<IpAddr>, server: ServerAddresses) -> Held {
+        let client = client.into();
+        let mut stream = connect_from(client, server.for_client(client)).unwrap_or_else(|e| panic!("{client}: {e}"));
         stream.write_all(b"LINES\n").unwrap();
         Held { client, stream }
     }
@@ -112,23 +142,22 @@ struct Counts {
 }
 
 impl Load {
-    /// `threads` threads, each cycling through 250 source addresses of its own.
-    fn start(server: SocketAddr, concurrency: u32, threads: u8) -> Load {
+    /// One thread per list of source addresses, each cycling through its list. The threads are in the
+    /// network namespace of the thread that calls this (a new thread starts in its creator's).
+    fn start(server: ServerAddresses, concurrency: u32, sources: &[Vec<IpAddr>]) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let counts: Arc<[AtomicU64; 7]> = Arc::new(Default::default());
-        let threads = (0..threads)
-            .map(|thread| {
-                let (stop, counts) = (stop.clone(), counts.clone());
+        let threads = sources
+            .iter()
+            .map(|clients| {
+                let (stop, counts, clients) = (stop.clone(), counts.clone(), clients.clone());
                 std::thread::spawn(move || {
-                    let clients: Vec<Ipv4Addr> = (0..250u32)
-                        .map(|i| Ipv4Addr::new(127, 30 + thread, (i / 200) as u8, (i % 200 + 1) as u8))
-                        .collect();
                     for client in clients.iter().cycle() {
                         if stop.load(Ordering::SeqCst) {
                             break;
                         }
                         let started = Instant::now();
-                        let outcome = Load::one(*client, server, concurrency);
+                        let outcome = Load::one(*client, server.for_client(*client), concurrency);
                         counts[6].fetch_max(started.elapsed().as_millis() as u64, Ordering::SeqCst);
                         let slot = match outcome {
                             Ok((true, slow)) => {
@@ -154,7 +183,7 @@ impl Load {
 
     /// One request: whether it reached its contract index, and whether connecting took over 900 ms
     /// (a SYN that had to be retransmitted).
-    fn one(client: Ipv4Addr, server: SocketAddr, concurrency: u32) -> std::io::Result<(bool, bool)> {
+    fn one(client: IpAddr, server: SocketAddr, concurrency: u32) -> std::io::Result<(bool, bool)> {
         let started = Instant::now();
         let mut stream = connect_from(client, server)?;
         let slow = started.elapsed() > Duration::from_millis(900);
@@ -186,6 +215,15 @@ fn server(cluster: &Cluster) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], cluster.port))
 }
 
+/// `threads` lists of 250 loopback sources, 127.30.0.1 on: one list per load thread.
+fn loopback_sources(threads: u8) -> Vec<Vec<IpAddr>> {
+    (0..threads)
+        .map(|thread| {
+            (0..250u32).map(|i| Ipv4Addr::new(127, 30 + thread, (i / 200) as u8, (i % 200 + 1) as u8).into()).collect()
+        })
+        .collect()
+}
+
 /// The routed total on the metrics page.
 fn routed_total(metrics: SocketAddr) -> u64 {
     let page = support::http_text(metrics, "/metrics").unwrap();
@@ -195,8 +233,16 @@ fn routed_total(metrics: SocketAddr) -> u64 {
         .sum()
 }
 
-/// Three upgrades in a row under load, with 200 connections held, checked as the issue asks.
-fn three_upgrades(build: &Build, cluster: &mut Cluster, concurrency: u32, held: &mut [Held]) {
+/// Three upgrades in a row under load from `rotating` sources (one list per load thread), with `held`
+/// connections open, checked as the issue asks.
+fn three_upgrades(
+    build: &Build,
+    cluster: &mut Cluster,
+    concurrency: u32,
+    server: ServerAddresses,
+    rotating: &[Vec<IpAddr>],
+    held: &mut [Held],
+) {
     let master = cluster.pid();
     let workers = sorted(cluster.worker_pids());
     assert_eq!(workers.len(), concurrency as usize);
@@ -206,10 +252,10 @@ fn three_upgrades(build: &Build, cluster: &mut Cluster, concurrency: u32, held: 
     }
     let (fds, _) = cluster.settled_fds(None, Duration::from_secs(5));
     // The same load for as long without an upgrade: what "longest" is on this machine at this moment.
-    let baseline = Load::start(server(cluster), concurrency, 4);
+    let baseline = Load::start(server, concurrency, rotating);
     std::thread::sleep(Duration::from_millis(1200));
     let baseline = baseline.stop();
-    let load = Load::start(server(cluster), concurrency, 4);
+    let load = Load::start(server, concurrency, rotating);
     std::thread::sleep(Duration::from_millis(300));
     let mut builds = vec![];
     let started = Instant::now();
@@ -225,8 +271,9 @@ fn three_upgrades(build: &Build, cluster: &mut Cluster, concurrency: u32, held: 
     let took = started.elapsed();
     let counts = load.stop();
     eprintln!(
-        "figures: three upgrades in {took:?} under load: {counts:?}, {} held connections; without an upgrade, \
-         the longest request took {} ms of {} served",
+        "figures: three upgrades in {took:?} under load from {} rotating sources: {counts:?}, {} held \
+         connections; without an upgrade, the longest request took {} ms of {} served",
+        rotating.iter().map(Vec::len).sum::<usize>(),
         held.len(),
         baseline.longest_ms,
         baseline.served
@@ -259,11 +306,12 @@ fn three_upgrades_under_load_keep_every_connection_worker_and_counter() {
     let mut cluster = Cluster::start_program(&build.path, "concurrency: 4\nmetrics:\n  port: 0\n", |_| {});
     let metrics = cluster.metrics_address();
     cluster.wait_all_ready(4);
+    let addresses = ServerAddresses::loopback(&cluster);
     let mut held: Vec<Held> = (0..200u32)
-        .map(|i| Held::open(Ipv4Addr::new(127, 20, (i / 100) as u8, (i % 100 + 1) as u8), server(&cluster)))
+        .map(|i| Held::open(Ipv4Addr::new(127, 20, (i / 100) as u8, (i % 100 + 1) as u8), addresses))
         .collect();
     let routed_before = routed_total(metrics);
-    three_upgrades(&build, &mut cluster, 4, &mut held);
+    three_upgrades(&build, &mut cluster, 4, addresses, &loopback_sources(4), &mut held);
     let routed_after = routed_total(metrics);
     assert!(routed_after > routed_before + 100, "the counters went on");
     drop(held);
@@ -305,11 +353,12 @@ fn a_build_that_fails_after_the_exec_rolls_back_and_loses_nothing() {
     });
     cluster.wait_all_ready(2);
     let workers = sorted(cluster.worker_pids());
+    let addresses = ServerAddresses::loopback(&cluster);
     let mut held: Vec<Held> =
-        (0..20u32).map(|i| Held::open(Ipv4Addr::new(127, 22, 0, i as u8 + 1), server(&cluster))).collect();
+        (0..20u32).map(|i| Held::open(Ipv4Addr::new(127, 22, 0, i as u8 + 1), addresses)).collect();
     let before: Vec<Value> = held.iter_mut().map(|held| held.ask().unwrap()).collect();
     std::fs::write(&fault, "fail").unwrap();
-    let load = Load::start(server(&cluster), 2, 2);
+    let load = Load::start(addresses, 2, &loopback_sources(2));
     build.replace(1);
     cluster.signal(Signal::SIGUSR2);
     let line = cluster.wait_for_log("going back to the previous binary", LONG);
@@ -392,19 +441,89 @@ fn connections_queued_for_a_starting_worker_and_a_worker_killed_in_the_gap_are_a
 }
 
 #[test]
-fn kernel_routing_keeps_its_listener_group_through_three_upgrades() {
+fn kernel_routing_in_a_network_namespace_keeps_its_listener_group_through_three_upgrades() {
     // The group's listeners, their order and their program are the kernel's: the upgrade must hand them
-    // over untouched, so 300 sources stay on their index with no process in the data path.
-    let build = Build::new();
-    let mut cluster = Cluster::start_program(&build.path, "concurrency: 3\nrouting: kernel\n", |_| {});
-    cluster.wait_all_ready(3);
-    let mut held: Vec<Held> = (0..300u32)
-        .map(|i| Held::open(Ipv4Addr::new(127, 23, (i / 150) as u8, (i % 150 + 1) as u8), server(&cluster)))
+    // over untouched, so every source stays on its index with no process in the data path. The master and
+    // its workers run in a server namespace, the clients on the other side of a veth pair, from addresses
+    // of a real interface (IPv4 and native IPv6), not loopback's.
+    let Some(VethPair { server, client, server_if, client_if }) = VethPair::create('u') else { return };
+    let held_sources: Vec<IpAddr> = (0..300u32)
+        .map(|i| Ipv4Addr::new(10, 23, (i / 150) as u8, (i % 150 * 17 % 254 + 1) as u8).into())
+        .chain((0..100u16).map(|i| {
+            // Interface ids the kernel and Node compress differently: a zero run at the end, the middle, none.
+            let id = match i % 4 {
+                0 => [0, 0, 0, i + 1],
+                1 => [i + 1, 0, 0, 1],
+                2 => [0xabc, i, 0x100, 0],
+                _ => [1, 0, i + 1, 2],
+            };
+            Ipv6Addr::new(0xfd00, 0x23, 0, 0, id[0], id[1], id[2], id[3]).into()
+        }))
         .collect();
-    three_upgrades(&build, &mut cluster, 3, &mut held);
-    drop(held);
-    cluster.signal(Signal::SIGTERM);
-    assert_eq!(cluster.wait_exit(LONG).unwrap().code(), Some(0));
+    let rotating_sources: Vec<IpAddr> = (0..1000u32)
+        .map(|i| Ipv4Addr::new(10, 23, (10 + i / 250) as u8, (i % 250 + 1) as u8).into())
+        .chain((0..200u16).map(|i| Ipv6Addr::new(0xfd00, 0x23, 0, 0, 0, 0, 1, i + 1).into()))
+        .collect();
+    let rotating: Vec<Vec<IpAddr>> =
+        (0..4).map(|thread| rotating_sources.iter().skip(thread).step_by(4).copied().collect()).collect();
+    // The sources sit behind a route through the client's veth address: the server's neighbour table then
+    // holds one entry per family, not 1,600 (the kernel's table is shared by every namespace and its
+    // default gc_thresh3 is 1,024).
+    run_ip(
+        &["-n", &server.0, "-batch", "-"],
+        &format!(
+            "addr add 10.200.0.1/24 dev {server_if}\naddr add fd00:200::1/64 dev {server_if} nodad\n\
+             route add 10.23.0.0/16 via 10.200.0.2\nroute add fd00:23::/64 via fd00:200::2\n"
+        ),
+    );
+    let mut client_setup =
+        format!("addr add 10.200.0.2/24 dev {client_if}\naddr add fd00:200::2/64 dev {client_if} nodad\n");
+    for source in held_sources.iter().chain(&rotating_sources) {
+        client_setup += &match source {
+            IpAddr::V4(_) => format!("addr add {source}/32 dev {client_if}\n"),
+            IpAddr::V6(_) => format!("addr add {source}/128 dev {client_if} nodad\n"),
+        };
+    }
+    let started = Instant::now();
+    run_ip(&["-n", &client.0, "-batch", "-"], &client_setup);
+    eprintln!("{} client addresses added in {:?}", held_sources.len() + rotating_sources.len(), started.elapsed());
+    let concurrency = 3;
+    for family in [4, 6] {
+        let mut per_worker = vec![0; concurrency as usize];
+        for source in held_sources.iter().filter(|ip| if family == 4 { ip.is_ipv4() } else { ip.is_ipv6() }) {
+            per_worker[expected_index(*source, concurrency) as usize] += 1;
+        }
+        assert!(per_worker.iter().all(|&n| n > 0), "IPv{family} sources spread over every worker: {per_worker:?}");
+    }
+
+    let build = Build::new();
+    let yaml = format!("concurrency: {concurrency}\nrouting: kernel\n");
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // The master, and the workers it spawns, inherit this thread's namespace.
+                server.enter();
+                let mut cluster = Cluster::start_program(&build.path, &yaml, |_| {});
+                cluster.wait_all_ready(concurrency);
+                for pid in std::iter::once(cluster.pid()).chain(cluster.worker_pids()) {
+                    assert!(server.holds(pid), "process {pid} runs in the server's namespace");
+                }
+                // From here on this thread, and the load threads it starts, are clients.
+                client.enter();
+                let addresses = ServerAddresses {
+                    v4: Ipv4Addr::new(10, 200, 0, 1),
+                    v6: "fd00:200::1".parse().unwrap(),
+                    port: cluster.port,
+                };
+                let mut held: Vec<Held> = held_sources.iter().map(|&source| Held::open(source, addresses)).collect();
+                three_upgrades(&build, &mut cluster, concurrency, addresses, &rotating, &mut held);
+                drop(held);
+                cluster.signal(Signal::SIGTERM);
+                assert_eq!(cluster.wait_exit(LONG).unwrap().code(), Some(0));
+            })
+            .join()
+            .expect("the namespace thread")
+    });
 }
 
 #[test]
@@ -416,10 +535,11 @@ fn attached_workers_stay_attached_through_three_upgrades() {
     let mut cluster = Cluster::start_program(&build.path, &yaml, |_| {});
     let workers: Vec<Attached> = (0..2).map(|i| Attached::start(&socket, Some(i), &[])).collect();
     cluster.wait_all_ready(2);
+    let addresses = ServerAddresses::loopback(&cluster);
     let mut held: Vec<Held> =
-        (0..100u32).map(|i| Held::open(Ipv4Addr::new(127, 24, 0, i as u8 + 1), server(&cluster))).collect();
+        (0..100u32).map(|i| Held::open(Ipv4Addr::new(127, 24, 0, i as u8 + 1), addresses)).collect();
     let before: Vec<Value> = held.iter_mut().map(|held| held.ask().unwrap()).collect();
-    let load = Load::start(server(&cluster), 2, 2);
+    let load = Load::start(addresses, 2, &loopback_sources(2));
     for generation in 1..=3 {
         build.replace(generation);
         cluster.signal(Signal::SIGUSR2);

@@ -6,6 +6,7 @@
 
 mod cluster;
 mod in_process;
+pub mod netns;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
@@ -40,9 +41,14 @@ pub fn client_address(i: u32) -> Ipv4Addr {
     Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8)
 }
 
-/// The index the npm module would pick for this client on a dual-stack listener.
-pub fn expected_index(client: Ipv4Addr, concurrency: u32) -> u32 {
-    sticky_cluster::hash::route_index(IpAddr::V6(client.to_ipv6_mapped()), concurrency)
+/// The index the npm module would pick for this client on a dual-stack listener (where Node prints an IPv4
+/// client as `::ffff:a.b.c.d`).
+pub fn expected_index(client: impl Into<IpAddr>, concurrency: u32) -> u32 {
+    let seen = match client.into() {
+        IpAddr::V4(v4) => IpAddr::V6(v4.to_ipv6_mapped()),
+        v6 => v6,
+    };
+    sticky_cluster::hash::route_index(seen, concurrency)
 }
 
 /// The first `count` client addresses (from `start`) that route to `index`.
@@ -59,13 +65,14 @@ fn config_text(yaml: &str) -> String {
     }
 }
 
-/// Connects from `client` (port chosen by the kernel) to `server`.
-pub fn connect_from(client: Ipv4Addr, server: SocketAddr) -> std::io::Result<TcpStream> {
-    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrIn};
-    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
-    bind(fd.as_raw_fd(), &SockaddrIn::from(std::net::SocketAddrV4::new(client, 0)))?;
-    let SocketAddr::V4(server) = server else { panic!("IPv4 server expected") };
-    connect(fd.as_raw_fd(), &SockaddrIn::from(server))?;
+/// Connects from `client` (port chosen by the kernel) to `server`, of the same address family.
+pub fn connect_from(client: impl Into<IpAddr>, server: SocketAddr) -> std::io::Result<TcpStream> {
+    use nix::sys::socket::{bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrStorage};
+    let client = SocketAddr::new(client.into(), 0);
+    let family = if client.is_ipv6() { AddressFamily::Inet6 } else { AddressFamily::Inet };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(client))?;
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(server))?;
     let stream = TcpStream::from(fd);
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     Ok(stream)
