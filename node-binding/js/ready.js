@@ -61,14 +61,17 @@ function reportStartError(fd, error) {
 
 /**
  * `fd`'s access mode as /proc/self/fdinfo says it (a file every runtime can read, where Deno's node:fs
- * cannot fstat a descriptor it did not open): 'read', 'write', or null when it is not open.
+ * cannot fstat a descriptor it did not open): 'read', 'write', or null when it is not open. Throws the
+ * TypeError for the variable where the runtime will not let it be read (Deno without --allow-all).
  */
 function accessMode(fd) {
   let text;
   try {
     text = fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8');
-  } catch {
-    return null;
+  } catch (error) {
+    if (error.code === 'ENOENT') return null;
+    // Deno without --allow-all (NotCapable): nothing in its node:fs can reach a descriptor it did not open.
+    throw refused(String(fd), `this runtime cannot write to an fd it was given (${error.message.split('\n')[0]})`);
   }
   const flags = /^flags:\s*([0-7]+)$/m.exec(text);
   return flags && (parseInt(flags[1], 8) & 3) === 0 ? 'read' : 'write';
