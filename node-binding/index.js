@@ -11,12 +11,13 @@ const { applyPerWorkerEnvironment, isNativeWorker } = require('./js/environment'
 const { createLogger } = require('./js/log');
 const { normalizeOptions } = require('./js/options');
 const { JS_WORKER_ENV } = require('./js/protocol');
+const { reportStartError, takeReadyFdNumber } = require('./js/ready');
 
 // A worker's own env(index) values must be in process.env before the user's code reads them, so they
 // are applied as soon as this module is loaded, before startFn can run.
 applyPerWorkerEnvironment();
 
-/** The two implementations of the primary, each `start(settings, addon)` → `{ address, port, stop, reload }`. */
+/** The two implementations of the primary, each `start(settings, addon, readyFd)` → `{ address, port, stop, reload }`. */
 const IMPLEMENTATIONS = {
   native: () => require('./js/native-master'),
   js: () => require('./js/js-master'),
@@ -30,12 +31,20 @@ function stickyCluster(startFn, options) {
   if (typeof startFn !== 'function') {
     throw new TypeError('sticky-cluster-native: startFn must be a function: (callback) => callback(server)');
   }
-  const settings = normalizeOptions(options);
   // A worker follows its master's implementation whatever STICKY_CLUSTER_NATIVE says.
-  if (isNativeWorker()) return require('./js/native-worker').runNativeWorker(startFn, settings);
-  if (process.env[JS_WORKER_ENV] !== undefined) return require('./js/worker').runJsWorker(startFn, settings);
-  const implementation = selectImplementation(settings);
-  return IMPLEMENTATIONS[implementation.name]().start(settings, implementation.addon);
+  if (isNativeWorker()) return require('./js/native-worker').runNativeWorker(startFn, normalizeOptions(options));
+  if (process.env[JS_WORKER_ENV] !== undefined) return require('./js/worker').runJsWorker(startFn, normalizeOptions(options));
+  // STICKY_CLUSTER_READY_FD: the binary's ready lines (js/ready.js); a start refused before a master
+  // took the fd says why there too.
+  const readyFd = takeReadyFdNumber();
+  try {
+    const settings = normalizeOptions(options);
+    const implementation = selectImplementation(settings);
+    return IMPLEMENTATIONS[implementation.name]().start(settings, implementation.addon, readyFd);
+  } catch (error) {
+    reportStartError(readyFd, error);
+    throw error;
+  }
 }
 
 let selected = null;

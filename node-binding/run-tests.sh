@@ -50,6 +50,6 @@ run_suite() {
     failed=$((failed + run_failed))
 }
 run_suite 1 test/*.test.js
-run_suite 0 test/sticky.test.js test/options.test.js test/queue.test.js test/stalled-worker.test.js test/reload.test.js test/external-sigterm.test.js test/example.test.js
+run_suite 0 test/ready.test.js test/sticky.test.js test/options.test.js test/queue.test.js test/stalled-worker.test.js test/reload.test.js test/external-sigterm.test.js test/example.test.js
 echo "$passed passed, $failed failed"
 exit "$status"

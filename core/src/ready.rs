@@ -101,13 +101,19 @@ pub struct Listening {
     pub metrics: Option<SocketAddr>,
     /// Attach mode: the socket workers dial.
     pub attach_socket: Option<String>,
-    /// The running executable's build id ([`crate::upgrade::build_id`]).
+    /// The running executable's build id ([`crate::upgrade::build_id`]); in an embedding that is not
+    /// the executable (the Node addon), the library's name and version.
     pub build: String,
 }
 
 impl Listening {
     /// The line's fields for what the master reported, with this executable's build id.
     pub fn of(at: &master::Listening) -> Listening {
+        Listening::built(at, crate::upgrade::build_id())
+    }
+
+    /// The line's fields for what the master reported, with `build` as the build's identity.
+    pub fn built(at: &master::Listening, build: String) -> Listening {
         Listening {
             address: at.address,
             host: at.address.ip(),
@@ -116,7 +122,7 @@ impl Listening {
             routing: at.routing.as_str().to_string(),
             metrics: at.metrics,
             attach_socket: at.attach_socket.as_ref().map(|path| path.to_string_lossy().into_owned()),
-            build: crate::upgrade::build_id(),
+            build,
         }
     }
 }

@@ -16,19 +16,31 @@ const ADDRESSES = 1000;
 const TICKS_PER_SECOND = 100;
 
 function startCluster(implementation) {
+  // The master's ready lines on fd 3 (STICKY_CLUSTER_READY_FD): its port once it listens.
   const child = spawn(process.execPath, [path.join(__dirname, '..', 'test', 'fixtures', 'plain-app.js')], {
-    env: { ...process.env, STICKY_CLUSTER_NATIVE: implementation, FIXTURE_OPTIONS: JSON.stringify({ port: 0, concurrency: 2 }) },
-    stdio: ['ignore', 'ignore', 'pipe'],
+    env: {
+      ...process.env,
+      STICKY_CLUSTER_NATIVE: implementation,
+      STICKY_CLUSTER_READY_FD: '3',
+      FIXTURE_OPTIONS: JSON.stringify({ port: 0, concurrency: 2 }),
+    },
+    stdio: ['ignore', 'ignore', 'pipe', 'pipe'],
   });
   let stderr = '';
+  let ready = '';
   child.stderr.setEncoding('utf8').on('data', (chunk) => (stderr += chunk));
+  child.stdio[3].setEncoding('utf8').on('data', (chunk) => (ready += chunk));
   return new Promise((resolve, reject) => {
     const poll = setInterval(() => {
-      const match = stderr.match(/listening on \S*:(\d+) with/);
-      if (match && stderr.includes('fixture: implementation')) {
+      const listening = ready
+        .split('\n')
+        .filter(Boolean)
+        .map((line) => JSON.parse(line))
+        .find((line) => line.event === 'listening');
+      if (listening && stderr.includes('fixture: implementation')) {
         clearInterval(poll);
         // Both workers ready: the first requests would otherwise wait in the queue.
-        setTimeout(() => resolve({ child, port: Number(match[1]) }), 1000);
+        setTimeout(() => resolve({ child, port: listening.port }), 1000);
       }
       if (child.exitCode !== null) reject(new Error(stderr));
     }, 20);

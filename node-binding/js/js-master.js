@@ -4,6 +4,8 @@
 // `{ address, port, stop, reload }`.
 
 const { workerEnvironments } = require('./environment');
+const { createLogger } = require('./log');
+const { ReadyLines, takeReadyFd } = require('./ready');
 const { normalizeOptions } = require('./options');
 const { RELOAD_ENV, primarySignals, workerCommand } = require('./primary');
 const { startJsMaster } = require('./master');
@@ -34,22 +36,28 @@ function envOf(settings, reloads = 0) {
 }
 
 /**
- * Starts the JavaScript master; returns `{ implementation, address, port, stop, reload }` (address and
+ * Starts the JavaScript master, its ready lines (js/ready.js) on `readyFd` when not null; returns `{ implementation, address, port, stop, reload }` (address and
  * port are null until the listener is bound, a tick later). Throws a TypeError for an option out of
  * bounds (in core's words) or one only the native master has; a listen error goes to `errorHandler`.
  */
-function start(settings) {
+function start(settings, addon, readyFd = null) {
   validate(settings);
   refuseNativeOnly(settings);
+  const ready = readyFd === null ? null : new ReadyLines(takeReadyFd(readyFd), createLogger(settings.prefix, settings.debug));
   const signals = primarySignals(settings);
   const cluster = startJsMaster(settings, {
     command: workerCommand(),
     envOf: envOf(settings),
+    onListening: (at) => ready && ready.listening(at),
     onListenError: (error) => {
+      if (ready) ready.error(error.message);
       signals.release();
       settings.errorHandler(error);
     },
-    onEnd: (end) => signals.exit(end),
+    onEnd: (end) => {
+      if (ready) ready.stopped(end.graceful, end.stats);
+      signals.exit(end);
+    },
   });
   signals.attach(cluster);
   let reloads = 0;

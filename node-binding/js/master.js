@@ -26,11 +26,11 @@ const IN_FLIGHT_LIMIT = 256;
 
 /** The master's state and its routing half; js/workers.js and js/reload.js add the rest of its methods. */
 class JsMaster {
-  constructor(settings, { command, envOf, onListenError, onEnd }) {
+  constructor(settings, { command, envOf, onListening, onListenError, onEnd }) {
     this.settings = { ...settings };
     this.log = createLogger(settings.prefix, settings.debug);
     this.concurrency = settings.concurrency;
-    Object.assign(this, { command, envOf, onListenError, onEnd });
+    Object.assign(this, { command, envOf, onListening, onListenError, onEnd });
     this.slots = Array.from({ length: this.concurrency }, (_, index) => ({
       index,
       generation: 0,
@@ -111,6 +111,7 @@ class JsMaster {
   listening() {
     const { address, port } = this.bound;
     this.log.info(`listening on ${formatSocketAddress(address, port)} with ${this.concurrency} workers`);
+    this.onListening({ address, port, workers: this.concurrency, metrics: this.metricsBound || null });
     if (this.running) for (const slot of this.slots) this.startProcess(slot.index, 'current');
     this.finishIfDone();
   }
@@ -136,6 +137,7 @@ class JsMaster {
         ),
       onListening: (address, port) => {
         this.log.info(`metrics on http://${formatSocketAddress(address, port)}/metrics`);
+        this.metricsBound = { address, port };
         this.listening();
       },
       onError: (error) => this.listenFailed(error),
@@ -394,7 +396,7 @@ class JsMaster {
       `stopped: routed ${routed.reduce((sum, n) => sum + n, 0)} connections [${routed.join(', ')}], ` +
         `redirected ${redirected}, closed ${closed}, revivals ${revivals}, recovered ${recovered}`
     );
-    this.onEnd({ graceful: this.phase !== 'killed' });
+    this.onEnd({ graceful: this.phase !== 'killed', stats: this.stats });
   }
 }
 
@@ -402,7 +404,8 @@ Object.assign(JsMaster.prototype, require('./workers'), require('./reload'));
 
 /**
  * Starts the master. `envOf(index)` gives a worker's extra environment; `onListenError(error)` gets a
- * failed listen (nothing else starts then); `onEnd({ graceful })` is called once every worker is gone
+ * failed listen (nothing else starts then), `onListening({ address, port, workers, metrics })` the
+ * bound addresses before the first worker starts; `onEnd({ graceful, stats })` is called once every worker is gone
  * after a stop. Returns `{ address, port, stop(hard), reload(settings, envOf) }`; address and port are
  * null until bound. `settings` are checked already (js/validate.js).
  */

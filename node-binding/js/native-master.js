@@ -69,11 +69,11 @@ function listenError(failure) {
 }
 
 /**
- * Starts the native master with `addon` (binding.js's); returns `{ implementation, address, port, stop,
+ * Starts the native master with `addon` (binding.js's), its ready lines on `readyFd` when not null; returns `{ implementation, address, port, stop,
  * reload }`, or undefined when it could not listen (then `errorHandler` gets a Node-style Error, a tick
  * later, as with the npm module's `server.on('error')`). Throws a TypeError for an option out of bounds.
  */
-function start(settings, addon) {
+function start(settings, addon, readyFd = null) {
   if (settings.routing === 'kernel' && process.versions.bun) {
     // Its http.Server.listen({ fd }) binds a new port instead: workers would say ready and never accept.
     throw new TypeError(
@@ -86,7 +86,9 @@ function start(settings, addon) {
   const signals = primarySignals(settings);
   let started;
   try {
-    started = checked(() => addon.startCluster(options, (end) => signals.exit(end)));
+    // The addon takes the ready fd (close-on-exec) and core writes the lines, as in the binary.
+    const withReady = readyFd === null ? options : { ...options, readyFd };
+    started = checked(() => addon.startCluster(withReady, (end) => signals.exit(end)));
   } catch (error) {
     if (error instanceof TypeError) throw error;
     process.nextTick(settings.errorHandler, error);

@@ -12,6 +12,7 @@ use napi_derive::napi;
 use sticky_cluster::client_address::{Cidr, ClientAddressSource, TrustedProxies};
 use sticky_cluster::config::{defaults, Routing};
 use sticky_cluster::master::{self, Stop};
+use sticky_cluster::ready::{self, ReadyFd};
 use sticky_cluster::{Config, Error, WorkerSource};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 
@@ -55,6 +56,9 @@ pub struct ClusterOptions {
     pub metrics_host: Option<String>,
     /// The port of the Prometheus page (`GET /metrics`); none when absent.
     pub metrics_port: Option<f64>,
+    /// The fd the binary's `--ready-fd` lines go to (`STICKY_CLUSTER_READY_FD`, read by the JS front);
+    /// `startCluster` only, a reload ignores it.
+    pub ready_fd: Option<f64>,
 }
 
 /// Why the listener could not be opened: the OS error number and the address, for a Node-style Error.
@@ -137,14 +141,24 @@ pub fn check_options(options: ClusterOptions) -> napi::Result<()> {
 
 /// Binds the client listener and starts the workers on a dedicated master thread. A listen error comes
 /// back as a [`ListenFailure`] (not thrown) so JS can build the Node-style Error for `errorHandler`;
-/// `on_end` is called once when the master has stopped.
+/// `on_end` is called once when the master has stopped. With `readyFd`, the binary's ready lines
+/// (`listening`, `stopped` with the counters, `error`) are written there.
 #[napi]
-pub fn start_cluster(options: ClusterOptions, on_end: EndCallback) -> napi::Result<StartResult> {
+pub fn start_cluster(mut options: ClusterOptions, on_end: EndCallback) -> napi::Result<StartResult> {
+    let ready_fd = options.ready_fd.take();
     let config = config_from(options)?;
+    // Taken once the options are known good: until then the front writes an `error` line itself.
+    let ready = take_ready_fd(ready_fd)?;
     sticky_cluster::logging::init(&config.prefix, config.debug);
     let listener = match master::bind(&config) {
         Ok(listener) => listener,
-        Err(Error::Listen { address, source }) => {
+        Err(error) => {
+            if let Some(ready) = &ready {
+                ready.error(&error);
+            }
+            let Error::Listen { address, source } = error else {
+                return Err(napi::Error::from_reason(error.to_string()));
+            };
             return Ok(Either::B(ListenFailure {
                 errno: source.raw_os_error().unwrap_or(0),
                 message: source.to_string(),
@@ -152,7 +166,6 @@ pub fn start_cluster(options: ClusterOptions, on_end: EndCallback) -> napi::Resu
                 port: u32::from(address.port()),
             }));
         }
-        Err(other) => return Err(napi::Error::from_reason(other.to_string())),
     };
     let bound =
         listener.local_addr().map_err(|e| napi::Error::from_reason(format!("read the listener address: {e}")))?;
@@ -162,11 +175,21 @@ pub fn start_cluster(options: ClusterOptions, on_end: EndCallback) -> napi::Resu
     std::thread::Builder::new()
         .name("sticky-cluster-master".into())
         .spawn(move || {
+            let listening = |at: &master::Listening| {
+                if let Some(ready) = &ready {
+                    ready.write(ready::Event::Listening(ready::Listening::built(at, BUILD.into())));
+                }
+            };
             let outcome = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .map_err(|e| Error::io("start the master's runtime", e))
-                .and_then(|runtime| runtime.block_on(master::run(config, listener, stop_rx)));
+                .and_then(|runtime| runtime.block_on(master::run_reporting(config, listener, stop_rx, listening)));
+            match (&outcome, &ready) {
+                (Ok(outcome), Some(ready)) => ready.stopped(outcome),
+                (Err(error), Some(ready)) => ready.error(error),
+                (_, None) => {}
+            }
             let end = match outcome {
                 Ok(outcome) => ClusterEnd {
                     graceful: outcome.graceful,
@@ -187,6 +210,23 @@ pub fn start_cluster(options: ClusterOptions, on_end: EndCallback) -> napi::Resu
         address: sticky_cluster::hash::node_address_text(bound.ip()),
         port: u32::from(bound.port()),
     }))
+}
+
+/// What the `listening` line says as `build` in the Node addon: the package and its version (the
+/// executable is the JavaScript runtime, which an upgrade of this package does not change).
+const BUILD: &str = concat!("sticky-cluster-native@", env!("CARGO_PKG_VERSION"));
+
+/// The ready fd JS read from `STICKY_CLUSTER_READY_FD`, taken (close-on-exec, so no worker holds it);
+/// a number that is not an fd open for writing is the one-line TypeError the variable's name starts.
+fn take_ready_fd(fd: Option<f64>) -> napi::Result<Option<ReadyFd>> {
+    let Some(fd) = fd else { return Ok(None) };
+    let refuse = |reason: String| {
+        napi::Error::new(Status::InvalidArg, format!("{}={}: {reason}", ready::ENV_READY_FD, js_number(fd)))
+    };
+    if fd.fract() != 0.0 || !(0.0..=f64::from(i32::MAX)).contains(&fd) {
+        return Err(refuse("not an fd number".into()));
+    }
+    ReadyFd::take(fd as i32).map(Some).map_err(refuse)
 }
 
 /// Node marks fds 0-2 close-on-exec at start (libuv's `uv_disable_stdio_inheritance`), and core spawns

@@ -14,7 +14,7 @@ const os = require('os');
 const path = require('path');
 const { spawn } = require('child_process');
 const { io } = require('socket.io-client');
-const { clientAddress, waitFor, within } = require('./helpers');
+const { clientAddress, listening, waitFor, within, withReadyFd } = require('./helpers');
 
 const exampleDir = path.resolve(__dirname, '..', '..', 'examples', 'socketio-chat');
 const WORKERS = 4;
@@ -88,17 +88,23 @@ async function startRedis(t) {
 
 /** Runs the example (`node index.js`, as `npm start` does) with 4 workers; resolves once it listens. */
 async function startExample(t, env) {
-  const child = spawn(process.execPath, ['index.js'], {
-    cwd: exampleDir,
-    env: { ...process.env, PORT: '0', WEB_CONCURRENCY: String(WORKERS), NODE_ENV: 'development', ...env },
-    stdio: ['ignore', 'ignore', 'pipe'],
-  });
+  const child = spawn(
+    process.execPath,
+    ['index.js'],
+    withReadyFd({
+      cwd: exampleDir,
+      env: { ...process.env, PORT: '0', WEB_CONCURRENCY: String(WORKERS), NODE_ENV: 'development', ...env },
+      stdio: ['ignore', 'ignore', 'pipe'],
+    })
+  );
   const app = { child, stderr: '' };
   child.stderr.setEncoding('utf8').on('data', (chunk) => (app.stderr += chunk));
   app.exited = new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
   // Workers die with the master; a master left over by a failed test is killed here.
   t.after(() => child.exitCode === null && child.signalCode === null && child.kill('SIGKILL'));
-  app.port = await waitFor(app, () => Number((app.stderr.match(new RegExp(`listening on \\S*:(\\d+) with ${WORKERS} workers`)) || [])[1]));
+  const at = await listening(app);
+  assert.strictEqual(at.workers, WORKERS, JSON.stringify(at));
+  app.port = at.port;
   return app;
 }
 

@@ -8,7 +8,7 @@ const http = require('http');
 const path = require('path');
 const { spawn } = require('child_process');
 const { io } = require('socket.io-client');
-const { addressesPerIndex, waitFor, within } = require('./helpers');
+const { addressesPerIndex, listening, within, withReadyFd } = require('./helpers');
 
 const exampleDir = path.resolve(__dirname, '..', '..', 'examples', 'socketio-chat');
 
@@ -25,16 +25,18 @@ function get(port, localAddress) {
 }
 
 test('the socket.io chat example serves its page and relays chat messages', async (t) => {
-  const child = spawn(process.execPath, ['index.js'], {
-    cwd: exampleDir,
-    env: { ...process.env, PORT: '0', WEB_CONCURRENCY: '2' },
-    stdio: ['ignore', 'ignore', 'pipe'],
-  });
+  const child = spawn(
+    process.execPath,
+    ['index.js'],
+    withReadyFd({ cwd: exampleDir, env: { ...process.env, PORT: '0', WEB_CONCURRENCY: '2' }, stdio: ['ignore', 'ignore', 'pipe'] })
+  );
   const app = { child, stderr: '' };
   child.stderr.setEncoding('utf8').on('data', (chunk) => (app.stderr += chunk));
   const exited = new Promise((resolve) => child.once('exit', (code) => resolve(code)));
   t.after(() => child.exitCode === null && child.signalCode === null && child.kill('SIGKILL'));
-  const port = await waitFor(app, () => Number((app.stderr.match(/listening on \S*:(\d+) with 2 workers/) || [])[1]));
+  const at = await listening(app);
+  assert.strictEqual(at.workers, 2, JSON.stringify(at));
+  const { port } = at;
 
   const page = await get(port, '127.41.0.1');
   assert.strictEqual(page.status, 200);

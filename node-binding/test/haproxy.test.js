@@ -12,7 +12,7 @@ const fs = require('fs');
 const os = require('os');
 const path = require('path');
 const { spawn, spawnSync } = require('child_process');
-const { chatClient, clientAddress, failures, getJson, stringHash, startApp, waitFor, within } = require('./helpers');
+const { chatClient, clientAddress, failures, getJson, listening, stringHash, startApp, waitFor, within } = require('./helpers');
 
 const repo = path.resolve(__dirname, '..', '..');
 const CONCURRENCY = 2;
@@ -42,9 +42,9 @@ function required(t, binary, what) {
   return false;
 }
 
-/** Starts a process killed when the test ends; collects its stderr. */
+/** Starts a process killed when the test ends; collects its stderr (fd 3 is a pipe, for a ready fd). */
 function start(t, command, args) {
-  const child = spawn(command, args, { stdio: ['ignore', 'ignore', 'pipe'] });
+  const child = spawn(command, args, { stdio: ['ignore', 'ignore', 'pipe', 'pipe'] });
   const app = { child, stderr: '' };
   child.stderr.setEncoding('utf8').on('data', (chunk) => (app.stderr += chunk));
   const kill = () => child.exitCode === null && child.signalCode === null && child.kill('SIGKILL');
@@ -62,8 +62,8 @@ async function startHost(t, binary, dir, name) {
     `port: 0\nhost: 127.0.0.1\nconcurrency: ${CONCURRENCY}\nclientAddress: proxy-protocol\n` +
       `trustedProxies: [127.0.0.1/32]\nworker:\n  command: ${JSON.stringify([process.execPath, worker])}\n`
   );
-  const host = start(t, binary, ['--config', config]);
-  host.port = await waitFor(host, () => Number((host.stderr.match(/listening on \S*:(\d+) with/) || [])[1]));
+  const host = start(t, binary, ['--config', config, '--ready-fd', '3']);
+  host.port = (await listening(host)).port;
   return host;
 }
 

@@ -3,6 +3,7 @@
 // loopback client addresses per worker index, and drive real socket.io clients from them.
 
 const { execFileSync, spawn } = require('child_process');
+const fs = require('fs');
 const http = require('http');
 const path = require('path');
 const { io } = require('socket.io-client');
@@ -43,18 +44,17 @@ function expectedImplementation(env = process.env) {
 }
 
 /**
- * Starts `fixtures/<script>` with the given environment, waits for the master's
- * `listening on [..]:PORT` line, and kills the whole tree when the test ends. A fixture that reports
- * its implementation (`fixture: implementation X`) must run the one STICKY_CLUSTER_NATIVE asks for.
+ * Starts `fixtures/<script>` with the given environment and a ready fd (STICKY_CLUSTER_READY_FD=3, a
+ * pipe: `app.ready` collects its JSON lines), waits for the master's `listening` line, and kills the
+ * whole tree when the test ends. A fixture that reports its implementation (`fixture: implementation X`)
+ * must run the one STICKY_CLUSTER_NATIVE asks for.
  */
 async function startApp(t, script, env = {}, { waitForListening = true, reportsImplementation = script !== 'roundrobin-app.js' } = {}) {
-  const child = spawn(process.execPath, [path.join(FIXTURES, script)], {
-    env: { ...process.env, ...env },
-    stdio: ['ignore', 'pipe', 'pipe'],
-  });
+  const child = spawn(process.execPath, [path.join(FIXTURES, script)], withReadyFd({ env: { ...process.env, ...env } }));
   const app = { child, stdout: '', stderr: '', port: null };
   child.stdout.setEncoding('utf8').on('data', (chunk) => (app.stdout += chunk));
   child.stderr.setEncoding('utf8').on('data', (chunk) => (app.stderr += chunk));
+  app.ready = readyLines(child.stdio[3]);
   app.exited = new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
   t.after(() => {
     // Workers die with the master (native: PR_SET_PDEATHSIG; js: when their IPC channel closes); a
@@ -62,10 +62,7 @@ async function startApp(t, script, env = {}, { waitForListening = true, reportsI
     if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
   });
   if (waitForListening) {
-    app.port = await waitFor(app, () => {
-      const match = app.stderr.match(/listening on \S*:(\d+) with \d+ workers/);
-      return match ? Number(match[1]) : null;
-    });
+    app.port = (await listening(app)).port;
     const expected = expectedImplementation({ ...process.env, ...env });
     if (reportsImplementation && expected) {
       app.implementation = await waitFor(app, () => (app.stderr.match(/^fixture: implementation (\w+)$/m) || [])[1]);
@@ -75,6 +72,85 @@ async function startApp(t, script, env = {}, { waitForListening = true, reportsI
     }
   }
   return app;
+}
+
+/**
+ * The JSON lines a master writes on its ready fd (the binary's `--ready-fd` format, core/src/ready.rs),
+ * read from `stream` as they come: `lines` (every one so far), `next(event)` (waits up to 30 s for the
+ * next one of that kind), `closed` (resolves once every writer has closed the pipe).
+ */
+function readyLines(stream) {
+  const lines = [];
+  const waiting = [];
+  let buffer = '';
+  stream.setEncoding('utf8').on('data', (chunk) => {
+    buffer += chunk;
+    let end;
+    while ((end = buffer.indexOf('\n')) >= 0) {
+      lines.push(JSON.parse(buffer.slice(0, end)));
+      buffer = buffer.slice(end + 1);
+      for (const waiter of waiting.splice(0)) waiter();
+    }
+  });
+  const closed = new Promise((resolve) => stream.once('close', resolve));
+  let seen = 0;
+  const next = (event) =>
+    within(
+      30000,
+      new Promise((resolve) => {
+        const look = () => {
+          const found = lines.findIndex((line, i) => i >= seen && line.event === event);
+          if (found >= 0) {
+            seen = found + 1;
+            resolve(lines[found]);
+          } else {
+            waiting.push(look);
+          }
+        };
+        look();
+      }),
+      `ready line ${event}`
+    );
+  return { lines, next, closed };
+}
+
+/** `options` for `spawn` with a ready pipe as fd 3, named by STICKY_CLUSTER_READY_FD (the Node front's variable). */
+function withReadyFd(options = {}) {
+  const stdio = [...(options.stdio || ['ignore', 'pipe', 'pipe'])];
+  stdio[3] = 'pipe';
+  return { ...options, env: { ...(options.env || process.env), STICKY_CLUSTER_READY_FD: '3' }, stdio };
+}
+
+/**
+ * The ready lines a master writes to `file` (opened here for it: pass `fd` as its fd 3 with
+ * STICKY_CLUSTER_READY_FD=3, then `done()` closes this process's copy): `lines` reads them again on
+ * each look. A file and not a pipe, for Deno: its node:fs writes only to what it can reopen (a
+ * socketpair, Node's 'pipe', it cannot).
+ */
+function readyFile(file) {
+  const fd = fs.openSync(file, 'w');
+  return {
+    fd,
+    done: () => fs.closeSync(fd),
+    get lines() {
+      const text = fs.readFileSync(file, 'utf8');
+      return text.slice(0, text.lastIndexOf('\n') + 1).split('\n').filter(Boolean).map((line) => JSON.parse(line));
+    },
+  };
+}
+
+/**
+ * The `listening` ready line of `app` (whose child was spawned `withReadyFd`), once written; rejects if
+ * the app exits first or after `ms`. `app.ready` is the child's readyLines from the first call on.
+ */
+async function listening(app, ms = 15000) {
+  if (!app.ready) app.ready = readyLines(app.child.stdio[3]);
+  return waitFor(app, () => readyEvent(app, 'listening'), ms);
+}
+
+/** The `n`-th (from 1) ready line of `event` the app wrote, or undefined. */
+function readyEvent(app, event, n = 1) {
+  return app.ready.lines.filter((line) => line.event === event)[n - 1];
 }
 
 /** The backlog (ss's Send-Q of a listening socket) of every TCP listener on `port`. */
@@ -131,21 +207,23 @@ function httpText(port, path_) {
   });
 }
 
-/** The master's closing counters from its `stopped: routed N connections [..], ...` line. */
-function stoppedLine(stderr) {
-  const match = stderr.match(
-    /stopped: routed (\d+) connections \[([\d, ]*)\], redirected (\d+), closed (\d+), revivals (\d+), recovered (\d+)/
-  );
-  if (!match) throw new Error(`no complete 'stopped:' line in:\n${stderr}`);
-  const [text, routed, perWorker, redirected, closed, revivals, recovered] = match;
+/**
+ * The master's closing counters from its `stopped` ready line (after the app exited: the line is
+ * written before the exit): `{ text, routed (the total), perWorker, redirected, closed, revivals, recovered }`.
+ */
+async function stoppedCounters(app) {
+  await app.exited;
+  await within(5000, app.ready.closed, 'the end of the ready fd');
+  const stopped = readyEvent(app, 'stopped');
+  if (!stopped) throw new Error(`no 'stopped' ready line: ${JSON.stringify(app.ready.lines)}\n${app.stderr}`);
   return {
-    text,
-    routed: Number(routed),
-    perWorker: perWorker.split(',').map(Number),
-    redirected: Number(redirected),
-    closed: Number(closed),
-    revivals: Number(revivals),
-    recovered: Number(recovered),
+    text: JSON.stringify(stopped),
+    routed: stopped.routed.reduce((sum, n) => sum + n, 0),
+    perWorker: stopped.routed,
+    redirected: stopped.redirected,
+    closed: stopped.closed,
+    revivals: stopped.revivals,
+    recovered: stopped.recovered,
   };
 }
 
@@ -276,7 +354,12 @@ module.exports = {
   getJson,
   httpText,
   routeIndex,
-  stoppedLine,
+  listening,
+  readyEvent,
+  readyFile,
+  readyLines,
+  withReadyFd,
+  stoppedCounters,
   startApp,
   stringHash,
   waitFor,

@@ -11,7 +11,7 @@ const fs = require('fs');
 const os = require('os');
 const path = require('path');
 const { spawn, spawnSync } = require('child_process');
-const { getJson, waitFor, within } = require('./helpers');
+const { getJson, listening, within, withReadyFd } = require('./helpers');
 
 const packageDir = path.resolve(__dirname, '..');
 // The workspace's target dir: the tarball's dependency graph is the same, so only core and this crate
@@ -46,12 +46,12 @@ require('sticky-cluster-native')((callback) => {
 
 /** Runs the installed app: it must serve a request and exit 0 on SIGTERM. */
 async function runInstalledApp(t, dir) {
-  const child = spawn(process.execPath, ['app.js'], { cwd: dir, stdio: ['ignore', 'ignore', 'pipe'] });
+  const child = spawn(process.execPath, ['app.js'], withReadyFd({ cwd: dir, stdio: ['ignore', 'ignore', 'pipe'] }));
   t.after(() => child.exitCode === null && child.signalCode === null && child.kill('SIGKILL'));
   const app = { child, stderr: '' };
   child.stderr.setEncoding('utf8').on('data', (chunk) => (app.stderr += chunk));
   const exited = new Promise((resolve) => child.once('exit', (code) => resolve(code)));
-  const port = await waitFor(app, () => Number((app.stderr.match(/listening on \S*:(\d+)/) || [])[1]));
+  const { port } = await listening(app);
   const seen = await getJson(port, '/', '127.31.0.1');
   assert.ok(seen.index === 0 || seen.index === 1, JSON.stringify(seen));
   child.kill('SIGTERM');

@@ -9,7 +9,7 @@ const assert = require('node:assert');
 const fs = require('fs');
 const path = require('path');
 const { spawn, spawnSync } = require('child_process');
-const { chatCrowd, failures, getJson, waitFor, within } = require('./helpers');
+const { chatCrowd, failures, getJson, listening, within, withReadyFd } = require('./helpers');
 const {
   PLATFORM_ADDON,
   PLATFORM_PACKAGE,
@@ -61,7 +61,7 @@ function writeChatApp(dir) {
 
 /** Starts the installed app (socket.io from the test folder's node_modules), killed when the test ends. */
 async function startInstalledApp(t, dir, env) {
-  const child = spawn(process.execPath, ['chat-app.js'], {
+  const child = spawn(process.execPath, ['chat-app.js'], withReadyFd({
     cwd: dir,
     env: {
       ...env,
@@ -70,13 +70,13 @@ async function startInstalledApp(t, dir, env) {
       FIXTURE_OPTIONS: JSON.stringify({ concurrency: CONCURRENCY, port: 0 }),
     },
     stdio: ['ignore', 'pipe', 'pipe'],
-  });
+  }));
   const app = { child, stdout: '', stderr: '' };
   child.stdout.setEncoding('utf8').on('data', (chunk) => (app.stdout += chunk));
   child.stderr.setEncoding('utf8').on('data', (chunk) => (app.stderr += chunk));
   app.exited = new Promise((resolve) => child.once('exit', (code) => resolve(code)));
   t.after(() => child.exitCode === null && child.signalCode === null && child.kill('SIGKILL'));
-  app.port = await waitFor(app, () => Number((app.stderr.match(/listening on \S*:(\d+) with \d+ workers/) || [])[1]));
+  app.port = (await listening(app)).port;
   return app;
 }
 

@@ -8,7 +8,7 @@
 
 const test = require('node:test');
 const assert = require('node:assert');
-const { clientAddress, getJson, httpText, routeIndex, startApp, stoppedLine, waitFor, waitUntil, within } = require('./helpers');
+const { clientAddress, getJson, httpText, routeIndex, startApp, stoppedCounters, waitFor, waitUntil, within } = require('./helpers');
 
 const CONCURRENCY = 2;
 const QUEUE_LIMIT = 100;
@@ -83,7 +83,7 @@ test('a worker with a blocked event loop stops taking connections; the master qu
 
   app.child.kill('SIGTERM');
   assert.deepStrictEqual(await within(20000, app.exited, 'master after SIGTERM'), { code: 0, signal: null }, app.stderr);
-  const stopped = stoppedLine(app.stderr);
+  const stopped = await stoppedCounters(app);
   t.diagnostic(
     `figures (${app.implementation || 'default'}): sent ${CLIENTS} to a blocked worker, served ${CLIENTS - failed.length} ` +
       `(worker 0: ${byIndex[0]}, worker 1 after revival: ${byIndex[1]}), failed ${failed.length}, deepest queue ${deepest}, ` +
@@ -140,7 +140,7 @@ test('one address flooding a blocked worker is bounded by queue.perSource; other
   const otherResult = await within(30000, other, 'the other address of worker 1');
   app.child.kill('SIGTERM');
   assert.deepStrictEqual(await within(20000, app.exited, 'master after SIGTERM'), { code: 0, signal: null }, app.stderr);
-  const stopped = stoppedLine(app.stderr);
+  const stopped = await stoppedCounters(app);
   const failed = results.filter((r) => r.error).length;
   t.diagnostic(
     `figures (${app.implementation || 'default'}): one address sent ${CLIENTS} to a blocked worker, served ${CLIENTS - failed}, ` +

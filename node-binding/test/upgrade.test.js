@@ -10,47 +10,12 @@ const fs = require('fs');
 const os = require('os');
 const path = require('path');
 const { spawn } = require('child_process');
-const { chatClient, clientAddress, failures, routeIndex, within } = require('./helpers');
+const { chatClient, clientAddress, failures, readyLines, routeIndex, within } = require('./helpers');
 
 const repo = path.resolve(__dirname, '..', '..');
 const CONCURRENCY = 2;
 const CLIENTS = 40;
 const MESSAGES = 15;
-
-/** Reads the JSON lines the master writes on its ready fd; `next(event)` waits for the next one of that kind. */
-function readyLines(stream) {
-  const lines = [];
-  const waiting = [];
-  let buffer = '';
-  stream.setEncoding('utf8').on('data', (chunk) => {
-    buffer += chunk;
-    let end;
-    while ((end = buffer.indexOf('\n')) >= 0) {
-      lines.push(JSON.parse(buffer.slice(0, end)));
-      buffer = buffer.slice(end + 1);
-      for (const waiter of waiting.splice(0)) waiter();
-    }
-  });
-  let seen = 0;
-  const next = (event) =>
-    within(
-      30000,
-      new Promise((resolve) => {
-        const look = () => {
-          const found = lines.findIndex((line, i) => i >= seen && line.event === event);
-          if (found >= 0) {
-            seen = found + 1;
-            resolve(lines[found]);
-          } else {
-            waiting.push(look);
-          }
-        };
-        look();
-      }),
-      `ready line ${event}`
-    );
-  return { lines, next };
-}
 
 test('websockets and long-polling sessions carry on through two upgrades of the master in place', async (t) => {
   const targetDir = process.env.CARGO_TARGET_DIR || path.join(repo, 'target');

@@ -11,7 +11,7 @@ const fs = require('fs');
 const http = require('http');
 const path = require('path');
 const { io } = require('socket.io-client');
-const { addressesPerIndex, getJson, routeIndex, waitFor, within } = require('../helpers');
+const { addressesPerIndex, getJson, listening, routeIndex, within } = require('../helpers');
 const { installApp, runtimeUnderTest, startCluster } = require('./harness');
 
 const entry = runtimeUnderTest();
@@ -57,6 +57,13 @@ function getText(port, localAddress) {
   });
 }
 
+/** The port of the cluster's `listening` ready line, which must say `workers`. */
+async function listeningWith(cluster, workers) {
+  const at = await listening(cluster, 30000);
+  assert.strictEqual(at.workers, workers, JSON.stringify(at));
+  return at.port;
+}
+
 async function sigterm(cluster) {
   cluster.child.kill('SIGTERM');
   assert.deepStrictEqual(await within(20000, cluster.exited, 'the example after SIGTERM'), { code: 0, signal: null }, cluster.stderr);
@@ -72,7 +79,7 @@ test(`${tag} ${entry.label}: the npm sticky-cluster example runs with only its r
   const started = Date.now();
   // Under Deno as `deno run -A index.js` (the smoke set gives each permission by name).
   const cluster = await startCluster(t, entry, app, 'index.js', { env, waitForListening: false, denoAllowAll: true });
-  cluster.port = await waitFor(cluster, () => Number((cluster.stderr.match(/listening on \S*:(\d+) with 2 workers/) || [])[1]), 30000);
+  cluster.port = await listeningWith(cluster, 2);
   assert.match(cluster.stderr, /^sticky-cluster: debug implementation: native \(the addon loaded\)$/m);
 
   // Clients that come during the workers' 2 s async init wait for callback(server); two per worker index.
@@ -103,7 +110,7 @@ test(`${tag} ${entry.label}: the socket.io chat example serves its page and rela
   const app = exampleApp(t, 'chat-example', exampleDir, ['index.js'], ['express', 'socket.io']);
   fs.symlinkSync(path.join(exampleDir, 'public'), path.join(app.dir, 'public'));
   const cluster = await startCluster(t, entry, app, 'index.js', { env: { PORT: '0', WEB_CONCURRENCY: '2', STICKY_CLUSTER_NATIVE: '' }, waitForListening: false });
-  cluster.port = await waitFor(cluster, () => Number((cluster.stderr.match(/listening on \S*:(\d+) with 2 workers/) || [])[1]), 30000);
+  cluster.port = await listeningWith(cluster, 2);
 
   const block = 232 + runtimeNumber;
   const page = await getText(cluster.port, `127.${block}.0.1`);
@@ -132,7 +139,9 @@ if (runsTypeScript()) {
     const exampleDir = path.join(packageDir, 'examples', 'typescript');
     const app = exampleApp(t, 'typescript', exampleDir, ['app.ts'], [], 'module');
     const cluster = await startCluster(t, entry, app, 'app.ts', { env: { PORT: '0', STICKY_CLUSTER_NATIVE: '' }, waitForListening: false });
-    cluster.port = await waitFor(cluster, () => Number((cluster.stderr.match(/^ts-app: info listening on \S*:(\d+) with 2 workers$/m) || [])[1]), 30000);
+    cluster.port = await listeningWith(cluster, 2);
+    // The example's prefix option, on the human line.
+    assert.match(cluster.stderr, /^ts-app: info listening on \S*:\d+ with 2 workers$/m);
     assert.match(cluster.stderr, /^ts-app: native master on /m);
     const block = 244 + runtimeNumber;
     for (const address of [...addressesPerIndex(block, 2), ...addressesPerIndex(block + 6, 2)]) {

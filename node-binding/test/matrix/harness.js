@@ -10,7 +10,7 @@ const os = require('os');
 const path = require('path');
 const { spawn } = require('child_process');
 const { runtime } = require('../runtimes/runtimes');
-const { waitFor } = require('../helpers');
+const { listening, readyFile, waitFor } = require('../helpers');
 const { envWithoutRust, npmOffline, packedTarballs } = require('../install-helpers');
 
 const testDir = path.resolve(__dirname, '..');
@@ -84,11 +84,16 @@ async function eventually(check, ms, what) {
 /**
  * Starts `file` of `app` with `entry`'s runtime: STICKY_CLUSTER_NATIVE for `implementation`, options
  * (port 0 and debug, whose lines name every worker's pid, unless given) as FIXTURE_OPTIONS. Waits for the
- * master's listening line and checks the implementation the fixture reports. The primary and every
+ * master's `listening` ready line (fd 3, a file) and checks the implementation the fixture reports. The primary and every
  * worker it ever started are killed when the test ends. `denoAllowAll`: Deno runs it with -A.
  */
 async function startCluster(t, entry, app, file, { implementation, options = {}, env = {}, waitForListening = true, denoAllowAll = false } = {}) {
   const [bin, ...args] = entry.argv(file, { denoAllowAll });
+  // Deno's JavaScript master can write to an fd it was given only with --allow-all (js/ready.js; the
+  // smoke set checks the one-line refusal): under named permissions it is the one run that reads the
+  // human line instead.
+  const withReady = !(entry.runtime === 'Deno' && implementation === 'js' && !denoAllowAll);
+  const ready = withReady ? readyFile(path.join(app.dir, `ready-${Date.now()}-${Math.random().toString(36).slice(2)}.jsonl`)) : null;
   const child = spawn(bin, args, {
     cwd: app.dir,
     env: {
@@ -96,10 +101,12 @@ async function startCluster(t, entry, app, file, { implementation, options = {},
       STICKY_CLUSTER_NATIVE: implementation === 'js' ? '0' : '1',
       FIXTURE_OPTIONS: JSON.stringify({ port: 0, debug: true, ...options }),
       ...env,
+      ...(ready ? { STICKY_CLUSTER_READY_FD: '3' } : {}),
     },
-    stdio: ['ignore', 'pipe', 'pipe'],
+    stdio: ready ? ['ignore', 'pipe', 'pipe', ready.fd] : ['ignore', 'pipe', 'pipe'],
   });
-  const cluster = { child, stdout: '', stderr: '', port: null };
+  if (ready) ready.done();
+  const cluster = { child, stdout: '', stderr: '', port: null, ready };
   child.stdout.setEncoding('utf8').on('data', (chunk) => (cluster.stdout += chunk));
   child.stderr.setEncoding('utf8').on('data', (chunk) => (cluster.stderr += chunk));
   cluster.exited = new Promise((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
@@ -115,7 +122,9 @@ async function startCluster(t, entry, app, file, { implementation, options = {},
     }
   });
   if (waitForListening) {
-    cluster.port = await waitFor(cluster, () => Number((cluster.stderr.match(/listening on \S*:(\d+) with \d+ workers/) || [])[1]), 30000);
+    cluster.port = ready
+      ? (await listening(cluster, 30000)).port
+      : await waitFor(cluster, () => Number((cluster.stderr.match(/listening on \S*:(\d+) with \d+ workers/) || [])[1]), 30000);
     const reported = await waitFor(cluster, () => (cluster.stderr.match(/^fixture: implementation (\w+)$/m) || [])[1], 30000);
     assert.strictEqual(reported, implementation, cluster.stderr);
   }

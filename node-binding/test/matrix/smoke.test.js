@@ -174,3 +174,20 @@ test(`[${entry.id} native] ${entry.label}: routing 'kernel' ${entry.runtime === 
   }
   await sigterm(cluster, 'master after SIGTERM');
 });
+
+if (entry.runtime === 'Deno') {
+  test(`[${entry.id} js] ${entry.label}: a ready fd is one clear error under named permissions, and works with --allow-all`, { timeout: 60000 }, async (t) => {
+    // Deno's node:fs reaches a descriptor it did not open only through /proc/self, which needs -A.
+    const named = await startCluster(t, entry, app, 'chat-app.cjs', { implementation: 'js', env: { STICKY_CLUSTER_READY_FD: '1' }, waitForListening: false });
+    const exit = await within(20000, named.exited, 'a JavaScript primary with a ready fd under named permissions');
+    assert.notStrictEqual(exit.code, 0, named.stderr);
+    assert.match(named.stderr, /sticky-cluster-native: STICKY_CLUSTER_READY_FD=1: this runtime cannot write to an fd it was given \(Requires all access to "\/proc\/self\/fdinfo\/1", run again with the --allow-all flag\)/);
+    assert.deepStrictEqual(named.workers(), [], 'workers were started');
+    const all = await startCluster(t, entry, app, 'chat-app.cjs', { implementation: 'js', options: { concurrency: 2 }, denoAllowAll: true });
+    const listening = all.ready.lines.find((line) => line.event === 'listening');
+    assert.deepStrictEqual([listening.port, listening.workers, listening.routing], [all.port, 2, 'handoff']);
+    await sigterm(all, 'master after SIGTERM');
+    const stopped = all.ready.lines.find((line) => line.event === 'stopped');
+    assert.ok(stopped && stopped.graceful, JSON.stringify(all.ready.lines));
+  });
+}
