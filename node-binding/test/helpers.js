@@ -148,9 +148,9 @@ async function listening(app, ms = 15000) {
   return waitFor(app, () => readyEvent(app, 'listening'), ms);
 }
 
-/** The `n`-th (from 1) ready line of `event` the app wrote, or undefined. */
-function readyEvent(app, event, n = 1) {
-  return app.ready.lines.filter((line) => line.event === event)[n - 1];
+/** The first ready line of `event` the app wrote, or undefined. */
+function readyEvent(app, event) {
+  return app.ready.lines.find((line) => line.event === event);
 }
 
 /** The backlog (ss's Send-Q of a listening socket) of every TCP listener on `port`. */

@@ -10,7 +10,7 @@ const fs = require('fs');
 const net = require('net');
 const path = require('path');
 const { spawnSync } = require('child_process');
-const { addressesPerIndex, getJson, startApp, stoppedCounters, within } = require('./helpers');
+const { addressesPerIndex, getJson, readyEvent, startApp, stoppedCounters, within } = require('./helpers');
 
 const FIXTURE = path.join(__dirname, 'fixtures', 'plain-app.js');
 const options = (values) => ({ FIXTURE_OPTIONS: JSON.stringify({ port: 0, ...values }) });
@@ -75,7 +75,7 @@ test('the listening line says where the cluster listens, and the stopped line co
   const stopped = await stoppedCounters(app);
   assert.deepStrictEqual(stopped.perWorker, [1, 2, 3], stopped.text);
   assert.deepStrictEqual([stopped.redirected, stopped.closed, stopped.revivals, stopped.recovered], [0, 0, 0, 0], stopped.text);
-  const line = app.ready.lines.find((entry) => entry.event === 'stopped');
+  const line = readyEvent(app, 'stopped');
   assert.deepStrictEqual(line, { version: 1, event: 'stopped', graceful: true, routed: [1, 2, 3], redirected: 0, closed: 0, revivals: 0, recovered: 0, reload_failures: 0, pid: app.child.pid });
   // The human line says the same, in the one format both implementations print.
   assert.match(app.stderr, /^sticky-cluster: info stopped: routed 6 connections \[1, 2, 3\], redirected 0, closed 0, revivals 0, recovered 0$/m);

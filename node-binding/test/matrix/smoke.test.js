@@ -11,7 +11,7 @@ const assert = require('node:assert');
 const http = require('http');
 const net = require('net');
 const { io } = require('socket.io-client');
-const { addressesPerIndex, chatCrowd, failures, getJson, routeIndex, within } = require('../helpers');
+const { addressesPerIndex, chatCrowd, failures, getJson, readyEvent, routeIndex, within } = require('../helpers');
 const { commonJsChatApp, esmChatApp, eventually, installApp, isAlive, runtimeUnderTest, startCluster } = require('./harness');
 
 const entry = runtimeUnderTest();
@@ -184,10 +184,10 @@ if (entry.runtime === 'Deno') {
     assert.match(named.stderr, /sticky-cluster-native: STICKY_CLUSTER_READY_FD=1: this runtime cannot write to an fd it was given \(Requires all access to "\/proc\/self\/fdinfo\/1", run again with the --allow-all flag\)/);
     assert.deepStrictEqual(named.workers(), [], 'workers were started');
     const all = await startCluster(t, entry, app, 'chat-app.cjs', { implementation: 'js', options: { concurrency: 2 }, denoAllowAll: true });
-    const listening = all.ready.lines.find((line) => line.event === 'listening');
+    const listening = readyEvent(all, 'listening');
     assert.deepStrictEqual([listening.port, listening.workers, listening.routing], [all.port, 2, 'handoff']);
     await sigterm(all, 'master after SIGTERM');
-    const stopped = all.ready.lines.find((line) => line.event === 'stopped');
+    const stopped = readyEvent(all, 'stopped');
     assert.ok(stopped && stopped.graceful, JSON.stringify(all.ready.lines));
   });
 }
