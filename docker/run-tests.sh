@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Real-Docker tests of the sticky-cluster image: build docker/Dockerfile (host-built static binary, no
 # image pull), run the container as an attach-mode sidecar with 4 hello-workers on the host, route 200
-# loopback client addresses, stop it gracefully, and check that a bad YAML ends it with one error line.
+# loopback client addresses, stop it gracefully, and check that a bad YAML ends it with one error line;
+# then examples/python-socketio's image (uvicorn spawned by the master in the app's container) with real
+# python-socketio clients, a kill -9 and docker stop (docker/python-app-test.sh).
 # Skips (exit 0, 'SKIP: no docker engine: ...') only when no Docker engine answers and CI is not set;
 # under CI=true a missing engine is a failure. Any failure exits 1.
 # Usage: bash docker/run-tests.sh        (docker/ensure-engine.sh installs and starts an engine, as root)
@@ -9,7 +11,7 @@ set -uo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(dirname "$here")
-tests_total=4
+tests_total=5
 passed=0
 failed=0
 skipped=0
@@ -57,6 +59,9 @@ fi
 # ---- cleanup (also on failure or interrupt) ----------------------------------------------------
 tag="sticky-cluster-test:$$"
 worker_tag="sticky-cluster-test-worker:$$"
+# test 5 and its image tags (python_tag, python_app_tag)
+# shellcheck source=docker/python-app-test.sh
+source "$here/python-app-test.sh"
 failure_log="/tmp/sticky-cluster-docker-failure-$$.log"
 tmp=$(mktemp -d /tmp/sticky-cluster-docker.XXXXXX)
 chmod 755 "$tmp"   # workers running as another uid reach the socket through it
@@ -67,7 +72,7 @@ cleanup() {
     local pid name
     for pid in "${worker_children[@]}" "${worker_pids[@]}" ${ready_follower:-}; do kill -KILL "$pid" 2>/dev/null; done
     for name in "${containers[@]}"; do docker rm -f "$name" >/dev/null 2>&1; done
-    docker rmi -f "$tag" "$worker_tag" >/dev/null 2>&1
+    docker rmi -f "$python_app_tag" "$python_tag" "$tag" "$worker_tag" >/dev/null 2>&1
     rm -rf "$tmp"
 }
 trap cleanup EXIT
@@ -371,4 +376,5 @@ image_is_small_nonroot_with_a_valid_default_config
 bad_yaml_exits_nonzero_with_one_error_line
 attached_workers_route_200_addresses_stickily
 docker_stop_shuts_the_cluster_down_gracefully
+python_app_in_its_own_image_is_sticky_revived_and_stops_cleanly
 finish
