@@ -1,6 +1,7 @@
 //! Socket activation end to end (`routing: kernel`, `worker.protocol: none`): the real binary spawning a
 //! real server that knows nothing of sticky-cluster (`workers/activated.py`, standard library only), real
-//! clients from many loopback addresses. The Python suite (`python/tests`) does the same with uvicorn,
+//! clients from many loopback addresses, and the example Go server (`examples/go-server`, built with `go`). The
+//! Python suite (`python/tests`) does the same with uvicorn,
 //! gunicorn and hypercorn and the real socket.io client.
 
 mod support;
@@ -180,4 +181,60 @@ fn handoff_only_settings_are_refused_with_exit_2_naming_the_key() {
         assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
         assert!(stderr.starts_with("error: ") && stderr.contains(expected), "{args:?}: {stderr}");
     }
+}
+
+/// The example Go server (`examples/go-server`: the standard library, its listener found through
+/// `LISTEN_FDS` as go-systemd's `activation` finds it), built with the machine's `go`.
+fn go_server() -> PathBuf {
+    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/go-server/main.go");
+    let scratch = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let out = scratch.join("go-server");
+    let status = Command::new("go")
+        .arg("build")
+        .arg("-o")
+        .arg(&out)
+        .arg(&source)
+        .env("GOCACHE", scratch.join("go-cache"))
+        .env("GOPATH", scratch.join("go-path"))
+        .status()
+        .unwrap_or_else(|e| panic!("go is missing ({e}): install Debian's golang-go, as .ci/run does"));
+    assert!(status.success(), "go build of {} failed", source.display());
+    out
+}
+
+#[test]
+fn an_unmodified_go_server_finds_its_listener_through_listen_fds() {
+    let server = go_server().display().to_string();
+    let yaml = format!(
+        "concurrency: 2\nrouting: kernel\ndebug: true\nhardShutdownDelay: 10s\n\
+         worker:\n  protocol: none\n  command: [{server:?}]\n"
+    );
+    let mut cluster = Cluster::start(&yaml);
+    let pids = [wait_accepting(&cluster, 0, 1), wait_accepting(&cluster, 1, 1)];
+    let clients: Vec<_> = (0..200).map(client_address).collect();
+    let answers = ask_all(cluster.server(), &clients, 25, 2);
+    let mut used = [0; 2];
+    for (client, answer) in &answers {
+        let index = answer["worker"].as_u64().unwrap() as usize;
+        assert_eq!(index as u32, expected_index(*client, 2), "{client} reached the wrong worker");
+        assert_eq!(answer["pid"], pids[index], "{client}: served by the process the master started");
+        assert_eq!(answer["remote"], client.to_string(), "Go sees the client's own address");
+        used[index] += 1;
+    }
+    assert!(used.iter().all(|&n| n > 0), "every worker serves: {used:?}");
+    // A kill -9: the successor, on index 0, gets the listener and index 0's clients.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[0] as i32), Signal::SIGKILL).unwrap();
+    let successor = wait_accepting(&cluster, 0, 2);
+    for &client in &clients_for(0, 2, 20, 0) {
+        let answer = cluster.get(client, "/").unwrap();
+        assert_eq!((answer["worker"].as_u64(), answer["pid"].as_u64()), (Some(0), Some(successor as u64)), "{client}");
+    }
+    cluster.signal(Signal::SIGTERM);
+    assert_eq!(cluster.wait_exit(LONG).unwrap().code(), Some(0), "SIGTERM: each Go server shuts down, exit 0");
+    eprintln!(
+        "figures: go server: {} answers from 200 addresses on string_hash % 2 ({used:?}); kill -9 of pid {} revived \
+         as pid {successor}; SIGTERM exit 0",
+        answers.len(),
+        pids[0]
+    );
 }
