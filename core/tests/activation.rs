@@ -1,8 +1,8 @@
 //! Socket activation end to end (`routing: kernel`, `worker.protocol: none`): the real binary spawning a
-//! real server that knows nothing of sticky-cluster (`workers/activated.py`, standard library only), real
-//! clients from many loopback addresses, and the example Go server (`examples/go-server`, built with `go`). The
-//! Python suite (`python/tests`) does the same with uvicorn,
-//! gunicorn and hypercorn and the real socket.io client.
+//! real server that knows nothing of sticky-cluster (`workers/activated.py`, standard library only, and the
+//! example Go server `examples/go-server`, built with `go`), real clients from many loopback addresses. The
+//! Python suite (`python/tests`) does the same with uvicorn, gunicorn and hypercorn and the real socket.io
+//! client.
 
 mod support;
 
