@@ -243,7 +243,7 @@ fn let_workers_inherit_stdio() {
     }
 }
 
-/// The longest `hardShutdownDelay` (Node's largest timer); the Node options bound `queue.maxWait` by it too.
+/// The longest `hardShutdownDelay` and `queue.maxWait` (Node's largest timer), as core bounds them.
 const MAX_DELAY_MS: f64 = defaults::MAX_HARD_SHUTDOWN_DELAY_MS as f64;
 /// The largest count a JS number reaches this binding as (backlog, queue.limit): a u32.
 const MAX_COUNT: f64 = u32::MAX as f64;

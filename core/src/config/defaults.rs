@@ -20,8 +20,8 @@ pub const MIN_CONCURRENCY: u32 = 1;
 pub const MAX_CONCURRENCY: u32 = 1024;
 /// How long a graceful shutdown may take before the remaining workers are killed.
 pub const HARD_SHUTDOWN_DELAY: Duration = Duration::from_secs(60);
-/// The longest `hardShutdownDelay` in milliseconds: Node's largest timer (2^31 - 1), so every front end
-/// (the JavaScript master's `setTimeout` too) means the same thing by it.
+/// The longest `hardShutdownDelay` and `queue.maxWait` in milliseconds: Node's largest timer (2^31 - 1), so
+/// every front end (the JavaScript master's `setTimeout` too) means the same thing by them.
 pub const MAX_HARD_SHUTDOWN_DELAY_MS: u64 = 2_147_483_647;
 /// Listen backlog of the client listener (of each listener of the group in kernel mode).
 pub const BACKLOG: u32 = 1024;

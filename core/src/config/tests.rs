@@ -177,6 +177,12 @@ fn validate_holds_the_bounds_for_every_front_end() {
         refused(delay(2_147_483_648)).to_string(),
         "hardShutdownDelay: must be at most 2147483647, got 2147483648"
     );
+    let max_wait = |ms| Config { queue_max_wait: Duration::from_millis(ms), ..valid.clone() };
+    assert_eq!(max_wait(2_147_483_647).validate(), Ok(()));
+    assert_eq!(
+        refused(max_wait(2_147_483_648)).to_string(),
+        "queue.maxWait: must be at most 2147483647, got 2147483648"
+    );
     assert_eq!(refused(Config { backlog: 0, ..valid.clone() }).key, "backlog");
     assert_eq!(refused(Config { queue_limit: 0, ..valid.clone() }).key, "queue.limit");
     assert_eq!(refused(Config { header_wait_limit: 0, ..valid.clone() }).key, "headerWait.limit");

@@ -75,6 +75,8 @@ impl Config {
         within("hardShutdownDelay", delay_ms, 0, MAX_HARD_SHUTDOWN_DELAY_MS)?;
         within("backlog", self.backlog.into(), 1, u32::MAX.into())?;
         within("queue.limit", self.queue_limit as u64, 1, u64::MAX)?;
+        let max_wait_ms = u64::try_from(self.queue_max_wait.as_millis()).unwrap_or(u64::MAX);
+        within("queue.maxWait", max_wait_ms, 0, MAX_HARD_SHUTDOWN_DELAY_MS)?;
         within("queue.perSource", self.queue_per_source as u64, 1, u64::MAX)?;
         within("headerWait.limit", self.header_wait_limit as u64, 1, u64::MAX)?;
         if self.header_wait_max_wait.is_zero() {
