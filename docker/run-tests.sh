@@ -3,7 +3,8 @@
 # image pull), run the container as an attach-mode sidecar with 4 hello-workers on the host, route 200
 # loopback client addresses, stop it gracefully, and check that a bad YAML ends it with one error line;
 # then examples/python-socketio's image (uvicorn spawned by the master in the app's container) with real
-# python-socketio clients, a kill -9 and docker stop (docker/python-app-test.sh).
+# python-socketio clients, a kill -9 and docker stop (docker/python-app-test.sh); and an upgrade in place
+# of a master running from a mounted binary (docker/upgrade-test.sh).
 # Skips (exit 0, 'SKIP: no docker engine: ...') only when no Docker engine answers and CI is not set;
 # under CI=true a missing engine is a failure. Any failure exits 1.
 # Usage: bash docker/run-tests.sh        (docker/ensure-engine.sh installs and starts an engine, as root)
@@ -11,7 +12,7 @@ set -uo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(dirname "$here")
-tests_total=5
+tests_total=6
 passed=0
 failed=0
 skipped=0
@@ -59,7 +60,9 @@ fi
 # ---- cleanup (also on failure or interrupt) ----------------------------------------------------
 tag="sticky-cluster-test:$$"
 worker_tag="sticky-cluster-test-worker:$$"
-# test 5 and its image tags (python_tag, python_app_tag)
+# test 5 (an upgrade in place inside the container), test 6 and its image tags (python_tag, python_app_tag)
+# shellcheck source=docker/upgrade-test.sh
+source "$here/upgrade-test.sh"
 # shellcheck source=docker/python-app-test.sh
 source "$here/python-app-test.sh"
 failure_log="/tmp/sticky-cluster-docker-failure-$$.log"
@@ -376,5 +379,6 @@ image_is_small_nonroot_with_a_valid_default_config
 bad_yaml_exits_nonzero_with_one_error_line
 attached_workers_route_200_addresses_stickily
 docker_stop_shuts_the_cluster_down_gracefully
+mounted_binary_upgrades_in_place_inside_the_container
 python_app_in_its_own_image_is_sticky_revived_and_stops_cleanly
 finish
