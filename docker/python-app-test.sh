@@ -3,7 +3,7 @@
 # Python (docker/python_base.py; no registry is reachable here) and the sticky-cluster image the suite
 # built. The container has no network but its own loopback: the real python-socketio clients run in its
 # network namespace (nsenter), each from its own address, so the kernel routes them as it would real ones.
-# Uses run-tests.sh's pass/fail, read_ready/ready_field, $tag, $build_client, $tmp and $containers.
+# Uses run-tests.sh's pass/fail, run_with_ready/read_ready/ready_field, $tag, $build_client, $tmp and $containers.
 
 python_tag="sticky-cluster-test-python:$$"
 python_app_tag="sticky-cluster-test-python-app:$$"
@@ -61,15 +61,8 @@ print(" ".join(m for m in ("socketio", "engineio", "aiohttp", "uvicorn", "wsprot
         return
     fi
     container="sticky-cluster-python-$$"
-    containers+=("$container")
-    if ! docker run -d --name "$container" --network none -e STICKY_CLUSTER_READY_FD=1 "$python_app_tag" >/dev/null; then
-        fail "$name" "docker run failed"
-        return
-    fi
-    exec {ready}< <(exec docker logs --follow "$container" 2>/dev/null)
-    ready_follower=$!
-    if ! read_ready listening 30; then
-        fail "$name" "no listening line on the ready fd; container logs:" "$(docker logs "$container" 2>&1 | tail -n 10)"
+    if ! run_with_ready "$container" --network none "$python_app_tag"; then
+        fail "$name" "$LINE"
         return
     fi
     [ "$(ready_field "$LINE" routing)" = '"kernel"' ] && [ "$(ready_field "$LINE" port)" = 8080 ] ||

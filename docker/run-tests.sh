@@ -209,6 +209,25 @@ read_ready() {
     return 1
 }
 
+# run_with_ready NAME DOCKER-RUN-ARGUMENTS...: `docker run -d` of a master that writes its ready lines on
+# the container's stdout (STICKY_CLUSTER_READY_FD=1), followed as fd $ready, and waits for its listening
+# line, left in LINE. On failure LINE says why, with the container's last log lines, and the status is 1.
+run_with_ready() {
+    local container=$1
+    shift
+    containers+=("$container")
+    if ! docker run -d --name "$container" -e STICKY_CLUSTER_READY_FD=1 "$@" >/dev/null; then
+        LINE="docker run failed"
+        return 1
+    fi
+    exec {ready}< <(exec docker logs --follow "$container" 2>/dev/null)
+    ready_follower=$!
+    if ! read_ready listening 30; then
+        LINE="no listening line on the ready fd; container logs: $(docker logs "$container" 2>&1 | tail -n 10)"
+        return 1
+    fi
+}
+
 sidecar=""
 worker_container=""
 sidecar_port=""
@@ -239,19 +258,11 @@ workers:
   allowUids: [1000]
 EOF
     chmod 644 "$tmp/cluster.yaml"
-    containers+=("$sidecar")
-    # Host networking: clients bound to 127.0.x.y reach the master with their own source address.
-    if ! docker run -d --name "$sidecar" --network host "${user_args[@]}" -e STICKY_CLUSTER_READY_FD=1 \
-        -v "$socket_dir:/run/sticky-cluster" \
-        -v "$tmp/cluster.yaml:/etc/sticky-cluster/sticky-cluster.yaml:ro" "$tag" >/dev/null; then
-        fail "$name" "docker run failed"
-        return
-    fi
-    exec {ready}< <(exec docker logs --follow "$sidecar" 2>/dev/null)
-    ready_follower=$!
-    # The master listens (its attach socket bound before that) or says why not; the port is the kernel's pick.
-    if ! read_ready listening 30; then
-        fail "$name" "no listening line on the ready fd; container logs:" "$(docker logs "$sidecar" 2>&1 | tail -n 10)"
+    # Host networking: clients bound to 127.0.x.y reach the master with their own source address. The
+    # master listens (its attach socket bound before that) or says why not; the port is the kernel's pick.
+    if ! run_with_ready "$sidecar" --network host "${user_args[@]}" -v "$socket_dir:/run/sticky-cluster" \
+        -v "$tmp/cluster.yaml:/etc/sticky-cluster/sticky-cluster.yaml:ro" "$tag"; then
+        fail "$name" "$LINE"
         return
     fi
     sidecar_port=$(ready_field "$LINE" port)

@@ -2,7 +2,7 @@
 # docker/README.md says: the master runs from a binary on a mounted volume, the new release is renamed
 # over it on the host, and `docker kill -s USR2` re-executes it, under steady new connections from
 # rotating addresses (docker/upgrade_load.py) and with two attached hello-workers on the host.
-# Uses run-tests.sh's pass/fail, read_ready/ready_field, worker_process_pid, $tag, $tmp, $hello_worker,
+# Uses run-tests.sh's pass/fail, run_with_ready/read_ready/ready_field, worker_process_pid, $tag, $tmp, $hello_worker,
 # $containers, $worker_pids and $worker_children.
 
 # routed_total LINE: the sum of a ready line's "routed" list.
@@ -29,18 +29,10 @@ mounted_binary_upgrades_in_place_inside_the_container() {
     printf 'port: 0\nconcurrency: 2\ndebug: true\nhardShutdownDelay: 10s\nworkers:\n  socket: /run/sticky-cluster/workers.sock\n' \
         >"$tmp/upgrade.yaml"
     chmod 644 "$tmp/upgrade.yaml"
-    containers+=("$container")
-    if ! docker run -d --name "$container" --network host "${user_args[@]}" -e STICKY_CLUSTER_READY_FD=1 \
-        -v "$socket_dir:/run/sticky-cluster" -v "$bin_dir:/opt/sticky-cluster:ro" \
-        -v "$tmp/upgrade.yaml:/etc/sticky-cluster/sticky-cluster.yaml:ro" \
-        --entrypoint /opt/sticky-cluster/sticky-cluster "$tag" --config /etc/sticky-cluster/sticky-cluster.yaml >/dev/null; then
-        fail "$name" "docker run failed"
-        return
-    fi
-    exec {ready}< <(exec docker logs --follow "$container" 2>/dev/null)
-    ready_follower=$!
-    if ! read_ready listening 30; then
-        fail "$name" "no listening line on the ready fd; container logs:" "$(docker logs "$container" 2>&1 | tail -n 10)"
+    if ! run_with_ready "$container" --network host "${user_args[@]}" -v "$socket_dir:/run/sticky-cluster" \
+        -v "$bin_dir:/opt/sticky-cluster:ro" -v "$tmp/upgrade.yaml:/etc/sticky-cluster/sticky-cluster.yaml:ro" \
+        --entrypoint /opt/sticky-cluster/sticky-cluster "$tag" --config /etc/sticky-cluster/sticky-cluster.yaml; then
+        fail "$name" "$LINE"
         return
     fi
     port=$(ready_field "$LINE" port)
