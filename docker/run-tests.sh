@@ -198,6 +198,24 @@ ready_field() {
     [[ $1 =~ $pattern ]] && echo "${BASH_REMATCH[1]}"
 }
 
+# routed_total LINE: the sum of a ready line's "routed" list (connections per worker).
+routed_total() {
+    local routed total=0 count
+    [[ $1 =~ \"routed\":\[([0-9,]*)\] ]] && routed="${BASH_REMATCH[1]}"
+    for count in ${routed//,/ }; do total=$((total + count)); done
+    echo "$total"
+}
+
+# wait_attached CONTAINER COUNT: waits up to 10 s until the master in CONTAINER logged COUNT workers ready
+# (its `debug: true` log); the status says whether it did.
+wait_attached() {
+    for _ in $(seq 100); do
+        [ "$(docker logs "$1" 2>&1 | grep -c 'is ready')" -ge "$2" ] && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
 # read_ready EVENT SECONDS: reads ready lines until a version 1 line of EVENT, left in LINE; fails at the end
 # of the stream or after SECONDS.
 read_ready() {
@@ -236,7 +254,7 @@ ready_follower=""
 hard_delay_seconds=10
 attached_workers_route_200_addresses_stickily() {
     local name="attached_workers_route_200_addresses_stickily"
-    local socket_dir="$tmp/socket" index waited pid_args=() check_output
+    local socket_dir="$tmp/socket" index pid_args=() check_output
     sidecar="sticky-cluster-sidecar-$$"
     mkdir -p "$socket_dir"
     # The image runs as uid 65532: the bind-mounted socket directory must be writable by it.
@@ -295,11 +313,7 @@ EOF
     fi
     # Clients start once all 4 workers said ready (the master logs it with `debug: true`), so this
     # test is about routing, not about the start-up queue (which core's own tests cover).
-    for waited in $(seq 100); do
-        [ "$(docker logs "$sidecar" 2>&1 | grep -c 'is ready')" -ge 4 ] && break
-        sleep 0.1
-    done
-    if [ "$(docker logs "$sidecar" 2>&1 | grep -c 'is ready')" -lt 4 ]; then
+    if ! wait_attached "$sidecar" 4; then
         fail "$name" "not all 4 workers attached within 10 s; master log:" "$(docker logs "$sidecar" 2>&1 | tail -n 10)" \
             "worker logs:" "$(tail -n 3 "$tmp"/worker-*.log)" "$(docker logs "$worker_container" 2>&1 | tail -n 3)"
         return
@@ -371,9 +385,8 @@ docker_stop_shuts_the_cluster_down_gracefully() {
     if ! read_ready stopped 15; then
         problems+=("no stopped line on the ready fd")
     else
-        local routed total=0 count
-        [[ $LINE =~ \"routed\":\[([0-9,]*)\] ]] && routed="${BASH_REMATCH[1]}"
-        for count in ${routed//,/ }; do total=$((total + count)); done
+        local total
+        total=$(routed_total "$LINE")
         [ "$(ready_field "$LINE" graceful)" = true ] || problems+=("the stopped line says not graceful: $LINE")
         [ "$total" -eq 400 ] || problems+=("the stopped line says $total connections routed, the client made 400: $LINE")
     fi

@@ -2,16 +2,8 @@
 # docker/README.md says: the master runs from a binary on a mounted volume, the new release is renamed
 # over it on the host, and `docker kill -s USR2` re-executes it, under steady new connections from
 # rotating addresses (docker/upgrade_load.py) and with two attached hello-workers on the host.
-# Uses run-tests.sh's pass/fail, run_with_ready/read_ready/ready_field, worker_process_pid, $tag, $tmp, $hello_worker,
-# $containers, $worker_pids and $worker_children.
-
-# routed_total LINE: the sum of a ready line's "routed" list.
-routed_total() {
-    local routed total=0 count
-    [[ $1 =~ \"routed\":\[([0-9,]*)\] ]] && routed="${BASH_REMATCH[1]}"
-    for count in ${routed//,/ }; do total=$((total + count)); done
-    echo "$total"
-}
+# Uses run-tests.sh's pass/fail, run_with_ready/read_ready/ready_field/routed_total, wait_attached,
+# worker_process_pid, $tag, $tmp, $hello_worker, $containers, $worker_pids and $worker_children.
 
 mounted_binary_upgrades_in_place_inside_the_container() {
     local name="mounted_binary_upgrades_in_place_inside_the_container"
@@ -45,10 +37,10 @@ mounted_binary_upgrades_in_place_inside_the_container() {
         pid_args+=("$index=${pids[$index]}")
         worker_children+=("${pids[$index]}")
     done
-    for _ in $(seq 100); do
-        [ "$(docker logs "$container" 2>&1 | grep -c 'is ready')" -ge 2 ] && break
-        sleep 0.1
-    done
+    if ! wait_attached "$container" 2; then
+        fail "$name" "the 2 workers did not attach within 10 s:" "$(docker logs "$container" 2>&1 | tail -n 10)"
+        return
+    fi
     master_pid=$(docker inspect -f '{{.State.Pid}}' "$container")
     rm -f "$stop_file"
     python3 "$here/upgrade_load.py" "$port" 2 "$stop_file" >"$tmp/upgrade-load.out" 2>&1 &
