@@ -124,7 +124,7 @@ def write_tar(out, files, prefix_bin):
             info.uname = info.gname = "root"
             with open(path, "rb") as file:
                 tar.addfile(info, file)
-        # `python3` and `pip` by those names, as the official image has them.
+        # `python3` and `python` by those names, as the official image has them (pip is `python3 -m pip`).
         for name in ("python3", "python"):
             link = os.path.join(prefix_bin, name).lstrip("/")
             if os.path.join(prefix_bin, name) not in files:
