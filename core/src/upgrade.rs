@@ -12,6 +12,7 @@ use std::io::{Read, Seek, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// The state memfd's fd number in the new image's environment.
@@ -32,9 +33,26 @@ const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The line `--check` prints for the preflight.
 const CHECK_LINE_PREFIX: &str = "# upgrade: build ";
 
+/// This image's build id, once known.
+static BUILD_ID: OnceLock<String> = OnceLock::new();
+
 /// An identity of the running executable: 16 hex digits of a hash of its bytes, so two builds (or a
-/// copy with a byte changed) tell apart in the log. `unknown` if it cannot be read.
+/// copy with a byte changed) tell apart in the log. `unknown` if it cannot be read. Hashed once per
+/// image, at the first call; an upgraded image is told its own by its predecessor's state instead
+/// ([`know_build_id`]).
 pub fn build_id() -> String {
+    BUILD_ID.get_or_init(hash_executable).clone()
+}
+
+/// Takes `id` as this image's build id, without hashing the executable: an upgraded image learns it from
+/// the state (what this binary said in its preflight), since hashing the whole file on the master's
+/// thread in the gap would hold up every new client (about 190 ms for a debug build). No effect once known.
+pub(crate) fn know_build_id(id: &str) {
+    let _ = BUILD_ID.set(id.to_string());
+}
+
+/// FNV-1a over the running executable's bytes.
+fn hash_executable() -> String {
     let Ok(mut file) = std::fs::File::open("/proc/self/exe") else { return "unknown".into() };
     // FNV-1a over the file: no dependency, and the same value in every build of this function.
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;

@@ -462,6 +462,7 @@ pub async fn resume(
     }
     // A rollback runs the build that wrote the state.
     let now = if rolled_back { &state.build } else { &state.for_build };
+    crate::upgrade::know_build_id(now);
     info!(
         "upgraded in place: now build {now} (was {}), pid {}; {workers} workers, {queued} queued connections and \
          {header_waiting} waiting for a header taken over",
