@@ -158,6 +158,11 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if ready.is_some() {
+        // The lines name this executable's build: hashed now, before the listener is bound, not on the
+        // master's thread with clients waiting (an upgraded image was told it by the state's check).
+        upgrade::build_id();
+    }
     match runtime.block_on(serve(config, cli, upgrade, resumed, ReadyLines { fd: ready.clone(), arrival })) {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(EXIT_FAILURE),

@@ -224,8 +224,12 @@ impl ReadyFd {
         let Some(text) = std::env::var_os(ENV_READY_FD) else { return Ok(None) };
         std::env::remove_var(ENV_READY_FD);
         let text = text.to_string_lossy();
-        let taken = parse_fd(&text).and_then(ReadyFd::take);
-        taken.map(Some).map_err(|reason| format!("{ENV_READY_FD}={text}: {reason}"))
+        let taken =
+            parse_fd(&text).and_then(ReadyFd::take).map_err(|reason| format!("{ENV_READY_FD}={text}: {reason}"))?;
+        // Its lines will name this executable's build (the C library's host): hashed now, before a
+        // master runs, not on its thread with clients waiting.
+        crate::upgrade::build_id();
+        Ok(Some(taken))
     }
 
     /// The fd number the lines go to in this process.

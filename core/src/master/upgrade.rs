@@ -387,6 +387,9 @@ pub fn check(config: &Config, bytes: &[u8], rolled_back: bool) -> std::result::R
             return Err(format!("the upgrade state names fd {fd}, which is not an open socket here"));
         }
     }
+    // This image is the build the state was written for (or, rolled back, the one that wrote it): its id
+    // for the ready line without hashing the executable in the gap.
+    crate::upgrade::know_build_id(if rolled_back { &state.build } else { &state.for_build });
     Ok(Checked { state, rolled_back })
 }
 
@@ -462,7 +465,6 @@ pub async fn resume(
     }
     // A rollback runs the build that wrote the state.
     let now = if rolled_back { &state.build } else { &state.for_build };
-    crate::upgrade::know_build_id(now);
     info!(
         "upgraded in place: now build {now} (was {}), pid {}; {workers} workers, {queued} queued connections and \
          {header_waiting} waiting for a header taken over",
