@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sticky_cluster::client_address::{Cidr, ClientAddressSource, TrustedProxies};
-use sticky_cluster::config::{Config, Overrides, Routing, WorkerSource};
+use sticky_cluster::config::{whole_millis, Config, Overrides, Routing, WorkerSource};
 
 use crate::error::{utf8_argument, Failure, STICKY_ECONFIG};
 
@@ -84,12 +84,12 @@ sticky_fn! {
             concurrency: defaults.concurrency,
             debug: defaults.debug,
             prefix: DEFAULT_PREFIX.as_ptr(),
-            hard_shutdown_delay_ms: millis(defaults.hard_shutdown_delay),
+            hard_shutdown_delay_ms: whole_millis(defaults.hard_shutdown_delay),
             env: std::ptr::null(),
             worker_command: std::ptr::null(),
             worker_cwd: std::ptr::null(),
             queue_limit: u32::try_from(defaults.queue_limit).unwrap_or(u32::MAX),
-            queue_max_wait_ms: millis(defaults.queue_max_wait),
+            queue_max_wait_ms: whole_millis(defaults.queue_max_wait),
             client_address: c"peer".as_ptr(),
             trusted_proxies: std::ptr::null(),
             routing: c"handoff".as_ptr(),
@@ -102,10 +102,6 @@ sticky_fn! {
 /// `defaults::HOST` and `defaults::PREFIX` as static C strings (a test checks they agree).
 const DEFAULT_HOST: &std::ffi::CStr = c"::";
 const DEFAULT_PREFIX: &std::ffi::CStr = c"sticky-cluster:";
-
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
 
 /// The options of a NULL `opts`: the defaults.
 pub(crate) fn default_options() -> sticky_options {

@@ -66,7 +66,7 @@ pub enum Shared {
 }
 
 fn millis(duration: Duration) -> Shared {
-    Shared::Number(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX))
+    Shared::Number(super::whole_millis(duration))
 }
 
 fn count(n: usize) -> Shared {

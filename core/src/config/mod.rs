@@ -23,6 +23,12 @@ mod validate;
 use file::*;
 pub use validate::Invalid;
 
+/// `duration` in whole milliseconds, saturating at `u64::MAX`: how the YAML, the channel protocol and
+/// the upgrade state carry a duration.
+pub fn whole_millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
 /// The effective configuration of one cluster.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {

@@ -4,7 +4,7 @@
 use std::fmt;
 
 use super::defaults::{MAX_CONCURRENCY, MAX_HARD_SHUTDOWN_DELAY_MS, MIN_CONCURRENCY};
-use super::{Config, Routing, WorkerSource};
+use super::{whole_millis, Config, Routing, WorkerSource};
 use crate::activation::{unknown_placeholder, WorkerProtocol};
 use crate::client_address::ClientAddressSource;
 use crate::error::Error;
@@ -71,12 +71,10 @@ impl Config {
     /// The bounds of each value on its own: what a YAML file can be blamed for at the line of its key.
     pub(super) fn check_values(&self) -> Result<(), Invalid> {
         within("concurrency", self.concurrency.into(), MIN_CONCURRENCY.into(), MAX_CONCURRENCY.into())?;
-        let delay_ms = u64::try_from(self.hard_shutdown_delay.as_millis()).unwrap_or(u64::MAX);
-        within("hardShutdownDelay", delay_ms, 0, MAX_HARD_SHUTDOWN_DELAY_MS)?;
+        within("hardShutdownDelay", whole_millis(self.hard_shutdown_delay), 0, MAX_HARD_SHUTDOWN_DELAY_MS)?;
         within("backlog", self.backlog.into(), 1, u32::MAX.into())?;
         within("queue.limit", self.queue_limit as u64, 1, u64::MAX)?;
-        let max_wait_ms = u64::try_from(self.queue_max_wait.as_millis()).unwrap_or(u64::MAX);
-        within("queue.maxWait", max_wait_ms, 0, MAX_HARD_SHUTDOWN_DELAY_MS)?;
+        within("queue.maxWait", whole_millis(self.queue_max_wait), 0, MAX_HARD_SHUTDOWN_DELAY_MS)?;
         within("queue.perSource", self.queue_per_source as u64, 1, u64::MAX)?;
         within("headerWait.limit", self.header_wait_limit as u64, 1, u64::MAX)?;
         if self.header_wait_max_wait.is_zero() {

@@ -482,7 +482,7 @@ impl Master {
                 info!("shutting down: {} workers have {:?} to finish", self.config.concurrency, delay);
                 self.phase = Phase::Draining { deadline: TokioInstant::now() + delay };
                 self.listener = None;
-                let deadline_ms = delay.as_millis().min(u64::MAX as u128) as u64;
+                let deadline_ms = crate::config::whole_millis(delay);
                 for index in 0..self.config.concurrency {
                     let slot = &mut self.slots[index as usize];
                     // A ready worker still gets what waits for room in its channel, then the shutdown;

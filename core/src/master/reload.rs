@@ -110,7 +110,7 @@ impl Master {
 
     /// A reload's successor is ready: it takes the index's connections and the worker it replaces stops.
     pub(super) fn successor_ready(&mut self, index: u32) {
-        let deadline_ms = self.config.hard_shutdown_delay.as_millis().min(u64::MAX as u128) as u64;
+        let deadline_ms = crate::config::whole_millis(self.config.hard_shutdown_delay);
         let Some(slot) = self.slots.get_mut(index as usize) else { return };
         let Some(mut old) = slot.life.hand_over() else { return };
         let generation = old.generation;

@@ -22,7 +22,7 @@ use super::handoff::Handoff;
 use super::listen::Listener;
 use super::slot::{AttachLink, Farewell, Life, PendingShutdown, Process, Retirement, WorkerSlot};
 use super::{after, Event, Listening, Master, Outcome, Sockets, Stats, Stop};
-use crate::config::{Config, WorkerSource};
+use crate::config::{whole_millis, Config, WorkerSource};
 use crate::error::{Error, Result};
 use crate::upgrade::{Plan, STATE_VERSION};
 
@@ -140,10 +140,6 @@ struct WorkersState {
     env: BTreeMap<String, String>,
 }
 
-fn millis(duration: Duration) -> u64 {
-    duration.as_millis().min(u128::from(u64::MAX)) as u64
-}
-
 /// An instant `ms` milliseconds ago (now, if the clock does not reach back that far).
 fn ago(ms: u64) -> Instant {
     Instant::now().checked_sub(Duration::from_millis(ms)).unwrap_or_else(Instant::now)
@@ -228,7 +224,7 @@ impl Master {
             generation: process.generation,
             pid: process.pid,
             spawned: process.spawned,
-            age_ms: millis(process.started.elapsed()),
+            age_ms: whole_millis(process.started.elapsed()),
             channel: process.channel.as_ref().map(|channel| fds.keep(channel.fd())),
             worker_end: process.worker_end.as_ref().map(|end| fds.keep(end.as_raw_fd())),
             attach_link: process.attach_link.as_ref().map(|link| fds.keep(link.fd)),
@@ -244,7 +240,7 @@ impl Master {
                 crashes: slot.crashes,
                 stuck_reported: slot.stuck_reported,
                 life: match &slot.life {
-                    Life::Down { since } => LifeState::Down { for_ms: millis(since.elapsed()) },
+                    Life::Down { since } => LifeState::Down { for_ms: whole_millis(since.elapsed()) },
                     Life::Starting(process) => LifeState::Starting(process_state(process, fds)),
                     Life::Ready { process, successor } => LifeState::Ready {
                         process: process_state(process, fds),
@@ -258,7 +254,7 @@ impl Master {
                         fd: fds.keep(handoff.stream.as_raw_fd()),
                         peer: handoff.peer,
                         local: handoff.local,
-                        age_ms: millis(handoff.arrived.elapsed()),
+                        age_ms: whole_millis(handoff.arrived.elapsed()),
                         counted: handoff.ticket.is_some(),
                     })
                     .collect(),
@@ -314,7 +310,7 @@ impl Master {
                 .map(|waiting| WaitingState {
                     fd: fds.keep(waiting.fd),
                     peer: waiting.peer,
-                    age_ms: millis(waiting.arrived.elapsed()),
+                    age_ms: whole_millis(waiting.arrived.elapsed()),
                 })
                 .collect(),
             header_counters: self.header_wait.counters(),
